@@ -1,0 +1,170 @@
+//! Write Switchyard plugins in Rust.
+//!
+//! A plugin is a type that implements [`Plugin`], exported with [`export!`], in a `cdylib` crate
+//! built for `wasm32-wasip2`:
+//!
+//! ```ignore
+//! use switchyard_plugin::{Error, Message, Plugin, PluginInfo};
+//!
+//! #[derive(Default)]
+//! struct Forward;
+//!
+//! impl Plugin for Forward {
+//!     fn describe(&self) -> PluginInfo {
+//!         PluginInfo::new("forward", env!("CARGO_PKG_VERSION"))
+//!             .pattern("fwd:*")
+//!             .publishes("fwded:*")
+//!     }
+//!
+//!     fn handle(&mut self, message: Message) -> Result<(), Error> {
+//!         let rest = message.channel.strip_prefix("fwd:").unwrap_or(&message.channel);
+//!         switchyard_plugin::publish(&format!("fwded:{rest}"), &message.payload)?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! switchyard_plugin::export!(Forward);
+//! ```
+//!
+//! The host creates the value with [`Default`] when it instantiates the plugin, keeps it across
+//! messages (so a plugin may keep running totals in `self`), and starts over with a fresh value
+//! if the instance has to be rebuilt after a trap.
+//!
+//! The raw WIT bindings are in [`bindings`]; plugins should not need them.
+
+#![deny(missing_docs)]
+
+/// Bindings generated from `wit/plugin.wit`. Use the re-exports at the crate root instead.
+#[allow(missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin_world",
+        default_bindings_module: "::switchyard_plugin::bindings",
+    });
+}
+
+use bindings::switchyard::plugin::host;
+pub use bindings::switchyard::plugin::types::{
+    Capabilities, Error, Level, Message, PluginInfo, Subscription,
+};
+
+/// A Switchyard plugin.
+///
+/// One value lives per plugin instance; the host calls [`Plugin::describe`] once after loading
+/// and [`Plugin::handle`] for every matching message, one at a time, in delivery order.
+pub trait Plugin: Default + 'static {
+    /// Names the plugin and lists its subscriptions and the capabilities it asks for.
+    fn describe(&self) -> PluginInfo;
+
+    /// Handles one message. Returning an error counts the message as failed; it does not
+    /// discard the plugin's state.
+    fn handle(&mut self, message: Message) -> Result<(), Error>;
+}
+
+/// Exports a [`Plugin`] type as the component's `handler`.
+///
+/// Use it once per crate, at the top level: `switchyard_plugin::export!(MyPlugin);`.
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty) => {
+        const _: () = {
+            struct SwitchyardExports;
+
+            ::std::thread_local! {
+                static INSTANCE: ::std::cell::RefCell<Option<$plugin>> =
+                    const { ::std::cell::RefCell::new(None) };
+            }
+
+            fn with_plugin<R>(f: impl FnOnce(&mut $plugin) -> R) -> R {
+                INSTANCE.with(|cell| {
+                    let mut slot = cell.borrow_mut();
+                    f(slot.get_or_insert_with(<$plugin as ::core::default::Default>::default))
+                })
+            }
+
+            impl $crate::bindings::exports::switchyard::plugin::handler::Guest for SwitchyardExports {
+                fn describe() -> $crate::PluginInfo {
+                    with_plugin(|plugin| $crate::Plugin::describe(plugin))
+                }
+
+                fn handle(message: $crate::Message) -> ::core::result::Result<(), $crate::Error> {
+                    with_plugin(|plugin| $crate::Plugin::handle(plugin, message))
+                }
+            }
+
+            $crate::bindings::__export_plugin_world!(SwitchyardExports with_types_in $crate::bindings);
+        };
+    };
+}
+
+/// Publishes `payload` on `channel` and returns how many subscribers received it.
+///
+/// Fails with [`Error::Denied`] unless the operator granted a publish pattern matching
+/// `channel`, and with [`Error::Unavailable`] when Redis cannot be reached.
+pub fn publish(channel: &str, payload: &[u8]) -> Result<u32, Error> {
+    host::publish(channel, payload)
+}
+
+/// Returns this plugin's setting `key` from its manifest, if the operator set one.
+pub fn config(key: &str) -> Option<String> {
+    host::config(key)
+}
+
+/// Writes `text` to the host's log at `level`, tagged with the plugin's name and version.
+pub fn log(level: Level, text: &str) {
+    host::log(level, text)
+}
+
+impl PluginInfo {
+    /// Starts a description with no subscriptions and no capabilities.
+    pub fn new(name: impl Into<String>, version: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            version: version.into(),
+            subscriptions: Vec::new(),
+            capabilities: Capabilities {
+                publish: Vec::new(),
+            },
+        }
+    }
+
+    /// Subscribes to one exact channel.
+    pub fn channel(mut self, channel: impl Into<String>) -> Self {
+        self.subscriptions
+            .push(Subscription::Channel(channel.into()));
+        self
+    }
+
+    /// Subscribes to every channel matching a Redis glob pattern.
+    pub fn pattern(mut self, pattern: impl Into<String>) -> Self {
+        self.subscriptions
+            .push(Subscription::Pattern(pattern.into()));
+        self
+    }
+
+    /// Asks for permission to publish on channels matching a Redis glob pattern.
+    pub fn publishes(mut self, pattern: impl Into<String>) -> Self {
+        self.capabilities.publish.push(pattern.into());
+        self
+    }
+}
+
+impl Subscription {
+    /// The channel name or pattern, as subscribed.
+    pub fn name(&self) -> &str {
+        match self {
+            Subscription::Channel(name) | Subscription::Pattern(name) => name,
+        }
+    }
+}
+
+impl Message {
+    /// The payload as UTF-8 text, or `Error::Invalid` if it is not.
+    pub fn text(&self) -> Result<&str, Error> {
+        std::str::from_utf8(&self.payload)
+            .map_err(|e| Error::Invalid(format!("payload is not UTF-8: {e}")))
+    }
+}
