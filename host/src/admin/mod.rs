@@ -1,0 +1,73 @@
+//! The admin HTTP endpoint (loopback by default): `/healthz`, `/readyz`, `/plugins`.
+//!
+//! It only reads shared state; nothing here can slow the message path.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::plugins::Registry;
+use crate::router::Router;
+use crate::source::Source;
+
+/// What the endpoints read.
+pub struct AdminState {
+    /// The plugins.
+    pub registry: Arc<Registry>,
+    /// The subscriber connection.
+    pub source: Source,
+    /// The router's counters.
+    pub router: Arc<Router>,
+}
+
+/// Serves the admin endpoints on `listener` until `stop`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let app = axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/plugins", get(plugins))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        {
+            tracing::error!("admin endpoint failed: {e}");
+        }
+    })
+}
+
+/// Alive: the process answers.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready: subscribed, and every plugin in the folder loaded or rejected. The body says why
+/// not.
+async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let readiness = crate::app::readiness(&state.source, &state.registry);
+    let code = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(readiness))
+}
+
+/// Every plugin with its version, subscriptions, grants and counters.
+async fn plugins(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "received": state.router.received(),
+        "unrouted": state.router.unrouted(),
+        "source": state.source.status(),
+        "plugins": state.registry.report(),
+    }))
+}

@@ -1,0 +1,222 @@
+//! Wires the stages together and runs them until told to stop.
+//!
+//! [`Host::start`] resolves everything that can be wrong with the configuration first (the
+//! plugins folder, the Redis URL, the admin address), then starts the source, loads the
+//! folder once, and starts the watcher and the admin endpoint. [`Host::stop`] stops watching,
+//! unloads plugins (their queues drain), then closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState};
+use crate::config::{Config, RedisUrl};
+use crate::effects::{Effects, Publisher};
+use crate::plugins::loader::{Limits, Loader};
+use crate::plugins::{Registry, watcher};
+use crate::router::Router;
+use crate::source::embedded::EmbeddedBroker;
+use crate::source::redis::{COMMAND_TIMEOUT, RedisSource};
+use crate::source::{Source, SourceStatus};
+use crate::worker::engine::Runtime;
+
+/// Which broker the host talks to.
+pub enum Broker {
+    /// A Redis server.
+    Redis(RedisUrl),
+    /// The in-process broker.
+    Embedded(Arc<EmbeddedBroker>),
+}
+
+/// A running host.
+pub struct Host {
+    registry: Arc<Registry>,
+    router: Arc<Router>,
+    source: Source,
+    admin_addr: Option<SocketAddr>,
+    stop_watching: CancellationToken,
+    stop_source: CancellationToken,
+    stop_admin: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Whether the host is ready to route, and why not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    /// Subscribed and every plugin in the folder loaded or rejected.
+    pub ready: bool,
+    /// The subscriber connection's state.
+    pub source: SourceStatus,
+    /// Whether the plugins folder has been scanned and loaded once.
+    pub plugins_scanned: bool,
+}
+
+impl Host {
+    /// Starts a host with `config` on `broker`. The admin endpoint listens on
+    /// `config.admin.listen` unless `admin` is false.
+    pub async fn start(config: &Config, broker: Broker, admin: bool) -> anyhow::Result<Self> {
+        let dir = &config.plugins.dir;
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "plugins.dir {} is not a folder (create it, or pass --plugins DIR)",
+                dir.display()
+            );
+        }
+        let admin_listener = if admin {
+            let addr = config.admin.listen;
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin.listen {addr}"))?,
+            )
+        } else {
+            None
+        };
+
+        let runtime = Runtime::new().context("cannot start the Wasm engine")?;
+        let router = Arc::new(Router::new(&instance_id()));
+        let stop_source = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let (source, publisher) = match broker {
+            Broker::Redis(url) => {
+                let client = redis::Client::open(url.expose())
+                    .with_context(|| format!("redis.url {url} is not a usable Redis URL"))?;
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_number_of_retries(1);
+                // Lazy: the host starts (and reports not ready) while Redis is away.
+                let publisher =
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                        .context("cannot create the publishing connection")?;
+                let (source, task) = RedisSource::start(
+                    &client,
+                    publisher.clone(),
+                    router.clone(),
+                    stop_source.clone(),
+                )?;
+                tasks.push(task);
+                (Source::Redis(source), Publisher::Redis(publisher))
+            }
+            Broker::Embedded(broker) => {
+                broker.attach(router.clone());
+                (
+                    Source::Embedded(broker.clone()),
+                    Publisher::Embedded(broker),
+                )
+            }
+        };
+
+        let effects = Effects::new(publisher, tokio::runtime::Handle::current());
+        let limits = Limits {
+            deadline: config.deadline(),
+            memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
+        };
+        let loader = Loader::new(runtime, effects, limits);
+        let registry = Arc::new(Registry::new(
+            dir.clone(),
+            loader,
+            source.clone(),
+            config.plugins.queue_capacity,
+        ));
+
+        let stop_admin = CancellationToken::new();
+        let admin_addr = match admin_listener {
+            Some(listener) => {
+                let addr = listener.local_addr()?;
+                let state = Arc::new(AdminState {
+                    registry: registry.clone(),
+                    source: source.clone(),
+                    router: router.clone(),
+                });
+                tasks.push(admin::serve(listener, state, stop_admin.clone()));
+                tracing::info!(%addr, "admin endpoint listening");
+                Some(addr)
+            }
+            None => None,
+        };
+
+        let changes = registry.reconcile().await?;
+        tracing::info!(
+            loaded = changes.added.len(),
+            rejected = changes.rejected.len(),
+            folder = %dir.display(),
+            "plugins folder loaded"
+        );
+        let stop_watching = CancellationToken::new();
+        tasks.push(watcher::spawn(
+            registry.clone(),
+            config.settle(),
+            stop_watching.clone(),
+        )?);
+
+        Ok(Self {
+            registry,
+            router,
+            source,
+            admin_addr,
+            stop_watching,
+            stop_source,
+            stop_admin,
+            tasks,
+        })
+    }
+
+    /// Where the admin endpoint listens, if it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The plugin registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The router.
+    pub fn router(&self) -> &Arc<Router> {
+        &self.router
+    }
+
+    /// Whether the host is ready.
+    pub fn readiness(&self) -> Readiness {
+        readiness(&self.source, &self.registry)
+    }
+
+    /// Stops watching, unloads every plugin after its queue drains (up to `drain`), then
+    /// closes the connection and the admin endpoint.
+    pub async fn stop(self, drain: Duration) -> anyhow::Result<()> {
+        self.stop_watching.cancel();
+        let drained = self.registry.shutdown(drain).await;
+        if !drained {
+            tracing::warn!(?drain, "plugin queues did not drain in time");
+        }
+        self.stop_source.cancel();
+        self.stop_admin.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}
+
+/// Readiness from its parts.
+pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
+    let source = source.status();
+    let plugins_scanned = registry.scanned();
+    Readiness {
+        ready: source.connected && plugins_scanned,
+        source,
+        plugins_scanned,
+    }
+}
+
+/// A random identifier for this host process, so its private channels do not collide with
+/// another host's on the same Redis.
+fn instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

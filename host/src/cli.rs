@@ -1,0 +1,171 @@
+//! The command line: `switchyard run` and `switchyard demo`.
+//!
+//! Exit status: 0 after a clean stop, 2 when the configuration is unusable (the message
+//! names the key and the file), 1 for any other failure.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::app::{Broker, Host};
+use crate::config::{Config, ConfigError, RedisUrl};
+
+/// How long a stopping host waits for plugin queues to drain.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Routes Redis pub/sub messages to hot-reloaded WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Log level filter (overrides RUST_LOG), e.g. `info` or `switchyard=debug`.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Subscribe to Redis and route messages to the plugins in a folder.
+    Run(RunArgs),
+    /// Run the example plugins on an embedded broker and show what they do (no Redis needed).
+    Demo,
+}
+
+/// `switchyard run` options; flags override the configuration file.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379 (overrides redis.url).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Plugins folder (overrides plugins.dir).
+    #[arg(long)]
+    pub plugins: Option<PathBuf>,
+    /// Admin HTTP address (overrides admin.listen).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl RunArgs {
+    /// The configuration: the file (or defaults), then the flags.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(url) = &self.redis {
+            config.redis.url = RedisUrl::new(url.clone());
+        }
+        if let Some(dir) = &self.plugins {
+            config.plugins.dir = dir.clone();
+        }
+        if let Some(addr) = self.admin {
+            config.admin.listen = addr;
+        }
+        config.validate("command line")?;
+        Ok(config)
+    }
+}
+
+/// Runs the command and returns the process exit status.
+pub fn main(cli: Cli) -> ExitCode {
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("switchyard: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Demo => crate::demo::run(&mut std::io::stdout()).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("switchyard: {error:#}");
+            if error.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `switchyard run`: starts the host and runs it until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    tracing::info!(
+        redis = %config.redis.url,
+        plugins = %config.plugins.dir.display(),
+        admin = %config.admin.listen,
+        "starting"
+    );
+    let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true).await?;
+    stop_signal().await;
+    tracing::info!("stopping: draining plugin queues");
+    host.stop(DRAIN_DEADLINE).await
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

@@ -1,0 +1,328 @@
+//! The loader: turns a `.wasm` file (and its optional manifest) into a [`LoadedPlugin`], or
+//! into an error that says plainly what is wrong with it.
+//!
+//! Every check happens here, before a version can replace another: the file must be a
+//! component (not a core module, not truncated), must target the `switchyard:plugin` world
+//! (its imports link, its exports have the right types), must instantiate, and its `describe`
+//! must answer with a sane description. Compilation runs on the blocking pool, never on a
+//! reactor thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use wasmtime::component::Component;
+
+use super::manifest::Manifest;
+use super::{Description, Grants, LoadedPlugin};
+use crate::effects::Effects;
+use crate::router::is_reserved;
+use crate::source::Subscription;
+use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
+use crate::worker::engine::Runtime;
+use crate::worker::instance::{CallError, Instance};
+use crate::worker::state::PluginContext;
+use crate::{ContentHash, PluginName};
+
+/// The world a plugin must target, for error messages.
+pub const WORLD: &str = "switchyard:plugin/plugin@0.1.0";
+
+/// Why a file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The manifest beside it is malformed.
+    #[error("bad manifest {0}")]
+    Manifest(String),
+    /// Not WebAssembly at all.
+    #[error("not a WebAssembly file (no \\0asm header)")]
+    NotWasm,
+    /// A core module, where a component is needed.
+    #[error(
+        "a core WebAssembly module, not a component: build for wasm32-wasip2, or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule,
+    /// wasmtime rejected the bytes (truncated, corrupt, unsupported feature).
+    #[error("not a valid component: {0}")]
+    Compile(String),
+    /// A component of another world.
+    #[error("does not target {WORLD}: {0}")]
+    WrongWorld(String),
+    /// Instantiation or `describe` trapped.
+    #[error("describe failed: {0}")]
+    Describe(String),
+    /// `describe` answered something unusable.
+    #[error("invalid description: {0}")]
+    Invalid(String),
+}
+
+impl LoadError {
+    /// A short label for metrics and `/plugins`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LoadError::Read { .. } => "read",
+            LoadError::Manifest(_) => "manifest",
+            LoadError::NotWasm | LoadError::CoreModule | LoadError::Compile(_) => "compile",
+            LoadError::WrongWorld(_) => "world",
+            LoadError::Describe(_) => "describe",
+            LoadError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Per-plugin limits applied to every version.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock limit of one call.
+    pub deadline: Duration,
+    /// Linear-memory cap in bytes.
+    pub memory: usize,
+}
+
+/// Compiles and checks plugins.
+#[derive(Clone)]
+pub struct Loader {
+    runtime: Runtime,
+    effects: Effects,
+    limits: Limits,
+}
+
+/// What a load produced.
+pub enum Loaded {
+    /// A new version, ready to swap in.
+    New(Box<LoadedPlugin>),
+    /// The files hash to the version already running: nothing to do.
+    Unchanged,
+}
+
+impl Loader {
+    /// A loader compiling with `runtime`'s engine.
+    pub fn new(runtime: Runtime, effects: Effects, limits: Limits) -> Self {
+        Self {
+            runtime,
+            effects,
+            limits,
+        }
+    }
+
+    /// The runtime plugins run on.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Loads `wasm` (and `NAME.toml` beside it, if present) as plugin `name`. When the content
+    /// hashes to `running`, returns [`Loaded::Unchanged`] without compiling.
+    pub async fn load(
+        &self,
+        name: &PluginName,
+        wasm: &Path,
+        running: Option<(ContentHash, ContentHash)>,
+    ) -> Result<Loaded, LoadError> {
+        let bytes = tokio::fs::read(wasm)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: wasm.to_owned(),
+                source,
+            })?;
+        let manifest_path = wasm.with_extension("toml");
+        let manifest_text = match tokio::fs::read_to_string(&manifest_path).await {
+            Ok(text) => Some(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: manifest_path,
+                    source,
+                });
+            }
+        };
+        let hash = ContentHash::of(&bytes);
+        let manifest_hash = ContentHash::of(manifest_text.as_deref().unwrap_or("").as_bytes());
+        if running == Some((hash, manifest_hash)) {
+            return Ok(Loaded::Unchanged);
+        }
+        let manifest = match &manifest_text {
+            Some(text) => Manifest::parse(text, &manifest_path).map_err(LoadError::Manifest)?,
+            None => Manifest::default(),
+        };
+        let loader = self.clone();
+        let name = name.clone();
+        let path = wasm.to_owned();
+        let size = bytes.len();
+        tokio::task::spawn_blocking(move || {
+            loader.build(
+                name,
+                path,
+                bytes.into(),
+                size,
+                hash,
+                manifest_hash,
+                manifest,
+            )
+        })
+        .await
+        .map_err(|e| LoadError::Compile(format!("compile task failed: {e}")))?
+        .map(|plugin| Loaded::New(Box::new(plugin)))
+    }
+
+    /// Compiles, links, instantiates and describes; runs on the blocking pool.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        &self,
+        name: PluginName,
+        path: PathBuf,
+        bytes: Bytes,
+        size: usize,
+        hash: ContentHash,
+        manifest_hash: ContentHash,
+        manifest: Manifest,
+    ) -> Result<LoadedPlugin, LoadError> {
+        check_header(&bytes)?;
+        let engine = self.runtime.engine();
+        let component =
+            Component::new(engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let instance_pre = self
+            .runtime
+            .linker()
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre =
+            PluginPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+
+        let settings = manifest.settings();
+        // `describe` runs with the plugin's settings but no grants: it must not act.
+        let probe = LoadedPlugin {
+            context: self.context(
+                &name,
+                String::new(),
+                hash,
+                Grants::default(),
+                settings.clone(),
+            ),
+            pre: pre.clone(),
+            description: Description::default(),
+            path: path.clone(),
+            size,
+            manifest_hash,
+            loaded_at: SystemTime::now(),
+        };
+        let mut instance = Instance::new(engine, Arc::new(probe))
+            .map_err(|e| LoadError::Describe(format!("instantiation failed: {e:#}")))?;
+        let info = instance.describe().map_err(|e| match e {
+            CallError::Trapped(why) | CallError::Returned(why) => LoadError::Describe(why),
+        })?;
+        let description = Description::from_wit(info)?;
+        // Policy: a plugin is granted what it describes. Operator grants come with the
+        // capabilities work; until then `describe` is the whole policy.
+        let grants = Grants::new(&description.publish);
+        Ok(LoadedPlugin {
+            context: self.context(&name, description.version.clone(), hash, grants, settings),
+            pre,
+            description,
+            path,
+            size,
+            manifest_hash,
+            loaded_at: SystemTime::now(),
+        })
+    }
+
+    fn context(
+        &self,
+        name: &PluginName,
+        version: String,
+        hash: ContentHash,
+        grants: Grants,
+        settings: super::manifest::Settings,
+    ) -> Arc<PluginContext> {
+        Arc::new(PluginContext {
+            name: name.clone(),
+            version,
+            hash,
+            grants,
+            settings,
+            effects: self.effects.clone(),
+            deadline: self.limits.deadline,
+            memory_limit: self.limits.memory,
+        })
+    }
+}
+
+/// Tells a core module or a non-Wasm file from a component before compiling, so the error
+/// says what the file is rather than what the parser tripped on.
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    // The 4 bytes after the magic: version 1, layer 0 is a core module; components use a
+    // different version and layer 1.
+    const CORE_MODULE: &[u8] = &[1, 0, 0, 0];
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        return Err(LoadError::NotWasm);
+    }
+    if &bytes[4..8] == CORE_MODULE {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
+
+impl Description {
+    /// Checks and converts `describe`'s answer.
+    fn from_wit(info: types::PluginInfo) -> Result<Self, LoadError> {
+        let mut problems = Vec::new();
+        if info.name.trim().is_empty() {
+            problems.push("name is empty".to_owned());
+        }
+        let subscriptions: Vec<Subscription> = info
+            .subscriptions
+            .into_iter()
+            .map(|s| match s {
+                types::Subscription::Channel(c) => Subscription::Channel(c.into()),
+                types::Subscription::Pattern(p) => Subscription::Pattern(p.into()),
+            })
+            .collect();
+        for subscription in &subscriptions {
+            let name = subscription.name();
+            if name.is_empty() {
+                problems.push(format!("empty {} subscription", subscription.kind()));
+            } else if is_reserved(name) {
+                problems.push(format!(
+                    "{subscription} is in the host's reserved namespace"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                name: info.name,
+                version: info.version,
+                subscriptions,
+                publish: info.capabilities.publish,
+            })
+        } else {
+            Err(LoadError::Invalid(problems.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_check_names_what_the_file_is() {
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm)
+        ));
+        assert!(matches!(check_header(b"\0asm"), Err(LoadError::NotWasm)));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0rest"),
+            Err(LoadError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0rest").is_ok());
+    }
+}

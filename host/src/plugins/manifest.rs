@@ -1,0 +1,97 @@
+//! `NAME.toml`, the operator's manifest beside `NAME.wasm`.
+//!
+//! ```toml
+//! [config]              # values the plugin reads with `config(key)`
+//! limit = 280
+//! banned = ["spam", "scam"]
+//! ```
+//!
+//! Unknown keys are errors naming the file, like everywhere in the host's configuration.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A parsed manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The plugin's settings.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+/// A plugin's settings as its `config` import returns them: text, whatever the TOML type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings(BTreeMap<String, String>);
+
+impl Settings {
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// Every key and value.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl Manifest {
+    /// Parses manifest text; `path` names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, String> {
+        toml::from_str(text)
+            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
+    }
+
+    /// The settings as the plugin sees them: strings stay as they are, numbers, booleans and
+    /// dates take their TOML spelling, arrays and tables become JSON.
+    pub fn settings(&self) -> Settings {
+        Settings(
+            self.config
+                .iter()
+                .map(|(key, value)| {
+                    let text = match value {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Array(_) | toml::Value::Table(_) => {
+                            serde_json::to_string(value).unwrap_or_default()
+                        }
+                        other => other.to_string(),
+                    };
+                    (key.clone(), text)
+                })
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_text_whatever_the_toml_type() {
+        let manifest = Manifest::parse(
+            "[config]\nname = \"x\"\nlimit = 280\nratio = 0.5\non = true\nlist = [\"a\", \"b\"]\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let settings = manifest.settings();
+        assert_eq!(settings.get("name"), Some("x"));
+        assert_eq!(settings.get("limit"), Some("280"));
+        assert_eq!(settings.get("ratio"), Some("0.5"));
+        assert_eq!(settings.get("on"), Some("true"));
+        assert_eq!(settings.get("list"), Some("[\"a\",\"b\"]"));
+        assert_eq!(settings.get("missing"), None);
+    }
+
+    #[test]
+    fn unknown_section_names_the_file() {
+        let err = Manifest::parse("[grants]\n", Path::new("dir/p.toml")).unwrap_err();
+        assert!(
+            err.contains("dir/p.toml") && err.contains("grants"),
+            "{err}"
+        );
+    }
+}

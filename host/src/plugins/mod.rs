@@ -1,0 +1,579 @@
+//! Plugins: the folder is the source of truth.
+//!
+//! The [`Registry`] keeps one slot per `NAME.wasm` in the plugins folder: its current version,
+//! its queue and its worker. [`Registry::reconcile`] compares the folder with the slots and
+//! makes them agree: new files are loaded, changed ones reloaded (and swapped in atomically
+//! only if the new version passes every check), removed ones unloaded after their queue
+//! drains. The [`watcher`] calls it whenever the folder changes; events only say "look
+//! again", never what to do, so missed or merged events cannot leave the host out of step.
+
+pub mod loader;
+pub mod manifest;
+pub mod watcher;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+use crate::router::glob::Glob;
+use crate::router::{Route, RoutingTable};
+use crate::source::{Source, Subscription};
+use crate::worker::bindings::PluginPre;
+use crate::worker::state::{HostState, PluginContext};
+use crate::worker::{self, Inbox, PluginStats, StatsSnapshot};
+use crate::{ContentHash, PluginName};
+use loader::{LoadError, Loaded, Loader};
+
+/// What a plugin says about itself, checked.
+#[derive(Debug, Clone, Default)]
+pub struct Description {
+    /// Its display name.
+    pub name: String,
+    /// Its own version string.
+    pub version: String,
+    /// What it listens to, in its order.
+    pub subscriptions: Vec<Subscription>,
+    /// Publish patterns it asks for.
+    pub publish: Vec<String>,
+}
+
+/// What a plugin version may do.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    publish: Vec<Glob>,
+}
+
+impl Grants {
+    /// Grants publishing on channels matching any of `patterns`.
+    pub fn new(patterns: &[String]) -> Self {
+        Self {
+            publish: patterns.iter().map(|p| Glob::new(p.as_bytes())).collect(),
+        }
+    }
+
+    /// Whether publishing on `channel` is granted.
+    pub fn may_publish(&self, channel: &[u8]) -> bool {
+        self.publish.iter().any(|glob| glob.matches(channel))
+    }
+
+    /// The publish grants, for error messages.
+    pub fn describe_publish(&self) -> String {
+        if self.publish.is_empty() {
+            "none".to_owned()
+        } else {
+            self.publish
+                .iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    }
+}
+
+/// One checked, compiled version of a plugin, ready to instantiate.
+pub struct LoadedPlugin {
+    /// Identity, grants, settings and limits, shared with every store of this version.
+    pub context: Arc<PluginContext>,
+    /// The component, linked and type-checked against the world.
+    pub pre: PluginPre<HostState>,
+    /// Its `describe` answer.
+    pub description: Description,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The file's size in bytes.
+    pub size: usize,
+    /// Hash of the manifest text (of the empty text when there is none).
+    pub manifest_hash: ContentHash,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+}
+
+impl std::ops::Deref for LoadedPlugin {
+    type Target = PluginContext;
+
+    fn deref(&self) -> &PluginContext {
+        &self.context
+    }
+}
+
+/// What identifies a file's content without reading it: when this is unchanged, so is the
+/// file, and a rescan skips it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    wasm: FileStamp,
+    manifest: Option<FileStamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        // Follows symlinks: Kubernetes ConfigMap volumes are links into a `..data` folder
+        // that is swapped as a whole.
+        let meta = std::fs::metadata(path).ok()?;
+        meta.is_file().then(|| Self {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            inode: meta.ino(),
+        })
+    }
+}
+
+struct Slot {
+    current: Arc<ArcSwap<LoadedPlugin>>,
+    inbox: Inbox,
+    stats: Arc<PluginStats>,
+    worker: std::thread::JoinHandle<()>,
+    fingerprint: Fingerprint,
+    reloads: u64,
+    load_error: Option<LoadFailure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LoadFailure {
+    kind: &'static str,
+    message: String,
+    #[serde(skip)]
+    fingerprint: Fingerprint,
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: BTreeMap<PluginName, Slot>,
+    /// Files that failed to load and have no previous version running.
+    failed: BTreeMap<PluginName, LoadFailure>,
+    /// Workers of removed plugins, finishing their queues.
+    retired: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Plugins loaded for the first time.
+    pub added: Vec<PluginName>,
+    /// Plugins swapped to a new version.
+    pub replaced: Vec<PluginName>,
+    /// Plugins unloaded.
+    pub removed: Vec<PluginName>,
+    /// Plugins whose new file was rejected.
+    pub rejected: Vec<PluginName>,
+}
+
+impl Changes {
+    fn routes_changed(&self) -> bool {
+        !(self.added.is_empty() && self.replaced.is_empty() && self.removed.is_empty())
+    }
+}
+
+/// The plugins of one folder, and the routing table built from them.
+pub struct Registry {
+    dir: PathBuf,
+    loader: Loader,
+    source: Source,
+    queue_capacity: usize,
+    inner: Mutex<Inner>,
+    /// Serialises reconciles; `inner` is only ever held briefly.
+    reconciling: tokio::sync::Mutex<()>,
+    scanned: AtomicBool,
+}
+
+impl Registry {
+    /// A registry for `dir`, routing through `source`. Nothing is loaded until
+    /// [`Registry::reconcile`].
+    pub fn new(dir: PathBuf, loader: Loader, source: Source, queue_capacity: usize) -> Self {
+        Self {
+            dir,
+            loader,
+            source,
+            queue_capacity,
+            inner: Mutex::new(Inner::default()),
+            reconciling: tokio::sync::Mutex::new(()),
+            scanned: AtomicBool::new(false),
+        }
+    }
+
+    /// The plugins folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the folder has been scanned once and every plugin in it loaded or rejected.
+    pub fn scanned(&self) -> bool {
+        self.scanned.load(Ordering::Acquire)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the loaded plugins match the folder. Returns what changed.
+    pub async fn reconcile(&self) -> anyhow::Result<Changes> {
+        let _guard = self.reconciling.lock().await;
+        let found = scan(&self.dir)?;
+        let mut changes = Changes::default();
+
+        // Decide what to load without holding the lock across compilation.
+        let mut to_load = Vec::new();
+        {
+            let mut inner = self.lock();
+            let gone: Vec<PluginName> = inner
+                .slots
+                .keys()
+                .filter(|name| !found.contains_key(*name))
+                .cloned()
+                .collect();
+            for name in gone {
+                if let Some(slot) = inner.slots.remove(&name) {
+                    tracing::info!(plugin = %name, "file removed; unloading after its queue drains");
+                    inner.retired.push(slot.worker);
+                    changes.removed.push(name);
+                }
+            }
+            inner.failed.retain(|name, _| found.contains_key(name));
+            for (name, (path, fingerprint)) in &found {
+                let known = match (inner.slots.get(name), inner.failed.get(name)) {
+                    (Some(slot), _) => {
+                        slot.fingerprint == *fingerprint
+                            || slot
+                                .load_error
+                                .as_ref()
+                                .is_some_and(|f| f.fingerprint == *fingerprint)
+                    }
+                    (None, Some(failure)) => failure.fingerprint == *fingerprint,
+                    (None, None) => false,
+                };
+                if !known {
+                    let running = inner.slots.get(name).map(|slot| {
+                        let current = slot.current.load();
+                        (current.hash, current.manifest_hash)
+                    });
+                    to_load.push((name.clone(), path.clone(), fingerprint.clone(), running));
+                }
+            }
+        }
+
+        for (name, path, fingerprint, running) in to_load {
+            let result = self.loader.load(&name, &path, running).await;
+            // A file still being written changes under us: skip this round, the watcher
+            // reports its last write and the next reconcile sees the settled file.
+            if scan_one(&path).as_ref() != Some(&fingerprint) {
+                tracing::debug!(plugin = %name, "file changed while loading; will look again");
+                continue;
+            }
+            self.apply(name, fingerprint, result, &mut changes)?;
+        }
+
+        if changes.routes_changed() {
+            self.publish_routes().await?;
+        }
+        self.scanned.store(true, Ordering::Release);
+        Ok(changes)
+    }
+
+    fn apply(
+        &self,
+        name: PluginName,
+        fingerprint: Fingerprint,
+        result: Result<Loaded, LoadError>,
+        changes: &mut Changes,
+    ) -> anyhow::Result<()> {
+        let mut inner = self.lock();
+        match result {
+            Ok(Loaded::Unchanged) => {
+                if let Some(slot) = inner.slots.get_mut(&name) {
+                    slot.fingerprint = fingerprint;
+                    slot.load_error = None;
+                }
+            }
+            Ok(Loaded::New(version)) => {
+                inner.failed.remove(&name);
+                let version = Arc::new(*version);
+                tracing::info!(
+                    plugin = %name,
+                    version = %version.description.version,
+                    hash = %version.hash,
+                    subscriptions = version.description.subscriptions.len(),
+                    "plugin loaded"
+                );
+                if let Some(slot) = inner.slots.get_mut(&name) {
+                    slot.current.store(version);
+                    slot.fingerprint = fingerprint;
+                    slot.reloads += 1;
+                    slot.load_error = None;
+                    changes.replaced.push(name);
+                } else {
+                    let stats = PluginStats::new();
+                    let (inbox, queue) =
+                        worker::inbox(name.clone(), self.queue_capacity, stats.clone());
+                    let current = Arc::new(ArcSwap::new(version));
+                    let worker = worker::spawn(
+                        name.clone(),
+                        current.clone(),
+                        queue,
+                        stats.clone(),
+                        self.loader.runtime().engine().clone(),
+                    )?;
+                    inner.slots.insert(
+                        name.clone(),
+                        Slot {
+                            current,
+                            inbox,
+                            stats,
+                            worker,
+                            fingerprint,
+                            reloads: 0,
+                            load_error: None,
+                        },
+                    );
+                    changes.added.push(name);
+                }
+            }
+            Err(error) => {
+                let failure = LoadFailure {
+                    kind: error.kind(),
+                    message: error.to_string(),
+                    fingerprint,
+                };
+                if let Some(slot) = inner.slots.get_mut(&name) {
+                    tracing::error!(
+                        plugin = %name,
+                        running = %slot.current.load().hash,
+                        "new file rejected, previous version keeps running: {error}"
+                    );
+                    slot.load_error = Some(failure);
+                } else {
+                    tracing::error!(plugin = %name, "cannot load plugin: {error}");
+                    inner.failed.insert(name.clone(), failure);
+                }
+                changes.rejected.push(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the routing table from the slots and hands it to the source.
+    async fn publish_routes(&self) -> anyhow::Result<()> {
+        let table = {
+            let inner = self.lock();
+            RoutingTable::new(
+                inner
+                    .slots
+                    .values()
+                    .map(|slot| {
+                        Route::new(
+                            slot.inbox.clone(),
+                            &slot.current.load().description.subscriptions,
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        self.source.update(table.subscriptions(), table).await
+    }
+
+    /// Unloads every plugin: routes are cleared, queues drain, workers exit. Waits up to
+    /// `deadline` for the workers; returns whether they all finished.
+    pub async fn shutdown(&self, deadline: Duration) -> bool {
+        let _guard = self.reconciling.lock().await;
+        let workers: Vec<_> = {
+            let mut inner = self.lock();
+            let slots = std::mem::take(&mut inner.slots);
+            let mut workers: Vec<_> = std::mem::take(&mut inner.retired);
+            workers.extend(slots.into_values().map(|slot| slot.worker));
+            workers
+        };
+        if let Err(e) = self
+            .source
+            .update(Default::default(), RoutingTable::default())
+            .await
+        {
+            tracing::warn!("could not clear subscriptions while stopping: {e:#}");
+        }
+        let join = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        });
+        tokio::time::timeout(deadline, join).await.is_ok()
+    }
+
+    /// A report of every plugin in the folder, loaded or not.
+    pub fn report(&self) -> Vec<PluginReport> {
+        let inner = self.lock();
+        let mut reports: Vec<PluginReport> = inner
+            .slots
+            .iter()
+            .map(|(name, slot)| {
+                let current = slot.current.load();
+                let description = &current.description;
+                PluginReport {
+                    name: name.clone(),
+                    state: PluginState::Running,
+                    version: Some(VersionReport {
+                        declared_name: description.name.clone(),
+                        version: description.version.clone(),
+                        hash: current.hash,
+                        size: current.size,
+                        file: current.path.clone(),
+                        loaded_at_ms: millis_since_epoch(current.loaded_at),
+                        subscriptions: description
+                            .subscriptions
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect(),
+                        grants: GrantsReport {
+                            publish: description.publish.clone(),
+                        },
+                        settings: current
+                            .settings
+                            .iter()
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .collect(),
+                    }),
+                    stats: Some(slot.stats.snapshot()),
+                    queue_depth: slot.inbox.depth(),
+                    reloads: slot.reloads,
+                    load_error: slot.load_error.clone(),
+                }
+            })
+            .collect();
+        reports.extend(inner.failed.iter().map(|(name, failure)| PluginReport {
+            name: name.clone(),
+            state: PluginState::Failed,
+            version: None,
+            stats: None,
+            queue_depth: 0,
+            reloads: 0,
+            load_error: Some(failure.clone()),
+        }));
+        reports.sort_by(|a, b| a.name.cmp(&b.name));
+        reports
+    }
+}
+
+/// Lists `NAME.wasm` files of `dir` (dotfiles skipped) with their fingerprints.
+fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PluginName, (PathBuf, Fingerprint)>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read plugins folder {}: {e}", dir.display()))?;
+    let mut found = BTreeMap::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("wasm") {
+            continue;
+        }
+        let Some(name) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<PluginName>().ok())
+        else {
+            continue;
+        };
+        if let Some(fingerprint) = scan_one(&path) {
+            found.insert(name, (path, fingerprint));
+        }
+    }
+    Ok(found)
+}
+
+fn scan_one(wasm: &Path) -> Option<Fingerprint> {
+    Some(Fingerprint {
+        wasm: FileStamp::of(wasm)?,
+        manifest: FileStamp::of(&wasm.with_extension("toml")),
+    })
+}
+
+fn millis_since_epoch(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A plugin's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginState {
+    /// A version is loaded and handling messages.
+    Running,
+    /// The file could not be loaded and no earlier version runs.
+    Failed,
+}
+
+/// One plugin, as `/plugins` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginReport {
+    /// The plugin's name (its file name without `.wasm`).
+    pub name: PluginName,
+    /// Running or failed.
+    pub state: PluginState,
+    /// The version running, if any.
+    pub version: Option<VersionReport>,
+    /// Message counters, if a version runs.
+    pub stats: Option<StatsSnapshot>,
+    /// Messages waiting in its queue.
+    pub queue_depth: usize,
+    /// Times a new version replaced a running one.
+    pub reloads: u64,
+    /// Why the newest file was rejected, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_error: Option<LoadFailure>,
+}
+
+impl PluginReport {
+    /// Why the newest file was rejected, if it was: (kind, message).
+    pub fn load_error(&self) -> Option<(&str, &str)> {
+        self.load_error
+            .as_ref()
+            .map(|f| (f.kind, f.message.as_str()))
+    }
+}
+
+/// The running version of a plugin.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionReport {
+    /// The name `describe` gave.
+    pub declared_name: String,
+    /// The version `describe` gave.
+    pub version: String,
+    /// Content hash of the `.wasm`.
+    pub hash: ContentHash,
+    /// Size of the `.wasm` in bytes.
+    pub size: usize,
+    /// The file.
+    pub file: PathBuf,
+    /// When it was loaded, in milliseconds since the Unix epoch.
+    pub loaded_at_ms: u64,
+    /// Its subscriptions, as `channel NAME` or `pattern GLOB`.
+    pub subscriptions: Vec<String>,
+    /// What it is allowed to do.
+    pub grants: GrantsReport,
+    /// Its settings.
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Grants, as `/plugins` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantsReport {
+    /// Publish patterns.
+    pub publish: Vec<String>,
+}
+
+impl Registry {
+    /// Whether every running plugin has finished every message queued for it.
+    pub fn idle(&self) -> bool {
+        self.lock().slots.values().all(|slot| {
+            let stats = slot.stats.snapshot();
+            stats.accepted == stats.handled + stats.failed
+        })
+    }
+}

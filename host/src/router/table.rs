@@ -1,0 +1,203 @@
+//! The routing table: an immutable snapshot of which plugin listens to what, rebuilt on every
+//! plugin change and swapped in whole, so the reading task routes without locks.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
+
+use super::glob::Glob;
+use crate::source::{Delivery, Subscription, Via};
+use crate::worker::{Envelope, Inbox};
+
+/// One plugin's entry: its queue and its subscriptions, in the order it listed them.
+pub struct Route {
+    inbox: Inbox,
+    subscriptions: Vec<Subscription>,
+    /// One matcher per subscription (`None` for exact channels), same order.
+    matchers: Vec<Option<Glob>>,
+}
+
+impl Route {
+    /// A route to `inbox` for `subscriptions` (duplicates after the first are ignored).
+    pub fn new(inbox: Inbox, subscriptions: &[Subscription]) -> Self {
+        let mut seen = BTreeSet::new();
+        let subscriptions: Vec<Subscription> = subscriptions
+            .iter()
+            .filter(|s| seen.insert((*s).clone()))
+            .cloned()
+            .collect();
+        let matchers = subscriptions
+            .iter()
+            .map(|s| match s {
+                Subscription::Channel(_) => None,
+                Subscription::Pattern(p) => Some(Glob::new(p.to_vec())),
+            })
+            .collect();
+        Self {
+            inbox,
+            subscriptions,
+            matchers,
+        }
+    }
+
+    /// Whether any subscription before `index` also matches `channel`; if so, the delivery
+    /// for that earlier one is the plugin's copy of the message.
+    fn earlier_match(&self, index: usize, channel: &[u8]) -> bool {
+        self.subscriptions[..index]
+            .iter()
+            .zip(&self.matchers)
+            .any(|(subscription, matcher)| match matcher {
+                Some(glob) => glob.matches(channel),
+                None => subscription.name().as_ref() == channel,
+            })
+    }
+}
+
+/// Where a subscription's deliveries go: (route index, subscription index in that route).
+type Targets = Vec<(usize, usize)>;
+
+/// Which plugins each subscription feeds.
+#[derive(Default)]
+pub struct RoutingTable {
+    routes: Vec<Route>,
+    by_channel: HashMap<Bytes, Targets>,
+    by_pattern: HashMap<Bytes, Targets>,
+}
+
+impl RoutingTable {
+    /// Builds the table for `routes`.
+    pub fn new(routes: Vec<Route>) -> Self {
+        let mut by_channel: HashMap<Bytes, Targets> = HashMap::new();
+        let mut by_pattern: HashMap<Bytes, Targets> = HashMap::new();
+        for (r, route) in routes.iter().enumerate() {
+            for (s, subscription) in route.subscriptions.iter().enumerate() {
+                let index = match subscription {
+                    Subscription::Channel(name) => by_channel.entry(name.clone()),
+                    Subscription::Pattern(name) => by_pattern.entry(name.clone()),
+                };
+                index.or_default().push((r, s));
+            }
+        }
+        Self {
+            routes,
+            by_channel,
+            by_pattern,
+        }
+    }
+
+    /// Every subscription some plugin needs: what the source must subscribe.
+    pub fn subscriptions(&self) -> BTreeSet<Subscription> {
+        let channels = self
+            .by_channel
+            .keys()
+            .map(|c| Subscription::Channel(c.clone()));
+        let patterns = self
+            .by_pattern
+            .keys()
+            .map(|p| Subscription::Pattern(p.clone()));
+        channels.chain(patterns).collect()
+    }
+
+    /// Offers `delivery` to every plugin whose first matching subscription delivered it.
+    /// Returns how many plugins it was offered to.
+    pub fn dispatch(&self, delivery: &Delivery) -> usize {
+        let targets = match &delivery.via {
+            Via::Channel => self.by_channel.get(&delivery.channel),
+            Via::Pattern(pattern) => self.by_pattern.get(pattern),
+        };
+        let mut offered = 0;
+        for &(r, s) in targets.into_iter().flatten() {
+            let route = &self.routes[r];
+            if s > 0 && route.earlier_match(s, &delivery.channel) {
+                continue;
+            }
+            route.inbox.offer(Envelope {
+                channel: delivery.channel.clone(),
+                subscription: route.subscriptions[s].clone(),
+                payload: delivery.payload.clone(),
+                received_at: delivery.received_at,
+            });
+            offered += 1;
+        }
+        offered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::worker::{PluginStats, inbox};
+
+    fn pattern(p: &str) -> Subscription {
+        Subscription::Pattern(Bytes::copy_from_slice(p.as_bytes()))
+    }
+
+    fn channel(c: &str) -> Subscription {
+        Subscription::Channel(Bytes::copy_from_slice(c.as_bytes()))
+    }
+
+    fn delivery(ch: &str, via: &Subscription) -> Delivery {
+        Delivery {
+            channel: Bytes::copy_from_slice(ch.as_bytes()),
+            via: match via {
+                Subscription::Channel(_) => Via::Channel,
+                Subscription::Pattern(p) => Via::Pattern(p.clone()),
+            },
+            payload: Bytes::from_static(b"x"),
+            received_at: SystemTime::now(),
+        }
+    }
+
+    /// Feeds the table every delivery Redis would send for one PUBLISH on `ch`, given the
+    /// table's own subscriptions, in an arbitrary order.
+    fn publish(table: &RoutingTable, ch: &str) {
+        for s in table.subscriptions().iter().rev() {
+            let matches = match s {
+                Subscription::Channel(c) => c.as_ref() == ch.as_bytes(),
+                Subscription::Pattern(p) => Glob::new(p.to_vec()).matches(ch.as_bytes()),
+            };
+            if matches {
+                table.dispatch(&delivery(ch, s));
+            }
+        }
+    }
+
+    #[test]
+    fn plugin_with_overlapping_subscriptions_sees_message_once_via_its_first() {
+        let (inbox, mut rx) = inbox("p".parse().unwrap(), 16, PluginStats::new());
+        let subs = [pattern("fwd:*"), channel("fwd:a"), pattern("fwd:?")];
+        let table = RoutingTable::new(vec![Route::new(inbox, &subs)]);
+        publish(&table, "fwd:a");
+        let got = rx.try_recv().unwrap();
+        assert_eq!(got.subscription, pattern("fwd:*"));
+        assert!(rx.try_recv().is_err(), "delivered twice");
+    }
+
+    #[test]
+    fn shared_pattern_feeds_every_plugin_that_has_it() {
+        let (a, mut rx_a) = inbox("a".parse().unwrap(), 16, PluginStats::new());
+        let (b, mut rx_b) = inbox("b".parse().unwrap(), 16, PluginStats::new());
+        let table = RoutingTable::new(vec![
+            Route::new(a, &[pattern("m:*")]),
+            Route::new(b, &[channel("m:1"), pattern("m:*")]),
+        ]);
+        assert_eq!(table.subscriptions().len(), 2);
+        publish(&table, "m:1");
+        assert_eq!(rx_a.try_recv().unwrap().subscription, pattern("m:*"));
+        assert_eq!(rx_b.try_recv().unwrap().subscription, channel("m:1"));
+        assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err());
+        publish(&table, "m:2");
+        assert_eq!(rx_b.try_recv().unwrap().subscription, pattern("m:*"));
+    }
+
+    #[test]
+    fn duplicate_subscriptions_count_once() {
+        let (inbox, mut rx) = inbox("p".parse().unwrap(), 16, PluginStats::new());
+        let table = RoutingTable::new(vec![Route::new(inbox, &[pattern("a*"), pattern("a*")])]);
+        publish(&table, "abc");
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err());
+    }
+}

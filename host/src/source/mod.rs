@@ -1,0 +1,133 @@
+//! Sources: where messages enter the host.
+//!
+//! A source owns the subscriber connection, turns every delivery into a [`Delivery`] and hands
+//! it to the [`Router`](crate::router::Router) right where it was read, without waiting on any
+//! plugin. It also applies subscription changes: it subscribes what is new, has the router
+//! switch tables at a point in the stream that no published message straddles, then
+//! unsubscribes what is gone (see [`crate::router`] for why the order matters).
+//!
+//! - [`redis`]: a real Redis server over one RESP3 connection, reconnecting with backoff.
+//! - [`embedded`]: an in-process broker with Redis's pub/sub semantics, for the demo and for
+//!   running plugins offline.
+
+pub mod embedded;
+pub mod redis;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::router::RoutingTable;
+
+/// Something the host subscribes to on behalf of plugins.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subscription {
+    /// An exact channel (`SUBSCRIBE`).
+    Channel(Bytes),
+    /// A Redis glob pattern (`PSUBSCRIBE`).
+    Pattern(Bytes),
+}
+
+impl Subscription {
+    /// The channel name or pattern.
+    pub fn name(&self) -> &Bytes {
+        match self {
+            Subscription::Channel(name) | Subscription::Pattern(name) => name,
+        }
+    }
+
+    /// `channel` or `pattern`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Subscription::Channel(_) => "channel",
+            Subscription::Pattern(_) => "pattern",
+        }
+    }
+}
+
+impl std::fmt::Display for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}",
+            self.kind(),
+            String::from_utf8_lossy(self.name())
+        )
+    }
+}
+
+/// How a delivery reached the host: through an exact subscription or through a pattern.
+/// Redis sends one delivery per matching subscription of the connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The connection's `SUBSCRIBE` to the message's channel.
+    Channel,
+    /// The connection's `PSUBSCRIBE` to this pattern.
+    Pattern(Bytes),
+}
+
+/// One message as a source received it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The channel it was published to (bytes: Redis channel names need not be UTF-8).
+    pub channel: Bytes,
+    /// Which of the connection's subscriptions delivered it.
+    pub via: Via,
+    /// The payload, untouched.
+    pub payload: Bytes,
+    /// When the host read it.
+    pub received_at: SystemTime,
+}
+
+/// What the host's subscriber connection is doing, for readiness and `/plugins`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SourceStatus {
+    /// Whether the subscriber connection is up and subscribed to the current set.
+    pub connected: bool,
+    /// Exact channels subscribed.
+    pub channels: usize,
+    /// Patterns subscribed.
+    pub patterns: usize,
+    /// Times the connection was re-established after a loss.
+    pub reconnects: u64,
+    /// The last connection error, if the connection is down.
+    pub last_error: Option<String>,
+}
+
+/// The subscriber side of a broker.
+#[derive(Clone)]
+pub enum Source {
+    /// A Redis server.
+    Redis(redis::RedisSource),
+    /// The in-process broker.
+    Embedded(Arc<embedded::EmbeddedBroker>),
+}
+
+impl Source {
+    /// Makes `subscriptions` the subscribed set and `table` the routing table, without losing
+    /// or duplicating a message for any plugin present in both the old and the new table.
+    /// Returns once the new table routes messages.
+    pub async fn update(
+        &self,
+        subscriptions: BTreeSet<Subscription>,
+        table: RoutingTable,
+    ) -> anyhow::Result<()> {
+        match self {
+            Source::Redis(source) => source.update(subscriptions, table).await,
+            Source::Embedded(broker) => {
+                broker.update(subscriptions, table);
+                Ok(())
+            }
+        }
+    }
+
+    /// The connection's current state.
+    pub fn status(&self) -> SourceStatus {
+        match self {
+            Source::Redis(source) => source.status(),
+            Source::Embedded(broker) => broker.status(),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Host-side bindings generated from `wit/plugin.wit`, and nothing else.
+//!
+//! The imported interfaces are implemented in `effects::host`; the exports are called by
+//! `worker` and `plugins::loader`.
+
+wasmtime::component::bindgen!({
+    world: "plugin",
+    path: "../wit",
+});

@@ -1,0 +1,138 @@
+//! One live plugin instance: a `Store` and the component instantiated in it.
+//!
+//! Used by the worker for every message and by the loader to call `describe` once per new
+//! version. Every call runs under the plugin's deadline (epoch interruption) and memory cap
+//! (store limits).
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use wasmtime::Store;
+
+use super::Envelope;
+use super::bindings::Plugin;
+use super::bindings::switchyard::plugin::types::{self, Message};
+use super::engine::deadline_ticks;
+use super::state::HostState;
+use crate::plugins::LoadedPlugin;
+use crate::source::Subscription;
+
+/// Why a call did not succeed.
+#[derive(Debug)]
+pub enum CallError {
+    /// The plugin returned an `error` value; the instance is fine.
+    Returned(String),
+    /// The call trapped (a panic, the deadline, the memory cap); the instance is unusable.
+    Trapped(String),
+}
+
+/// A store with a plugin instantiated in it.
+pub struct Instance {
+    version: Arc<LoadedPlugin>,
+    store: Store<HostState>,
+    bindings: Plugin,
+}
+
+impl Instance {
+    /// Instantiates `version` in a fresh store.
+    pub fn new(engine: &wasmtime::Engine, version: Arc<LoadedPlugin>) -> anyhow::Result<Self> {
+        let state = HostState::new(version.context.clone());
+        let mut store = Store::new(engine, state);
+        store.limiter(HostState::limiter);
+        // A new store's deadline is "now": without this, instantiation traps as soon as the
+        // epoch has moved once.
+        store.set_epoch_deadline(deadline_ticks(version.context.deadline));
+        store.data_mut().begin_call();
+        let bindings = version
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow::anyhow!(describe_trap(&e, &version)))?;
+        Ok(Self {
+            version,
+            store,
+            bindings,
+        })
+    }
+
+    /// Whether this instance runs `version`.
+    pub fn runs(&self, version: &Arc<LoadedPlugin>) -> bool {
+        Arc::ptr_eq(&self.version, version)
+    }
+
+    /// Calls `describe`.
+    pub fn describe(&mut self) -> Result<types::PluginInfo, CallError> {
+        self.arm();
+        self.bindings
+            .switchyard_plugin_handler()
+            .call_describe(&mut self.store)
+            .map_err(|e| CallError::Trapped(describe_trap(&e, &self.version)))
+    }
+
+    /// Calls `handle` with one message.
+    pub fn handle(&mut self, envelope: Envelope) -> Result<(), CallError> {
+        let message = Message {
+            channel: String::from_utf8_lossy(&envelope.channel).into_owned(),
+            subscription: match &envelope.subscription {
+                Subscription::Channel(name) => {
+                    types::Subscription::Channel(String::from_utf8_lossy(name).into_owned())
+                }
+                Subscription::Pattern(name) => {
+                    types::Subscription::Pattern(String::from_utf8_lossy(name).into_owned())
+                }
+            },
+            payload: envelope.payload.to_vec(),
+            received_at: envelope
+                .received_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            entry_id: None,
+        };
+        self.arm();
+        match self
+            .bindings
+            .switchyard_plugin_handler()
+            .call_handle(&mut self.store, &message)
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(CallError::Returned(render_error(&error))),
+            Err(trap) => Err(CallError::Trapped(describe_trap(&trap, &self.version))),
+        }
+    }
+
+    /// Starts the deadline of one call.
+    fn arm(&mut self) {
+        self.store
+            .set_epoch_deadline(deadline_ticks(self.version.context.deadline));
+        self.store.data_mut().begin_call();
+    }
+}
+
+/// The plugin's error value as a log line.
+pub fn render_error(error: &types::Error) -> String {
+    match error {
+        types::Error::Denied(why) => format!("denied: {why}"),
+        types::Error::Invalid(why) => format!("invalid: {why}"),
+        types::Error::Unavailable(why) => format!("unavailable: {why}"),
+        types::Error::Failed(why) => format!("failed: {why}"),
+    }
+}
+
+/// A trap, explained: the deadline and the memory cap are named as such.
+fn describe_trap(error: &wasmtime::Error, version: &LoadedPlugin) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => {
+            format!("deadline of {:?} exceeded", version.context.deadline)
+        }
+        _ => {
+            let text = format!("{error:#}");
+            if text.contains("memory") && text.contains("grow") {
+                format!(
+                    "memory cap of {} MiB reached: {text}",
+                    version.context.memory_limit >> 20
+                )
+            } else {
+                text
+            }
+        }
+    }
+}
