@@ -1,0 +1,12 @@
+//! Builds every plugin the integration tests use, once per build, and generates one path
+//! constant per plugin (`switchyard_tests::plugins::FORWARD`, ...). A fixture that is built
+//! but never used is visible here; one that is used but not built is a compile error.
+
+use switchyard_plugin_build::{Embed, build, write_constants};
+
+const PLUGINS: &[&str] = &["forward", "echo", "trap-describe", "not-a-plugin"];
+
+fn main() {
+    let artifacts = build(PLUGINS);
+    write_constants("plugins.rs", &artifacts, Embed::Path);
+}

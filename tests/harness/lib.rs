@@ -1,0 +1,268 @@
+//! The integration-test harness: real `redis-server` processes, the real host in-process,
+//! and real plugins compiled from `plugins/`.
+//!
+//! Tests synchronise on events (readiness, `/plugins` counters, messages arriving), never on
+//! sleeps: [`eventually`] polls a condition until a deadline and fails with the last
+//! observation.
+
+pub mod redis;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use switchyard::app::{Broker, Host};
+use switchyard::config::{Config, RedisUrl};
+
+pub use crate::redis::{Received, RedisServer, Subscriber};
+
+/// Components built from `plugins/` for these tests (paths).
+pub mod plugins {
+    include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
+}
+
+/// How long tests wait for something that should happen within milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Sends the host's logs to the test output (shown for failing tests), once per process.
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "switchyard=debug,info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` until it returns `Ok`, or fails after `within` with its last error.
+pub async fn eventually<T, F, Fut>(within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let started = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(e) if started.elapsed() >= within => {
+                return Err(e.context(format!("still not true after {within:?}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// A host under test, with its own plugins folder and an admin endpoint on a free port.
+pub struct TestHost {
+    host: Option<Host>,
+    dir: tempfile::TempDir,
+    admin: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl TestHost {
+    /// Starts a host on `redis` with an empty plugins folder, after `prepare` put files in it.
+    pub async fn start_with(
+        redis: &RedisServer,
+        prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        init_logging();
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-test-")
+            .tempdir()?;
+        prepare(dir.path())?;
+        let mut config = Config::default();
+        config.redis.url = RedisUrl::new(redis.url());
+        config.plugins.dir = dir.path().to_owned();
+        config.admin.listen = "127.0.0.1:0".parse()?;
+        let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true).await?;
+        let admin = host.admin_addr().context("admin endpoint enabled")?;
+        let test_host = Self {
+            host: Some(host),
+            dir,
+            admin,
+            http: reqwest::Client::new(),
+        };
+        test_host.wait_ready().await?;
+        Ok(test_host)
+    }
+
+    /// Starts a host with `plugins` installed: (name, component path, manifest text).
+    pub async fn start(
+        redis: &RedisServer,
+        plugins: &[(&str, &str, Option<&str>)],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(redis, |dir| {
+            for (name, wasm, manifest) in plugins {
+                copy_plugin(dir, name, Path::new(wasm), *manifest)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The plugins folder.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The host itself.
+    pub fn host(&self) -> &Host {
+        self.host.as_ref().expect("host is running")
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        eventually(PATIENCE, || async {
+            let response = self.get("/readyz").await?;
+            if response.0 == 200 {
+                Ok(())
+            } else {
+                bail!("/readyz: {} {}", response.0, response.1)
+            }
+        })
+        .await
+    }
+
+    /// GET `path` on the admin endpoint: (status, body).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .get(format!("http://{}{path}", self.admin))
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, body))
+    }
+
+    /// The `/plugins` entry of `name`, if any.
+    pub async fn plugin(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let (_, body) = self.get("/plugins").await?;
+        Ok(body["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.iter().find(|p| p["name"] == name))
+            .cloned())
+    }
+
+    /// Waits until the `/plugins` entry of `name` satisfies `accept`, and returns it.
+    pub async fn wait_plugin(
+        &self,
+        name: &str,
+        what: &str,
+        accept: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        eventually(PATIENCE, || async {
+            match self.plugin(name).await? {
+                Some(entry) if accept(&entry) => Ok(entry),
+                Some(entry) => bail!("plugin {name} is not {what}: {entry:#}"),
+                None => bail!("plugin {name} is not listed"),
+            }
+        })
+        .await
+    }
+
+    /// Installs a plugin the documented way: write a dotfile, then rename it into place.
+    pub fn install(&self, name: &str, wasm: &[u8], manifest: Option<&str>) -> anyhow::Result<()> {
+        if let Some(manifest) = manifest {
+            atomic_write(
+                &self.dir.path().join(format!("{name}.toml")),
+                manifest.as_bytes(),
+            )?;
+        }
+        atomic_write(&self.dir.path().join(format!("{name}.wasm")), wasm)
+    }
+
+    /// Deletes a plugin's files.
+    pub fn remove(&self, name: &str) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(self.dir.path().join(format!("{name}.toml")));
+        std::fs::remove_file(self.dir.path().join(format!("{name}.wasm")))?;
+        Ok(())
+    }
+
+    /// Stops the host, draining plugin queues.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        match self.host.take() {
+            Some(host) => host.stop(PATIENCE).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Copies a built plugin into `dir` as `NAME.wasm`, with `NAME.toml` if given.
+pub fn copy_plugin(
+    dir: &Path,
+    name: &str,
+    wasm: &Path,
+    manifest: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(manifest) = manifest {
+        std::fs::write(dir.join(format!("{name}.toml")), manifest)?;
+    }
+    std::fs::copy(wasm, dir.join(format!("{name}.wasm")))
+        .with_context(|| format!("cannot copy {}", wasm.display()))?;
+    Ok(())
+}
+
+/// Reads a built plugin.
+pub fn read_plugin(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("cannot read plugin {path}: {e}"))
+}
+
+/// The same component with a custom section appended: identical behaviour, different bytes
+/// (and content hash), like a rebuilt plugin.
+pub fn rebuilt(wasm: &[u8], label: &str) -> Vec<u8> {
+    let name = b"switchyard-test";
+    let mut body = Vec::new();
+    leb128(&mut body, name.len());
+    body.extend_from_slice(name);
+    body.extend_from_slice(label.as_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section id
+    leb128(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn leb128(out: &mut Vec<u8>, mut value: usize) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Writes `bytes` to a dotfile beside `path`, then renames it over `path`.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("path has a file name")?;
+    let temp: PathBuf = path.with_file_name(format!(".{file_name}.tmp"));
+    std::fs::write(&temp, bytes)?;
+    std::fs::rename(&temp, path)?;
+    Ok(())
+}
+
+/// An echo plugin manifest: subscriptions, reply channel and tag.
+pub fn echo_manifest(channels: &[&str], patterns: &[&str], reply: &str, tag: &str) -> String {
+    format!(
+        "[config]\nchannels = {}\npatterns = {}\nreply = {reply:?}\ntag = {tag:?}\n",
+        toml_list(channels),
+        toml_list(patterns)
+    )
+}
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}

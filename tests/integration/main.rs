@@ -1,0 +1,8 @@
+//! Integration tests: the host against real `redis-server` processes and real plugins.
+//!
+//! One test binary (linked once) with a module per area.
+
+mod glob_differential;
+mod loading;
+mod reload;
+mod routing;

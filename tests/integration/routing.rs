@@ -1,0 +1,170 @@
+//! Messages in, effects out: subscriptions, once-per-plugin delivery, ordering, payloads.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, plugins};
+
+/// Reports published by the echo fixture, parsed.
+fn reports(received: &[switchyard_tests::Received]) -> Vec<Value> {
+    received
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("echo reports are JSON"))
+        .collect()
+}
+
+#[tokio::test]
+async fn forward_republishes_fwd_messages_on_fwded() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+
+    redis.publish("fwd:x", "hello").await?;
+    redis.publish("fwd:a:b", "nested").await?;
+    redis.publish("other:x", "ignored").await?;
+
+    let got = out.take(2, PATIENCE).await?;
+    assert_eq!(got[0].channel_str(), "fwded:x");
+    assert_eq!(got[0].payload_str(), "hello");
+    assert_eq!(got[1].channel_str(), "fwded:a:b");
+    assert_eq!(got[1].payload_str(), "nested");
+    assert!(out.drain_for(Duration::from_millis(200)).await.is_empty());
+    host.stop().await
+}
+
+#[tokio::test]
+async fn payload_bytes_pass_through_untouched() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let mut out = Subscriber::new(&redis, &["fwded:bin", "fwded:empty"], &[]).await?;
+
+    let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3, 0x28]).collect();
+    redis.publish("fwd:bin", binary.as_slice()).await?;
+    redis.publish("fwd:empty", "").await?;
+
+    let got = out.take(2, PATIENCE).await?;
+    assert_eq!(got[0].payload, binary);
+    assert_eq!(got[1].payload, b"");
+    host.stop().await
+}
+
+#[tokio::test]
+async fn exact_channel_subscription_sees_only_its_channel() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let manifest = echo_manifest(&["orders"], &[], "seen", "");
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    for channel in ["orders", "orders2", "order", "Orders", "orders"] {
+        redis.publish(channel, channel).await?;
+    }
+    let got = reports(&seen.take(2, PATIENCE).await?);
+    assert!(
+        got.iter()
+            .all(|r| r["channel"] == "orders" && r["subscription"] == "channel:orders")
+    );
+    assert!(seen.drain_for(Duration::from_millis(200)).await.is_empty());
+    host.stop().await
+}
+
+#[tokio::test]
+async fn plugin_whose_subscriptions_overlap_handles_each_message_once() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // Channels are listed first by the fixture, so for m:1 the exact channel is its first
+    // matching subscription; for m:22 only m:* matches.
+    let manifest = echo_manifest(&["m:1"], &["m:*", "m:?", "m*"], "seen", "");
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    // Redis itself delivers m:1 four times to the host's connection (one message, three
+    // pmessages); the plugin must see it once.
+    assert_eq!(redis.publish("m:1", "a").await?, 4);
+    redis.publish("m:22", "b").await?;
+    redis.publish("mx", "c").await?;
+    redis.publish("x", "d").await?;
+
+    let got = reports(&seen.take(3, PATIENCE).await?);
+    assert_eq!(got[0]["subscription"], "channel:m:1");
+    assert_eq!(got[1]["subscription"], "pattern:m:*");
+    assert_eq!(got[2]["subscription"], "pattern:m*");
+    assert!(
+        seen.drain_for(Duration::from_millis(300)).await.is_empty(),
+        "a message was delivered twice"
+    );
+    host.stop().await
+}
+
+#[tokio::test]
+async fn two_plugins_sharing_a_pattern_each_get_every_message() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let a = echo_manifest(&[], &["news:*"], "seen:a", "a");
+    let b = echo_manifest(&[], &["news:*"], "seen:b", "b");
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("a", plugins::ECHO, Some(&a)),
+            ("b", plugins::ECHO, Some(&b)),
+        ],
+    )
+    .await?;
+    let mut seen = Subscriber::new(&redis, &[], &["seen:*"]).await?;
+
+    // One PSUBSCRIBE on the wire serves both plugins.
+    assert_eq!(redis.publish("news:1", "x").await?, 1);
+    let got = seen.take(2, PATIENCE).await?;
+    let mut channels: Vec<String> = got.iter().map(|r| r.channel_str()).collect();
+    channels.sort();
+    assert_eq!(channels, ["seen:a", "seen:b"]);
+    host.stop().await
+}
+
+#[tokio::test]
+async fn a_plugin_sees_messages_in_publish_order_and_keeps_its_state() -> anyhow::Result<()> {
+    const N: usize = 2000;
+    let redis = RedisServer::start().await?;
+    let manifest = echo_manifest(&[], &["seq:*"], "seen", "");
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        pipe.publish(format!("seq:{}", i % 7), i.to_string())
+            .ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    let got = reports(&seen.take(N, PATIENCE).await?);
+    for (i, report) in got.iter().enumerate() {
+        assert_eq!(report["payload"], i.to_string(), "out of order at {i}");
+        // `seq` counts calls on the same instance: state survived between messages.
+        assert_eq!(report["seq"], i + 1);
+    }
+    host.stop().await
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_plugins() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:1", "x").await?;
+    out.take(1, PATIENCE).await?;
+
+    let (status, _) = host.get("/healthz").await?;
+    assert_eq!(status, 200);
+    let (status, ready) = host.get("/readyz").await?;
+    assert_eq!(status, 200);
+    assert_eq!(ready["source"]["patterns"], 1);
+
+    let forward = host
+        .wait_plugin("forward", "counted", |p| p["stats"]["handled"] == 1)
+        .await?;
+    assert_eq!(forward["state"], "running");
+    assert_eq!(forward["version"]["declared_name"], "forward");
+    assert_eq!(forward["version"]["subscriptions"][0], "pattern fwd:*");
+    assert_eq!(forward["version"]["grants"]["publish"][0], "fwded:*");
+    assert_eq!(forward["version"]["hash"].as_str().map(str::len), Some(16));
+    assert_eq!(forward["stats"]["failed"], 0);
+    host.stop().await
+}
