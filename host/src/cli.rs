@@ -89,7 +89,12 @@ impl RunArgs {
 
 /// Runs the command and returns the process exit status.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(cli.log_format, cli.log_level.as_deref());
+    // The demo's output is the story it prints; the host's own logs would bury it.
+    let default_level = match cli.command {
+        Command::Run(_) => "info",
+        Command::Demo => "warn",
+    };
+    init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -155,11 +160,11 @@ async fn stop_signal() {
     }
 }
 
-fn init_logging(format: LogFormat, level: Option<&str>) {
+fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -88,10 +88,10 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
                 Bytes::from_static(channel.as_bytes()),
                 Bytes::from_static(payload.as_bytes()),
             );
-        }
-        wait_until_idle(&host).await;
-        while let Ok(published) = tap.try_recv() {
-            print_published(out, &published)?;
+            wait_until_idle(&host).await;
+            while let Ok(published) = tap.try_recv() {
+                print_published(out, &published)?;
+            }
         }
     }
 
