@@ -3,7 +3,7 @@
 //! A plugin is a type that implements [`Plugin`], exported with [`export!`], in a `cdylib` crate
 //! built for `wasm32-wasip2`:
 //!
-//! ```ignore
+//! ```no_run
 //! use switchyard_plugin::{Error, Message, Plugin, PluginInfo};
 //!
 //! #[derive(Default)]
@@ -48,7 +48,7 @@ pub mod bindings {
 
 use bindings::switchyard::plugin::host;
 pub use bindings::switchyard::plugin::types::{
-    Capabilities, Error, Level, Message, PluginInfo, Subscription,
+    Capabilities, Error, Level, Message, OutputReply, PluginInfo, Subscription,
 };
 
 /// A Switchyard plugin.
@@ -108,6 +108,24 @@ pub fn publish(channel: &str, payload: &[u8]) -> Result<u32, Error> {
     host::publish(channel, payload)
 }
 
+/// Deletes `keys` from Redis and returns how many existed; the host also broadcasts an
+/// invalidation notice if it is configured to.
+///
+/// Fails with [`Error::Denied`] (and deletes nothing) unless every key matches an invalidate
+/// grant.
+pub fn invalidate(keys: &[String]) -> Result<u32, Error> {
+    host::invalidate(keys)
+}
+
+/// Sends `payload` to the operator's output `name` (a webhook, a file, stdout, another Redis)
+/// and returns its reply.
+///
+/// Fails with [`Error::Denied`] unless the output is granted, and with
+/// [`Error::Unavailable`] when it cannot be reached before the plugin's deadline.
+pub fn call_output(name: &str, payload: &[u8]) -> Result<OutputReply, Error> {
+    host::call_output(name, payload)
+}
+
 /// Returns this plugin's setting `key` from its manifest, if the operator set one.
 pub fn config(key: &str) -> Option<String> {
     host::config(key)
@@ -127,6 +145,8 @@ impl PluginInfo {
             subscriptions: Vec::new(),
             capabilities: Capabilities {
                 publish: Vec::new(),
+                invalidate: Vec::new(),
+                outputs: Vec::new(),
             },
         }
     }
@@ -150,6 +170,18 @@ impl PluginInfo {
         self.capabilities.publish.push(pattern.into());
         self
     }
+
+    /// Asks for permission to invalidate keys matching a Redis glob pattern.
+    pub fn invalidates(mut self, pattern: impl Into<String>) -> Self {
+        self.capabilities.invalidate.push(pattern.into());
+        self
+    }
+
+    /// Asks for permission to call the operator's output `name`.
+    pub fn calls(mut self, output: impl Into<String>) -> Self {
+        self.capabilities.outputs.push(output.into());
+        self
+    }
 }
 
 impl Subscription {
@@ -162,6 +194,11 @@ impl Subscription {
 }
 
 impl Message {
+    /// The part of the channel after `prefix`, if the channel starts with it.
+    pub fn channel_suffix(&self, prefix: &str) -> Option<&str> {
+        self.channel.strip_prefix(prefix)
+    }
+
     /// The payload as UTF-8 text, or `Error::Invalid` if it is not.
     pub fn text(&self) -> Result<&str, Error> {
         std::str::from_utf8(&self.payload)
