@@ -3,7 +3,13 @@
 use switchyard_plugin_build::{Embed, build, write_constants};
 
 /// The plugins `switchyard demo` shows.
-const EXAMPLES: &[&str] = &["forward"];
+const EXAMPLES: &[&str] = &[
+    "forward",
+    "notify-router",
+    "chat-moderator",
+    "cache-invalidator",
+    "metrics-rollup",
+];
 
 fn main() {
     let artifacts = build(EXAMPLES);

@@ -4,7 +4,16 @@
 
 use switchyard_plugin_build::{Embed, build, write_constants};
 
-const PLUGINS: &[&str] = &["forward", "echo", "trap-describe", "not-a-plugin"];
+const PLUGINS: &[&str] = &[
+    "forward",
+    "notify-router",
+    "chat-moderator",
+    "cache-invalidator",
+    "metrics-rollup",
+    "echo",
+    "trap-describe",
+    "not-a-plugin",
+];
 
 fn main() {
     let artifacts = build(PLUGINS);

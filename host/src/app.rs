@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisUrl};
+use crate::effects::outputs::Outputs;
 use crate::effects::{Effects, Publisher};
 use crate::plugins::loader::{Limits, Loader};
 use crate::plugins::{Registry, watcher};
@@ -57,9 +58,23 @@ pub struct Readiness {
 }
 
 impl Host {
-    /// Starts a host with `config` on `broker`. The admin endpoint listens on
-    /// `config.admin.listen` unless `admin` is false.
-    pub async fn start(config: &Config, broker: Broker, admin: bool) -> anyhow::Result<Self> {
+    /// Starts a host with `config` on `broker`, on the current (multi-threaded) tokio
+    /// runtime. The admin endpoint listens on
+    /// `config.admin.listen` unless `admin` is false. Outputs come from the configuration
+    /// unless `outputs` supplies them (the demo captures them instead).
+    pub async fn start(
+        config: &Config,
+        broker: Broker,
+        admin: bool,
+        outputs: Option<Arc<Outputs>>,
+    ) -> anyhow::Result<Self> {
+        // Workers wait for effects with `Handle::block_on`, which only makes progress on a
+        // current-thread runtime while some other code happens to be driving it.
+        if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            anyhow::bail!("the host needs a multi-threaded tokio runtime");
+        }
         let dir = &config.plugins.dir;
         if !dir.is_dir() {
             anyhow::bail!(
@@ -112,12 +127,27 @@ impl Host {
             }
         };
 
-        let effects = Effects::new(publisher, tokio::runtime::Handle::current());
+        let outputs = match outputs {
+            Some(outputs) => outputs,
+            None => Arc::new(Outputs::from_config(&config.outputs)?),
+        };
+        let effects = Effects::new(
+            publisher,
+            outputs.clone(),
+            &config.invalidation.broadcast,
+            tokio::runtime::Handle::current(),
+        );
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
         };
-        let loader = Loader::new(runtime, effects, limits);
+        let loader = Loader::new(
+            runtime,
+            effects,
+            limits,
+            config.plugins.policy,
+            config.grants.clone(),
+        );
         let registry = Arc::new(Registry::new(
             dir.clone(),
             loader,
@@ -133,6 +163,7 @@ impl Host {
                     registry: registry.clone(),
                     source: source.clone(),
                     router: router.clone(),
+                    outputs: outputs.clone(),
                 });
                 tasks.push(admin::serve(listener, state, stop_admin.clone()));
                 tracing::info!(%addr, "admin endpoint listening");

@@ -130,7 +130,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin = %config.admin.listen,
         "starting"
     );
-    let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true).await?;
+    let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
     stop_signal().await;
     tracing::info!("stopping: draining plugin queues");
     host.stop(DRAIN_DEADLINE).await

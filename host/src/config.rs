@@ -4,6 +4,7 @@
 //! reported once, naming the key and the file, instead of surfacing as a runtime failure.
 //! Unknown keys are errors.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -30,6 +31,167 @@ pub struct Config {
     /// The admin HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Named outputs plugins may call (`[outputs.NAME]`).
+    #[serde(default)]
+    pub outputs: BTreeMap<String, OutputConfig>,
+    /// What each plugin may do (`[grants.PLUGIN]`), added to its own `NAME.toml` grants.
+    #[serde(default)]
+    pub grants: BTreeMap<String, GrantsConfig>,
+    /// Cache invalidation.
+    #[serde(default)]
+    pub invalidation: InvalidationConfig,
+}
+
+/// How capabilities are granted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Only what the operator grants, in this file or in a plugin's `NAME.toml`.
+    #[default]
+    Deny,
+    /// Also whatever a plugin's `describe` asks for. For local development.
+    TrustDescribe,
+}
+
+/// Capabilities granted to one plugin (`[grants.PLUGIN]` here, `[grants]` in `NAME.toml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantsConfig {
+    /// Channel patterns it may publish on.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Key patterns it may invalidate.
+    #[serde(default)]
+    pub invalidate: Vec<String>,
+    /// Outputs it may call.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+}
+
+impl GrantsConfig {
+    /// Everything in `self` or `other`, without repeats.
+    pub fn union(&self, other: &GrantsConfig) -> GrantsConfig {
+        fn merge(a: &[String], b: &[String]) -> Vec<String> {
+            let mut out = a.to_vec();
+            for item in b {
+                if !out.contains(item) {
+                    out.push(item.clone());
+                }
+            }
+            out
+        }
+        GrantsConfig {
+            publish: merge(&self.publish, &other.publish),
+            invalidate: merge(&self.invalidate, &other.invalidate),
+            outputs: merge(&self.outputs, &other.outputs),
+        }
+    }
+}
+
+/// `[invalidation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidationConfig {
+    /// Channel on which every `invalidate` call is announced as
+    /// `{"keys":[...],"source":"<plugin>"}`; empty to announce nothing.
+    #[serde(default = "default_broadcast")]
+    pub broadcast: String,
+}
+
+impl Default for InvalidationConfig {
+    fn default() -> Self {
+        Self {
+            broadcast: default_broadcast(),
+        }
+    }
+}
+
+fn default_broadcast() -> String {
+    "cache:invalidate".to_owned()
+}
+
+/// `[outputs.NAME]`: where `call-output(NAME, payload)` sends the payload. String values may
+/// reference environment variables as `${VAR}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum OutputConfig {
+    /// An HTTP webhook.
+    Http {
+        /// `http://` or `https://` URL.
+        url: String,
+        /// `POST` (default) or `PUT`.
+        #[serde(default)]
+        method: HttpMethod,
+        /// Extra request headers.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// Timeout of one attempt, in milliseconds.
+        #[serde(default = "default_http_timeout_ms")]
+        timeout_ms: u64,
+        /// Further attempts after a connection error or a 5xx answer.
+        #[serde(default = "default_http_retries")]
+        retries: u32,
+        /// Wait before the first retry, doubled for each further one, in milliseconds.
+        #[serde(default = "default_http_backoff_ms")]
+        backoff_ms: u64,
+    },
+    /// Appends one JSON line per call to a file.
+    File {
+        /// The file; created if missing.
+        path: String,
+    },
+    /// Writes one JSON line per call to the host's standard output.
+    Stdout {},
+    /// Publishes on a channel of another Redis server.
+    Redis {
+        /// `redis://` or `rediss://` URL of that server.
+        url: String,
+        /// The channel to publish on.
+        channel: String,
+    },
+}
+
+/// HTTP methods a webhook may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    /// `POST`
+    #[default]
+    Post,
+    /// `PUT`
+    Put,
+}
+
+fn default_http_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_http_retries() -> u32 {
+    2
+}
+
+fn default_http_backoff_ms() -> u64 {
+    100
+}
+
+/// Replaces every `${VAR}` in `text` with the environment variable's value.
+pub fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated ${{ in {text:?}"))?;
+        let name = &after[..end];
+        let value =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// `[redis]`
@@ -60,6 +222,10 @@ pub struct PluginsConfig {
     /// How long the folder must be quiet before changes are loaded, in milliseconds.
     #[serde(default = "default_settle_ms")]
     pub settle_ms: u64,
+    /// `deny` (default): plugins get only what the operator grants. `trust-describe`: also
+    /// what they ask for in `describe`.
+    #[serde(default)]
+    pub policy: Policy,
 }
 
 /// `[admin]`
@@ -87,6 +253,7 @@ impl Default for PluginsConfig {
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
             settle_ms: default_settle_ms(),
+            policy: Policy::default(),
         }
     }
 }
@@ -242,6 +409,20 @@ impl Config {
                 self.plugins.memory_mib
             ));
         }
+        for (name, output) in &self.outputs {
+            if let Err(problem) = output.check() {
+                problems.push(format!("{origin}: outputs.{name}: {problem}"));
+            }
+        }
+        for (plugin, grants) in &self.grants {
+            for output in &grants.outputs {
+                if !self.outputs.contains_key(output) {
+                    problems.push(format!(
+                        "{origin}: grants.{plugin}.outputs: output {output:?} is not defined (no [outputs.{output}])"
+                    ));
+                }
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -257,6 +438,34 @@ impl Config {
     /// How long the plugins folder must be quiet before a reload.
     pub fn settle(&self) -> Duration {
         Duration::from_millis(self.plugins.settle_ms)
+    }
+}
+
+impl OutputConfig {
+    /// Checks URLs and environment references without connecting to anything.
+    fn check(&self) -> Result<(), String> {
+        match self {
+            OutputConfig::Http { url, headers, .. } => {
+                let url = expand_env(url)?;
+                let parsed = reqwest::Url::parse(&url)
+                    .map_err(|e| format!("url {url:?} is not a valid URL: {e}"))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(format!("url {url:?} must be http:// or https://"));
+                }
+                for (header, value) in headers {
+                    expand_env(value).map_err(|e| format!("headers.{header}: {e}"))?;
+                }
+                Ok(())
+            }
+            OutputConfig::File { path } => expand_env(path).map(drop),
+            OutputConfig::Stdout {} => Ok(()),
+            OutputConfig::Redis { url, channel } => {
+                let url = expand_env(url)?;
+                redis::Client::open(url.as_str())
+                    .map_err(|e| format!("url is not a usable Redis URL: {e}"))?;
+                expand_env(channel).map(drop)
+            }
+        }
     }
 }
 
@@ -297,6 +506,103 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn outputs_and_grants_are_checked_together() {
+        let text = r#"
+[outputs.email]
+kind = "http"
+url = "http://127.0.0.1:8025/email"
+headers = { Authorization = "Bearer x" }
+
+[outputs.audit]
+kind = "file"
+path = "/tmp/audit.jsonl"
+
+[outputs.console]
+kind = "stdout"
+
+[outputs.mirror]
+kind = "redis"
+url = "redis://127.0.0.1:6380"
+channel = "mirror"
+
+[grants.notify-router]
+publish = ["notifications:dead"]
+outputs = ["email", "audit"]
+"#;
+        let config = Config::from_toml(text, "ok.toml").unwrap();
+        assert_eq!(config.outputs.len(), 4);
+        assert_eq!(config.grants["notify-router"].outputs, ["email", "audit"]);
+        assert_eq!(config.plugins.policy, Policy::Deny);
+    }
+
+    #[test]
+    fn undefined_output_in_a_grant_is_named() {
+        let err = Config::from_toml("[grants.p]\noutputs = [\"sms\"]\n", "g.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("grants.p.outputs") && err.contains("\"sms\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_output_kind_is_named() {
+        let err = Config::from_toml("[outputs.x]\nkind = \"smtp\"\n", "k.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("smtp") && err.contains("k.toml"), "{err}");
+    }
+
+    #[test]
+    fn malformed_urls_and_missing_env_vars_are_named() {
+        let err = Config::from_toml(
+            "[outputs.a]\nkind = \"http\"\nurl = \"not a url\"\n\
+             [outputs.b]\nkind = \"http\"\nurl = \"ftp://x\"\n\
+             [outputs.c]\nkind = \"http\"\nurl = \"http://${SWITCHYARD_TEST_UNSET_VAR}/\"\n",
+            "u.toml",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        assert!(
+            text.contains("outputs.a") && text.contains("not a valid URL"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outputs.b") && text.contains("http://"),
+            "{text}"
+        );
+        assert!(
+            text.contains("SWITCHYARD_TEST_UNSET_VAR is not set"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_output_field_and_bad_policy_are_errors() {
+        assert!(
+            Config::from_toml("[outputs.x]\nkind = \"stdout\"\nurl = \"y\"\n", "f.toml").is_err()
+        );
+        let err = Config::from_toml("[plugins]\npolicy = \"allow-all\"\n", "p.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allow-all"), "{err}");
+    }
+
+    #[test]
+    fn env_references_expand() {
+        // SAFETY: tests in this module do not read this variable concurrently.
+        unsafe { std::env::set_var("SWITCHYARD_TEST_TOKEN", "t0k") };
+        assert_eq!(
+            expand_env("Bearer ${SWITCHYARD_TEST_TOKEN}!").unwrap(),
+            "Bearer t0k!"
+        );
+        assert_eq!(expand_env("plain").unwrap(), "plain");
+        assert!(expand_env("${UNTERMINATED").is_err());
     }
 
     #[test]

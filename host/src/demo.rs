@@ -1,16 +1,21 @@
 //! `switchyard demo`: the example plugins, embedded in the binary, on the embedded broker.
 //!
-//! It runs the real host (loader, registry, router, workers) against an in-process broker,
-//! feeds each scenario's sample messages, and prints what every plugin published in return.
+//! It runs the real host (loader, registry, router, workers, grants) against an in-process
+//! broker, feeds each scenario's sample messages one at a time, and prints what every plugin
+//! did in return: what it published, which outputs it called, which keys it invalidated.
+//! Outputs are captured instead of sent anywhere.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use crate::app::{Broker, Host};
 use crate::config::Config;
+use crate::effects::outputs::{Captured, Outputs};
 use crate::source::embedded::{EmbeddedBroker, Published};
 
 /// The example plugins built with this binary.
@@ -18,25 +23,167 @@ pub mod examples {
     include!(concat!(env!("OUT_DIR"), "/examples.rs"));
 }
 
-/// How long the demo waits for plugins to finish a scenario before reporting what it has.
-const SCENARIO_TIMEOUT: Duration = Duration::from_secs(5);
+/// The manifest each example ships with (its grants and settings).
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "forward",
+        include_str!("../../plugins/forward/forward.toml"),
+    ),
+    (
+        "notify-router",
+        include_str!("../../plugins/notify-router/notify-router.toml"),
+    ),
+    (
+        "chat-moderator",
+        include_str!("../../plugins/chat-moderator/chat-moderator.toml"),
+    ),
+    (
+        "cache-invalidator",
+        include_str!("../../plugins/cache-invalidator/cache-invalidator.toml"),
+    ),
+    (
+        "metrics-rollup",
+        include_str!("../../plugins/metrics-rollup/metrics-rollup.toml"),
+    ),
+];
+
+/// The outputs `notify-router` calls; the demo captures them.
+const OUTPUTS: &[&str] = &["email", "sms", "push"];
+
+/// How long the demo waits for plugins to finish a message before moving on.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One message fed to the broker, with what the reader should notice about it.
+struct Input {
+    channel: &'static str,
+    payload: String,
+    note: &'static str,
+}
+
+fn input(channel: &'static str, payload: impl Into<String>, note: &'static str) -> Input {
+    Input {
+        channel,
+        payload: payload.into(),
+        note,
+    }
+}
 
 /// One story the demo tells.
 struct Scenario {
     title: &'static str,
     about: &'static str,
-    inputs: &'static [(&'static str, &'static str)],
+    /// Keys set in the broker's key space before the inputs.
+    keys: &'static [&'static str],
+    inputs: Vec<Input>,
 }
 
-const SCENARIOS: &[Scenario] = &[Scenario {
-    title: "forward",
-    about: "republishes every fwd:REST message unchanged on fwded:REST",
-    inputs: &[
-        ("fwd:orders", r#"{"id":1,"total":9.5}"#),
-        ("fwd:alerts:disk", "disk 91% full"),
-        ("metrics:cpu", "0.93 (no plugin listens here)"),
-    ],
-}];
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            title: "forward",
+            about: "republishes every fwd:REST message unchanged on fwded:REST",
+            keys: &[],
+            inputs: vec![
+                input("fwd:orders", r#"{"id":1,"total":9.5}"#, ""),
+                input("metrics-not-forwarded", "0.93", "no plugin listens here"),
+            ],
+        },
+        Scenario {
+            title: "notifications",
+            about: "notify-router sends notifications:email|sms|push to gateways, bad ones to notifications:dead",
+            keys: &[],
+            inputs: vec![
+                input(
+                    "notifications:email",
+                    r#"{"to":"ana@example.com","subject":"Welcome","body":"Hi Ana"}"#,
+                    "",
+                ),
+                input(
+                    "notifications:sms",
+                    r#"{"phone":"+15550100","message":"Your code is 4711"}"#,
+                    "",
+                ),
+                input(
+                    "notifications:push",
+                    r#"{"device_id":"ios-42","title":"Ping"}"#,
+                    "",
+                ),
+                input(
+                    "notifications:sms",
+                    r#"{"message":"who do I text?"}"#,
+                    "no phone: dead-lettered",
+                ),
+                input(
+                    "notifications:fax",
+                    r#"{"to":"1985"}"#,
+                    "unknown kind: dead-lettered",
+                ),
+            ],
+        },
+        Scenario {
+            title: "chat",
+            about: "chat-moderator masks banned words, drops muted users and oversize messages, rebroadcasts chat:in:ROOM on chat:ROOM",
+            keys: &[],
+            inputs: vec![
+                input(
+                    "chat:in:lobby",
+                    r#"{"user_id":"ana","message":"hello everyone"}"#,
+                    "",
+                ),
+                input(
+                    "chat:in:lobby",
+                    r#"{"user_id":"bob","message":"this is not a Scam, promise"}"#,
+                    "banned word masked",
+                ),
+                input(
+                    "chat:in:lobby",
+                    r#"{"user_id":"troll42","message":"buy now"}"#,
+                    "troll42 is muted: dropped",
+                ),
+                input(
+                    "chat:in:lobby",
+                    format!(r#"{{"user_id":"ana","message":"{}"}}"#, "la".repeat(150)),
+                    "300 characters, limit 280: dropped",
+                ),
+            ],
+        },
+        Scenario {
+            title: "cache invalidation",
+            about: "cache-invalidator turns events:* into deleted cache keys and a broadcast on cache:invalidate",
+            keys: &["cache:user:42", "cache:user:42:avatar", "cache:order:A-17"],
+            inputs: vec![
+                input(
+                    "events:user.updated",
+                    r#"{"entity":"user","id":42,"keys":["cache:user:42:avatar"]}"#,
+                    "",
+                ),
+                input("events:order.paid", r#"{"entity":"order","id":"A-17"}"#, ""),
+            ],
+        },
+        Scenario {
+            title: "dashboard",
+            about: "metrics-rollup keeps running totals of metrics:* and publishes dashboard:summary",
+            keys: &[],
+            inputs: vec![
+                input(
+                    "metrics:web-1",
+                    r#"{"cpu":0.42,"memory":512,"requests":120}"#,
+                    "",
+                ),
+                input(
+                    "metrics:web-2",
+                    r#"{"cpu":0.91,"memory":1024,"requests":300}"#,
+                    "",
+                ),
+                input(
+                    "metrics:web-1",
+                    r#"{"cpu":0.58,"memory":530,"requests":140}"#,
+                    "",
+                ),
+            ],
+        },
+    ]
+}
 
 /// Runs every scenario and writes the story to `out`.
 pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
@@ -48,12 +195,27 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         let path = folder.path().join(format!("{name}.wasm"));
         std::fs::write(&path, wasm).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    for (name, manifest) in MANIFESTS {
+        // The dashboard normally publishes at most once a second; the demo wants to see
+        // every step.
+        let manifest = manifest.replace("interval_ms = 1000", "interval_ms = 0");
+        let path = folder.path().join(format!("{name}.toml"));
+        std::fs::write(&path, manifest)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let mut config = Config::default();
     config.plugins.dir = folder.path().to_owned();
 
     let broker = EmbeddedBroker::new();
     let mut tap = broker.tap();
-    let host = Host::start(&config, Broker::Embedded(broker.clone()), false).await?;
+    let (outputs, mut captured) = Outputs::capture(OUTPUTS);
+    let host = Host::start(
+        &config,
+        Broker::Embedded(broker.clone()),
+        false,
+        Some(Arc::new(outputs)),
+    )
+    .await?;
 
     writeln!(
         out,
@@ -64,34 +226,42 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         match &plugin.version {
             Some(v) => writeln!(
                 out,
-                "  {:<10} {} ({} bytes, {})  listens to [{}], may publish [{}]",
+                "  {:<18} {} ({} KiB)  listens to [{}]",
                 plugin.name,
                 v.version,
-                v.size,
-                v.hash,
+                v.size / 1024,
                 v.subscriptions.join(", "),
-                v.grants.publish.join(", ")
             )?,
             None => writeln!(
                 out,
-                "  {:<10} FAILED: {}",
+                "  {:<18} FAILED: {}",
                 plugin.name,
                 plugin.load_error().map_or("", |(_, message)| message)
             )?,
         }
     }
 
-    for scenario in SCENARIOS {
+    for scenario in scenarios() {
         writeln!(out, "\n== {}: {}", scenario.title, scenario.about)?;
-        for (channel, payload) in scenario.inputs {
+        for key in scenario.keys {
+            broker.set(*key, "cached");
+        }
+        for input in &scenario.inputs {
             broker.publish(
-                Bytes::from_static(channel.as_bytes()),
-                Bytes::from_static(payload.as_bytes()),
+                Bytes::from_static(input.channel.as_bytes()),
+                Bytes::from(input.payload.clone()),
             );
             wait_until_idle(&host).await;
-            while let Ok(published) = tap.try_recv() {
-                print_published(out, &published)?;
-            }
+            print_effects(out, &mut tap, &mut captured, input.note)?;
+        }
+        if !scenario.keys.is_empty() {
+            let left: Vec<&str> = scenario
+                .keys
+                .iter()
+                .copied()
+                .filter(|key| broker.exists(key))
+                .collect();
+            writeln!(out, "     keys still cached: {left:?}")?;
         }
     }
 
@@ -100,27 +270,56 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
         if let Some(stats) = &plugin.stats {
             writeln!(
                 out,
-                "  {:<10} handled {}, failed {}, shed {}",
-                plugin.name, stats.handled, stats.failed, stats.shed
+                "  {:<18} handled {}, failed {}, denied {}, shed {}",
+                plugin.name, stats.handled, stats.failed, stats.denied, stats.shed
             )?;
         }
     }
-    host.stop(SCENARIO_TIMEOUT).await
+    host.stop(MESSAGE_TIMEOUT).await
 }
 
-fn print_published(out: &mut impl Write, published: &Published) -> std::io::Result<()> {
-    let channel = String::from_utf8_lossy(&published.channel);
-    let payload = String::from_utf8_lossy(&published.payload);
-    match &published.from {
-        None => writeln!(out, "  -> {channel:<18} {payload}"),
-        Some(plugin) => writeln!(out, "     {plugin} published {channel:<18} {payload}"),
+/// Prints what happened since the last input: the input itself, then the effects.
+fn print_effects(
+    out: &mut impl Write,
+    tap: &mut mpsc::UnboundedReceiver<Published>,
+    captured: &mut mpsc::UnboundedReceiver<Captured>,
+    note: &str,
+) -> std::io::Result<()> {
+    while let Ok(published) = tap.try_recv() {
+        let channel = String::from_utf8_lossy(&published.channel);
+        let payload = clip(&published.payload);
+        match &published.from {
+            None if note.is_empty() => writeln!(out, "  -> {channel:<22} {payload}")?,
+            None => writeln!(out, "  -> {channel:<22} {payload}\n     ({note})")?,
+            Some(plugin) => writeln!(out, "     {plugin} published {channel} {payload}")?,
+        }
+    }
+    while let Ok(call) = captured.try_recv() {
+        writeln!(
+            out,
+            "     {} called output {}: {}",
+            call.plugin,
+            call.output,
+            clip(&call.payload)
+        )?;
+    }
+    Ok(())
+}
+
+/// A payload as text, cut to a line's worth.
+fn clip(payload: &[u8]) -> String {
+    const SHOWN: usize = 100;
+    let text = String::from_utf8_lossy(payload);
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}... ({} bytes)", &text[..end], payload.len()),
+        None => text.into_owned(),
     }
 }
 
 /// Waits until every plugin has handled everything queued for it.
 async fn wait_until_idle(host: &Host) {
     let started = Instant::now();
-    while !host.registry().idle() && started.elapsed() < SCENARIO_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    while !host.registry().idle() && started.elapsed() < MESSAGE_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

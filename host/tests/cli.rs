@@ -27,7 +27,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_config_key_exits_2_and_names_the_key_and_file() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("switchyard.toml");
@@ -48,7 +48,7 @@ async fn unknown_config_key_exits_2_and_names_the_key_and_file() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_plugins_folder_is_a_clear_error() -> anyhow::Result<()> {
     let output = switchyard()
         .args([
@@ -69,7 +69,7 @@ async fn missing_plugins_folder_is_a_clear_error() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
     let output = switchyard().arg("demo").output().await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -83,19 +83,52 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
         "{stdout}"
     );
     assert!(
-        stdout.contains("forward handled 2, failed 0, shed 0"),
+        stdout.contains("notify-router called output email"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("cache-invalidator published cache:invalidate"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("keys still cached: []"), "{stdout}");
+    assert!(
+        stdout.contains("\"message\":\"this is not a ****, promise\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("metrics-rollup published dashboard:summary"),
+        "{stdout}"
+    );
+    for plugin in [
+        "forward",
+        "notify-router",
+        "chat-moderator",
+        "cache-invalidator",
+        "metrics-rollup",
+    ] {
+        let counters = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{plugin} handled")))
+            .unwrap_or_default();
+        assert!(
+            counters.contains("failed 0, denied 0, shed 0"),
+            "{plugin}: {stdout}"
+        );
+    }
     Ok(())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_forwards_messages_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let plugins = tempfile::tempdir()?;
     std::fs::write(
         plugins.path().join("forward.wasm"),
         switchyard::demo::examples::FORWARD,
+    )?;
+    std::fs::write(
+        plugins.path().join("forward.toml"),
+        include_str!("../../plugins/forward/forward.toml"),
     )?;
     let admin = format!("127.0.0.1:{}", free_port()?);
     let mut child = switchyard()
@@ -128,7 +161,17 @@ async fn run_forwards_messages_and_exits_0_on_sigterm() -> anyhow::Result<()> {
 
     let mut out = Subscriber::new(&redis, &["fwded:x"], &[]).await?;
     redis.publish("fwd:x", "hello").await?;
-    let got = out.take(1, PATIENCE).await?;
+    let got = match out.take(1, PATIENCE).await {
+        Ok(got) => got,
+        Err(e) => {
+            let _ = child.start_kill();
+            let output = child.wait_with_output().await?;
+            anyhow::bail!(
+                "{e}\nswitchyard's log:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    };
     assert_eq!(got[0].payload_str(), "hello");
 
     let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;

@@ -6,6 +6,7 @@
 //! observation.
 
 pub mod redis;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ pub mod plugins {
 
 /// How long tests wait for something that should happen within milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The manifest `forward` ships with: its publish grant.
+pub const FORWARD_MANIFEST: &str = include_str!("../../plugins/forward/forward.toml");
 
 /// Sends the host's logs to the test output (shown for failing tests), once per process.
 pub fn init_logging() {
@@ -65,9 +69,11 @@ pub struct TestHost {
 }
 
 impl TestHost {
-    /// Starts a host on `redis` with an empty plugins folder, after `prepare` put files in it.
+    /// Starts a host on `redis` configured by `config` (TOML; the Redis URL, plugins folder
+    /// and admin address are the harness's), after `prepare` put files in its plugins folder.
     pub async fn start_with(
         redis: &RedisServer,
+        config: &str,
         prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         init_logging();
@@ -75,11 +81,12 @@ impl TestHost {
             .prefix("switchyard-test-")
             .tempdir()?;
         prepare(dir.path())?;
-        let mut config = Config::default();
+        let mut config = Config::from_toml(config, "test config")?;
         config.redis.url = RedisUrl::new(redis.url());
         config.plugins.dir = dir.path().to_owned();
         config.admin.listen = "127.0.0.1:0".parse()?;
-        let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true).await?;
+        let host =
+            Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
         let admin = host.admin_addr().context("admin endpoint enabled")?;
         let test_host = Self {
             host: Some(host),
@@ -96,7 +103,16 @@ impl TestHost {
         redis: &RedisServer,
         plugins: &[(&str, &str, Option<&str>)],
     ) -> anyhow::Result<Self> {
-        Self::start_with(redis, |dir| {
+        Self::start_configured(redis, "", plugins).await
+    }
+
+    /// Starts a host configured by `config` (TOML) with `plugins` installed.
+    pub async fn start_configured(
+        redis: &RedisServer,
+        config: &str,
+        plugins: &[(&str, &str, Option<&str>)],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(redis, config, |dir| {
             for (name, wasm, manifest) in plugins {
                 copy_plugin(dir, name, Path::new(wasm), *manifest)?;
             }
@@ -253,10 +269,10 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An echo plugin manifest: subscriptions, reply channel and tag.
+/// An echo plugin manifest: subscriptions, reply channel (granted) and tag.
 pub fn echo_manifest(channels: &[&str], patterns: &[&str], reply: &str, tag: &str) -> String {
     format!(
-        "[config]\nchannels = {}\npatterns = {}\nreply = {reply:?}\ntag = {tag:?}\n",
+        "[grants]\npublish = [{reply:?}]\n[config]\nchannels = {}\npatterns = {}\nreply = {reply:?}\ntag = {tag:?}\n",
         toml_list(channels),
         toml_list(patterns)
     )

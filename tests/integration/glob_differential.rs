@@ -61,7 +61,7 @@ fn generate(rng: &mut StdRng, alphabet: &[u8], max_len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glob_matcher_agrees_with_redis_psubscribe() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let mut rng = StdRng::seed_from_u64(0x5eed_2026);

@@ -3,13 +3,18 @@
 use std::time::Duration;
 
 use switchyard_tests::{
-    PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, plugins, read_plugin, rebuilt,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, plugins,
+    read_plugin, rebuilt,
 };
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replacement_keeps_the_previous_version_running() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     let good = host
         .wait_plugin("forward", "running", |p| p["state"] == "running")
@@ -81,14 +86,19 @@ async fn bad_replacement_keeps_the_previous_version_running() -> anyhow::Result<
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_files_alone_fail_with_a_reason_and_do_not_block_readiness() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start_with(&redis, |dir| {
+    let host = TestHost::start_with(&redis, "", |dir| {
         std::fs::write(dir.join("garbage.wasm"), b"\0asm but not really")?;
         copy_plugin(dir, "traps", plugins::TRAP_DESCRIBE.as_ref(), None)?;
         copy_plugin(dir, "command", plugins::NOT_A_PLUGIN.as_ref(), None)?;
-        copy_plugin(dir, "forward", plugins::FORWARD.as_ref(), None)?;
+        copy_plugin(
+            dir,
+            "forward",
+            plugins::FORWARD.as_ref(),
+            Some(FORWARD_MANIFEST),
+        )?;
         std::fs::write(dir.join("badmanifest.toml"), "[config\n")?;
         copy_plugin(dir, "badmanifest", plugins::FORWARD.as_ref(), None)?;
         // Half-written files are hidden until renamed into place.

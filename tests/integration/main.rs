@@ -6,3 +6,4 @@ mod glob_differential;
 mod loading;
 mod reload;
 mod routing;
+mod scenarios;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::bail;
 use serde_json::Value;
 use switchyard_tests::{
-    PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, eventually, plugins, read_plugin,
-    rebuilt,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, eventually,
+    plugins, read_plugin, rebuilt,
 };
 
 async fn hash_of(host: &TestHost, name: &str) -> anyhow::Result<Option<String>> {
@@ -16,7 +16,7 @@ async fn hash_of(host: &TestHost, name: &str) -> anyhow::Result<Option<String>> 
         .and_then(|p| p["version"]["hash"].as_str().map(str::to_owned)))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_plugin_handles_every_message_exactly_once() -> anyhow::Result<()> {
     // 2,500 messages a second: steady traffic the plugin keeps up with even in a debug
     // build, so that nothing is shed and every message must come out exactly once.
@@ -121,14 +121,18 @@ async fn replaced_plugin_handles_every_message_exactly_once() -> anyhow::Result<
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_plugin_starts_receiving_without_restart() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let host = TestHost::start(&redis, &[]).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     assert_eq!(redis.publish("fwd:early", "x").await?, 0);
 
-    host.install("forward", &read_plugin(plugins::FORWARD), None)?;
+    host.install(
+        "forward",
+        &read_plugin(plugins::FORWARD),
+        Some(FORWARD_MANIFEST),
+    )?;
     host.wait_plugin("forward", "running", |p| p["state"] == "running")
         .await?;
     redis.publish("fwd:late", "y").await?;
@@ -137,10 +141,14 @@ async fn added_plugin_starts_receiving_without_restart() -> anyhow::Result<()> {
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_plugin_is_unloaded_and_unsubscribed() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
     let mut connection = redis.connection().await?;
     let patterns: i64 = redis::cmd("PUBSUB")
         .arg("NUMPAT")

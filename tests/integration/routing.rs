@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, plugins};
+use switchyard_tests::{
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, plugins,
+};
 
 /// Reports published by the echo fixture, parsed.
 fn reports(received: &[switchyard_tests::Received]) -> Vec<Value> {
@@ -13,10 +15,14 @@ fn reports(received: &[switchyard_tests::Received]) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_republishes_fwd_messages_on_fwded() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
 
     redis.publish("fwd:x", "hello").await?;
@@ -32,10 +38,14 @@ async fn forward_republishes_fwd_messages_on_fwded() -> anyhow::Result<()> {
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_bytes_pass_through_untouched() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
     let mut out = Subscriber::new(&redis, &["fwded:bin", "fwded:empty"], &[]).await?;
 
     let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3, 0x28]).collect();
@@ -48,7 +58,7 @@ async fn payload_bytes_pass_through_untouched() -> anyhow::Result<()> {
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exact_channel_subscription_sees_only_its_channel() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let manifest = echo_manifest(&["orders"], &[], "seen", "");
@@ -67,7 +77,7 @@ async fn exact_channel_subscription_sees_only_its_channel() -> anyhow::Result<()
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugin_whose_subscriptions_overlap_handles_each_message_once() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     // Channels are listed first by the fixture, so for m:1 the exact channel is its first
@@ -94,7 +104,7 @@ async fn plugin_whose_subscriptions_overlap_handles_each_message_once() -> anyho
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_plugins_sharing_a_pattern_each_get_every_message() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let a = echo_manifest(&[], &["news:*"], "seen:a", "a");
@@ -118,7 +128,7 @@ async fn two_plugins_sharing_a_pattern_each_get_every_message() -> anyhow::Resul
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_sees_messages_in_publish_order_and_keeps_its_state() -> anyhow::Result<()> {
     const N: usize = 2000;
     let redis = RedisServer::start().await?;
@@ -143,10 +153,14 @@ async fn a_plugin_sees_messages_in_publish_order_and_keeps_its_state() -> anyhow
     host.stop().await
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_report_health_readiness_and_plugins() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("forward", plugins::FORWARD, None)]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     redis.publish("fwd:1", "x").await?;
     out.take(1, PATIENCE).await?;

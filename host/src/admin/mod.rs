@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::effects::outputs::Outputs;
 use crate::plugins::Registry;
 use crate::router::Router;
 use crate::source::Source;
@@ -22,6 +23,8 @@ pub struct AdminState {
     pub source: Source,
     /// The router's counters.
     pub router: Arc<Router>,
+    /// The outputs' counters.
+    pub outputs: Arc<Outputs>,
 }
 
 /// Serves the admin endpoints on `listener` until `stop`.
@@ -62,12 +65,14 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (code, Json(readiness))
 }
 
-/// Every plugin with its version, subscriptions, grants and counters.
+/// Every plugin with its version, subscriptions, grants and counters, and every output's
+/// counters.
 async fn plugins(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     Json(serde_json::json!({
         "received": state.router.received(),
         "unrouted": state.router.unrouted(),
         "source": state.source.status(),
         "plugins": state.registry.report(),
+        "outputs": state.outputs.report(),
     }))
 }

@@ -1,13 +1,13 @@
 //! The `switchyard:plugin/host` interface: what a plugin may ask of the host.
 //!
 //! Each call checks the plugin's grants first. Everything a plugin should expect to go wrong
-//! (a missing grant, Redis away, a deadline) comes back as a WIT `error` value; nothing here
-//! traps.
+//! (a missing grant, Redis away, a deadline, the loop guard) comes back as a WIT `error`
+//! value and is counted; nothing here traps.
 
 use tracing::Level as TraceLevel;
 
 use crate::worker::bindings::switchyard::plugin::host::Host;
-use crate::worker::bindings::switchyard::plugin::types::{self, Error, Level};
+use crate::worker::bindings::switchyard::plugin::types::{self, Error, Level, OutputReply};
 use crate::worker::state::HostState;
 
 use super::EffectError;
@@ -18,28 +18,79 @@ pub const MAX_LOG_LINE: usize = 4096;
 
 impl types::Host for HostState {}
 
+impl HostState {
+    /// Counts and returns a denial.
+    fn deny(&self, why: String) -> Error {
+        self.stats.record_denied(&self.plugin.name, &why);
+        Error::Denied(why)
+    }
+}
+
 impl Host for HostState {
     fn publish(&mut self, channel: String, payload: Vec<u8>) -> Result<u32, Error> {
         let plugin = &self.plugin;
+        if crate::router::is_reserved(channel.as_bytes()) {
+            return Err(self.deny(format!("channel {channel:?} is reserved for the host")));
+        }
         if !plugin.grants.may_publish(channel.as_bytes()) {
-            return Err(Error::Denied(format!(
-                "plugin {} has no publish grant for channel {channel:?} (granted: {})",
+            return Err(self.deny(format!(
+                "plugin {} has no publish grant for channel {channel:?} (publish grants: {})",
                 plugin.name,
-                plugin.grants.describe_publish()
+                list(&plugin.grants.config().publish)
             )));
         }
-        if crate::router::is_reserved(channel.as_bytes()) {
-            return Err(Error::Invalid(format!(
-                "channel {channel:?} is reserved for the host"
+        if plugin.loop_guard.feeds_itself(channel.as_bytes()) && !plugin.loop_guard.admit() {
+            self.stats.record_loop_limited(&plugin.name, &channel);
+            return Err(Error::Denied(format!(
+                "loop guard: {channel:?} feeds plugin {}'s own subscriptions, and it is over {} such publishes a second",
+                plugin.name,
+                super::loop_guard::LOOP_RATE_PER_SEC
             )));
         }
         plugin
             .effects
             .publish(&plugin.name, channel.as_bytes(), &payload, self.remaining())
-            .map_err(|e| match e {
-                EffectError::Unavailable(why) => Error::Unavailable(why),
-                timeout @ EffectError::Timeout(_) => Error::Unavailable(timeout.to_string()),
+            .map_err(unavailable)
+    }
+
+    fn invalidate(&mut self, keys: Vec<String>) -> Result<u32, Error> {
+        let plugin = &self.plugin;
+        if let Some(key) = keys
+            .iter()
+            .find(|key| !plugin.grants.may_invalidate(key.as_bytes()))
+        {
+            return Err(self.deny(format!(
+                "plugin {} has no invalidate grant for key {key:?} (invalidate grants: {}); nothing was deleted",
+                plugin.name,
+                list(&plugin.grants.config().invalidate)
+            )));
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        plugin
+            .effects
+            .invalidate(&plugin.name, &keys, self.remaining())
+            .map_err(unavailable)
+    }
+
+    fn call_output(&mut self, name: String, payload: Vec<u8>) -> Result<OutputReply, Error> {
+        let plugin = &self.plugin;
+        if !plugin.grants.may_call(&name) {
+            return Err(self.deny(format!(
+                "plugin {} has no grant for output {name:?} (output grants: {})",
+                plugin.name,
+                list(&plugin.grants.config().outputs)
+            )));
+        }
+        plugin
+            .effects
+            .call_output(&plugin.name, &name, &payload, self.remaining())
+            .map(|reply| OutputReply {
+                status: reply.status,
+                body: reply.body,
             })
+            .map_err(unavailable)
     }
 
     fn config(&mut self, key: String) -> Option<String> {
@@ -62,6 +113,18 @@ impl Host for HostState {
             Level::Warn => emit!(TraceLevel::WARN),
             Level::Error => emit!(TraceLevel::ERROR),
         }
+    }
+}
+
+fn unavailable(error: EffectError) -> Error {
+    Error::Unavailable(error.to_string())
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
     }
 }
 

@@ -7,6 +7,7 @@
 //! must answer with a sane description. Compilation runs on the blocking pool, never on a
 //! reactor thread.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -14,11 +15,14 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use wasmtime::component::Component;
 
-use super::manifest::Manifest;
+use super::manifest::{Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
+use crate::config::{GrantsConfig, Policy};
 use crate::effects::Effects;
+use crate::effects::loop_guard::LoopGuard;
 use crate::router::is_reserved;
 use crate::source::Subscription;
+use crate::worker::PluginStats;
 use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
 use crate::worker::engine::Runtime;
 use crate::worker::instance::{CallError, Instance};
@@ -26,7 +30,10 @@ use crate::worker::state::PluginContext;
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
-pub const WORLD: &str = "switchyard:plugin/plugin@0.1.0";
+pub const WORLD: &str = "switchyard:plugin/plugin@0.2.0";
+
+/// The largest memory cap a manifest may ask for: all of a 32-bit linear memory.
+const MAX_MEMORY_MIB: u64 = 4096;
 
 /// Why a file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +100,8 @@ pub struct Loader {
     runtime: Runtime,
     effects: Effects,
     limits: Limits,
+    policy: Policy,
+    grants: Arc<BTreeMap<String, GrantsConfig>>,
 }
 
 /// What a load produced.
@@ -105,11 +114,19 @@ pub enum Loaded {
 
 impl Loader {
     /// A loader compiling with `runtime`'s engine.
-    pub fn new(runtime: Runtime, effects: Effects, limits: Limits) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        effects: Effects,
+        limits: Limits,
+        policy: Policy,
+        grants: BTreeMap<String, GrantsConfig>,
+    ) -> Self {
         Self {
             runtime,
             effects,
             limits,
+            policy,
+            grants: Arc::new(grants),
         }
     }
 
@@ -152,6 +169,7 @@ impl Loader {
             Some(text) => Manifest::parse(text, &manifest_path).map_err(LoadError::Manifest)?,
             None => Manifest::default(),
         };
+        self.check_manifest(&manifest, &manifest_path)?;
         let loader = self.clone();
         let name = name.clone();
         let path = wasm.to_owned();
@@ -197,6 +215,18 @@ impl Loader {
             PluginPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
 
         let settings = manifest.settings();
+        let limits = Limits {
+            deadline: manifest
+                .limits
+                .deadline_ms
+                .map_or(self.limits.deadline, Duration::from_millis),
+            memory: manifest
+                .limits
+                .memory_mib
+                .map_or(self.limits.memory, |mib| {
+                    usize::try_from(mib << 20).unwrap_or(usize::MAX)
+                }),
+        };
         // `describe` runs with the plugin's settings but no grants: it must not act.
         let probe = LoadedPlugin {
             context: self.context(
@@ -204,7 +234,9 @@ impl Loader {
                 String::new(),
                 hash,
                 Grants::default(),
+                LoopGuard::new(&[]),
                 settings.clone(),
+                limits,
             ),
             pre: pre.clone(),
             description: Description::default(),
@@ -213,17 +245,24 @@ impl Loader {
             manifest_hash,
             loaded_at: SystemTime::now(),
         };
-        let mut instance = Instance::new(engine, Arc::new(probe))
+        let mut instance = Instance::new(engine, Arc::new(probe), PluginStats::new())
             .map_err(|e| LoadError::Describe(format!("instantiation failed: {e:#}")))?;
         let info = instance.describe().map_err(|e| match e {
             CallError::Trapped(why) | CallError::Returned(why) => LoadError::Describe(why),
         })?;
-        let description = Description::from_wit(info)?;
-        // Policy: a plugin is granted what it describes. Operator grants come with the
-        // capabilities work; until then `describe` is the whole policy.
-        let grants = Grants::new(&description.publish);
+        let description = Description::from_wit(info, manifest.subscriptions.as_ref())?;
+        let grants = Grants::new(self.grants_for(&name, &manifest, &description));
+        let loop_guard = LoopGuard::new(&description.subscriptions);
         Ok(LoadedPlugin {
-            context: self.context(&name, description.version.clone(), hash, grants, settings),
+            context: self.context(
+                &name,
+                description.version.clone(),
+                hash,
+                grants,
+                loop_guard,
+                settings,
+                limits,
+            ),
             pre,
             description,
             path,
@@ -233,23 +272,76 @@ impl Loader {
         })
     }
 
+    /// The operator's grants for `name` (host configuration and manifest), plus what the
+    /// plugin asks for when the policy trusts `describe`.
+    fn grants_for(
+        &self,
+        name: &PluginName,
+        manifest: &Manifest,
+        description: &Description,
+    ) -> GrantsConfig {
+        let operator = self
+            .grants
+            .get(name.as_str())
+            .map_or_else(|| manifest.grants.clone(), |g| g.union(&manifest.grants));
+        match self.policy {
+            Policy::Deny => operator,
+            Policy::TrustDescribe => operator.union(&description.requested),
+        }
+    }
+
+    /// What types cannot check in a manifest: outputs that exist, sane limits.
+    fn check_manifest(&self, manifest: &Manifest, path: &Path) -> Result<(), LoadError> {
+        let mut problems = Vec::new();
+        for output in &manifest.grants.outputs {
+            if !self.effects.outputs().contains(output) {
+                problems.push(format!(
+                    "grants.outputs: output {output:?} is not defined in the host configuration"
+                ));
+            }
+        }
+        if manifest.limits.deadline_ms == Some(0) {
+            problems.push("limits.deadline_ms must be at least 1".to_owned());
+        }
+        if let Some(mib) = manifest.limits.memory_mib
+            && !(1..=MAX_MEMORY_MIB).contains(&mib)
+        {
+            problems.push(format!(
+                "limits.memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {mib}"
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LoadError::Manifest(format!(
+                "{}: {}",
+                path.display(),
+                problems.join("; ")
+            )))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn context(
         &self,
         name: &PluginName,
         version: String,
         hash: ContentHash,
         grants: Grants,
-        settings: super::manifest::Settings,
+        loop_guard: LoopGuard,
+        settings: Settings,
+        limits: Limits,
     ) -> Arc<PluginContext> {
         Arc::new(PluginContext {
             name: name.clone(),
             version,
             hash,
             grants,
+            loop_guard,
             settings,
             effects: self.effects.clone(),
-            deadline: self.limits.deadline,
-            memory_limit: self.limits.memory,
+            deadline: limits.deadline,
+            memory_limit: limits.memory,
         })
     }
 }
@@ -271,20 +363,36 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
 }
 
 impl Description {
-    /// Checks and converts `describe`'s answer.
-    fn from_wit(info: types::PluginInfo) -> Result<Self, LoadError> {
+    /// Checks and converts `describe`'s answer; the manifest's subscriptions, if any, replace
+    /// the plugin's own.
+    fn from_wit(
+        info: types::PluginInfo,
+        overridden: Option<&super::manifest::SubscriptionsOverride>,
+    ) -> Result<Self, LoadError> {
         let mut problems = Vec::new();
         if info.name.trim().is_empty() {
             problems.push("name is empty".to_owned());
         }
-        let subscriptions: Vec<Subscription> = info
-            .subscriptions
-            .into_iter()
-            .map(|s| match s {
-                types::Subscription::Channel(c) => Subscription::Channel(c.into()),
-                types::Subscription::Pattern(p) => Subscription::Pattern(p.into()),
-            })
-            .collect();
+        let subscriptions: Vec<Subscription> = match overridden {
+            Some(o) => o
+                .channels
+                .iter()
+                .map(|c| Subscription::Channel(c.clone().into()))
+                .chain(
+                    o.patterns
+                        .iter()
+                        .map(|p| Subscription::Pattern(p.clone().into())),
+                )
+                .collect(),
+            None => info
+                .subscriptions
+                .into_iter()
+                .map(|s| match s {
+                    types::Subscription::Channel(c) => Subscription::Channel(c.into()),
+                    types::Subscription::Pattern(p) => Subscription::Pattern(p.into()),
+                })
+                .collect(),
+        };
         for subscription in &subscriptions {
             let name = subscription.name();
             if name.is_empty() {
@@ -296,11 +404,16 @@ impl Description {
             }
         }
         if problems.is_empty() {
+            let capabilities = info.capabilities;
             Ok(Self {
                 name: info.name,
                 version: info.version,
                 subscriptions,
-                publish: info.capabilities.publish,
+                requested: GrantsConfig {
+                    publish: capabilities.publish,
+                    invalidate: capabilities.invalidate,
+                    outputs: capabilities.outputs,
+                },
             })
         } else {
             Err(LoadError::Invalid(problems.join("; ")))

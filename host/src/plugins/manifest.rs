@@ -1,6 +1,19 @@
 //! `NAME.toml`, the operator's manifest beside `NAME.wasm`.
 //!
 //! ```toml
+//! [grants]              # what the plugin may do (added to the host config's [grants.NAME])
+//! publish = ["chat:*"]
+//! invalidate = ["cache:*"]
+//! outputs = ["email"]
+//!
+//! [subscriptions]       # replaces what `describe` lists
+//! channels = ["orders"]
+//! patterns = ["orders:*"]
+//!
+//! [limits]              # overrides the host's defaults for this plugin
+//! deadline_ms = 2000
+//! memory_mib = 32
+//!
 //! [config]              # values the plugin reads with `config(key)`
 //! limit = 280
 //! banned = ["spam", "scam"]
@@ -13,13 +26,45 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::config::GrantsConfig;
+
 /// A parsed manifest.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Capabilities granted to the plugin.
+    #[serde(default)]
+    pub grants: GrantsConfig,
+    /// Subscriptions that replace the plugin's own.
+    pub subscriptions: Option<SubscriptionsOverride>,
+    /// Per-plugin limits.
+    #[serde(default)]
+    pub limits: LimitsOverride,
     /// The plugin's settings.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+}
+
+/// `[subscriptions]`: the operator decides what the plugin listens to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionsOverride {
+    /// Exact channels, first in order of preference.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// Redis glob patterns, after the channels.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsOverride {
+    /// Wall-clock limit of one call, in milliseconds.
+    pub deadline_ms: Option<u64>,
+    /// Linear-memory cap, in MiB.
+    pub memory_mib: Option<u64>,
 }
 
 /// A plugin's settings as its `config` import returns them: text, whatever the TOML type.
@@ -88,7 +133,7 @@ mod tests {
 
     #[test]
     fn unknown_section_names_the_file() {
-        let err = Manifest::parse("[grants]\n", Path::new("dir/p.toml")).unwrap_err();
+        let err = Manifest::parse("[permissions]\n", Path::new("dir/p.toml")).unwrap_err();
         assert!(
             err.contains("dir/p.toml") && err.contains("grants"),
             "{err}"

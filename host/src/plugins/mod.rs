@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::config::GrantsConfig;
 use crate::router::glob::Glob;
 use crate::router::{Route, RoutingTable};
 use crate::source::{Source, Subscription};
@@ -37,24 +38,35 @@ pub struct Description {
     pub name: String,
     /// Its own version string.
     pub version: String,
-    /// What it listens to, in its order.
+    /// What it listens to, in its order (after any override by its manifest).
     pub subscriptions: Vec<Subscription>,
-    /// Publish patterns it asks for.
-    pub publish: Vec<String>,
+    /// The capabilities it asks for.
+    pub requested: GrantsConfig,
 }
 
-/// What a plugin version may do.
+/// What a plugin version may do, checked on every host call.
 #[derive(Debug, Clone, Default)]
 pub struct Grants {
+    config: GrantsConfig,
     publish: Vec<Glob>,
+    invalidate: Vec<Glob>,
 }
 
 impl Grants {
-    /// Grants publishing on channels matching any of `patterns`.
-    pub fn new(patterns: &[String]) -> Self {
+    /// Grants exactly what `config` lists.
+    pub fn new(config: GrantsConfig) -> Self {
+        let globs =
+            |patterns: &[String]| patterns.iter().map(|p| Glob::new(p.as_bytes())).collect();
         Self {
-            publish: patterns.iter().map(|p| Glob::new(p.as_bytes())).collect(),
+            publish: globs(&config.publish),
+            invalidate: globs(&config.invalidate),
+            config,
         }
+    }
+
+    /// The grants as configured.
+    pub fn config(&self) -> &GrantsConfig {
+        &self.config
     }
 
     /// Whether publishing on `channel` is granted.
@@ -62,17 +74,14 @@ impl Grants {
         self.publish.iter().any(|glob| glob.matches(channel))
     }
 
-    /// The publish grants, for error messages.
-    pub fn describe_publish(&self) -> String {
-        if self.publish.is_empty() {
-            "none".to_owned()
-        } else {
-            self.publish
-                .iter()
-                .map(|g| g.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
+    /// Whether invalidating `key` is granted.
+    pub fn may_invalidate(&self, key: &[u8]) -> bool {
+        self.invalidate.iter().any(|glob| glob.matches(key))
+    }
+
+    /// Whether calling output `name` is granted.
+    pub fn may_call(&self, name: &str) -> bool {
+        self.config.outputs.iter().any(|output| output == name)
     }
 }
 
@@ -433,9 +442,8 @@ impl Registry {
                             .iter()
                             .map(ToString::to_string)
                             .collect(),
-                        grants: GrantsReport {
-                            publish: description.publish.clone(),
-                        },
+                        grants: current.grants.config().clone(),
+                        requested: description.requested.clone(),
                         settings: current
                             .settings
                             .iter()
@@ -556,16 +564,11 @@ pub struct VersionReport {
     /// Its subscriptions, as `channel NAME` or `pattern GLOB`.
     pub subscriptions: Vec<String>,
     /// What it is allowed to do.
-    pub grants: GrantsReport,
+    pub grants: GrantsConfig,
+    /// What it asked for in `describe`.
+    pub requested: GrantsConfig,
     /// Its settings.
     pub settings: BTreeMap<String, String>,
-}
-
-/// Grants, as `/plugins` shows them.
-#[derive(Debug, Clone, Serialize)]
-pub struct GrantsReport {
-    /// Publish patterns.
-    pub publish: Vec<String>,
 }
 
 impl Registry {

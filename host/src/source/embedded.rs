@@ -6,7 +6,7 @@
 //! (which is itself tested against a real Redis). Publishing and table changes happen under
 //! one lock, so a table always changes between two published messages, never within one.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -41,6 +41,8 @@ struct State {
     channels: HashSet<Bytes>,
     patterns: Vec<(Bytes, Glob)>,
     taps: Vec<mpsc::UnboundedSender<Published>>,
+    /// A key space, so that invalidation can be shown without Redis.
+    keys: HashMap<String, Bytes>,
 }
 
 impl EmbeddedBroker {
@@ -101,6 +103,26 @@ impl EmbeddedBroker {
             .is_ok()
         });
         receivers + u32::try_from(state.taps.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Sets `key` in the broker's key space.
+    pub fn set(&self, key: impl Into<String>, value: impl Into<Bytes>) {
+        self.lock().keys.insert(key.into(), value.into());
+    }
+
+    /// Whether `key` exists.
+    pub fn exists(&self, key: &str) -> bool {
+        self.lock().keys.contains_key(key)
+    }
+
+    /// Removes `keys`; returns how many existed, as `UNLINK` does.
+    pub fn unlink(&self, keys: &[String]) -> u32 {
+        let mut state = self.lock();
+        let removed = keys
+            .iter()
+            .filter(|key| state.keys.remove(*key).is_some())
+            .count();
+        u32::try_from(removed).unwrap_or(u32::MAX)
     }
 
     /// Replaces the subscriptions and the routing table at once.

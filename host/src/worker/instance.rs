@@ -9,11 +9,11 @@ use std::time::UNIX_EPOCH;
 
 use wasmtime::Store;
 
-use super::Envelope;
 use super::bindings::Plugin;
 use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
 use super::state::HostState;
+use super::{Envelope, PluginStats};
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 
@@ -34,9 +34,13 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Instantiates `version` in a fresh store.
-    pub fn new(engine: &wasmtime::Engine, version: Arc<LoadedPlugin>) -> anyhow::Result<Self> {
-        let state = HostState::new(version.context.clone());
+    /// Instantiates `version` in a fresh store that counts into `stats`.
+    pub fn new(
+        engine: &wasmtime::Engine,
+        version: Arc<LoadedPlugin>,
+        stats: Arc<PluginStats>,
+    ) -> anyhow::Result<Self> {
+        let state = HostState::new(version.context.clone(), stats);
         let mut store = Store::new(engine, state);
         store.limiter(HostState::limiter);
         // A new store's deadline is "now": without this, instantiation traps as soon as the

@@ -55,8 +55,11 @@ pub struct PluginStats {
     shed: AtomicU64,
     handled: AtomicU64,
     failed: AtomicU64,
+    denied: AtomicU64,
+    loop_limited: AtomicU64,
     last_error: Mutex<Option<String>>,
     log_gate: LogGate,
+    denial_gate: LogGate,
 }
 
 /// A snapshot of [`PluginStats`].
@@ -70,6 +73,10 @@ pub struct StatsSnapshot {
     pub handled: u64,
     /// Messages that failed: an error value, a trap, a deadline, or no instance.
     pub failed: u64,
+    /// Host calls refused for want of a grant.
+    pub denied: u64,
+    /// Publishes into the plugin's own subscriptions refused by the loop guard.
+    pub loop_limited: u64,
     /// The most recent failure.
     pub last_error: Option<String>,
 }
@@ -87,11 +94,29 @@ impl PluginStats {
             shed: self.shed.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            denied: self.denied.load(Ordering::Relaxed),
+            loop_limited: self.loop_limited.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+        }
+    }
+
+    /// Counts a host call refused for want of a grant.
+    pub fn record_denied(&self, plugin: &PluginName, why: &str) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            tracing::warn!(%plugin, suppressed, "denied: {why}");
+        }
+    }
+
+    /// Counts a publish refused by the loop guard.
+    pub fn record_loop_limited(&self, plugin: &PluginName, channel: &str) {
+        self.loop_limited.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            tracing::warn!(%plugin, suppressed, channel, "loop guard: plugin keeps publishing into its own subscriptions");
         }
     }
 
@@ -204,7 +229,7 @@ fn run(
         if !live.as_ref().is_some_and(|i| i.runs(&version)) {
             // Drop the old store before building the new one: its memory goes first.
             live = None;
-            match Instance::new(&engine, version.clone()) {
+            match Instance::new(&engine, version.clone(), stats.clone()) {
                 Ok(instance) => {
                     tracing::debug!(%plugin, version = %version.hash, "instance ready");
                     live = Some(instance);

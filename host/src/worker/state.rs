@@ -8,8 +8,10 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::effects::Effects;
+use crate::effects::loop_guard::LoopGuard;
 use crate::plugins::Grants;
 use crate::plugins::manifest::Settings;
+use crate::worker::PluginStats;
 use crate::{ContentHash, PluginName};
 
 /// Everything about one loaded plugin version that its host imports need.
@@ -23,6 +25,8 @@ pub struct PluginContext {
     pub hash: ContentHash,
     /// What the plugin may do.
     pub grants: Grants,
+    /// Limits publishes into the plugin's own subscriptions.
+    pub loop_guard: LoopGuard,
     /// Its `config` values.
     pub settings: Settings,
     /// Where its effects go.
@@ -37,6 +41,8 @@ pub struct PluginContext {
 pub struct HostState {
     /// The plugin this store runs.
     pub(crate) plugin: Arc<PluginContext>,
+    /// The plugin's counters (denials are counted where they happen).
+    pub(crate) stats: Arc<PluginStats>,
     /// When the current call must be over; host imports that wait (publish) wait no longer.
     pub(crate) call_deadline: Instant,
     limits: StoreLimits,
@@ -45,8 +51,8 @@ pub struct HostState {
 }
 
 impl HostState {
-    /// A fresh state for one store of `plugin`.
-    pub fn new(plugin: Arc<PluginContext>) -> Self {
+    /// A fresh state for one store of `plugin`, counting into `stats`.
+    pub fn new(plugin: Arc<PluginContext>, stats: Arc<PluginStats>) -> Self {
         let limits = StoreLimitsBuilder::new()
             .memory_size(plugin.memory_limit)
             // A failed `memory.grow` traps with a clear message instead of letting the guest's
@@ -55,6 +61,7 @@ impl HostState {
             .build();
         Self {
             plugin,
+            stats,
             call_deadline: Instant::now(),
             limits,
             wasi: sealed_wasi(),

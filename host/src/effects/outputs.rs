@@ -1,0 +1,433 @@
+//! Named outputs: where `call-output(NAME, payload)` sends a payload.
+//!
+//! Outputs are built once from the configuration (`[outputs.NAME]`) and shared by every
+//! plugin. Each call runs on the host's async runtime and is bounded by the calling plugin's
+//! remaining deadline, so a slow webhook costs that plugin its deadline and nothing else.
+//!
+//! - `http`: POST or PUT with the configured headers; a connection error or a 5xx answer is
+//!   retried with exponential backoff, as often as configured and as the deadline allows.
+//!   Any answer that is not retried (2xx, 4xx) is returned to the plugin as it is.
+//! - `file` and `stdout`: one JSON line per call, `{"plugin":..., "payload":...}`, where the
+//!   payload is embedded as JSON when it is JSON and as a string otherwise.
+//! - `redis`: PUBLISH on a channel of another server; the reply carries the receivers.
+//! - `capture` (not configurable; for the demo and offline runs): hands every call to a
+//!   channel.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::config::{HttpMethod, OutputConfig, expand_env};
+
+/// The largest HTTP reply body handed back to a plugin; longer bodies are cut.
+pub const MAX_REPLY_BODY: usize = 1 << 20;
+
+/// What an output answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status, or 0.
+    pub status: u16,
+    /// HTTP body, or the receiver count of a `redis` output, or empty.
+    pub body: Vec<u8>,
+}
+
+/// One call as a `capture` output records it.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    /// The output's name.
+    pub output: String,
+    /// The calling plugin.
+    pub plugin: String,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// Why an output call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// No output of that name is configured.
+    #[error("output {0:?} is not defined")]
+    Undefined(String),
+    /// The output could not be reached or failed.
+    #[error("output {name}: {why}")]
+    Failed {
+        /// The output.
+        name: String,
+        /// What went wrong, last attempt last.
+        why: String,
+    },
+}
+
+/// Counters of one output.
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One output's counters, for `/plugins`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct OutputReport {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: &'static str,
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+}
+
+/// A webhook, ready to call.
+struct Http {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    method: reqwest::Method,
+    headers: reqwest::header::HeaderMap,
+    timeout: Duration,
+    retries: u32,
+    backoff: Duration,
+}
+
+enum Kind {
+    Http(Box<Http>),
+    File(Mutex<std::fs::File>),
+    Stdout,
+    Redis {
+        connection: redis::aio::ConnectionManager,
+        channel: String,
+    },
+    Capture(mpsc::UnboundedSender<Captured>),
+}
+
+impl Kind {
+    fn label(&self) -> &'static str {
+        match self {
+            Kind::Http(_) => "http",
+            Kind::File(_) => "file",
+            Kind::Stdout => "stdout",
+            Kind::Redis { .. } => "redis",
+            Kind::Capture(_) => "capture",
+        }
+    }
+}
+
+struct Output {
+    kind: Kind,
+    counters: Counters,
+}
+
+/// Every configured output.
+#[derive(Default)]
+pub struct Outputs {
+    outputs: BTreeMap<String, Output>,
+}
+
+impl std::fmt::Debug for Outputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.outputs.keys()).finish()
+    }
+}
+
+impl Outputs {
+    /// Builds the outputs of the configuration: resolves `${VAR}`s, opens files, creates
+    /// clients (connections are made on first use).
+    pub fn from_config(config: &BTreeMap<String, OutputConfig>) -> anyhow::Result<Self> {
+        let mut outputs = BTreeMap::new();
+        for (name, output) in config {
+            let kind = build(output).map_err(|e| anyhow::anyhow!("outputs.{name}: {e}"))?;
+            outputs.insert(
+                name.clone(),
+                Output {
+                    kind,
+                    counters: Counters::default(),
+                },
+            );
+        }
+        Ok(Self { outputs })
+    }
+
+    /// Outputs named `names` that hand every call to the returned receiver.
+    pub fn capture(names: &[&str]) -> (Self, mpsc::UnboundedReceiver<Captured>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outputs = names
+            .iter()
+            .map(|name| {
+                let output = Output {
+                    kind: Kind::Capture(tx.clone()),
+                    counters: Counters::default(),
+                };
+                ((*name).to_owned(), output)
+            })
+            .collect();
+        (Self { outputs }, rx)
+    }
+
+    /// Whether an output called `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.outputs.contains_key(name)
+    }
+
+    /// Counters of every output.
+    pub fn report(&self) -> Vec<OutputReport> {
+        self.outputs
+            .iter()
+            .map(|(name, output)| OutputReport {
+                name: name.clone(),
+                kind: output.kind.label(),
+                calls: output.counters.calls.load(Ordering::Relaxed),
+                errors: output.counters.errors.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Calls output `name` for `plugin`, giving up after `within`.
+    pub async fn call(
+        &self,
+        name: &str,
+        plugin: &str,
+        payload: &[u8],
+        within: Duration,
+    ) -> Result<Reply, OutputError> {
+        let output = self
+            .outputs
+            .get(name)
+            .ok_or_else(|| OutputError::Undefined(name.to_owned()))?;
+        output.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let result =
+            match tokio::time::timeout(within, call(&output.kind, name, plugin, payload)).await {
+                Ok(result) => result,
+                Err(_) => Err(format!(
+                    "no answer within the plugin's deadline ({within:?})"
+                )),
+            };
+        result.map_err(|why| {
+            output.counters.errors.fetch_add(1, Ordering::Relaxed);
+            OutputError::Failed {
+                name: name.to_owned(),
+                why,
+            }
+        })
+    }
+}
+
+fn build(config: &OutputConfig) -> Result<Kind, String> {
+    Ok(match config {
+        OutputConfig::Http {
+            url,
+            method,
+            headers,
+            timeout_ms,
+            retries,
+            backoff_ms,
+        } => {
+            let url = reqwest::Url::parse(&expand_env(url)?).map_err(|e| e.to_string())?;
+            let mut header_map = reqwest::header::HeaderMap::new();
+            for (header, value) in headers {
+                let name = reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                    .map_err(|e| format!("headers.{header}: {e}"))?;
+                let value = reqwest::header::HeaderValue::from_str(&expand_env(value)?)
+                    .map_err(|e| format!("headers.{header}: {e}"))?;
+                header_map.insert(name, value);
+            }
+            let client = reqwest::Client::builder()
+                .connect_timeout(Duration::from_millis(*timeout_ms))
+                .build()
+                .map_err(|e| e.to_string())?;
+            Kind::Http(Box::new(Http {
+                client,
+                url,
+                method: match method {
+                    HttpMethod::Post => reqwest::Method::POST,
+                    HttpMethod::Put => reqwest::Method::PUT,
+                },
+                headers: header_map,
+                timeout: Duration::from_millis(*timeout_ms),
+                retries: *retries,
+                backoff: Duration::from_millis(*backoff_ms),
+            }))
+        }
+        OutputConfig::File { path } => {
+            let path = expand_env(path)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| format!("cannot open {path}: {e}"))?;
+            Kind::File(Mutex::new(file))
+        }
+        OutputConfig::Stdout {} => Kind::Stdout,
+        OutputConfig::Redis { url, channel } => {
+            let client =
+                redis::Client::open(expand_env(url)?.as_str()).map_err(|e| e.to_string())?;
+            let connection = redis::aio::ConnectionManager::new_lazy_with_config(
+                client,
+                redis::aio::ConnectionManagerConfig::new().set_number_of_retries(1),
+            )
+            .map_err(|e| e.to_string())?;
+            Kind::Redis {
+                connection,
+                channel: expand_env(channel)?,
+            }
+        }
+    })
+}
+
+async fn call(kind: &Kind, name: &str, plugin: &str, payload: &[u8]) -> Result<Reply, String> {
+    match kind {
+        Kind::Http(http) => {
+            let Http {
+                client,
+                url,
+                method,
+                headers,
+                timeout,
+                retries,
+                backoff,
+            } = http.as_ref();
+            let mut wait = *backoff;
+            let mut attempt = 0;
+            loop {
+                let sent = client
+                    .request(method.clone(), url.clone())
+                    .headers(headers.clone())
+                    .timeout(*timeout)
+                    .body(payload.to_vec())
+                    .send()
+                    .await;
+                let retry_reason = match sent {
+                    Ok(response) if !response.status().is_server_error() => {
+                        let status = response.status().as_u16();
+                        let mut body = response.bytes().await.map_err(|e| e.to_string())?.to_vec();
+                        body.truncate(MAX_REPLY_BODY);
+                        return Ok(Reply { status, body });
+                    }
+                    Ok(response) => format!("HTTP {}", response.status()),
+                    Err(e) => format!("request failed: {e}"),
+                };
+                if attempt >= *retries {
+                    return Err(format!("{retry_reason} (after {} attempts)", attempt + 1));
+                }
+                attempt += 1;
+                tracing::debug!(
+                    output = name,
+                    attempt,
+                    "retrying webhook after {retry_reason}"
+                );
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+        Kind::File(file) => {
+            let line = json_line(plugin, payload);
+            let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+            file.write_all(line.as_bytes())
+                .map_err(|e| format!("cannot append: {e}"))?;
+            Ok(Reply {
+                status: 0,
+                body: Vec::new(),
+            })
+        }
+        Kind::Stdout => {
+            let line = json_line(plugin, payload);
+            std::io::stdout()
+                .lock()
+                .write_all(line.as_bytes())
+                .map_err(|e| format!("cannot write to stdout: {e}"))?;
+            Ok(Reply {
+                status: 0,
+                body: Vec::new(),
+            })
+        }
+        Kind::Redis {
+            connection,
+            channel,
+        } => {
+            let mut connection = connection.clone();
+            let receivers: u32 = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| format!("PUBLISH failed: {e}"))?;
+            Ok(Reply {
+                status: 0,
+                body: receivers.to_string().into_bytes(),
+            })
+        }
+        Kind::Capture(tx) => {
+            tx.send(Captured {
+                output: name.to_owned(),
+                plugin: plugin.to_owned(),
+                payload: Bytes::copy_from_slice(payload),
+            })
+            .map_err(|_| "nobody is capturing any more".to_owned())?;
+            Ok(Reply {
+                status: 0,
+                body: Vec::new(),
+            })
+        }
+    }
+}
+
+/// `{"plugin": ..., "payload": ...}` and a newline; the payload embedded as JSON when it is
+/// JSON, as a string otherwise.
+fn json_line(plugin: &str, payload: &[u8]) -> String {
+    let payload = serde_json::from_slice::<serde_json::Value>(payload).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(payload).into_owned())
+    });
+    let mut line = serde_json::json!({ "plugin": plugin, "payload": payload }).to_string();
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_embed_json_payloads_and_quote_the_rest() {
+        assert_eq!(
+            json_line("p", br#"{"a":1}"#),
+            "{\"payload\":{\"a\":1},\"plugin\":\"p\"}\n"
+        );
+        assert_eq!(
+            json_line("p", b"plain \"text\""),
+            "{\"payload\":\"plain \\\"text\\\"\",\"plugin\":\"p\"}\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn file_output_appends_one_line_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let mut config = BTreeMap::new();
+        config.insert(
+            "audit".to_owned(),
+            OutputConfig::File {
+                path: path.to_str().unwrap().to_owned(),
+            },
+        );
+        let outputs = Outputs::from_config(&config).unwrap();
+        for payload in [&b"{\"n\":1}"[..], b"two"] {
+            outputs
+                .call("audit", "p", payload, Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.contains("\"two\""));
+        let err = outputs
+            .call("nope", "p", b"", Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OutputError::Undefined(_)));
+        assert_eq!(outputs.report()[0].calls, 2);
+    }
+}
