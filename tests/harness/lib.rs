@@ -106,6 +106,15 @@ impl TestHost {
         Self::start_configured(redis, "", plugins).await
     }
 
+    /// Starts a host with only `forward` (and its grant) installed.
+    pub async fn with_forward(redis: &RedisServer) -> anyhow::Result<Self> {
+        Self::start(
+            redis,
+            &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+        )
+        .await
+    }
+
     /// Starts a host configured by `config` (TOML) with `plugins` installed.
     pub async fn start_configured(
         redis: &RedisServer,

@@ -10,11 +10,7 @@ use switchyard_tests::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replacement_keeps_the_previous_version_running() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = TestHost::with_forward(&redis).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     let good = host
         .wait_plugin("forward", "running", |p| p["state"] == "running")

@@ -144,11 +144,7 @@ async fn added_plugin_starts_receiving_without_restart() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_plugin_is_unloaded_and_unsubscribed() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = TestHost::with_forward(&redis).await?;
     let mut connection = redis.connection().await?;
     let patterns: i64 = redis::cmd("PUBSUB")
         .arg("NUMPAT")

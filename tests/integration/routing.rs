@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, plugins,
-};
+use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, plugins};
 
 /// Reports published by the echo fixture, parsed.
 fn reports(received: &[switchyard_tests::Received]) -> Vec<Value> {
@@ -18,11 +16,7 @@ fn reports(received: &[switchyard_tests::Received]) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_republishes_fwd_messages_on_fwded() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = TestHost::with_forward(&redis).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
 
     redis.publish("fwd:x", "hello").await?;
@@ -41,11 +35,7 @@ async fn forward_republishes_fwd_messages_on_fwded() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payload_bytes_pass_through_untouched() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = TestHost::with_forward(&redis).await?;
     let mut out = Subscriber::new(&redis, &["fwded:bin", "fwded:empty"], &[]).await?;
 
     let binary: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, 0x00, 0xc3, 0x28]).collect();
@@ -156,11 +146,7 @@ async fn a_plugin_sees_messages_in_publish_order_and_keeps_its_state() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_report_health_readiness_and_plugins() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = TestHost::with_forward(&redis).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     redis.publish("fwd:1", "x").await?;
     out.take(1, PATIENCE).await?;
