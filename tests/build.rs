@@ -11,6 +11,7 @@ const PLUGINS: &[&str] = &[
     "cache-invalidator",
     "metrics-rollup",
     "echo",
+    "faulty",
     "trap-describe",
     "not-a-plugin",
 ];

@@ -19,7 +19,7 @@ use crate::config::{Config, RedisUrl};
 use crate::effects::outputs::Outputs;
 use crate::effects::{Effects, Publisher};
 use crate::plugins::loader::{Limits, Loader};
-use crate::plugins::{Registry, watcher};
+use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::redis::{COMMAND_TIMEOUT, RedisSource};
@@ -94,7 +94,10 @@ impl Host {
         };
 
         let runtime = Runtime::new().context("cannot start the Wasm engine")?;
-        let router = Arc::new(Router::new(&instance_id()));
+        let router = Arc::new(Router::new(
+            &instance_id(),
+            config.plugins.max_payload_bytes,
+        ));
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
         let (source, publisher) = match broker {
@@ -147,12 +150,17 @@ impl Host {
             limits,
             config.plugins.policy,
             config.grants.clone(),
-        );
+        )
+        .with_max_size(config.plugins.max_wasm_mib << 20);
         let registry = Arc::new(Registry::new(
             dir.clone(),
             loader,
             source.clone(),
-            config.plugins.queue_capacity,
+            WorkerSettings {
+                queue_capacity: config.plugins.queue_capacity,
+                when_full: config.plugins.when_full,
+                breaker: config.breaker(),
+            },
         ));
 
         let stop_admin = CancellationToken::new();

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::worker::breaker::BreakerPolicy;
+use crate::worker::queue::WhenFull;
+
 /// Where to find Redis when nothing says otherwise.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// The admin HTTP listener: loopback only unless the operator opens it.
@@ -226,6 +229,25 @@ pub struct PluginsConfig {
     /// what they ask for in `describe`.
     #[serde(default)]
     pub policy: Policy,
+    /// What a full queue sheds: `drop-newest` (default) or `drop-oldest`.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// The circuit breaker parks a plugin when this many of its last `breaker_window`
+    /// messages failed.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: usize,
+    /// How many recent messages the circuit breaker looks at.
+    #[serde(default = "default_breaker_window")]
+    pub breaker_window: usize,
+    /// The first parking period, in milliseconds; doubled while trials fail, up to a minute.
+    #[serde(default = "default_breaker_backoff_ms")]
+    pub breaker_backoff_ms: u64,
+    /// Messages with a larger payload are dropped before reaching any plugin (and counted).
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// Larger `.wasm` files are rejected without being read.
+    #[serde(default = "default_max_wasm_mib")]
+    pub max_wasm_mib: u64,
 }
 
 /// `[admin]`
@@ -254,6 +276,12 @@ impl Default for PluginsConfig {
             memory_mib: default_memory_mib(),
             settle_ms: default_settle_ms(),
             policy: Policy::default(),
+            when_full: WhenFull::default(),
+            breaker_failures: default_breaker_failures(),
+            breaker_window: default_breaker_window(),
+            breaker_backoff_ms: default_breaker_backoff_ms(),
+            max_payload_bytes: default_max_payload_bytes(),
+            max_wasm_mib: default_max_wasm_mib(),
         }
     }
 }
@@ -292,6 +320,29 @@ fn default_memory_mib() -> u64 {
 /// deploy by atomic rename is live well within a second.
 fn default_settle_ms() -> u64 {
     50
+}
+
+fn default_breaker_failures() -> usize {
+    5
+}
+
+fn default_breaker_window() -> usize {
+    10
+}
+
+fn default_breaker_backoff_ms() -> u64 {
+    1000
+}
+
+/// Redis allows 512 MB; a message router rarely should. Large enough for documents and
+/// images, small enough that one message cannot exhaust a plugin's 64 MiB default memory.
+fn default_max_payload_bytes() -> usize {
+    1 << 20
+}
+
+/// Python components are about 18 MB and JavaScript ones about 13 MB; 128 MiB leaves room.
+fn default_max_wasm_mib() -> u64 {
+    128
 }
 
 fn default_admin_addr() -> SocketAddr {
@@ -409,6 +460,21 @@ impl Config {
                 self.plugins.memory_mib
             ));
         }
+        let plugins = &self.plugins;
+        if plugins.breaker_window == 0
+            || plugins.breaker_failures == 0
+            || plugins.breaker_failures > plugins.breaker_window
+        {
+            problems.push(format!(
+                "{origin}: plugins.breaker_failures ({}) must be between 1 and plugins.breaker_window ({})",
+                plugins.breaker_failures, plugins.breaker_window
+            ));
+        }
+        if plugins.max_payload_bytes == 0 {
+            problems.push(format!(
+                "{origin}: plugins.max_payload_bytes must be at least 1"
+            ));
+        }
         for (name, output) in &self.outputs {
             if let Err(problem) = output.check() {
                 problems.push(format!("{origin}: outputs.{name}: {problem}"));
@@ -433,6 +499,15 @@ impl Config {
     /// The per-call deadline.
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.plugins.deadline_ms)
+    }
+
+    /// The circuit breaker's settings.
+    pub fn breaker(&self) -> BreakerPolicy {
+        BreakerPolicy {
+            failures: self.plugins.breaker_failures,
+            window: self.plugins.breaker_window,
+            backoff: Duration::from_millis(self.plugins.breaker_backoff_ms),
+        }
     }
 
     /// How long the plugins folder must be quiet before a reload.

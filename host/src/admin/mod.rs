@@ -71,6 +71,7 @@ async fn plugins(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     Json(serde_json::json!({
         "received": state.router.received(),
         "unrouted": state.router.unrouted(),
+        "oversize": state.router.oversize(),
         "source": state.source.status(),
         "plugins": state.registry.report(),
         "outputs": state.outputs.report(),

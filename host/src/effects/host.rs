@@ -15,6 +15,10 @@ use super::EffectError;
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
 /// call.
 pub const MAX_LOG_LINE: usize = 4096;
+/// `log` lines a plugin may write per second, sustained; the rest are dropped and counted.
+pub const LOG_LINES_PER_SEC: f64 = 100.0;
+/// `log` lines a plugin may write in a burst.
+pub const LOG_BURST: f64 = 200.0;
 
 impl types::Host for HostState {}
 
@@ -98,6 +102,10 @@ impl Host for HostState {
     }
 
     fn log(&mut self, level: Level, text: String) {
+        if !self.plugin.log_limit.admit() {
+            self.stats.record_log_dropped(&self.plugin.name);
+            return;
+        }
         let text = truncate(&text, MAX_LOG_LINE);
         let plugin = &self.plugin.name;
         let version = &self.plugin.version;

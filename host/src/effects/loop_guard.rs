@@ -2,9 +2,7 @@
 //! itself forever. Such publishes are allowed at a bounded rate (a token bucket per plugin
 //! version) and refused beyond it, with the refusal counted and logged.
 
-use std::sync::Mutex;
-use std::time::Instant;
-
+use super::rate::TokenBucket;
 use crate::router::glob::Glob;
 use crate::source::Subscription;
 
@@ -18,7 +16,7 @@ pub const LOOP_BURST: f64 = 200.0;
 pub struct LoopGuard {
     channels: Vec<Vec<u8>>,
     patterns: Vec<Glob>,
-    bucket: Mutex<(f64, Instant)>,
+    bucket: TokenBucket,
 }
 
 impl LoopGuard {
@@ -35,7 +33,7 @@ impl LoopGuard {
         Self {
             channels,
             patterns,
-            bucket: Mutex::new((LOOP_BURST, Instant::now())),
+            bucket: TokenBucket::new(LOOP_RATE_PER_SEC, LOOP_BURST),
         }
     }
 
@@ -47,17 +45,7 @@ impl LoopGuard {
 
     /// Takes one token; false when the plugin is over its rate.
     pub fn admit(&self) -> bool {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.1).as_secs_f64() * LOOP_RATE_PER_SEC;
-        bucket.0 = (bucket.0 + refill).min(LOOP_BURST);
-        bucket.1 = now;
-        if bucket.0 >= 1.0 {
-            bucket.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.bucket.admit()
     }
 }
 

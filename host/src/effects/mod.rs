@@ -8,6 +8,7 @@
 pub mod host;
 pub mod loop_guard;
 pub mod outputs;
+pub mod rate;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -19,7 +19,9 @@ use super::manifest::{Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
 use crate::config::{GrantsConfig, Policy};
 use crate::effects::Effects;
+use crate::effects::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::effects::loop_guard::LoopGuard;
+use crate::effects::rate::TokenBucket;
 use crate::router::is_reserved;
 use crate::source::Subscription;
 use crate::worker::PluginStats;
@@ -45,6 +47,14 @@ pub enum LoadError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The file is over the size limit; it was not read.
+    #[error("{size} bytes is over the limit of {limit} bytes (plugins.max_wasm_mib)")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
     },
     /// The manifest beside it is malformed.
     #[error("bad manifest {0}")]
@@ -76,6 +86,7 @@ impl LoadError {
     pub fn kind(&self) -> &'static str {
         match self {
             LoadError::Read { .. } => "read",
+            LoadError::TooLarge { .. } => "size",
             LoadError::Manifest(_) => "manifest",
             LoadError::NotWasm | LoadError::CoreModule | LoadError::Compile(_) => "compile",
             LoadError::WrongWorld(_) => "world",
@@ -102,6 +113,7 @@ pub struct Loader {
     limits: Limits,
     policy: Policy,
     grants: Arc<BTreeMap<String, GrantsConfig>>,
+    max_size: u64,
 }
 
 /// What a load produced.
@@ -127,7 +139,14 @@ impl Loader {
             limits,
             policy,
             grants: Arc::new(grants),
+            max_size: u64::MAX,
         }
+    }
+
+    /// Rejects `.wasm` files larger than `bytes` without reading them.
+    pub fn with_max_size(mut self, bytes: u64) -> Self {
+        self.max_size = bytes;
+        self
     }
 
     /// The runtime plugins run on.
@@ -338,6 +357,7 @@ impl Loader {
             hash,
             grants,
             loop_guard,
+            log_limit: TokenBucket::new(LOG_LINES_PER_SEC, LOG_BURST),
             settings,
             effects: self.effects.clone(),
             deadline: limits.deadline,

@@ -26,6 +26,8 @@ use crate::router::glob::Glob;
 use crate::router::{Route, RoutingTable};
 use crate::source::{Source, Subscription};
 use crate::worker::bindings::PluginPre;
+use crate::worker::breaker::BreakerPolicy;
+use crate::worker::queue::WhenFull;
 use crate::worker::state::{HostState, PluginContext};
 use crate::worker::{self, Inbox, PluginStats, StatsSnapshot};
 use crate::{ContentHash, PluginName};
@@ -163,8 +165,9 @@ struct Inner {
     slots: BTreeMap<PluginName, Slot>,
     /// Files that failed to load and have no previous version running.
     failed: BTreeMap<PluginName, LoadFailure>,
-    /// Workers of removed plugins, finishing their queues.
-    retired: Vec<std::thread::JoinHandle<()>>,
+    /// Removed plugins whose workers finish their queues; closed once routes no longer
+    /// reach them.
+    retired: Vec<(Inbox, std::thread::JoinHandle<()>)>,
 }
 
 /// What one reconcile did.
@@ -186,12 +189,23 @@ impl Changes {
     }
 }
 
+/// How each plugin's queue and worker behave.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    /// Messages a queue holds.
+    pub queue_capacity: usize,
+    /// What a full queue sheds.
+    pub when_full: WhenFull,
+    /// When a failing plugin is parked.
+    pub breaker: BreakerPolicy,
+}
+
 /// The plugins of one folder, and the routing table built from them.
 pub struct Registry {
     dir: PathBuf,
     loader: Loader,
     source: Source,
-    queue_capacity: usize,
+    workers: WorkerSettings,
     inner: Mutex<Inner>,
     /// Serialises reconciles; `inner` is only ever held briefly.
     reconciling: tokio::sync::Mutex<()>,
@@ -201,12 +215,12 @@ pub struct Registry {
 impl Registry {
     /// A registry for `dir`, routing through `source`. Nothing is loaded until
     /// [`Registry::reconcile`].
-    pub fn new(dir: PathBuf, loader: Loader, source: Source, queue_capacity: usize) -> Self {
+    pub fn new(dir: PathBuf, loader: Loader, source: Source, workers: WorkerSettings) -> Self {
         Self {
             dir,
             loader,
             source,
-            queue_capacity,
+            workers,
             inner: Mutex::new(Inner::default()),
             reconciling: tokio::sync::Mutex::new(()),
             scanned: AtomicBool::new(false),
@@ -246,7 +260,7 @@ impl Registry {
             for name in gone {
                 if let Some(slot) = inner.slots.remove(&name) {
                     tracing::info!(plugin = %name, "file removed; unloading after its queue drains");
-                    inner.retired.push(slot.worker);
+                    inner.retired.push((slot.inbox, slot.worker));
                     changes.removed.push(name);
                 }
             }
@@ -286,6 +300,13 @@ impl Registry {
 
         if changes.routes_changed() {
             self.publish_routes().await?;
+            // The table in force no longer reaches removed plugins: close their queues, so
+            // their workers drain and stop.
+            let mut inner = self.lock();
+            inner.retired.retain(|(inbox, worker)| {
+                inbox.close();
+                !worker.is_finished()
+            });
         }
         self.scanned.store(true, Ordering::Release);
         Ok(changes)
@@ -324,14 +345,18 @@ impl Registry {
                     changes.replaced.push(name);
                 } else {
                     let stats = PluginStats::new();
-                    let (inbox, queue) =
-                        worker::inbox(name.clone(), self.queue_capacity, stats.clone());
+                    let inbox = worker::inbox(
+                        name.clone(),
+                        self.workers.queue_capacity,
+                        self.workers.when_full,
+                        stats.clone(),
+                    );
                     let current = Arc::new(ArcSwap::new(version));
                     let worker = worker::spawn(
                         name.clone(),
                         current.clone(),
-                        queue,
-                        stats.clone(),
+                        &inbox,
+                        self.workers.breaker,
                         self.loader.runtime().engine().clone(),
                     )?;
                     inner.slots.insert(
@@ -400,7 +425,7 @@ impl Registry {
             let mut inner = self.lock();
             let slots = std::mem::take(&mut inner.slots);
             let mut workers: Vec<_> = std::mem::take(&mut inner.retired);
-            workers.extend(slots.into_values().map(|slot| slot.worker));
+            workers.extend(slots.into_values().map(|slot| (slot.inbox, slot.worker)));
             workers
         };
         if let Err(e) = self
@@ -410,8 +435,11 @@ impl Registry {
         {
             tracing::warn!("could not clear subscriptions while stopping: {e:#}");
         }
+        for (inbox, _) in &workers {
+            inbox.close();
+        }
         let join = tokio::task::spawn_blocking(move || {
-            for worker in workers {
+            for (_, worker) in workers {
                 let _ = worker.join();
             }
         });
@@ -429,7 +457,11 @@ impl Registry {
                 let description = &current.description;
                 PluginReport {
                     name: name.clone(),
-                    state: PluginState::Running,
+                    state: if slot.stats.parked() {
+                        PluginState::Parked
+                    } else {
+                        PluginState::Running
+                    },
                     version: Some(VersionReport {
                         declared_name: description.name.clone(),
                         version: description.version.clone(),
@@ -513,6 +545,9 @@ fn millis_since_epoch(at: SystemTime) -> u64 {
 pub enum PluginState {
     /// A version is loaded and handling messages.
     Running,
+    /// The circuit breaker parked it after repeated failures; its messages are shed until
+    /// the back-off passes.
+    Parked,
     /// The file could not be loaded and no earlier version runs.
     Failed,
 }
@@ -574,9 +609,6 @@ pub struct VersionReport {
 impl Registry {
     /// Whether every running plugin has finished every message queued for it.
     pub fn idle(&self) -> bool {
-        self.lock().slots.values().all(|slot| {
-            let stats = slot.stats.snapshot();
-            stats.accepted == stats.handled + stats.failed
-        })
+        self.lock().slots.values().all(|slot| slot.stats.settled())
     }
 }

@@ -54,6 +54,9 @@ pub struct Router {
     next_barrier: AtomicU64,
     received: AtomicU64,
     unrouted: AtomicU64,
+    oversize: AtomicU64,
+    max_payload: usize,
+    oversize_gate: crate::effects::rate::TokenBucket,
 }
 
 /// A table waiting for its barrier.
@@ -76,7 +79,8 @@ pub struct Barrier {
 impl Router {
     /// A router with an empty table. `instance` makes the barrier channel unique to this host,
     /// so that hosts sharing a Redis do not see each other's markers.
-    pub fn new(instance: &str) -> Self {
+    /// Payloads over `max_payload` bytes are dropped before any plugin sees them.
+    pub fn new(instance: &str, max_payload: usize) -> Self {
         let mut channel = RESERVED_PREFIX.to_vec();
         channel.extend_from_slice(b"barrier:");
         channel.extend_from_slice(instance.as_bytes());
@@ -87,6 +91,10 @@ impl Router {
             next_barrier: AtomicU64::new(1),
             received: AtomicU64::new(0),
             unrouted: AtomicU64::new(0),
+            oversize: AtomicU64::new(0),
+            max_payload,
+            // One warning a second about oversize messages is plenty.
+            oversize_gate: crate::effects::rate::TokenBucket::new(1.0, 1.0),
         }
     }
 
@@ -104,6 +112,18 @@ impl Router {
             return;
         }
         self.received.fetch_add(1, Ordering::Relaxed);
+        if delivery.payload.len() > self.max_payload {
+            self.oversize.fetch_add(1, Ordering::Relaxed);
+            if self.oversize_gate.admit() {
+                tracing::warn!(
+                    channel = %String::from_utf8_lossy(&delivery.channel),
+                    bytes = delivery.payload.len(),
+                    limit = self.max_payload,
+                    "dropping a message over the payload limit"
+                );
+            }
+            return;
+        }
         if self.table.load().dispatch(&delivery) == 0 {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
         }
@@ -149,6 +169,11 @@ impl Router {
     /// Deliveries seen (barriers excluded).
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries dropped for a payload over the limit.
+    pub fn oversize(&self) -> u64 {
+        self.oversize.load(Ordering::Relaxed)
     }
 
     /// Deliveries no plugin wanted (for example, a pattern's messages just before it is

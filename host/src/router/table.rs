@@ -128,7 +128,17 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::worker::{PluginStats, inbox};
+    use crate::worker::queue::WhenFull;
+    use crate::worker::{Inbox, PluginStats, inbox};
+
+    fn test_inbox(name: &str) -> Inbox {
+        inbox(
+            name.parse().unwrap(),
+            16,
+            WhenFull::DropNewest,
+            PluginStats::new(),
+        )
+    }
 
     fn pattern(p: &str) -> Subscription {
         Subscription::Pattern(Bytes::copy_from_slice(p.as_bytes()))
@@ -166,38 +176,42 @@ mod tests {
 
     #[test]
     fn plugin_with_overlapping_subscriptions_sees_message_once_via_its_first() {
-        let (inbox, mut rx) = inbox("p".parse().unwrap(), 16, PluginStats::new());
+        let inbox = test_inbox("p");
+        let rx = inbox.clone();
         let subs = [pattern("fwd:*"), channel("fwd:a"), pattern("fwd:?")];
         let table = RoutingTable::new(vec![Route::new(inbox, &subs)]);
         publish(&table, "fwd:a");
-        let got = rx.try_recv().unwrap();
+        let got = rx.try_take().unwrap();
         assert_eq!(got.subscription, pattern("fwd:*"));
-        assert!(rx.try_recv().is_err(), "delivered twice");
+        assert!(rx.try_take().is_none(), "delivered twice");
     }
 
     #[test]
     fn shared_pattern_feeds_every_plugin_that_has_it() {
-        let (a, mut rx_a) = inbox("a".parse().unwrap(), 16, PluginStats::new());
-        let (b, mut rx_b) = inbox("b".parse().unwrap(), 16, PluginStats::new());
+        let a = test_inbox("a");
+        let rx_a = a.clone();
+        let b = test_inbox("b");
+        let rx_b = b.clone();
         let table = RoutingTable::new(vec![
             Route::new(a, &[pattern("m:*")]),
             Route::new(b, &[channel("m:1"), pattern("m:*")]),
         ]);
         assert_eq!(table.subscriptions().len(), 2);
         publish(&table, "m:1");
-        assert_eq!(rx_a.try_recv().unwrap().subscription, pattern("m:*"));
-        assert_eq!(rx_b.try_recv().unwrap().subscription, channel("m:1"));
-        assert!(rx_a.try_recv().is_err() && rx_b.try_recv().is_err());
+        assert_eq!(rx_a.try_take().unwrap().subscription, pattern("m:*"));
+        assert_eq!(rx_b.try_take().unwrap().subscription, channel("m:1"));
+        assert!(rx_a.try_take().is_none() && rx_b.try_take().is_none());
         publish(&table, "m:2");
-        assert_eq!(rx_b.try_recv().unwrap().subscription, pattern("m:*"));
+        assert_eq!(rx_b.try_take().unwrap().subscription, pattern("m:*"));
     }
 
     #[test]
     fn duplicate_subscriptions_count_once() {
-        let (inbox, mut rx) = inbox("p".parse().unwrap(), 16, PluginStats::new());
+        let inbox = test_inbox("p");
+        let rx = inbox.clone();
         let table = RoutingTable::new(vec![Route::new(inbox, &[pattern("a*"), pattern("a*")])]);
         publish(&table, "abc");
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err());
+        assert!(rx.try_take().is_some());
+        assert!(rx.try_take().is_none());
     }
 }

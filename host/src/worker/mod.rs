@@ -12,13 +12,19 @@
 //! Hot reload: before each message the worker checks which version of its plugin is current
 //! and, if it changed, instantiates the new one. A message is handled once, by whichever
 //! version is current when its turn comes; the call in flight during a swap finishes on the
-//! old version. When the plugin is removed its queue's senders are dropped; the worker
-//! finishes what is queued and exits.
+//! old version. When the plugin is removed its [`queue`] is closed; the worker finishes what
+//! is queued and exits.
+//!
+//! Containment: a trap (a panic, the deadline, the memory cap) fails that message only and
+//! the next one gets a fresh instance; a plugin that keeps failing is parked by its
+//! [`breaker`].
 
 #[allow(missing_docs)]
 pub mod bindings;
+pub mod breaker;
 pub mod engine;
 pub mod instance;
+pub mod queue;
 pub mod state;
 
 use std::sync::Arc;
@@ -28,12 +34,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use tokio::sync::mpsc;
 
 use crate::PluginName;
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
+use breaker::{Breaker, BreakerPolicy};
 use instance::{CallError, Instance};
+use queue::{Queue, Shed, WhenFull};
 
 /// One message waiting in a plugin's queue.
 #[derive(Debug)]
@@ -57,6 +64,12 @@ pub struct PluginStats {
     failed: AtomicU64,
     denied: AtomicU64,
     loop_limited: AtomicU64,
+    logs_dropped: AtomicU64,
+    parks: AtomicU64,
+    /// Messages accepted into the queue, then dropped (oldest-first shedding, parking).
+    discarded: AtomicU64,
+    /// Milliseconds since the Unix epoch until which the plugin is parked; 0 when not.
+    parked_until_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
     log_gate: LogGate,
     denial_gate: LogGate,
@@ -77,6 +90,12 @@ pub struct StatsSnapshot {
     pub denied: u64,
     /// Publishes into the plugin's own subscriptions refused by the loop guard.
     pub loop_limited: u64,
+    /// `log` lines dropped by the log rate limit.
+    pub logs_dropped: u64,
+    /// Times the circuit breaker parked the plugin.
+    pub parks: u64,
+    /// Until when the plugin is parked (milliseconds since the Unix epoch), if it is.
+    pub parked_until_ms: Option<u64>,
     /// The most recent failure.
     pub last_error: Option<String>,
 }
@@ -96,6 +115,12 @@ impl PluginStats {
             failed: self.failed.load(Ordering::Relaxed),
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
+            logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
+            parks: self.parks.load(Ordering::Relaxed),
+            parked_until_ms: match self.parked_until_ms.load(Ordering::Relaxed) {
+                0 => None,
+                until => Some(until),
+            },
             last_error: self
                 .last_error
                 .lock()
@@ -117,6 +142,34 @@ impl PluginStats {
         self.loop_limited.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
             tracing::warn!(%plugin, suppressed, channel, "loop guard: plugin keeps publishing into its own subscriptions");
+        }
+    }
+
+    /// Counts a `log` line dropped by the rate limit.
+    pub fn record_log_dropped(&self, plugin: &PluginName) {
+        self.logs_dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            tracing::warn!(%plugin, suppressed, "plugin logs too much; dropping its log lines");
+        }
+    }
+
+    /// Whether every accepted message has been handled, failed or discarded.
+    pub fn settled(&self) -> bool {
+        let done = self.handled.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.discarded.load(Ordering::Relaxed);
+        self.accepted.load(Ordering::Relaxed) == done
+    }
+
+    /// Whether the plugin is parked right now.
+    pub fn parked(&self) -> bool {
+        self.parked_until_ms.load(Ordering::Relaxed) > millis_now()
+    }
+
+    fn record_shed(&self, plugin: &PluginName, why: &str) {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.log_gate.admit() {
+            tracing::warn!(%plugin, suppressed, "shedding message: {why}");
         }
     }
 
@@ -162,7 +215,7 @@ impl LogGate {
 #[derive(Clone, Debug)]
 pub struct Inbox {
     plugin: PluginName,
-    tx: mpsc::Sender<Envelope>,
+    queue: Arc<Queue>,
     stats: Arc<PluginStats>,
 }
 
@@ -170,36 +223,51 @@ pub struct Inbox {
 pub fn inbox(
     plugin: PluginName,
     capacity: usize,
+    when_full: WhenFull,
     stats: Arc<PluginStats>,
-) -> (Inbox, mpsc::Receiver<Envelope>) {
-    let (tx, rx) = mpsc::channel(capacity);
-    (Inbox { plugin, tx, stats }, rx)
+) -> Inbox {
+    Inbox {
+        plugin,
+        queue: Arc::new(Queue::new(capacity, when_full)),
+        stats,
+    }
 }
 
 impl Inbox {
-    /// Queues `envelope` if there is room; otherwise sheds it and counts. Never waits: the
-    /// caller is the reading task, and Redis drops a subscriber that stops reading.
+    /// Queues `envelope` if there is room; otherwise sheds by the queue's policy and counts.
+    /// Never waits: the caller is the reading task, and Redis drops a subscriber that stops
+    /// reading.
     pub fn offer(&self, envelope: Envelope) {
-        match self.tx.try_send(envelope) {
+        match self.queue.push(envelope) {
             Ok(()) => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             }
-            Err(error) => {
-                self.stats.shed.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.stats.log_gate.admit() {
-                    let why = match error {
-                        mpsc::error::TrySendError::Full(_) => "queue full",
-                        mpsc::error::TrySendError::Closed(_) => "plugin stopped",
-                    };
-                    tracing::warn!(plugin = %self.plugin, suppressed, "shedding message: {why}");
-                }
+            Err(Shed::Oldest) => {
+                // The new message is in; an older accepted one is gone.
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .record_shed(&self.plugin, "queue full, dropped the oldest");
             }
+            Err(Shed::Newest) => self.stats.record_shed(&self.plugin, "queue full"),
+            Err(Shed::Closed) => self.stats.record_shed(&self.plugin, "plugin stopped"),
         }
     }
 
     /// Messages waiting.
     pub fn depth(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.queue.len()
+    }
+
+    /// Takes the next waiting message, as a worker would (for tests of routing).
+    #[cfg(test)]
+    pub(crate) fn try_take(&self) -> Option<Envelope> {
+        self.queue.try_pop()
+    }
+
+    /// Stops accepting messages; the worker drains the rest and exits.
+    pub fn close(&self) {
+        self.queue.close();
     }
 }
 
@@ -207,53 +275,113 @@ impl Inbox {
 pub fn spawn(
     plugin: PluginName,
     current: Arc<ArcSwap<LoadedPlugin>>,
-    queue: mpsc::Receiver<Envelope>,
-    stats: Arc<PluginStats>,
+    inbox: &Inbox,
+    breaker: BreakerPolicy,
     engine: wasmtime::Engine,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let queue = inbox.queue.clone();
+    let stats = inbox.stats.clone();
     std::thread::Builder::new()
         .name(format!("plugin-{plugin}"))
-        .spawn(move || run(plugin, current, queue, stats, engine))
+        .spawn(move || {
+            Worker {
+                plugin,
+                current,
+                stats,
+                engine,
+                breaker: Breaker::new(breaker),
+                live: None,
+                version: None,
+            }
+            .run(&queue)
+        })
 }
 
-fn run(
+struct Worker {
     plugin: PluginName,
     current: Arc<ArcSwap<LoadedPlugin>>,
-    mut queue: mpsc::Receiver<Envelope>,
     stats: Arc<PluginStats>,
     engine: wasmtime::Engine,
-) {
-    let mut live: Option<Instance> = None;
-    while let Some(envelope) = queue.blocking_recv() {
-        let version = current.load();
-        if !live.as_ref().is_some_and(|i| i.runs(&version)) {
-            // Drop the old store before building the new one: its memory goes first.
-            live = None;
-            match Instance::new(&engine, version.clone(), stats.clone()) {
+    breaker: Breaker,
+    live: Option<Instance>,
+    /// The version the breaker's record is about.
+    version: Option<Arc<LoadedPlugin>>,
+}
+
+impl Worker {
+    fn run(mut self, queue: &Queue) {
+        while let Some(envelope) = queue.pop() {
+            let version = self.current.load_full();
+            if !self
+                .version
+                .as_ref()
+                .is_some_and(|v| Arc::ptr_eq(v, &version))
+            {
+                // A new version gets a fresh start, and its own instance; the old store is
+                // dropped first so that its memory goes before the new one's arrives.
+                self.breaker.reset();
+                self.stats.parked_until_ms.store(0, Ordering::Relaxed);
+                self.live = None;
+                self.version = Some(version.clone());
+            }
+            if self.breaker.parked(Instant::now()) {
+                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .record_shed(&self.plugin, "plugin parked by its circuit breaker");
+                continue;
+            }
+            self.stats.parked_until_ms.store(0, Ordering::Relaxed);
+            let ok = self.handle(&version, envelope);
+            if let Some(backoff) = self.breaker.record(ok, Instant::now()) {
+                self.stats.parks.fetch_add(1, Ordering::Relaxed);
+                let until = millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+                self.stats.parked_until_ms.store(until, Ordering::Relaxed);
+                tracing::error!(plugin = %self.plugin, ?backoff, "plugin keeps failing; parked");
+            }
+        }
+        tracing::debug!(plugin = %self.plugin, "queue closed and drained; worker done");
+    }
+
+    /// Handles one message on a live instance (built if needed); true when it succeeded.
+    fn handle(&mut self, version: &Arc<LoadedPlugin>, envelope: Envelope) -> bool {
+        if self.live.is_none() {
+            match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
                 Ok(instance) => {
-                    tracing::debug!(%plugin, version = %version.hash, "instance ready");
-                    live = Some(instance);
+                    tracing::debug!(plugin = %self.plugin, version = %version.hash, "instance ready");
+                    self.live = Some(instance);
                 }
                 Err(e) => {
-                    stats.record_failure(&plugin, format!("cannot instantiate: {e:#}"));
-                    continue;
+                    self.stats
+                        .record_failure(&self.plugin, format!("cannot instantiate: {e:#}"));
+                    return false;
                 }
             }
         }
-        let Some(instance) = live.as_mut() else {
-            continue;
+        let Some(instance) = self.live.as_mut() else {
+            return false;
         };
         match instance.handle(envelope) {
             Ok(()) => {
-                stats.handled.fetch_add(1, Ordering::Relaxed);
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            Err(CallError::Returned(error)) => stats.record_failure(&plugin, error),
+            Err(CallError::Returned(error)) => {
+                self.stats.record_failure(&self.plugin, error);
+                false
+            }
             Err(CallError::Trapped(trap)) => {
                 // A trap poisons the store: the next message gets a fresh instance.
-                live = None;
-                stats.record_failure(&plugin, format!("trapped: {trap}"));
+                self.live = None;
+                self.stats
+                    .record_failure(&self.plugin, format!("trapped: {trap}"));
+                false
             }
         }
     }
-    tracing::debug!(%plugin, "queue closed and drained; worker done");
+}
+
+fn millis_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

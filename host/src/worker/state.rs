@@ -9,6 +9,7 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiVie
 
 use crate::effects::Effects;
 use crate::effects::loop_guard::LoopGuard;
+use crate::effects::rate::TokenBucket;
 use crate::plugins::Grants;
 use crate::plugins::manifest::Settings;
 use crate::worker::PluginStats;
@@ -27,6 +28,8 @@ pub struct PluginContext {
     pub grants: Grants,
     /// Limits publishes into the plugin's own subscriptions.
     pub loop_guard: LoopGuard,
+    /// Limits the plugin's `log` lines.
+    pub log_limit: TokenBucket,
     /// Its `config` values.
     pub settings: Settings,
     /// Where its effects go.

@@ -1,0 +1,151 @@
+//! The circuit breaker: a plugin that keeps failing is parked instead of burning its deadline
+//! on every message.
+//!
+//! It trips when `failures` of the last `window` messages failed. A parked plugin's messages
+//! are shed (counted) until the back-off has passed; the next message is then a trial: a
+//! success closes the breaker and resets the back-off, a failure parks the plugin again for
+//! twice as long (up to [`MAX_BACKOFF`]). A new version of the plugin starts with a closed
+//! breaker.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The longest a plugin stays parked.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// When the breaker trips and for how long it parks.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerPolicy {
+    /// Failures among the last `window` messages that trip the breaker.
+    pub failures: usize,
+    /// How many recent messages are considered.
+    pub window: usize,
+    /// The first parking period.
+    pub backoff: Duration,
+}
+
+/// One plugin's breaker.
+#[derive(Debug)]
+pub struct Breaker {
+    policy: BreakerPolicy,
+    recent: VecDeque<bool>,
+    backoff: Duration,
+    parked_until: Option<Instant>,
+    trial: bool,
+}
+
+impl Breaker {
+    /// A closed breaker.
+    pub fn new(policy: BreakerPolicy) -> Self {
+        Self {
+            policy,
+            recent: VecDeque::with_capacity(policy.window),
+            backoff: policy.backoff,
+            parked_until: None,
+            trial: false,
+        }
+    }
+
+    /// Whether messages must be shed now. Once the back-off has passed, the breaker lets one
+    /// trial message through.
+    pub fn parked(&mut self, now: Instant) -> bool {
+        match self.parked_until {
+            Some(until) if now < until => true,
+            Some(_) => {
+                self.parked_until = None;
+                self.trial = true;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a message's outcome; returns the parking period if the breaker tripped.
+    pub fn record(&mut self, ok: bool, now: Instant) -> Option<Duration> {
+        if self.trial {
+            self.trial = false;
+            if ok {
+                self.backoff = self.policy.backoff;
+                self.recent.clear();
+                return None;
+            }
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+            return Some(self.park(now));
+        }
+        if self.recent.len() == self.policy.window {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(ok);
+        let failed = self.recent.iter().filter(|ok| !**ok).count();
+        (failed >= self.policy.failures).then(|| self.park(now))
+    }
+
+    fn park(&mut self, now: Instant) -> Duration {
+        self.recent.clear();
+        self.parked_until = Some(now + self.backoff);
+        self.backoff
+    }
+
+    /// Closes the breaker (a new version was loaded).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.policy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerPolicy {
+            failures: 3,
+            window: 5,
+            backoff: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn trips_on_k_failures_of_the_last_m() {
+        let mut b = breaker();
+        let t = Instant::now();
+        assert_eq!(b.record(false, t), None);
+        assert_eq!(b.record(true, t), None);
+        assert_eq!(b.record(false, t), None);
+        assert_eq!(b.record(true, t), None);
+        assert_eq!(b.record(false, t), Some(Duration::from_secs(1)));
+        assert!(b.parked(t));
+        assert!(b.parked(t + Duration::from_millis(999)));
+    }
+
+    #[test]
+    fn old_failures_fall_out_of_the_window() {
+        let mut b = breaker();
+        let t = Instant::now();
+        for ok in [false, false, true, true, true, true, false] {
+            assert_eq!(b.record(ok, t), None);
+        }
+    }
+
+    #[test]
+    fn a_failed_trial_doubles_the_backoff_and_a_good_one_resets_it() {
+        let mut b = breaker();
+        let t = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        let later = t + Duration::from_secs(1);
+        assert!(!b.parked(later), "the trial goes through");
+        assert_eq!(b.record(false, later), Some(Duration::from_secs(2)));
+        let much_later = later + Duration::from_secs(2);
+        assert!(!b.parked(much_later));
+        assert_eq!(b.record(true, much_later), None);
+        for _ in 0..3 {
+            b.record(false, much_later);
+        }
+        assert!(b.parked(much_later + Duration::from_millis(999)));
+        assert!(
+            !b.parked(much_later + Duration::from_secs(1)),
+            "back to the first back-off"
+        );
+    }
+}
