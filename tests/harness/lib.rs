@@ -70,9 +70,22 @@ pub struct TestHost {
 
 impl TestHost {
     /// Starts a host on `redis` configured by `config` (TOML; the Redis URL, plugins folder
-    /// and admin address are the harness's), after `prepare` put files in its plugins folder.
+    /// and admin address are the harness's), after `prepare` put files in its plugins folder,
+    /// and waits until it is ready.
     pub async fn start_with(
         redis: &RedisServer,
+        config: &str,
+        prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        let host = Self::launch(&redis.url(), config, prepare).await?;
+        host.wait_ready().await?;
+        Ok(host)
+    }
+
+    /// Like [`TestHost::start_with`] for the Redis at `redis_url`, without waiting for
+    /// readiness (Redis may be down).
+    pub async fn launch(
+        redis_url: &str,
         config: &str,
         prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
@@ -82,20 +95,18 @@ impl TestHost {
             .tempdir()?;
         prepare(dir.path())?;
         let mut config = Config::from_toml(config, "test config")?;
-        config.redis.url = RedisUrl::new(redis.url());
+        config.redis.url = RedisUrl::new(redis_url);
         config.plugins.dir = dir.path().to_owned();
         config.admin.listen = "127.0.0.1:0".parse()?;
         let host =
             Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
         let admin = host.admin_addr().context("admin endpoint enabled")?;
-        let test_host = Self {
+        Ok(Self {
             host: Some(host),
             dir,
             admin,
             http: reqwest::Client::new(),
-        };
-        test_host.wait_ready().await?;
-        Ok(test_host)
+        })
     }
 
     /// Starts a host with `plugins` installed: (name, component path, manifest text).
@@ -142,10 +153,15 @@ impl TestHost {
 
     /// Waits until `/readyz` answers 200.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.wait_readiness(200).await.map(drop)
+    }
+
+    /// Waits until `/readyz` answers `status`; returns its body.
+    pub async fn wait_readiness(&self, status: u16) -> anyhow::Result<Value> {
         eventually(PATIENCE, || async {
             let response = self.get("/readyz").await?;
-            if response.0 == 200 {
-                Ok(())
+            if response.0 == status {
+                Ok(response.1)
             } else {
                 bail!("/readyz: {} {}", response.0, response.1)
             }

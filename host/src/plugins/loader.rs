@@ -162,12 +162,18 @@ impl Loader {
         wasm: &Path,
         running: Option<(ContentHash, ContentHash)>,
     ) -> Result<Loaded, LoadError> {
-        let bytes = tokio::fs::read(wasm)
-            .await
-            .map_err(|source| LoadError::Read {
-                path: wasm.to_owned(),
-                source,
-            })?;
+        let read_error = |source| LoadError::Read {
+            path: wasm.to_owned(),
+            source,
+        };
+        let size = tokio::fs::metadata(wasm).await.map_err(read_error)?.len();
+        if size > self.max_size {
+            return Err(LoadError::TooLarge {
+                size,
+                limit: self.max_size,
+            });
+        }
+        let bytes = tokio::fs::read(wasm).await.map_err(read_error)?;
         let manifest_path = wasm.with_extension("toml");
         let manifest_text = match tokio::fs::read_to_string(&manifest_path).await {
             Ok(text) => Some(text),

@@ -1,0 +1,499 @@
+//! Fault injection: misbehaving plugins, a Redis that dies and comes back, floods and bad
+//! input. Every test asserts what was handled, what was lost and why, and that nothing else
+//! was affected.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use serde_json::Value;
+use switchyard_tests::{
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, echo_manifest,
+    eventually, plugins, read_plugin, rebuilt,
+};
+
+const FAULTY: &str = "[grants]\npublish = [\"faults\"]\n";
+
+fn stat(entry: &Value, name: &str) -> u64 {
+    entry["stats"][name].as_u64().unwrap_or_default()
+}
+
+/// Publishes `payload` on `fault:x` and waits until faulty has settled it (handled + failed
+/// grew by one); returns its entry.
+async fn fault(host: &TestHost, redis: &RedisServer, payload: &str) -> anyhow::Result<Value> {
+    let before = host.plugin("faulty").await?.unwrap_or_default();
+    let done = stat(&before, "handled") + stat(&before, "failed");
+    redis.publish("fault:x", payload).await?;
+    host.wait_plugin("faulty", "done with the message", |p| {
+        stat(p, "handled") + stat(p, "failed") == done + 1
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("faulty", plugins::FAULTY, Some(FAULTY)),
+            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
+        ],
+    )
+    .await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+
+    let mut reasons = Vec::new();
+    for payload in [
+        "ok",
+        "trap",
+        "ok",
+        "loop",
+        "ok",
+        "alloc:200",
+        "ok",
+        "error",
+        "ok",
+    ] {
+        let entry = fault(&host, &redis, payload).await?;
+        reasons.push(
+            entry["stats"]["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        // The other plugin is untouched throughout.
+        redis.publish("fwd:beat", payload).await?;
+        assert_eq!(forwarded.take(1, PATIENCE).await?[0].payload_str(), payload);
+    }
+    assert!(reasons[1].contains("trapped"), "{reasons:?}");
+    assert!(
+        reasons[3].contains("deadline of 100ms exceeded"),
+        "{reasons:?}"
+    );
+    assert!(reasons[5].contains("memory cap of 64 MiB"), "{reasons:?}");
+    assert!(reasons[7].contains("asked to fail"), "{reasons:?}");
+
+    // A trap costs the instance (its count restarts at 1); an error value does not.
+    let seqs: Vec<String> = replies
+        .take(5, PATIENCE)
+        .await?
+        .iter()
+        .map(|r| r.payload_str())
+        .collect();
+    assert_eq!(seqs, ["ok:1", "ok:1", "ok:1", "ok:1", "ok:3"]);
+    let entry = host.plugin("faulty").await?.unwrap_or_default();
+    assert_eq!(stat(&entry, "handled"), 5);
+    assert_eq!(stat(&entry, "failed"), 4);
+    assert_eq!(
+        entry["state"], "running",
+        "4 failures in 9 do not trip the breaker"
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let config = "[plugins]\nbreaker_failures = 3\nbreaker_window = 5\nbreaker_backoff_ms = 2000\n";
+    let host =
+        TestHost::start_configured(&redis, config, &[("faulty", plugins::FAULTY, Some(FAULTY))])
+            .await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+
+    for _ in 0..3 {
+        fault(&host, &redis, "error").await?;
+    }
+    let parked = host
+        .wait_plugin("faulty", "parked", |p| p["state"] == "parked")
+        .await?;
+    assert_eq!(stat(&parked, "parks"), 1);
+    assert!(parked["stats"]["parked_until_ms"].as_u64().is_some());
+
+    // While parked, messages are shed, not run.
+    redis.publish("fault:x", "ok").await?;
+    host.wait_plugin("faulty", "shedding", |p| stat(p, "shed") == 1)
+        .await?;
+    assert!(
+        replies
+            .drain_for(Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+
+    // After the back-off a trial goes through; success closes the breaker.
+    host.wait_plugin("faulty", "unparked", |p| p["state"] == "running")
+        .await?;
+    redis.publish("fault:x", "ok").await?;
+    assert!(
+        replies.take(1, PATIENCE).await?[0]
+            .payload_str()
+            .starts_with("ok:")
+    );
+
+    // A new file resets the breaker at once.
+    for _ in 0..3 {
+        fault(&host, &redis, "error").await?;
+    }
+    host.wait_plugin("faulty", "parked again", |p| p["state"] == "parked")
+        .await?;
+    host.install(
+        "faulty",
+        &rebuilt(&read_plugin(plugins::FAULTY), "fixed"),
+        None,
+    )?;
+    host.wait_plugin("faulty", "reloaded", |p| p["reloads"] == 1)
+        .await?;
+    redis.publish("fault:x", "ok").await?;
+    assert_eq!(replies.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stuck_plugin_does_not_slow_another() -> anyhow::Result<()> {
+    const N: usize = 1000;
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("faulty", plugins::FAULTY, Some(FAULTY)),
+            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
+        ],
+    )
+    .await?;
+    let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+
+    // Every faulty message runs into its 100 ms deadline: N of them would take 100 s.
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        pipe.publish("fault:x", "loop").ignore();
+        pipe.publish("fwd:x", i.to_string()).ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    let got = forwarded.take(N, PATIENCE).await?;
+    for (i, message) in got.iter().enumerate() {
+        assert_eq!(message.payload_str(), i.to_string());
+    }
+    let forward = host.plugin("forward").await?.unwrap_or_default();
+    assert_eq!(stat(&forward, "shed"), 0);
+    assert_eq!(stat(&forward, "failed"), 0);
+    // The stuck plugin's own messages are what suffers: its breaker parks it and its queue
+    // is shed instead of run.
+    let stuck = host
+        .wait_plugin("faulty", "parked and shedding", |p| {
+            stat(p, "parks") >= 1 && stat(p, "shed") > 0
+        })
+        .await?;
+    assert!(stat(&stuck, "handled") == 0, "{stuck}");
+    let (status, _) = host.get("/readyz").await?;
+    assert_eq!(status, 200, "the subscriber connection stayed up");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_and_restarted_redis_is_resubscribed() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+
+    redis.kill().await;
+    let down = host.wait_readiness(503).await?;
+    assert_eq!(down["source"]["connected"], false);
+
+    redis.restart().await?;
+    let up = host.wait_readiness(200).await?;
+    assert_eq!(up["source"]["reconnects"], 1);
+    assert_eq!(up["source"]["patterns"], 1);
+    let mut connection = redis.connection().await?;
+    let patterns: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut connection)
+        .await?;
+    assert_eq!(patterns, 1, "exactly the current set is subscribed again");
+
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    // The publishing connection reconnects on first use after the outage, so the first
+    // publishes may fail inside the plugin; keep publishing until one comes through.
+    let started = std::time::Instant::now();
+    loop {
+        redis.publish("fwd:back", "again").await?;
+        if let Ok(message) = out.next(Duration::from_millis(200)).await {
+            assert_eq!(message.payload_str(), "again");
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < PATIENCE,
+            "nothing forwarded after the restart"
+        );
+    }
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_subscriber_connection_is_reestablished() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    let mut connection = redis.connection().await?;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut connection)
+        .await?;
+    assert_eq!(killed, 1);
+    host.wait_plugin("forward", "still loaded", |p| p["state"] == "running")
+        .await?;
+    let ready = eventually(PATIENCE, || async {
+        let (status, body) = host.get("/readyz").await?;
+        if status == 200 && body["source"]["reconnects"] == 1 {
+            Ok(body)
+        } else {
+            bail!("not reconnected yet: {body}")
+        }
+    })
+    .await?;
+    assert_eq!(ready["source"]["patterns"], 1);
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:x", "after").await?;
+    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "after");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    redis.kill().await;
+    let host = TestHost::launch(&redis.url(), "", |dir| {
+        copy_plugin(
+            dir,
+            "forward",
+            plugins::FORWARD.as_ref(),
+            Some(FORWARD_MANIFEST),
+        )
+    })
+    .await?;
+    let down = host.wait_readiness(503).await?;
+    assert_eq!(down["source"]["connected"], false);
+    assert!(down["source"]["last_error"].as_str().is_some(), "{down}");
+
+    redis.restart().await?;
+    host.wait_ready().await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:x", "late").await?;
+    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "late");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_during_an_outage_fails_fast_instead_of_hanging() -> anyhow::Result<()> {
+    const QUEUED: u64 = 30;
+    let mut redis = RedisServer::start().await?;
+    let host = TestHost::start(&redis, &[("faulty", plugins::FAULTY, Some(FAULTY))]).await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+
+    // Each message computes for a while before publishing its answer.
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for _ in 0..QUEUED {
+        pipe.publish("fault:x", "spin:20").ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+    replies.take(1, PATIENCE).await?;
+    redis.kill().await;
+
+    // The rest of the queue drains: each publish fails with an error, none hangs (and after
+    // five failures the breaker parks the plugin, shedding the rest).
+    let entry = host
+        .wait_plugin("faulty", "drained", |p| {
+            stat(p, "handled") + stat(p, "failed") + stat(p, "shed") == QUEUED
+                && p["queue_depth"] == 0
+        })
+        .await?;
+    assert!(stat(&entry, "failed") > 0, "{entry}");
+    assert!(
+        entry["stats"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unavailable")),
+        "{entry}"
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_payloads_are_dropped_before_plugins_and_counted() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start_configured(
+        &redis,
+        "[plugins]\nmax_payload_bytes = 1024\n",
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:big", "x".repeat(1025)).await?;
+    redis.publish("fwd:fits", "x".repeat(1024)).await?;
+    let got = out.take(1, PATIENCE).await?;
+    assert_eq!(got[0].channel_str(), "fwded:fits");
+    let (_, listing) = host.get("/plugins").await?;
+    assert_eq!(listing["oversize"], 1);
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_names_with_glob_metacharacters_are_literal_where_they_should_be()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let manifest = echo_manifest(&["odd*?[name]"], &[r"lit\*:*"], "seen", "");
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    for channel in ["odd*?[name]", "oddX?[name]", "lit*:1", "litX:1", "odd*?[n]"] {
+        redis.publish(channel, channel).await?;
+    }
+    let got: Vec<String> = seen
+        .take(2, PATIENCE)
+        .await?
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.payload).unwrap_or_default()["channel"].to_string()
+        })
+        .collect();
+    assert_eq!(got, [r#""odd*?[name]""#, r#""lit*:1""#]);
+    assert!(seen.drain_for(Duration::from_millis(200)).await.is_empty());
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_files_and_manifests_are_refused_with_their_reason() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start_with(&redis, "[plugins]\nmax_wasm_mib = 1\n", |dir| {
+        // A 2 MiB file (sparse: nothing is written) over the 1 MiB limit.
+        std::fs::File::create(dir.join("huge.wasm"))?.set_len(2 << 20)?;
+        copy_plugin(
+            dir,
+            "typo",
+            plugins::FORWARD.as_ref(),
+            Some("[limits]\ndeadline_ms = \"fast\"\n"),
+        )?;
+        copy_plugin(
+            dir,
+            "unknown",
+            plugins::FORWARD.as_ref(),
+            Some("[grants]\noutputs = [\"nowhere\"]\n"),
+        )?;
+        Ok(())
+    })
+    .await?;
+    for (name, kind, text) in [
+        ("huge", "size", "over the limit"),
+        ("typo", "manifest", "deadline_ms"),
+        ("unknown", "manifest", r#"output "nowhere" is not defined"#),
+    ] {
+        let entry = host.plugin(name).await?.unwrap_or_default();
+        assert_eq!(entry["state"], "failed", "{entry}");
+        assert_eq!(entry["load_error"]["kind"], kind, "{entry}");
+        assert!(
+            entry["load_error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(text)),
+            "{entry}"
+        );
+    }
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_flooding_the_log_is_limited_and_counted() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("faulty", plugins::FAULTY, Some(FAULTY)),
+            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
+        ],
+    )
+    .await?;
+    // 1,000 lines of 64 KiB in one call: 64 MB of log asked for.
+    let entry = fault(&host, &redis, "log:1000").await?;
+    assert_eq!(stat(&entry, "handled"), 1);
+    assert!(stat(&entry, "logs_dropped") >= 700, "{entry}");
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:x", "unaffected").await?;
+    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "unaffected");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow::Result<()> {
+    const BATCH: usize = 100;
+    const REPLACEMENTS: u64 = 20;
+    let redis = RedisServer::start().await?;
+    let echo = read_plugin(plugins::ECHO);
+    let manifest = |tag: u64| echo_manifest(&[], &["load:*"], "seen", &format!("v{tag:02}"));
+    let host = TestHost::start_configured(
+        &redis,
+        "[plugins]\nqueue_capacity = 1000000\n",
+        &[("echo", plugins::ECHO, Some(&manifest(0)))],
+    )
+    .await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut connection = redis.connection().await?;
+
+    // Batches of 100 every 10 ms (10,000 messages a second offered) for as long as it takes
+    // to deploy 20 new files, each as soon as the previous one is live, then a little more.
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0usize;
+    let mut replaced = 0u64;
+    let mut tail = 20;
+    while tail > 0 {
+        pace.tick().await;
+        let mut pipe = redis::pipe();
+        for i in sent..sent + BATCH {
+            pipe.publish("load:x", i.to_string()).ignore();
+        }
+        let () = pipe.query_async(&mut connection).await?;
+        sent += BATCH;
+        let reloads = host
+            .plugin("echo")
+            .await?
+            .and_then(|p| p["reloads"].as_u64())
+            .unwrap_or_default();
+        if reloads == REPLACEMENTS {
+            tail -= 1;
+        } else if reloads == replaced && replaced < REPLACEMENTS {
+            replaced += 1;
+            host.install(
+                "echo",
+                &rebuilt(&echo, &replaced.to_string()),
+                Some(&manifest(replaced)),
+            )?;
+        }
+        anyhow::ensure!(sent < 2_000_000, "the replacements never took effect");
+    }
+
+    let reports = seen.take(sent, Duration::from_secs(60)).await?;
+    let mut last_tag = String::new();
+    let mut versions = 0;
+    for (i, report) in reports.iter().enumerate() {
+        let report: Value = serde_json::from_slice(&report.payload)?;
+        assert_eq!(
+            report["payload"],
+            i.to_string(),
+            "message {i} lost, doubled or reordered"
+        );
+        let tag = report["tag"].as_str().unwrap_or_default().to_owned();
+        assert!(tag >= last_tag, "{tag} after {last_tag}");
+        if tag != last_tag {
+            versions += 1;
+        }
+        last_tag = tag;
+    }
+    assert!(seen.drain_for(Duration::from_millis(300)).await.is_empty());
+    let entry = host.plugin("echo").await?.unwrap_or_default();
+    assert_eq!(stat(&entry, "shed"), 0);
+    assert_eq!(stat(&entry, "handled"), sent as u64);
+    assert_eq!(entry["reloads"], REPLACEMENTS);
+    assert!(versions >= 15, "only {versions} versions handled messages");
+    tracing::info!(sent, versions, "replacements under load");
+    host.stop().await
+}
