@@ -15,6 +15,17 @@ use crate::plugins::manifest::Settings;
 use crate::worker::PluginStats;
 use crate::{ContentHash, PluginName};
 
+/// Core instances one plugin store may hold. A Rust component is made of a handful (its
+/// module, the WASI adapter, shims); guests from other languages need a few more.
+pub const MAX_INSTANCES: usize = 64;
+/// Tables one plugin store may hold.
+pub const MAX_TABLES: usize = 64;
+/// Elements one table may grow to: far beyond any real guest's function tables, low enough
+/// that a hostile `table.grow` cannot take the host's memory.
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// Linear memories one plugin store may hold.
+pub const MAX_MEMORIES: usize = 16;
+
 /// Everything about one loaded plugin version that its host imports need.
 #[derive(Debug)]
 pub struct PluginContext {
@@ -61,6 +72,10 @@ impl HostState {
             // A failed `memory.grow` traps with a clear message instead of letting the guest's
             // allocator abort in some less legible way.
             .trap_on_grow_failure(true)
+            .instances(MAX_INSTANCES)
+            .tables(MAX_TABLES)
+            .table_elements(MAX_TABLE_ELEMENTS)
+            .memories(MAX_MEMORIES)
             .build();
         Self {
             plugin,
