@@ -425,8 +425,8 @@ async fn a_plugin_flooding_the_log_is_limited_and_counted() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow::Result<()> {
-    const BATCH: usize = 100;
-    const REPLACEMENTS: u64 = 20;
+    const BATCH: usize = 200;
+    const REPLACEMENTS: u64 = 24;
     let redis = RedisServer::start().await?;
     let echo = read_plugin(plugins::ECHO);
     let manifest = |tag: u64| echo_manifest(&[], &["load:*"], "seen", &format!("v{tag:02}"));
@@ -439,8 +439,8 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
     let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
     let mut connection = redis.connection().await?;
 
-    // Batches of 100 every 10 ms (10,000 messages a second offered) for as long as it takes
-    // to deploy 20 new files, each as soon as the previous one is live, then a little more.
+    // Batches of 200 every 10 ms (20,000 messages a second offered) for as long as it takes
+    // to deploy 24 new files, each as soon as the previous one is live, then a little more.
     let mut pace = tokio::time::interval(Duration::from_millis(10));
     let mut sent = 0usize;
     let mut replaced = 0u64;
@@ -471,7 +471,9 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
         anyhow::ensure!(sent < 2_000_000, "the replacements never took effect");
     }
 
-    let reports = seen.take(sent, Duration::from_secs(60)).await?;
+    // The plugin works through the backlog at its own pace; allow it at least 2,000 a second.
+    let allowance = Duration::from_secs(60).max(Duration::from_millis(sent as u64 / 2));
+    let reports = seen.take(sent, allowance).await?;
     let mut last_tag = String::new();
     let mut versions = 0;
     for (i, report) in reports.iter().enumerate() {
@@ -493,7 +495,7 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
     assert_eq!(stat(&entry, "shed"), 0);
     assert_eq!(stat(&entry, "handled"), sent as u64);
     assert_eq!(entry["reloads"], REPLACEMENTS);
-    assert!(versions >= 15, "only {versions} versions handled messages");
+    assert!(versions >= 18, "only {versions} versions handled messages");
     tracing::info!(sent, versions, "replacements under load");
     host.stop().await
 }
