@@ -17,6 +17,18 @@ fn stat(entry: &Value, name: &str) -> u64 {
     entry["stats"][name].as_u64().unwrap_or_default()
 }
 
+/// A host running `faulty` (on `fault:*`) and `forward` (on `fwd:*`) side by side.
+async fn faulty_beside_forward(redis: &RedisServer) -> anyhow::Result<TestHost> {
+    TestHost::start(
+        redis,
+        &[
+            ("faulty", plugins::FAULTY, Some(FAULTY)),
+            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
+        ],
+    )
+    .await
+}
+
 /// Publishes `payload` on `fault:x` and waits until faulty has settled it (handled + failed
 /// grew by one); returns its entry.
 async fn fault(host: &TestHost, redis: &RedisServer, payload: &str) -> anyhow::Result<Value> {
@@ -32,14 +44,7 @@ async fn fault(host: &TestHost, redis: &RedisServer, payload: &str) -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[
-            ("faulty", plugins::FAULTY, Some(FAULTY)),
-            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
-        ],
-    )
-    .await?;
+    let host = faulty_beside_forward(&redis).await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
     let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
 
@@ -153,14 +158,7 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
 async fn one_stuck_plugin_does_not_slow_another() -> anyhow::Result<()> {
     const N: usize = 1000;
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[
-            ("faulty", plugins::FAULTY, Some(FAULTY)),
-            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
-        ],
-    )
-    .await?;
+    let host = faulty_beside_forward(&redis).await?;
     let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
 
     // Every faulty message runs into its 100 ms deadline: N of them would take 100 s.
@@ -405,14 +403,7 @@ async fn bad_files_and_manifests_are_refused_with_their_reason() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_flooding_the_log_is_limited_and_counted() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let host = TestHost::start(
-        &redis,
-        &[
-            ("faulty", plugins::FAULTY, Some(FAULTY)),
-            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
-        ],
-    )
-    .await?;
+    let host = faulty_beside_forward(&redis).await?;
     // 1,000 lines of 64 KiB in one call: 64 MB of log asked for.
     let entry = fault(&host, &redis, "log:1000").await?;
     assert_eq!(stat(&entry, "handled"), 1);
