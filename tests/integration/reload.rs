@@ -178,3 +178,47 @@ async fn removed_plugin_is_unloaded_and_unsubscribed() -> anyhow::Result<()> {
     assert_eq!(redis.publish("fwd:x", "nobody").await?, 0);
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_deploys_the_new_version() -> anyhow::Result<()> {
+    use std::os::unix::fs::symlink;
+
+    // Kubernetes mounts a ConfigMap as NAME -> ..data/NAME, with ..data a symlink to a
+    // timestamped folder; an update writes a new folder and renames a new ..data over the
+    // old one. No file named NAME.wasm changes: only the link it goes through.
+    let redis = RedisServer::start().await?;
+    let echo = read_plugin(plugins::ECHO);
+    let version = |dir: &std::path::Path, tag: &str| -> anyhow::Result<()> {
+        std::fs::create_dir(dir)?;
+        std::fs::write(dir.join("echo.wasm"), rebuilt(&echo, tag))?;
+        std::fs::write(
+            dir.join("echo.toml"),
+            echo_manifest(&[], &["cm:*"], "seen", tag),
+        )?;
+        Ok(())
+    };
+    let host = TestHost::start_with(&redis, "", |dir| {
+        version(&dir.join("..2026_11_29_v1"), "v1")?;
+        symlink("..2026_11_29_v1", dir.join("..data"))?;
+        symlink("..data/echo.wasm", dir.join("echo.wasm"))?;
+        symlink("..data/echo.toml", dir.join("echo.toml"))?;
+        Ok(())
+    })
+    .await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    redis.publish("cm:1", "before").await?;
+    let before: Value = serde_json::from_slice(&seen.take(1, PATIENCE).await?[0].payload)?;
+    assert_eq!(before["tag"], "v1");
+
+    let dir = host.dir().to_owned();
+    version(&dir.join("..2026_11_29_v2"), "v2")?;
+    symlink("..2026_11_29_v2", dir.join("..data_tmp"))?;
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data"))?;
+
+    host.wait_plugin("echo", "reloaded", |p| p["reloads"] == 1)
+        .await?;
+    redis.publish("cm:2", "after").await?;
+    let after: Value = serde_json::from_slice(&seen.take(1, PATIENCE).await?[0].payload)?;
+    assert_eq!(after["tag"], "v2");
+    host.stop().await
+}
