@@ -1,7 +1,8 @@
 //! The command line: `switchyard run` and `switchyard demo`.
 //!
-//! Exit status: 0 after a clean stop, 2 when the configuration is unusable (the message
-//! names the key and the file), 1 for any other failure.
+//! Exit status: 0 after a clean stop (SIGINT or SIGTERM, queues drained), 2 when the
+//! configuration is unusable (the message names the key and the file), 130 when a second
+//! signal cut the drain short, 1 for any other failure.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,8 +14,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::app::{Broker, Host};
 use crate::config::{Config, ConfigError, RedisUrl};
 
-/// How long a stopping host waits for plugin queues to drain.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+/// The exit status after a second SIGINT/SIGTERM cut the drain short (128 + SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// A second stop signal arrived while draining.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped at once by a second signal; messages still queued were not handled")]
+pub struct Interrupted;
 
 /// Routes Redis pub/sub messages to hot-reloaded WebAssembly plugins.
 #[derive(Debug, Parser)]
@@ -114,6 +120,8 @@ pub fn main(cli: Cli) -> ExitCode {
             eprintln!("switchyard: {error:#}");
             if error.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)
+            } else if error.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::FAILURE
             }
@@ -132,8 +140,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
     stop_signal().await;
-    tracing::info!("stopping: draining plugin queues");
-    host.stop(DRAIN_DEADLINE).await
+    let drain = Duration::from_millis(config.plugins.drain_ms);
+    tracing::info!(
+        ?drain,
+        "stopping: draining plugin queues (a second signal stops at once)"
+    );
+    tokio::select! {
+        stopped = host.stop(drain) => stopped,
+        () = stop_signal() => Err(Interrupted.into()),
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -248,6 +248,9 @@ pub struct PluginsConfig {
     /// Larger `.wasm` files are rejected without being read.
     #[serde(default = "default_max_wasm_mib")]
     pub max_wasm_mib: u64,
+    /// On SIGTERM, how long queued messages may take to drain before the host exits anyway.
+    #[serde(default = "default_drain_ms")]
+    pub drain_ms: u64,
 }
 
 /// `[admin]`
@@ -282,6 +285,7 @@ impl Default for PluginsConfig {
             breaker_backoff_ms: default_breaker_backoff_ms(),
             max_payload_bytes: default_max_payload_bytes(),
             max_wasm_mib: default_max_wasm_mib(),
+            drain_ms: default_drain_ms(),
         }
     }
 }
@@ -343,6 +347,11 @@ fn default_max_payload_bytes() -> usize {
 /// Python components are about 18 MB and JavaScript ones about 13 MB; 128 MiB leaves room.
 fn default_max_wasm_mib() -> u64 {
     128
+}
+
+/// Kubernetes' default grace period is 30 s; draining in 10 leaves room for the rest.
+fn default_drain_ms() -> u64 {
+    10_000
 }
 
 fn default_admin_addr() -> SocketAddr {

@@ -118,70 +118,136 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `switchyard run` with `forward` (and its grant) in a fresh plugins folder, once ready.
+struct RunningHost {
+    child: tokio::process::Child,
+    admin: String,
+    _plugins: tempfile::TempDir,
+}
+
+impl RunningHost {
+    async fn start(redis: &RedisServer) -> anyhow::Result<Self> {
+        let plugins = tempfile::tempdir()?;
+        std::fs::write(
+            plugins.path().join("forward.wasm"),
+            switchyard::demo::examples::FORWARD,
+        )?;
+        std::fs::write(
+            plugins.path().join("forward.toml"),
+            include_str!("../../plugins/forward/forward.toml"),
+        )?;
+        let admin = format!("127.0.0.1:{}", free_port()?);
+        let child = switchyard()
+            .args([
+                "run",
+                "--redis",
+                &redis.url(),
+                "--admin",
+                &admin,
+                "--plugins",
+            ])
+            .arg(plugins.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let host = Self {
+            child,
+            admin,
+            _plugins: plugins,
+        };
+        let started = Instant::now();
+        while host.get("/readyz").await.map(|(status, _)| status) != Some(200) {
+            anyhow::ensure!(
+                started.elapsed() < PATIENCE,
+                "switchyard run never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(host)
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, serde_json::Value)> {
+        let response = reqwest::get(format!("http://{}{path}", self.admin))
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.json().await.unwrap_or_default()))
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {signal} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit: (exit code, its log).
+    async fn exit(self) -> anyhow::Result<(Option<i32>, String)> {
+        let output = tokio::time::timeout(PATIENCE, self.child.wait_with_output()).await??;
+        Ok((
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_forwards_messages_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let plugins = tempfile::tempdir()?;
-    std::fs::write(
-        plugins.path().join("forward.wasm"),
-        switchyard::demo::examples::FORWARD,
-    )?;
-    std::fs::write(
-        plugins.path().join("forward.toml"),
-        include_str!("../../plugins/forward/forward.toml"),
-    )?;
-    let admin = format!("127.0.0.1:{}", free_port()?);
-    let mut child = switchyard()
-        .args([
-            "run",
-            "--redis",
-            &redis.url(),
-            "--admin",
-            &admin,
-            "--plugins",
-        ])
-        .arg(plugins.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let host = RunningHost::start(&redis).await?;
+    let mut out = Subscriber::new(&redis, &["fwded:x"], &[]).await?;
+    redis.publish("fwd:x", "hello").await?;
+    let forwarded = out.take(1, PATIENCE).await;
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    let got = forwarded.map_err(|e| anyhow::anyhow!("{e}\nswitchyard's log:\n{log}"))?;
+    assert_eq!(got[0].payload_str(), "hello");
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stopping"), "{log}");
+    Ok(())
+}
 
-    let http = reqwest::Client::new();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::Result<()> {
+    // Within the default queue of 4,096, so that every message is accepted.
+    const N: usize = 4_000;
+    let redis = RedisServer::start().await?;
+    let host = RunningHost::start(&redis).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        pipe.publish("fwd:x", i.to_string()).ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    // Signal once every message is queued, while the plugin is still working through them.
     let started = Instant::now();
-    loop {
-        let ready = http.get(format!("http://{admin}/readyz")).send().await;
-        if ready.is_ok_and(|r| r.status() == 200) {
-            break;
+    let backlog = loop {
+        let (_, listing) = host.get("/plugins").await.unwrap_or_default();
+        let stats = &listing["plugins"][0]["stats"];
+        if stats["accepted"] == N {
+            break N as u64 - stats["handled"].as_u64().unwrap_or_default();
         }
         anyhow::ensure!(
             started.elapsed() < PATIENCE,
-            "switchyard run never became ready"
+            "messages never all queued: {listing}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    let mut out = Subscriber::new(&redis, &["fwded:x"], &[]).await?;
-    redis.publish("fwd:x", "hello").await?;
-    let got = match out.take(1, PATIENCE).await {
-        Ok(got) => got,
-        Err(e) => {
-            let _ = child.start_kill();
-            let output = child.wait_with_output().await?;
-            anyhow::bail!(
-                "{e}\nswitchyard's log:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    assert_eq!(got[0].payload_str(), "hello");
-
-    let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    assert!(status.success());
-    let output = tokio::time::timeout(PATIENCE, child.wait_with_output()).await??;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("stopping"), "{stderr}");
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    assert_eq!(code, Some(0), "{log}");
+    let got = out.take(N, PATIENCE).await?;
+    assert_eq!(
+        got.last().map(|m| m.payload_str()),
+        Some((N - 1).to_string())
+    );
+    assert!(
+        backlog > 0,
+        "nothing was left to drain; the test proved nothing"
+    );
     Ok(())
 }
