@@ -44,6 +44,17 @@ pub enum Command {
     Run(RunArgs),
     /// Run the example plugins on an embedded broker and show what they do (no Redis needed).
     Demo,
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `switchyard config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration (file, environment, flags) and print the effective
+    /// settings, secrets masked. Exit status 2 when it is unusable.
+    Check(RunArgs),
 }
 
 /// `switchyard run` options; flags override the configuration file.
@@ -75,10 +86,8 @@ pub enum LogFormat {
 impl RunArgs {
     /// The configuration: the file (or defaults), then the flags.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut config = Config::load(self.config.as_deref(), &env)?;
         if let Some(url) = &self.redis {
             config.redis.url = RedisUrl::new(url.clone());
         }
@@ -98,7 +107,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // The demo's output is the story it prints; the host's own logs would bury it.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Demo => "warn",
+        Command::Demo | Command::Config(_) => "warn",
     };
     init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -112,6 +121,11 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Demo => crate::demo::run(&mut std::io::stdout()).await,
+            Command::Config(ConfigCommand::Check(args)) => {
+                let config = args.resolve()?;
+                print!("{}", effective_settings(&config));
+                Ok(())
+            }
         }
     });
     match result {
@@ -149,6 +163,79 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         stopped = host.stop(drain) => stopped,
         () = stop_signal() => Err(Interrupted.into()),
     }
+}
+
+/// The effective configuration as TOML-like text, with passwords and header values masked.
+pub fn effective_settings(config: &Config) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let p = &config.plugins;
+    let _ = writeln!(out, "[redis]\nurl = {:?}\n", config.redis.url.masked());
+    let _ = writeln!(
+        out,
+        "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_capacity = {}\nwhen_full = {:?}\n\
+         deadline_ms = {}\nmemory_mib = {}\nsettle_ms = {}\nbreaker_failures = {}\n\
+         breaker_window = {}\nbreaker_backoff_ms = {}\nmax_payload_bytes = {}\n\
+         max_wasm_mib = {}\ndrain_ms = {}\n",
+        p.dir.display(),
+        p.policy,
+        p.queue_capacity,
+        p.when_full,
+        p.deadline_ms,
+        p.memory_mib,
+        p.settle_ms,
+        p.breaker_failures,
+        p.breaker_window,
+        p.breaker_backoff_ms,
+        p.max_payload_bytes,
+        p.max_wasm_mib,
+        p.drain_ms
+    );
+    let _ = writeln!(out, "[admin]\nlisten = \"{}\"\n", config.admin.listen);
+    let _ = writeln!(
+        out,
+        "[invalidation]\nbroadcast = {:?}\n",
+        config.invalidation.broadcast
+    );
+    for (name, output) in &config.outputs {
+        let _ = writeln!(out, "[outputs.{name}]");
+        let _ = match output {
+            crate::config::OutputConfig::Http {
+                url,
+                method,
+                headers,
+                timeout_ms,
+                retries,
+                backoff_ms,
+            } => writeln!(
+                out,
+                "kind = \"http\"\nurl = {:?}\nmethod = {method:?}\nheaders = {:?}\n\
+                 timeout_ms = {timeout_ms}\nretries = {retries}\nbackoff_ms = {backoff_ms}\n",
+                RedisUrl::new(url.clone()).masked(),
+                headers
+                    .keys()
+                    .map(|h| format!("{h} = ***"))
+                    .collect::<Vec<_>>()
+            ),
+            crate::config::OutputConfig::File { path } => {
+                writeln!(out, "kind = \"file\"\npath = {path:?}\n")
+            }
+            crate::config::OutputConfig::Stdout {} => writeln!(out, "kind = \"stdout\"\n"),
+            crate::config::OutputConfig::Redis { url, channel } => writeln!(
+                out,
+                "kind = \"redis\"\nurl = {:?}\nchannel = {channel:?}\n",
+                RedisUrl::new(url.clone()).masked()
+            ),
+        };
+    }
+    for (plugin, grants) in &config.grants {
+        let _ = writeln!(
+            out,
+            "[grants.{plugin}]\npublish = {:?}\ninvalidate = {:?}\noutputs = {:?}\n",
+            grants.publish, grants.invalidate, grants.outputs
+        );
+    }
+    out
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -177,6 +177,24 @@ fn default_http_backoff_ms() -> u64 {
     100
 }
 
+/// Sets `section.key` in a parsed configuration.
+fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+    let entry = table
+        .entry(section)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(section) = entry {
+        section.insert(key.to_owned(), value);
+    }
+}
+
+/// An environment value as TOML when it parses as a TOML value, as text otherwise.
+fn env_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
 /// Replaces every `${VAR}` in `text` with the environment variable's value.
 pub fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
@@ -429,7 +447,68 @@ impl ConfigError {
     }
 }
 
+/// Environment variables that override configuration keys start with this.
+pub const ENV_PREFIX: &str = "SWITCHYARD_";
+
+/// Sections whose keys the environment may set, as `SWITCHYARD_<SECTION>_<KEY>`.
+const ENV_SECTIONS: &[&str] = &["redis", "plugins", "admin", "invalidation"];
+
 impl Config {
+    /// The configuration from `file` (or the defaults), overridden by the environment `env`:
+    /// `REDIS_URL`, or `REDIS_HOST` (and `REDIS_PORT`), as Redis deployments set them, then
+    /// `SWITCHYARD_<SECTION>_<KEY>` for every key of `[redis]`, `[plugins]`, `[admin]` and
+    /// `[invalidation]` (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`). Values are read as TOML
+    /// when they parse as such (numbers, booleans, arrays) and as text otherwise.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let (text, origin) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::one(format!("{}: cannot read: {e}", path.display()))
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_owned()),
+        };
+        let mut table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError::one(format!("{origin}: {}", e.to_string().trim_end())))?;
+        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let mut overrides = Vec::new();
+        let conventional = var("REDIS_URL").map(|url| ("REDIS_URL", url)).or_else(|| {
+            var("REDIS_HOST").map(|host| {
+                let port = var("REDIS_PORT").unwrap_or_else(|| "6379".to_owned());
+                ("REDIS_HOST/REDIS_PORT", format!("redis://{host}:{port}"))
+            })
+        });
+        if let Some((source, url)) = conventional {
+            set(&mut table, "redis", "url", toml::Value::String(url));
+            overrides.push(format!("redis.url from {source}"));
+        }
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let rest = rest.to_lowercase();
+            let Some((section, key)) = ENV_SECTIONS.iter().find_map(|section| {
+                let key = rest.strip_prefix(section)?.strip_prefix('_')?;
+                Some((*section, key))
+            }) else {
+                continue;
+            };
+            set(&mut table, section, key, env_value(value));
+            overrides.push(format!("{section}.{key} from {name}"));
+        }
+        let origin = if overrides.is_empty() {
+            origin
+        } else {
+            format!("{origin} with {}", overrides.join(", "))
+        };
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::one(format!("{origin}: {}", e.to_string().trim_end()))
+        })?;
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -687,6 +766,51 @@ outputs = ["email", "audit"]
         );
         assert_eq!(expand_env("plain").unwrap(), "plain");
         assert!(expand_env("${UNTERMINATED").is_err());
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_and_names_itself_in_errors() {
+        let config = Config::load(
+            None,
+            &env(&[
+                ("REDIS_HOST", "cache"),
+                ("REDIS_PORT", "6380"),
+                ("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "8192"),
+                ("SWITCHYARD_PLUGINS_DIR", "/plugins"),
+                ("SWITCHYARD_ADMIN_LISTEN", "0.0.0.0:9090"),
+                ("SWITCHYARD_GATEWAY_TOKEN", "not a key: ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.redis.url.expose(), "redis://cache:6380");
+        assert_eq!(config.plugins.queue_capacity, 8192);
+        assert_eq!(config.plugins.dir, PathBuf::from("/plugins"));
+        assert_eq!(config.admin.listen.to_string(), "0.0.0.0:9090");
+
+        let config = Config::load(
+            None,
+            &env(&[
+                ("REDIS_URL", "redis://a:1"),
+                ("SWITCHYARD_REDIS_URL", "redis://b:2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.redis.url.expose(), "redis://b:2", "SWITCHYARD_ wins");
+
+        let err = Config::load(None, &env(&[("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SWITCHYARD_PLUGINS_QUEUE_CAPACITY"), "{err}");
+        let err = Config::load(None, &env(&[("SWITCHYARD_PLUGINS_COLOUR", "red")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,53 @@ async fn unknown_config_key_exits_2_and_names_the_key_and_file() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        "[outputs.email]\nkind = \"http\"\nurl = \"https://gw.example/send\"\n\
+         headers = { Authorization = \"Bearer hunter2\" }\n",
+    )?;
+    let output = switchyard()
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .env("REDIS_URL", "redis://app:s3cret@cache:6379")
+        .env("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "8192")
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("url = \"redis://app:***@cache:6379\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("queue_capacity = 8192"), "{stdout}");
+    assert!(stdout.contains("Authorization = ***"), "{stdout}");
+    assert!(
+        !stdout.contains("s3cret") && !stdout.contains("hunter2"),
+        "{stdout}"
+    );
+
+    let bad = switchyard()
+        .args(["config", "check"])
+        .env("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "lots")
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("SWITCHYARD_PLUGINS_QUEUE_CAPACITY"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_plugins_folder_is_a_clear_error() -> anyhow::Result<()> {
     let output = switchyard()
         .args([
