@@ -168,6 +168,12 @@ impl Host {
             Some(listener) => {
                 let addr = listener.local_addr()?;
                 let state = Arc::new(AdminState {
+                    metrics: admin::metrics::registry(
+                        registry.clone(),
+                        source.clone(),
+                        router.clone(),
+                        outputs.clone(),
+                    ),
                     registry: registry.clone(),
                     source: source.clone(),
                     router: router.clone(),

@@ -141,6 +141,11 @@ impl TestHost {
         .await
     }
 
+    /// The admin endpoint's address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// The plugins folder.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -168,3 +168,62 @@ async fn admin_endpoints_report_health_readiness_and_plugins() -> anyhow::Result
     assert_eq!(forward["stats"]["failed"], 0);
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_traffic() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    for i in 0..10 {
+        redis.publish(format!("fwd:{i}"), "x").await?;
+    }
+    redis.publish("nobody:listens", "x").await?;
+    out.take(10, PATIENCE).await?;
+    host.wait_plugin("forward", "done", |p| p["stats"]["handled"] == 10)
+        .await?;
+
+    let response = reqwest::get(format!("http://{}/metrics", host.admin())).await?;
+    assert!(
+        response.headers()["content-type"]
+            .to_str()?
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await?;
+    let value = |series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value(r#"switchyard_plugin_messages_total{plugin="forward",outcome="handled"}"#),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"switchyard_plugin_messages_total{plugin="forward",outcome="shed"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(r#"switchyard_plugin_handle_seconds_count{plugin="forward"}"#),
+        Some(10.0),
+        "{text}"
+    );
+    assert_eq!(value("switchyard_redis_connected"), Some(1.0));
+    assert_eq!(
+        value(r#"switchyard_subscriptions{kind="pattern"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(r#"switchyard_messages_received_total{source="redis"}"#),
+        Some(10.0),
+        "the message nobody listens to never reaches the host"
+    );
+    assert_eq!(
+        value(r#"switchyard_plugin_reloads_total{plugin="forward",result="ok"}"#),
+        Some(0.0)
+    );
+    assert!(
+        !text.contains("fwd:"),
+        "channel names must not become labels"
+    );
+    host.stop().await
+}

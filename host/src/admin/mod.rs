@@ -1,6 +1,9 @@
-//! The admin HTTP endpoint (loopback by default): `/healthz`, `/readyz`, `/plugins`.
+//! The admin HTTP endpoint (loopback by default): `/healthz`, `/readyz`, `/plugins` and
+//! `/metrics` (Prometheus, see [`metrics`]).
 //!
 //! It only reads shared state; nothing here can slow the message path.
+
+pub mod metrics;
 
 use std::sync::Arc;
 
@@ -17,6 +20,8 @@ use crate::source::Source;
 
 /// What the endpoints read.
 pub struct AdminState {
+    /// The Prometheus registry behind `/metrics`.
+    pub metrics: prometheus_client::registry::Registry,
     /// The plugins.
     pub registry: Arc<Registry>,
     /// The subscriber connection.
@@ -37,6 +42,7 @@ pub fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/plugins", get(plugins))
+        .route("/metrics", get(metrics_text))
         .with_state(state);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app)
@@ -63,6 +69,26 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(readiness))
+}
+
+/// Prometheus text of every counter.
+async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.metrics) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            format!("cannot encode metrics: {e}"),
+        ),
+    }
 }
 
 /// Every plugin with its version, subscriptions, grants and counters, and every output's

@@ -149,6 +149,8 @@ struct Slot {
     worker: std::thread::JoinHandle<()>,
     fingerprint: Fingerprint,
     reloads: u64,
+    /// New files rejected while this plugin ran.
+    rejects: u64,
     load_error: Option<LoadFailure>,
 }
 
@@ -368,6 +370,7 @@ impl Registry {
                             worker,
                             fingerprint,
                             reloads: 0,
+                            rejects: 0,
                             load_error: None,
                         },
                     );
@@ -387,6 +390,7 @@ impl Registry {
                         "new file rejected, previous version keeps running: {error}"
                     );
                     slot.load_error = Some(failure);
+                    slot.rejects += 1;
                 } else {
                     tracing::error!(plugin = %name, "cannot load plugin: {error}");
                     inner.failed.insert(name.clone(), failure);
@@ -444,6 +448,26 @@ impl Registry {
             }
         });
         tokio::time::timeout(deadline, join).await.is_ok()
+    }
+
+    /// What the metrics endpoint reads of every running plugin.
+    pub fn metrics_view(&self) -> Vec<PluginMetrics> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|(name, slot)| PluginMetrics {
+                name: name.clone(),
+                stats: slot.stats.clone(),
+                queue_depth: slot.inbox.depth(),
+                reloads: slot.reloads,
+                rejects: slot.rejects,
+            })
+            .collect()
+    }
+
+    /// How many files in the folder failed to load with no earlier version running.
+    pub fn failed_count(&self) -> usize {
+        self.lock().failed.len()
     }
 
     /// A report of every plugin in the folder, loaded or not.
@@ -537,6 +561,20 @@ fn scan_one(wasm: &Path) -> Option<Fingerprint> {
 fn millis_since_epoch(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One running plugin, as the metrics endpoint sees it.
+pub struct PluginMetrics {
+    /// Its name.
+    pub name: PluginName,
+    /// Its counters and histogram.
+    pub stats: Arc<PluginStats>,
+    /// Messages waiting.
+    pub queue_depth: usize,
+    /// Versions swapped in.
+    pub reloads: u64,
+    /// New files rejected.
+    pub rejects: u64,
 }
 
 /// A plugin's state.

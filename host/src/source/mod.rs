@@ -123,6 +123,14 @@ impl Source {
         }
     }
 
+    /// `redis` or `embedded`, for metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Redis(_) => "redis",
+            Source::Embedded(_) => "embedded",
+        }
+    }
+
     /// The connection's current state.
     pub fn status(&self) -> SourceStatus {
         match self {

@@ -55,9 +55,25 @@ pub struct Envelope {
     pub received_at: SystemTime,
 }
 
+/// How long `handle` calls take, for `switchyard_plugin_handle_seconds`.
+#[derive(Debug)]
+pub struct HandleTimes(pub prometheus_client::metrics::histogram::Histogram);
+
+impl Default for HandleTimes {
+    /// Buckets from 10 µs to about 10 s, a factor of 4 apart: a warm trivial call sits in the
+    /// first, the default 100 ms deadline in the tenth.
+    fn default() -> Self {
+        Self(prometheus_client::metrics::histogram::Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(1e-5, 4.0, 11),
+        ))
+    }
+}
+
 /// Counters of one plugin, shared by the router (accepted, shed) and its worker.
 #[derive(Debug, Default)]
 pub struct PluginStats {
+    /// Duration of every `handle` call.
+    pub handle_times: HandleTimes,
     accepted: AtomicU64,
     shed: AtomicU64,
     handled: AtomicU64,
@@ -360,7 +376,13 @@ impl Worker {
         let Some(instance) = self.live.as_mut() else {
             return false;
         };
-        match instance.handle(envelope) {
+        let started = Instant::now();
+        let outcome = instance.handle(envelope);
+        self.stats
+            .handle_times
+            .0
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
             Ok(()) => {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 true

@@ -1,0 +1,230 @@
+//! `/metrics`: Prometheus (OpenMetrics) text, read from the counters the stages already keep.
+//!
+//! Nothing on the message path knows about Prometheus: a collector reads the atomics at
+//! scrape time, so a scrape costs the scraper, not the messages. Labels are bounded: plugin
+//! names, output names, fixed outcomes; never channel names.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry as MetricsRegistry;
+
+use crate::effects::outputs::Outputs;
+use crate::plugins::Registry;
+use crate::router::Router;
+use crate::source::Source;
+
+/// Reads every stage's counters on each scrape.
+#[derive(Debug)]
+pub struct SwitchyardCollector {
+    registry: Arc<Registry>,
+    source: Source,
+    router: Arc<Router>,
+    outputs: Arc<Outputs>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("dir", &self.dir())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("received", &self.received())
+            .finish()
+    }
+}
+
+/// A registry holding the collector, ready to encode.
+pub fn registry(
+    registry: Arc<Registry>,
+    source: Source,
+    router: Arc<Router>,
+    outputs: Arc<Outputs>,
+) -> MetricsRegistry {
+    let mut metrics = MetricsRegistry::default();
+    metrics.register_collector(Box::new(SwitchyardCollector {
+        registry,
+        source,
+        router,
+        outputs,
+    }));
+    metrics
+}
+
+/// Encodes one unlabelled value.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> std::fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+impl Collector for SwitchyardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let status = self.source.status();
+        let source_label = [("source", self.source.kind())];
+        let mut family = encoder.encode_descriptor(
+            "switchyard_messages_received",
+            "Messages read from the broker.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        ConstCounter::new(self.router.received()).encode(family.encode_family(&source_label)?)?;
+        single(
+            &mut encoder,
+            "switchyard_messages_unrouted",
+            "Messages no plugin wanted.",
+            ConstCounter::new(self.router.unrouted()),
+        )?;
+        single(
+            &mut encoder,
+            "switchyard_messages_oversize",
+            "Messages dropped for a payload over plugins.max_payload_bytes.",
+            ConstCounter::new(self.router.oversize()),
+        )?;
+        single(
+            &mut encoder,
+            "switchyard_redis_connected",
+            "1 while the subscriber connection is up and subscribed.",
+            ConstGauge::new(i64::from(status.connected)),
+        )?;
+        single(
+            &mut encoder,
+            "switchyard_redis_reconnects",
+            "Times the subscriber connection was re-established.",
+            ConstCounter::new(status.reconnects),
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "switchyard_subscriptions",
+            "Subscriptions on the wire.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, count) in [("channel", status.channels), ("pattern", status.patterns)] {
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&[("kind", kind)])?)?;
+        }
+        single(
+            &mut encoder,
+            "switchyard_plugins_failed",
+            "Plugin files that failed to load with no earlier version running.",
+            ConstGauge::new(i64::try_from(self.registry.failed_count()).unwrap_or(i64::MAX)),
+        )?;
+
+        let plugins = self.registry.metrics_view();
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_messages",
+            "Messages per plugin by outcome: accepted into its queue, handled, failed, shed.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for plugin in &plugins {
+            let stats = plugin.stats.snapshot();
+            for (outcome, value) in [
+                ("accepted", stats.accepted),
+                ("handled", stats.handled),
+                ("failed", stats.failed),
+                ("shed", stats.shed),
+            ] {
+                let labels = [("plugin", plugin.name.as_str()), ("outcome", outcome)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_refusals",
+            "Host calls refused per plugin: denied (no grant), loop_guard, log_dropped.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for plugin in &plugins {
+            let stats = plugin.stats.snapshot();
+            for (reason, value) in [
+                ("denied", stats.denied),
+                ("loop_guard", stats.loop_limited),
+                ("log_dropped", stats.logs_dropped),
+            ] {
+                let labels = [("plugin", plugin.name.as_str()), ("reason", reason)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_queue_depth",
+            "Messages waiting in each plugin's queue.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for plugin in &plugins {
+            ConstGauge::new(i64::try_from(plugin.queue_depth).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_parked",
+            "1 while a plugin is parked by its circuit breaker.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for plugin in &plugins {
+            ConstGauge::new(i64::from(plugin.stats.parked()))
+                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_reloads",
+            "New plugin files per plugin: ok (swapped in) or rejected (old version kept).",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for plugin in &plugins {
+            for (result, value) in [("ok", plugin.reloads), ("rejected", plugin.rejects)] {
+                let labels = [("plugin", plugin.name.as_str()), ("result", result)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_plugin_handle_seconds",
+            "Duration of handle calls.",
+            None,
+            prometheus_client::metrics::MetricType::Histogram,
+        )?;
+        for plugin in &plugins {
+            plugin
+                .stats
+                .handle_times
+                .0
+                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "switchyard_output_calls",
+            "Output calls by outcome.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for output in self.outputs.report() {
+            for (outcome, value) in [
+                ("ok", output.calls.saturating_sub(output.errors)),
+                ("error", output.errors),
+            ] {
+                let labels = [("output", output.name.as_str()), ("outcome", outcome)];
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
