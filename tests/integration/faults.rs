@@ -490,3 +490,61 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
     tracing::info!(sent, versions, "replacements under load");
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_users_work_and_a_wrong_password_is_reported_not_fatal() -> anyhow::Result<()> {
+    // redis-server joins its arguments into config lines: one word per argument.
+    let redis = RedisServer::start_with(&[
+        "--user", "app", "on", ">s3cret", "~*", "&*", "+@all", "--user", "default", "off",
+    ])
+    .await?;
+    let url = redis.url().replace("redis://", "redis://app:s3cret@");
+    let host = TestHost::launch(&url, "", |dir| {
+        copy_plugin(
+            dir,
+            "forward",
+            plugins::FORWARD.as_ref(),
+            Some(FORWARD_MANIFEST),
+        )
+    })
+    .await?;
+    host.wait_ready().await?;
+    let (_, listing) = host.get("/plugins").await?;
+    assert!(
+        !listing.to_string().contains("s3cret"),
+        "the password leaked: {listing}"
+    );
+    let client = redis::Client::open(url.as_str())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.psubscribe("fwded:*").await?;
+    let mut messages = pubsub.into_on_message();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("fwd:acl")
+        .arg("with a user")
+        .query_async(&mut connection)
+        .await?;
+    let message = tokio::time::timeout(PATIENCE, futures::StreamExt::next(&mut messages))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+    assert_eq!(message.get_payload_bytes(), b"with a user");
+    host.stop().await?;
+
+    let wrong = redis.url().replace("redis://", "redis://app:wrong@");
+    let host = TestHost::launch(&wrong, "", |_| Ok(())).await?;
+    let down = host.wait_readiness(503).await?;
+    let error = eventually(PATIENCE, || async {
+        let (_, body) = host.get("/readyz").await?;
+        match body["source"]["last_error"].as_str() {
+            Some(error) => Ok(error.to_owned()),
+            None => bail!("no error yet: {body}"),
+        }
+    })
+    .await?;
+    assert!(
+        error.to_lowercase().contains("wrongpass") || error.to_lowercase().contains("auth"),
+        "{error} / {down}"
+    );
+    assert!(!error.contains("wrong@"), "the password leaked: {error}");
+    host.stop().await
+}
