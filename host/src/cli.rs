@@ -47,6 +47,28 @@ pub enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Show a running host's plugins, states and rates, and what Redis sees of it.
+    Status(StatusArgs),
+}
+
+/// `switchyard status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The host's admin address.
+    #[arg(long, default_value = crate::config::DEFAULT_ADMIN_ADDR)]
+    pub admin: SocketAddr,
+    /// The Redis the host uses (default: from the configuration and the environment).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Configuration file to take the Redis URL from.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Seconds between the two samples rates are computed from.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `switchyard config ...`
@@ -107,7 +129,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // The demo's output is the story it prints; the host's own logs would bury it.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Demo | Command::Config(_) => "warn",
+        Command::Demo | Command::Config(_) | Command::Status(_) => "warn",
     };
     init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -121,6 +143,7 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Demo => crate::demo::run(&mut std::io::stdout()).await,
+            Command::Status(args) => status(args).await,
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = args.resolve()?;
                 print!("{}", effective_settings(&config));
@@ -236,6 +259,25 @@ pub fn effective_settings(config: &Config) -> String {
         );
     }
     out
+}
+
+/// `switchyard status`.
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let url = match &args.redis {
+        Some(url) => RedisUrl::new(url.clone()),
+        None => {
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            Config::load(args.config.as_deref(), &env)?.redis.url
+        }
+    };
+    let interval = Duration::from_secs_f64(args.interval.clamp(0.0, 60.0));
+    let status = crate::status::gather(args.admin, &url, interval).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", crate::status::render(&status));
+    }
+    Ok(())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -21,6 +21,7 @@
 //! - [`app`]: wires the pieces together and runs them until shutdown.
 //! - [`config`] and [`cli`]: the configuration file and the command line.
 //! - [`demo`]: the example plugins on the embedded broker, no Redis needed.
+//! - [`status`]: `switchyard status`, a running host and its Redis at a glance.
 
 #![deny(missing_docs)]
 
@@ -33,6 +34,7 @@ pub mod effects;
 pub mod plugins;
 pub mod router;
 pub mod source;
+pub mod status;
 pub mod worker;
 
 use std::fmt;

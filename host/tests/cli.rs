@@ -298,3 +298,54 @@ async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = RunningHost::start(&redis).await?;
+    redis.publish("fwd:x", "counted").await?;
+    let args = |json: bool| {
+        let mut args = vec![
+            "status".to_owned(),
+            "--admin".to_owned(),
+            host.admin.clone(),
+            "--redis".to_owned(),
+            redis.url(),
+            "--interval".to_owned(),
+            "0.2".to_owned(),
+        ];
+        if json {
+            args.push("--json".to_owned());
+        }
+        args
+    };
+    let table = switchyard().args(args(false)).output().await?;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    assert!(text.contains("ready; subscriber connected"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("forward") && l.contains("running")),
+        "{text}"
+    );
+    assert!(text.contains("PUBSUB NUMPAT: 1"), "{text}");
+    assert!(text.contains("name=switchyard-"), "{text}");
+
+    let json = switchyard().args(args(true)).output().await?;
+    let status: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(status["plugins"][0]["name"], "forward");
+    assert_eq!(status["plugins"][0]["stats"]["handled"], 1);
+    assert_eq!(status["redis"]["numpat"], 1);
+    assert_eq!(
+        status["redis"]["host_clients"].as_array().map(Vec::len),
+        Some(1)
+    );
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    assert_eq!(code, Some(0), "{log}");
+    Ok(())
+}

@@ -34,6 +34,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Timeout of connecting and of each (un)subscribe command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Every host names its subscriber connection `switchyard-<instance>`.
+pub const CLIENT_NAME_PREFIX: &str = "switchyard-";
 /// Subscriptions per (P)SUBSCRIBE command, to keep each command a reasonable size.
 const SUBSCRIBE_BATCH: usize = 1000;
 
@@ -208,6 +210,12 @@ impl Control {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|e| e.to_string())?;
+        // Named, so that operators (and `switchyard status`) can find it in CLIENT LIST.
+        let _: redis::RedisResult<()> = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(self.client_name())
+            .query_async(&mut connection)
+            .await;
         connection
             .subscribe(self.router.barrier_channel().as_ref())
             .await
@@ -225,6 +233,13 @@ impl Control {
         self.router.apply_now(None);
         self.report_subscribed(&session.active);
         Ok(session)
+    }
+
+    /// `switchyard-<instance>`: the barrier channel's unique part.
+    fn client_name(&self) -> String {
+        let channel = String::from_utf8_lossy(self.router.barrier_channel());
+        let instance = channel.rsplit(':').next().unwrap_or_default();
+        format!("{CLIENT_NAME_PREFIX}{instance}")
     }
 
     /// Serves updates on a live session until it is lost or the host stops.

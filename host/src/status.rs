@@ -1,0 +1,182 @@
+//! `switchyard status`: what an operator checks by hand, in one table.
+//!
+//! It asks a running host's admin endpoint for its plugins (twice, to compute rates) and
+//! asks Redis for its side of the story: `PUBSUB NUMSUB` for the host's channels,
+//! `PUBSUB NUMPAT`, and the host's own entries in `CLIENT LIST` (found by their name).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::config::RedisUrl;
+use crate::source::redis::CLIENT_NAME_PREFIX;
+
+/// How long to wait for the admin endpoint or Redis.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Gathers the status of the host at `admin` and of `redis`, sampling rates over `interval`.
+pub async fn gather(
+    admin: SocketAddr,
+    redis: &RedisUrl,
+    interval: Duration,
+) -> anyhow::Result<Value> {
+    let http = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+    let get = |path: &'static str| {
+        let http = http.clone();
+        async move {
+            let url = format!("http://{admin}{path}");
+            let response = http
+                .get(&url)
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
+            response
+                .json::<Value>()
+                .await
+                .with_context(|| format!("{url} did not answer JSON"))
+        }
+    };
+    let first = get("/plugins").await?;
+    tokio::time::sleep(interval).await;
+    let second = get("/plugins").await?;
+    let ready = get("/readyz").await?;
+
+    let seconds = interval.as_secs_f64().max(1e-3);
+    let mut plugins = Vec::new();
+    for plugin in second["plugins"].as_array().into_iter().flatten() {
+        let name = &plugin["name"];
+        let before = first["plugins"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == *name))
+            .map_or(0, |p| p["stats"]["handled"].as_u64().unwrap_or(0));
+        let handled = plugin["stats"]["handled"].as_u64().unwrap_or(0);
+        let mut entry = plugin.clone();
+        entry["handled_per_second"] = json!(handled.saturating_sub(before) as f64 / seconds);
+        plugins.push(entry);
+    }
+
+    let channels: Vec<String> = plugins
+        .iter()
+        .flat_map(|p| {
+            p["version"]["subscriptions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|s| s.as_str()?.strip_prefix("channel ").map(str::to_owned))
+        .collect();
+    let redis_side = match redis_facts(redis, &channels).await {
+        Ok(facts) => facts,
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    };
+    Ok(json!({
+        "admin": admin.to_string(),
+        "ready": ready["ready"],
+        "source": second["source"],
+        "received": second["received"],
+        "plugins": plugins,
+        "outputs": second["outputs"],
+        "redis": redis_side,
+    }))
+}
+
+async fn redis_facts(url: &RedisUrl, channels: &[String]) -> anyhow::Result<Value> {
+    let client = redis::Client::open(url.expose())?;
+    let mut connection = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
+        .await
+        .context("Redis did not answer in time")??;
+    let numpat: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut connection)
+        .await?;
+    let numsub: Vec<(String, i64)> = if channels.is_empty() {
+        Vec::new()
+    } else {
+        redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channels)
+            .query_async(&mut connection)
+            .await?
+    };
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut connection)
+        .await?;
+    let hosts: Vec<&str> = clients
+        .lines()
+        .filter(|line| line.contains(&format!(" name={CLIENT_NAME_PREFIX}")))
+        .collect();
+    Ok(json!({
+        "url": url.masked(),
+        "numpat": numpat,
+        "numsub": numsub.into_iter().map(|(c, n)| (c, json!(n))).collect::<serde_json::Map<String, Value>>(),
+        "host_clients": hosts,
+    }))
+}
+
+/// The status as a table for people.
+pub fn render(status: &Value) -> String {
+    let mut out = String::new();
+    let source = &status["source"];
+    let _ = writeln!(
+        out,
+        "host {}: {}; subscriber {} ({} channels, {} patterns, {} reconnects); {} messages received",
+        status["admin"].as_str().unwrap_or("?"),
+        if status["ready"] == true {
+            "ready"
+        } else {
+            "NOT READY"
+        },
+        if source["connected"] == true {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
+        source["channels"],
+        source["patterns"],
+        source["reconnects"],
+        status["received"],
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>9}",
+        "PLUGIN", "STATE", "VERSION", "HANDLED", "FAILED", "SHED", "QUEUE", "HANDLED/s"
+    );
+    for plugin in status["plugins"].as_array().into_iter().flatten() {
+        let stats = &plugin["stats"];
+        let _ = writeln!(
+            out,
+            "{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>9.1}",
+            plugin["name"].as_str().unwrap_or("?"),
+            plugin["state"].as_str().unwrap_or("?"),
+            plugin["version"]["version"].as_str().unwrap_or("-"),
+            stats["handled"].as_u64().unwrap_or(0),
+            stats["failed"].as_u64().unwrap_or(0),
+            stats["shed"].as_u64().unwrap_or(0),
+            plugin["queue_depth"].as_u64().unwrap_or(0),
+            plugin["handled_per_second"].as_f64().unwrap_or(0.0),
+        );
+        if let Some(error) = plugin["load_error"]["message"].as_str() {
+            let _ = writeln!(out, "    newest file rejected: {error}");
+        }
+    }
+    let redis = &status["redis"];
+    let _ = writeln!(out, "\nRedis {}:", redis["url"].as_str().unwrap_or("?"));
+    if let Some(error) = redis["error"].as_str() {
+        let _ = writeln!(out, "  cannot ask Redis: {error}");
+        return out;
+    }
+    let _ = writeln!(out, "  PUBSUB NUMPAT: {}", redis["numpat"]);
+    for (channel, count) in redis["numsub"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "  PUBSUB NUMSUB {channel}: {count}");
+    }
+    for client in redis["host_clients"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  host connection: {}", client.as_str().unwrap_or("?"));
+    }
+    out
+}
