@@ -17,6 +17,25 @@ use crate::plugins::Registry;
 use crate::router::Router;
 use crate::source::Source;
 
+/// Every metric family `/metrics` serves (without the `_total` suffix counters get), so that
+/// dashboards and alert rules can be checked against it.
+pub const METRIC_NAMES: &[&str] = &[
+    "switchyard_messages_received",
+    "switchyard_messages_unrouted",
+    "switchyard_messages_oversize",
+    "switchyard_redis_connected",
+    "switchyard_redis_reconnects",
+    "switchyard_subscriptions",
+    "switchyard_plugins_failed",
+    "switchyard_plugin_messages",
+    "switchyard_plugin_refusals",
+    "switchyard_plugin_queue_depth",
+    "switchyard_plugin_parked",
+    "switchyard_plugin_reloads",
+    "switchyard_plugin_handle_seconds",
+    "switchyard_output_calls",
+];
+
 /// Reads every stage's counters on each scrape.
 #[derive(Debug)]
 pub struct SwitchyardCollector {
