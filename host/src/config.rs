@@ -450,8 +450,32 @@ impl ConfigError {
 /// Environment variables that override configuration keys start with this.
 pub const ENV_PREFIX: &str = "SWITCHYARD_";
 
-/// Sections whose keys the environment may set, as `SWITCHYARD_<SECTION>_<KEY>`.
-const ENV_SECTIONS: &[&str] = &["redis", "plugins", "admin", "invalidation"];
+/// The keys the environment may set, as `SWITCHYARD_<SECTION>_<KEY>`, by section. Other
+/// `SWITCHYARD_*` variables are left alone: Kubernetes defines `SWITCHYARD_ADMIN_PORT` and the
+/// like for a Service named `switchyard-admin`, and such a name must not stop the host.
+const ENV_KEYS: &[(&str, &[&str])] = &[
+    ("redis", &["url"]),
+    (
+        "plugins",
+        &[
+            "dir",
+            "queue_capacity",
+            "deadline_ms",
+            "memory_mib",
+            "settle_ms",
+            "policy",
+            "when_full",
+            "breaker_failures",
+            "breaker_window",
+            "breaker_backoff_ms",
+            "max_payload_bytes",
+            "max_wasm_mib",
+            "drain_ms",
+        ],
+    ),
+    ("admin", &["listen"]),
+    ("invalidation", &["broadcast"]),
+];
 
 impl Config {
     /// The configuration from `file` (or the defaults), overridden by the environment `env`:
@@ -475,7 +499,11 @@ impl Config {
         let mut overrides = Vec::new();
         let conventional = var("REDIS_URL").map(|url| ("REDIS_URL", url)).or_else(|| {
             var("REDIS_HOST").map(|host| {
-                let port = var("REDIS_PORT").unwrap_or_else(|| "6379".to_owned());
+                // A Kubernetes Service named `redis` sets REDIS_PORT=tcp://IP:PORT.
+                let port = var("REDIS_PORT")
+                    .map(|port| port.rsplit(':').next().unwrap_or_default().to_owned())
+                    .filter(|port| !port.is_empty())
+                    .unwrap_or_else(|| "6379".to_owned());
                 ("REDIS_HOST/REDIS_PORT", format!("redis://{host}:{port}"))
             })
         });
@@ -488,9 +516,9 @@ impl Config {
                 continue;
             };
             let rest = rest.to_lowercase();
-            let Some((section, key)) = ENV_SECTIONS.iter().find_map(|section| {
+            let Some((section, key)) = ENV_KEYS.iter().find_map(|(section, keys)| {
                 let key = rest.strip_prefix(section)?.strip_prefix('_')?;
-                Some((*section, key))
+                keys.contains(&key).then_some((*section, key))
             }) else {
                 continue;
             };
@@ -807,10 +835,18 @@ outputs = ["email", "audit"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("SWITCHYARD_PLUGINS_QUEUE_CAPACITY"), "{err}");
-        let err = Config::load(None, &env(&[("SWITCHYARD_PLUGINS_COLOUR", "red")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("colour"), "{err}");
+        // Kubernetes service links and other unrelated variables are left alone.
+        let config = Config::load(
+            None,
+            &env(&[
+                ("SWITCHYARD_ADMIN_PORT", "tcp://10.0.0.7:9090"),
+                ("SWITCHYARD_PLUGINS_SERVICE_HOST", "10.0.0.8"),
+                ("REDIS_HOST", "redis"),
+                ("REDIS_PORT", "tcp://10.0.0.9:6379"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.redis.url.expose(), "redis://redis:6379");
     }
 
     #[test]

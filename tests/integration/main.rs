@@ -4,6 +4,7 @@
 
 mod faults;
 mod glob_differential;
+mod kubernetes;
 mod loading;
 mod reload;
 mod routing;
