@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
@@ -86,6 +87,9 @@ pub fn registry(
     metrics
 }
 
+/// Label pairs of one series.
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
 /// Encodes one unlabelled value.
 fn single(
     encoder: &mut DescriptorEncoder,
@@ -96,17 +100,47 @@ fn single(
     metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
+/// Encodes a counter family from (labels, value) series.
+fn counters<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes a gauge family from (labels, value) series.
+fn gauges<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, i64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 impl Collector for SwitchyardCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let status = self.source.status();
-        let source_label = [("source", self.source.kind())];
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "switchyard_messages_received",
             "Messages read from the broker.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            [(vec![("source", self.source.kind())], self.router.received())],
         )?;
-        ConstCounter::new(self.router.received()).encode(family.encode_family(&source_label)?)?;
         single(
             &mut encoder,
             "switchyard_messages_unrouted",
@@ -131,119 +165,125 @@ impl Collector for SwitchyardCollector {
             "Times the subscriber connection was re-established.",
             ConstCounter::new(status.reconnects),
         )?;
-        let mut family = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "switchyard_subscriptions",
             "Subscriptions on the wire.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            [
+                (vec![("kind", "channel")], gauge_value(status.channels)),
+                (vec![("kind", "pattern")], gauge_value(status.patterns)),
+            ],
         )?;
-        for (kind, count) in [("channel", status.channels), ("pattern", status.patterns)] {
-            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&[("kind", kind)])?)?;
-        }
         single(
             &mut encoder,
             "switchyard_plugins_failed",
             "Plugin files that failed to load with no earlier version running.",
-            ConstGauge::new(i64::try_from(self.registry.failed_count()).unwrap_or(i64::MAX)),
+            ConstGauge::new(gauge_value(self.registry.failed_count())),
         )?;
 
         let plugins = self.registry.metrics_view();
-        let mut family = encoder.encode_descriptor(
+        let snapshots: Vec<_> = plugins.iter().map(|p| (p, p.stats.snapshot())).collect();
+        counters(
+            &mut encoder,
             "switchyard_plugin_messages",
             "Messages per plugin by outcome: accepted into its queue, handled, failed, shed.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            snapshots.iter().flat_map(|(plugin, stats)| {
+                [
+                    ("accepted", stats.accepted),
+                    ("handled", stats.handled),
+                    ("failed", stats.failed),
+                    ("shed", stats.shed),
+                ]
+                .map(|(outcome, value)| {
+                    (
+                        vec![("plugin", plugin.name.as_str()), ("outcome", outcome)],
+                        value,
+                    )
+                })
+            }),
         )?;
-        for plugin in &plugins {
-            let stats = plugin.stats.snapshot();
-            for (outcome, value) in [
-                ("accepted", stats.accepted),
-                ("handled", stats.handled),
-                ("failed", stats.failed),
-                ("shed", stats.shed),
-            ] {
-                let labels = [("plugin", plugin.name.as_str()), ("outcome", outcome)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "switchyard_plugin_refusals",
             "Host calls refused per plugin: denied (no grant), loop_guard, log_dropped.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            snapshots.iter().flat_map(|(plugin, stats)| {
+                [
+                    ("denied", stats.denied),
+                    ("loop_guard", stats.loop_limited),
+                    ("log_dropped", stats.logs_dropped),
+                ]
+                .map(|(reason, value)| {
+                    (
+                        vec![("plugin", plugin.name.as_str()), ("reason", reason)],
+                        value,
+                    )
+                })
+            }),
         )?;
-        for plugin in &plugins {
-            let stats = plugin.stats.snapshot();
-            for (reason, value) in [
-                ("denied", stats.denied),
-                ("loop_guard", stats.loop_limited),
-                ("log_dropped", stats.logs_dropped),
-            ] {
-                let labels = [("plugin", plugin.name.as_str()), ("reason", reason)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "switchyard_plugin_queue_depth",
             "Messages waiting in each plugin's queue.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            plugins.iter().map(|p| {
+                (
+                    vec![("plugin", p.name.as_str())],
+                    gauge_value(p.queue_depth),
+                )
+            }),
         )?;
-        for plugin in &plugins {
-            ConstGauge::new(i64::try_from(plugin.queue_depth).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        gauges(
+            &mut encoder,
             "switchyard_plugin_parked",
             "1 while a plugin is parked by its circuit breaker.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            plugins.iter().map(|p| {
+                (
+                    vec![("plugin", p.name.as_str())],
+                    i64::from(p.stats.parked()),
+                )
+            }),
         )?;
-        for plugin in &plugins {
-            ConstGauge::new(i64::from(plugin.stats.parked()))
-                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
-        }
-        let mut family = encoder.encode_descriptor(
+        counters(
+            &mut encoder,
             "switchyard_plugin_reloads",
             "New plugin files per plugin: ok (swapped in) or rejected (old version kept).",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            plugins.iter().flat_map(|p| {
+                [("ok", p.reloads), ("rejected", p.rejects)].map(|(result, value)| {
+                    (vec![("plugin", p.name.as_str()), ("result", result)], value)
+                })
+            }),
         )?;
-        for plugin in &plugins {
-            for (result, value) in [("ok", plugin.reloads), ("rejected", plugin.rejects)] {
-                let labels = [("plugin", plugin.name.as_str()), ("result", result)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
         let mut family = encoder.encode_descriptor(
             "switchyard_plugin_handle_seconds",
             "Duration of handle calls.",
             None,
-            prometheus_client::metrics::MetricType::Histogram,
+            MetricType::Histogram,
         )?;
         for plugin in &plugins {
+            let labels: Labels = vec![("plugin", plugin.name.as_str())];
             plugin
                 .stats
                 .handle_times
                 .0
-                .encode(family.encode_family(&[("plugin", plugin.name.as_str())])?)?;
+                .encode(family.encode_family(&labels)?)?;
         }
-        let mut family = encoder.encode_descriptor(
+        let outputs = self.outputs.report();
+        counters(
+            &mut encoder,
             "switchyard_output_calls",
             "Output calls by outcome.",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            outputs.iter().flat_map(|output| {
+                [
+                    ("ok", output.calls.saturating_sub(output.errors)),
+                    ("error", output.errors),
+                ]
+                .map(|(outcome, value)| {
+                    (
+                        vec![("output", output.name.as_str()), ("outcome", outcome)],
+                        value,
+                    )
+                })
+            }),
         )?;
-        for output in self.outputs.report() {
-            for (outcome, value) in [
-                ("ok", output.calls.saturating_sub(output.errors)),
-                ("error", output.errors),
-            ] {
-                let labels = [("output", output.name.as_str()), ("outcome", outcome)];
-                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-            }
-        }
         Ok(())
     }
 }
