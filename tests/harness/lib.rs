@@ -240,6 +240,16 @@ impl TestHost {
     }
 }
 
+/// Publishes `payload` on `fwd:x` and asserts that a running `forward` republishes it on
+/// `fwded:x`.
+pub async fn assert_forwards(redis: &RedisServer, payload: &str) -> anyhow::Result<()> {
+    let mut out = Subscriber::new(redis, &["fwded:x"], &[]).await?;
+    redis.publish("fwd:x", payload).await?;
+    let got = out.take(1, PATIENCE).await?;
+    anyhow::ensure!(got[0].payload_str() == payload, "forwarded {got:?}");
+    Ok(())
+}
+
 /// Copies a built plugin into `dir` as `NAME.wasm`, with `NAME.toml` if given.
 pub fn copy_plugin(
     dir: &Path,

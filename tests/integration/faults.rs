@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::bail;
 use serde_json::Value;
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, echo_manifest,
-    eventually, plugins, read_plugin, rebuilt,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, copy_plugin,
+    echo_manifest, eventually, plugins, read_plugin, rebuilt,
 };
 
 const FAULTY: &str = "[grants]\npublish = [\"faults\"]\n";
@@ -252,9 +252,7 @@ async fn a_killed_subscriber_connection_is_reestablished() -> anyhow::Result<()>
     })
     .await?;
     assert_eq!(ready["source"]["patterns"], 1);
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:x", "after").await?;
-    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "after");
+    assert_forwards(&redis, "after").await?;
     host.stop().await
 }
 
@@ -277,9 +275,7 @@ async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()>
 
     redis.restart().await?;
     host.wait_ready().await?;
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:x", "late").await?;
-    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "late");
+    assert_forwards(&redis, "late").await?;
     host.stop().await
 }
 
@@ -408,9 +404,7 @@ async fn a_plugin_flooding_the_log_is_limited_and_counted() -> anyhow::Result<()
     let entry = fault(&host, &redis, "log:1000").await?;
     assert_eq!(stat(&entry, "handled"), 1);
     assert!(stat(&entry, "logs_dropped") >= 700, "{entry}");
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:x", "unaffected").await?;
-    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "unaffected");
+    assert_forwards(&redis, "unaffected").await?;
     host.stop().await
 }
 
@@ -449,9 +443,10 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
             .await?
             .and_then(|p| p["reloads"].as_u64())
             .unwrap_or_default();
-        if reloads == REPLACEMENTS {
+        // One deploy (manifest, then component) may take effect as one reload or as two.
+        if reloads >= REPLACEMENTS {
             tail -= 1;
-        } else if reloads == replaced && replaced < REPLACEMENTS {
+        } else if reloads >= replaced && replaced < REPLACEMENTS {
             replaced += 1;
             host.install(
                 "echo",
@@ -485,7 +480,7 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
     let entry = host.plugin("echo").await?.unwrap_or_default();
     assert_eq!(stat(&entry, "shed"), 0);
     assert_eq!(stat(&entry, "handled"), sent as u64);
-    assert_eq!(entry["reloads"], REPLACEMENTS);
+    assert!(entry["reloads"].as_u64().unwrap_or_default() >= REPLACEMENTS);
     assert!(versions >= 18, "only {versions} versions handled messages");
     tracing::info!(sent, versions, "replacements under load");
     host.stop().await

@@ -125,6 +125,7 @@ async fn bad_files_alone_fail_with_a_reason_and_do_not_block_readiness() -> anyh
         assert_eq!(entry["load_error"]["kind"], kind, "{name}: {entry}");
     }
 
+    // Only the one working forward answers: the rejected copies of it do not.
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     redis.publish("fwd:still", "works").await?;
     assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "works");

@@ -8,7 +8,8 @@ use anyhow::bail;
 use serde_json::{Value, json};
 use switchyard_tests::webhook::Webhook;
 use switchyard_tests::{
-    PATIENCE, RedisServer, Subscriber, TestHost, echo_manifest, eventually, plugins,
+    PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, echo_manifest, eventually,
+    plugins,
 };
 
 const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
@@ -400,9 +401,7 @@ async fn trust_describe_grants_what_plugins_ask_for() -> anyhow::Result<()> {
         &[("forward", plugins::FORWARD, None)],
     )
     .await?;
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:x", "hello").await?;
-    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "hello");
+    assert_forwards(&redis, "hello").await?;
     host.stop().await
 }
 
@@ -415,9 +414,7 @@ async fn grants_in_the_host_config_apply_by_plugin_name() -> anyhow::Result<()> 
         &[("forward", plugins::FORWARD, None)],
     )
     .await?;
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:y", "granted").await?;
-    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "granted");
+    assert_forwards(&redis, "granted").await?;
     host.stop().await
 }
 
