@@ -126,6 +126,20 @@ impl TestHost {
         .await
     }
 
+    /// Launches a host with only `forward` on the Redis at `redis_url`, without waiting for
+    /// readiness (Redis may be down, or refuse the credentials).
+    pub async fn launch_forward(redis_url: &str) -> anyhow::Result<Self> {
+        Self::launch(redis_url, "", |dir| {
+            copy_plugin(
+                dir,
+                "forward",
+                plugins::FORWARD.as_ref(),
+                Some(FORWARD_MANIFEST),
+            )
+        })
+        .await
+    }
+
     /// Starts a host configured by `config` (TOML) with `plugins` installed.
     pub async fn start_configured(
         redis: &RedisServer,

@@ -260,15 +260,7 @@ async fn a_killed_subscriber_connection_is_reestablished() -> anyhow::Result<()>
 async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()> {
     let mut redis = RedisServer::start().await?;
     redis.kill().await;
-    let host = TestHost::launch(&redis.url(), "", |dir| {
-        copy_plugin(
-            dir,
-            "forward",
-            plugins::FORWARD.as_ref(),
-            Some(FORWARD_MANIFEST),
-        )
-    })
-    .await?;
+    let host = TestHost::launch_forward(&redis.url()).await?;
     let down = host.wait_readiness(503).await?;
     assert_eq!(down["source"]["connected"], false);
     assert!(down["source"]["last_error"].as_str().is_some(), "{down}");
@@ -494,15 +486,7 @@ async fn acl_users_work_and_a_wrong_password_is_reported_not_fatal() -> anyhow::
     ])
     .await?;
     let url = redis.url().replace("redis://", "redis://app:s3cret@");
-    let host = TestHost::launch(&url, "", |dir| {
-        copy_plugin(
-            dir,
-            "forward",
-            plugins::FORWARD.as_ref(),
-            Some(FORWARD_MANIFEST),
-        )
-    })
-    .await?;
+    let host = TestHost::launch_forward(&url).await?;
     host.wait_ready().await?;
     let (_, listing) = host.get("/plugins").await?;
     assert!(
