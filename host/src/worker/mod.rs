@@ -128,7 +128,7 @@ impl PluginStats {
             accepted: self.accepted.load(Ordering::Relaxed),
             shed: self.shed.load(Ordering::Relaxed),
             handled: self.handled.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Acquire),
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
             logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
@@ -190,11 +190,13 @@ impl PluginStats {
     }
 
     fn record_failure(&self, plugin: &PluginName, error: String) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.log_gate.admit() {
             tracing::warn!(%plugin, suppressed, "message failed: {error}");
         }
+        // The error is in place before the count moves, so a reader that sees the failure
+        // counted also sees why.
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+        self.failed.fetch_add(1, Ordering::Release);
     }
 }
 
