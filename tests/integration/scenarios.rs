@@ -114,12 +114,7 @@ channel = "push:outbox"
     assert_eq!(dead_letters[0]["channel"], "notifications:email");
     assert_eq!(dead_letters[0]["reason"], r#"missing field "subject""#);
     assert_eq!(dead_letters[1]["channel"], "notifications:sms");
-    assert!(
-        dead_letters[1]["reason"]
-            .as_str()
-            .is_some_and(|r| r.starts_with("payload is not valid JSON")),
-        "{dead_letters:?}"
-    );
+    assert_eq!(dead_letters[1]["reason"], "payload is not valid JSON");
     assert_eq!(dead_letters[2]["payload"], r#"{"device_id":""}"#);
 
     let line = eventually(PATIENCE, || async {

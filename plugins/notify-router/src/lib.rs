@@ -68,10 +68,10 @@ fn route(kind: &str, payload: &[u8]) -> Route {
 /// the dead letter's reason.
 fn check_payload(payload: &[u8], fields: &[&str]) -> Result<(), String> {
     // UTF-8 first, so the reason says "not UTF-8" rather than serde's less direct wording.
-    let text =
-        std::str::from_utf8(payload).map_err(|e| format!("payload is not valid UTF-8: {e}"))?;
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| format!("payload is not valid JSON: {e}"))?;
+    // Reasons carry no parser details: every language's build of this router gives the same
+    // dead letters for the same input.
+    let text = std::str::from_utf8(payload).map_err(|_| "payload is not valid UTF-8")?;
+    let value: Value = serde_json::from_str(text).map_err(|_| "payload is not valid JSON")?;
     let Value::Object(object) = value else {
         return Err("payload must be a JSON object".to_owned());
     };
@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn reasons_name_the_problem() {
-        assert!(reason("email", "{").starts_with("payload is not valid JSON: "));
+        assert_eq!(reason("email", "{"), "payload is not valid JSON");
         assert_eq!(reason("email", "[1]"), "payload must be a JSON object");
         assert_eq!(reason("email", "\"x\""), "payload must be a JSON object");
         assert_eq!(
@@ -230,7 +230,7 @@ mod tests {
             r#"field "device_id" must be a non-empty string"#
         );
         match route("push", b"{\"device_id\":\"\xff\"}") {
-            Route::Reject(reason) => assert!(reason.starts_with("payload is not valid UTF-8: ")),
+            Route::Reject(reason) => assert_eq!(reason, "payload is not valid UTF-8"),
             other => panic!("expected a rejection, got {other:?}"),
         }
     }
