@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, RedisUrl};
+use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
 use crate::effects::{Effects, Publisher};
 use crate::plugins::loader::{Limits, Loader};
@@ -29,7 +29,7 @@ use crate::worker::engine::Runtime;
 /// Which broker the host talks to.
 pub enum Broker {
     /// A Redis server.
-    Redis(RedisUrl),
+    Redis(RedisConfig),
     /// The in-process broker.
     Embedded(Arc<EmbeddedBroker>),
 }
@@ -101,9 +101,8 @@ impl Host {
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
         let (source, publisher) = match broker {
-            Broker::Redis(url) => {
-                let client = redis::Client::open(url.expose())
-                    .with_context(|| format!("redis.url {url} is not a usable Redis URL"))?;
+            Broker::Redis(redis) => {
+                let client = redis.client()?;
                 let manager_config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(COMMAND_TIMEOUT))
                     .set_response_timeout(Some(COMMAND_TIMEOUT))

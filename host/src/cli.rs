@@ -175,7 +175,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         admin = %config.admin.listen,
         "starting"
     );
-    let host = Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
+    let host = Host::start(&config, Broker::Redis(config.redis.clone()), true, None).await?;
     stop_signal().await;
     let drain = Duration::from_millis(config.plugins.drain_ms);
     tracing::info!(
@@ -193,7 +193,17 @@ pub fn effective_settings(config: &Config) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let p = &config.plugins;
-    let _ = writeln!(out, "[redis]\nurl = {:?}\n", config.redis.url.masked());
+    let _ = writeln!(out, "[redis]\nurl = {:?}", config.redis.url.masked());
+    for (key, path) in [
+        ("ca_file", &config.redis.ca_file),
+        ("cert_file", &config.redis.cert_file),
+        ("key_file", &config.redis.key_file),
+    ] {
+        if let Some(path) = path {
+            let _ = writeln!(out, "{key} = {:?}", path.display().to_string());
+        }
+    }
+    out.push('\n');
     let _ = writeln!(
         out,
         "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_capacity = {}\nwhen_full = {:?}\n\
@@ -263,15 +273,13 @@ pub fn effective_settings(config: &Config) -> String {
 
 /// `switchyard status`.
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let url = match &args.redis {
-        Some(url) => RedisUrl::new(url.clone()),
-        None => {
-            let env: Vec<(String, String)> = std::env::vars().collect();
-            Config::load(args.config.as_deref(), &env)?.redis.url
-        }
-    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut redis = Config::load(args.config.as_deref(), &env)?.redis;
+    if let Some(url) = &args.redis {
+        redis.url = RedisUrl::new(url.clone());
+    }
     let interval = Duration::from_secs_f64(args.interval.clamp(0.0, 60.0));
-    let status = crate::status::gather(args.admin, &url, interval).await?;
+    let status = crate::status::gather(args.admin, &redis, interval).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

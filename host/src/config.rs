@@ -219,9 +219,61 @@ pub fn expand_env(text: &str) -> Result<String, String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     #[serde(default = "default_redis_url")]
     pub url: RedisUrl,
+    /// PEM file with the certificate authority that signed the server's certificate, for a
+    /// `rediss://` server the system's trust store does not know (a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for servers that require one (`tls-auth-clients yes`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// Whether any TLS file is set.
+    fn has_tls_files(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// A client for this server, with the TLS files read when the URL is `rediss://`.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        use anyhow::Context as _;
+
+        let url = self.url.expose();
+        if !self.has_tls_files() {
+            return redis::Client::open(url)
+                .with_context(|| format!("redis.url {} is not a usable Redis URL", self.url));
+        }
+        let read = |key: &str, path: &Path| {
+            std::fs::read(path)
+                .with_context(|| format!("cannot read redis.{key} {}", path.display()))
+        };
+        let client_tls = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("cert_file", cert)?,
+                client_key: read("key_file", key)?,
+            }),
+            _ => None,
+        };
+        let root_cert = self
+            .ca_file
+            .as_deref()
+            .map(|path| read("ca_file", path))
+            .transpose()?;
+        redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            },
+        )
+        .with_context(|| format!("redis.url {} with its TLS files is not usable", self.url))
+    }
 }
 
 /// `[plugins]`
@@ -284,6 +336,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: default_redis_url(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         }
     }
 }
@@ -454,7 +509,7 @@ pub const ENV_PREFIX: &str = "SWITCHYARD_";
 /// `SWITCHYARD_*` variables are left alone: Kubernetes defines `SWITCHYARD_ADMIN_PORT` and the
 /// like for a Service named `switchyard-admin`, and such a name must not stop the host.
 const ENV_KEYS: &[(&str, &[&str])] = &[
-    ("redis", &["url"]),
+    ("redis", &["url", "ca_file", "cert_file", "key_file"]),
     (
         "plugins",
         &[
@@ -561,6 +616,28 @@ impl Config {
                 "{origin}: redis.url {}: not a usable Redis URL: {e}",
                 self.redis.url
             ));
+        }
+        if self.redis.has_tls_files() && !url.starts_with("rediss://") {
+            problems.push(format!(
+                "{origin}: redis.ca_file, cert_file and key_file need a rediss:// redis.url"
+            ));
+        }
+        if self.redis.cert_file.is_some() != self.redis.key_file.is_some() {
+            problems.push(format!(
+                "{origin}: redis.cert_file and redis.key_file must be set together"
+            ));
+        }
+        for (key, path) in [
+            ("ca_file", &self.redis.ca_file),
+            ("cert_file", &self.redis.cert_file),
+            ("key_file", &self.redis.key_file),
+        ] {
+            if let Some(path) = path.as_deref().filter(|path| !path.is_file()) {
+                problems.push(format!(
+                    "{origin}: redis.{key} {}: no such file",
+                    path.display()
+                ));
+            }
         }
         if self.plugins.queue_capacity == 0 {
             problems.push(format!(
@@ -697,6 +774,25 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_each_other() {
+        let err = Config::from_toml(
+            "[redis]\nurl = \"redis://cache:6379\"\ncert_file = \"/nonexistent/client.pem\"\n",
+            "c.toml",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("need a rediss:// redis.url"), "{text}");
+        assert!(text.contains("must be set together"), "{text}");
+        assert!(
+            text.contains("redis.cert_file /nonexistent/client.pem: no such file"),
+            "{text}"
+        );
+        let config =
+            Config::from_toml("[redis]\nurl = \"rediss://cache:6380\"\n", "c.toml").unwrap();
+        assert!(config.redis.client().is_ok());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::config::RedisUrl;
+use crate::config::RedisConfig;
 use crate::source::redis::CLIENT_NAME_PREFIX;
 
 /// How long to wait for the admin endpoint or Redis.
@@ -20,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Gathers the status of the host at `admin` and of `redis`, sampling rates over `interval`.
 pub async fn gather(
     admin: SocketAddr,
-    redis: &RedisUrl,
+    redis: &RedisConfig,
     interval: Duration,
 ) -> anyhow::Result<Value> {
     let http = reqwest::Client::builder().timeout(TIMEOUT).build()?;
@@ -83,8 +83,8 @@ pub async fn gather(
     }))
 }
 
-async fn redis_facts(url: &RedisUrl, channels: &[String]) -> anyhow::Result<Value> {
-    let client = redis::Client::open(url.expose())?;
+async fn redis_facts(redis: &RedisConfig, channels: &[String]) -> anyhow::Result<Value> {
+    let client = redis.client()?;
     let mut connection = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
         .context("Redis did not answer in time")??;
@@ -112,7 +112,7 @@ async fn redis_facts(url: &RedisUrl, channels: &[String]) -> anyhow::Result<Valu
         .filter(|line| line.contains(&format!(" name={CLIENT_NAME_PREFIX}")))
         .collect();
     Ok(json!({
-        "url": url.masked(),
+        "url": redis.url.masked(),
         "numpat": numpat,
         "numsub": numsub.into_iter().map(|(c, n)| (c, json!(n))).collect::<serde_json::Map<String, Value>>(),
         "host_clients": hosts,

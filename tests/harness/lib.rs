@@ -6,6 +6,7 @@
 //! observation.
 
 pub mod redis;
+pub mod tls;
 pub mod webhook;
 
 use std::future::Future;
@@ -98,8 +99,7 @@ impl TestHost {
         config.redis.url = RedisUrl::new(redis_url);
         config.plugins.dir = dir.path().to_owned();
         config.admin.listen = "127.0.0.1:0".parse()?;
-        let host =
-            Host::start(&config, Broker::Redis(config.redis.url.clone()), true, None).await?;
+        let host = Host::start(&config, Broker::Redis(config.redis.clone()), true, None).await?;
         let admin = host.admin_addr().context("admin endpoint enabled")?;
         Ok(Self {
             host: Some(host),

@@ -108,6 +108,29 @@ impl RedisServer {
         )))
     }
 
+    /// Starts redis-server listening on a second port for TLS as well, with the server
+    /// certificate `cert` and its `key`, requiring clients to present a certificate signed by
+    /// `ca`. Returns the server and its TLS port; the harness's own probes use the plain port.
+    pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<(Self, u16)> {
+        let tls_port = free_port()?.to_string();
+        let text = |path: &Path| path.to_string_lossy().into_owned();
+        let (cert, key, ca) = (text(cert), text(key), text(ca));
+        let server = Self::start_with(&[
+            "--tls-port",
+            &tls_port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "yes",
+        ])
+        .await?;
+        Ok((server, tls_port.parse()?))
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

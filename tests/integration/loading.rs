@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, plugins,
-    read_plugin, rebuilt,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, copy_plugin, echo_manifest,
+    plugins, read_plugin, rebuilt,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,5 +130,31 @@ async fn bad_files_alone_fail_with_a_reason_and_do_not_block_readiness() -> anyh
     redis.publish("fwd:still", "works").await?;
     assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "works");
     assert!(out.drain_for(Duration::from_millis(100)).await.is_empty());
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_settings_are_listed_by_name_never_by_value() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let manifest = format!(
+        "{}api_token = \"s3cret-value\"\n",
+        echo_manifest(&["in"], &[], "out", "")
+    );
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let entry = host
+        .wait_plugin("echo", "running", |p| p["state"] == "running")
+        .await?;
+    let settings = &entry["version"]["settings"];
+    assert!(
+        settings
+            .as_array()
+            .is_some_and(|keys| keys.iter().any(|k| k == "api_token")),
+        "{settings}"
+    );
+    let (_, everything) = host.get("/plugins").await?;
+    assert!(
+        !everything.to_string().contains("s3cret-value"),
+        "{everything}"
+    );
     host.stop().await
 }

@@ -9,3 +9,4 @@ mod loading;
 mod reload;
 mod routing;
 mod scenarios;
+mod tls;

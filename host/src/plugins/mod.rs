@@ -500,11 +500,7 @@ impl Registry {
                             .collect(),
                         grants: current.grants.config().clone(),
                         requested: description.requested.clone(),
-                        settings: current
-                            .settings
-                            .iter()
-                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                            .collect(),
+                        settings: current.settings.keys().map(str::to_owned).collect(),
                     }),
                     stats: Some(slot.stats.snapshot()),
                     queue_depth: slot.inbox.depth(),
@@ -640,8 +636,9 @@ pub struct VersionReport {
     pub grants: GrantsConfig,
     /// What it asked for in `describe`.
     pub requested: GrantsConfig,
-    /// Its settings.
-    pub settings: BTreeMap<String, String>,
+    /// The names of its settings. Values are never reported: they may hold tokens or
+    /// passwords, and the operator who wrote them has the manifest.
+    pub settings: Vec<String>,
 }
 
 impl Registry {
