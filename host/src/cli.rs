@@ -1,8 +1,10 @@
-//! The command line: `switchyard run` and `switchyard demo`.
+//! The command line: `switchyard run`, `demo`, `status`, `config check`, and the plugin
+//! authors' `check`, `test` and `new`.
 //!
-//! Exit status: 0 after a clean stop (SIGINT or SIGTERM, queues drained), 2 when the
-//! configuration is unusable (the message names the key and the file), 130 when a second
-//! signal cut the drain short, 1 for any other failure.
+//! Exit status: 0 after a clean stop (SIGINT or SIGTERM, queues drained) or a passing check
+//! or test, 2 when the configuration is unusable (the message names the key and the file),
+//! 130 when a second signal cut the drain short, 1 for any other failure (a file that is not
+//! a plugin, effects that differ from the expected ones).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::app::{Broker, Host};
-use crate::config::{Config, ConfigError, RedisUrl};
+use crate::config::{Config, ConfigError, Policy, RedisUrl};
 
 /// The exit status after a second SIGINT/SIGTERM cut the drain short (128 + SIGINT).
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -49,6 +51,93 @@ pub enum Command {
     Config(ConfigCommand),
     /// Show a running host's plugins, states and rates, and what Redis sees of it.
     Status(StatusArgs),
+    /// Check that a .wasm file is a plugin this host runs, and show what it is and would be
+    /// granted.
+    Check(CheckArgs),
+    /// Run a plugin offline on the embedded broker, feeding it messages from a file, and
+    /// print every effect (published messages, invalidations, output calls, outcomes).
+    Test(TestArgs),
+    /// Create a plugin project that builds and passes `switchyard test` as it is.
+    New(NewArgs),
+}
+
+/// What decides a plugin's name and grants, for `check` and `test`.
+#[derive(Debug, Args)]
+pub struct PluginArgs {
+    /// The plugin component.
+    pub file: PathBuf,
+    /// Its manifest (default: NAME.toml beside the file, if there is one).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Its name in the host (default: the file name without .wasm).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Host configuration to take the policy, grants and limits from.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Grant policy, overriding the configuration's.
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyArg>,
+}
+
+/// `--policy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PolicyArg {
+    /// Only what the manifest and the configuration grant.
+    Deny,
+    /// Also what the plugin asks for in `describe`.
+    TrustDescribe,
+}
+
+/// `switchyard check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The plugin, and what decides its name and grants.
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `switchyard test` options.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// The plugin, and what decides its name and grants.
+    #[command(flatten)]
+    pub plugin: PluginArgs,
+    /// Input messages, one JSON object per line: {"channel": ..., "payload": ...} (or
+    /// "payload_base64"); {"set": [keys]}; {"reply": {"output": ..., "status": ...}}.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Print the effects as JSON lines (the format --expect reads).
+    #[arg(long)]
+    pub json: bool,
+    /// Expected effects (JSON lines): exit 1, showing the first difference, unless the
+    /// effects are exactly these.
+    #[arg(long)]
+    pub expect: Option<PathBuf>,
+}
+
+/// `switchyard new` options.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name (lowercase letters, digits and dashes); also the folder created.
+    pub name: String,
+    /// The language.
+    #[arg(long, value_enum)]
+    pub lang: crate::scaffold::Lang,
+    /// Where to create the folder (default: the current folder).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+}
+
+/// A file that failed `switchyard test --expect`.
+#[derive(Debug, thiserror::Error)]
+#[error("effects differ from {file}: {difference}")]
+pub struct EffectsDiffer {
+    file: String,
+    difference: String,
 }
 
 /// `switchyard status` options.
@@ -129,7 +218,9 @@ pub fn main(cli: Cli) -> ExitCode {
     // The demo's output is the story it prints; the host's own logs would bury it.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Demo | Command::Config(_) | Command::Status(_) => "warn",
+        Command::Demo | Command::Config(_) | Command::Status(_) | Command::New(_) => "warn",
+        // A failing message is an effect these report; the log would only repeat it.
+        Command::Check(_) | Command::Test(_) => "error",
     };
     init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -144,6 +235,16 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Demo => crate::demo::run(&mut std::io::stdout()).await,
             Command::Status(args) => status(args).await,
+            Command::Check(args) => check(args).await,
+            Command::Test(args) => test(args).await,
+            Command::New(args) => {
+                let folder = crate::scaffold::create(&args.name, args.lang, &args.dir)?;
+                println!(
+                    "created {}; see its README.md to build and test it",
+                    folder.display()
+                );
+                Ok(())
+            }
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = args.resolve()?;
                 print!("{}", effective_settings(&config));
@@ -269,6 +370,65 @@ pub fn effective_settings(config: &Config) -> String {
         );
     }
     out
+}
+
+impl PluginArgs {
+    fn target(&self) -> anyhow::Result<crate::offline::Target> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut config = Config::load(self.config.as_deref(), &env)?;
+        match self.policy {
+            Some(PolicyArg::Deny) => config.plugins.policy = Policy::Deny,
+            Some(PolicyArg::TrustDescribe) => config.plugins.policy = Policy::TrustDescribe,
+            None => {}
+        }
+        Ok(crate::offline::Target {
+            wasm: self.file.clone(),
+            name: self.name.clone(),
+            manifest: self.manifest.clone(),
+            config,
+        })
+    }
+}
+
+/// `switchyard check`.
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let report = crate::offline::check(&args.plugin.target()?).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::offline::render_check(&report));
+    }
+    Ok(())
+}
+
+/// `switchyard test`.
+async fn test(args: TestArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let target = args.plugin.target()?;
+    let origin = args.input.display().to_string();
+    let text =
+        std::fs::read_to_string(&args.input).with_context(|| format!("cannot read {origin}"))?;
+    let inputs = crate::offline::parse_inputs(&text, &origin)?;
+    let effects = crate::offline::test(&target, &inputs).await?;
+    for effect in &effects {
+        if args.json {
+            println!("{effect}");
+        } else {
+            println!("{}", crate::offline::render_effect(effect));
+        }
+    }
+    if let Some(expected) = &args.expect {
+        let origin = expected.display().to_string();
+        let text =
+            std::fs::read_to_string(expected).with_context(|| format!("cannot read {origin}"))?;
+        let expected = crate::offline::parse_effects(&text, &origin)?;
+        crate::offline::compare(&effects, &expected).map_err(|difference| EffectsDiffer {
+            file: origin,
+            difference,
+        })?;
+        eprintln!("switchyard: all {} effects as expected", effects.len());
+    }
+    Ok(())
 }
 
 /// `switchyard status`.

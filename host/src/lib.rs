@@ -21,6 +21,8 @@
 //! - [`app`]: wires the pieces together and runs them until shutdown.
 //! - [`config`] and [`cli`]: the configuration file and the command line.
 //! - [`demo`]: the example plugins on the embedded broker, no Redis needed.
+//! - [`offline`]: `switchyard check` and `switchyard test`, for plugin authors.
+//! - [`scaffold`]: `switchyard new`, a plugin project in any supported language.
 //! - [`status`]: `switchyard status`, a running host and its Redis at a glance.
 
 #![deny(missing_docs)]
@@ -31,8 +33,10 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod effects;
+pub mod offline;
 pub mod plugins;
 pub mod router;
+pub mod scaffold;
 pub mod source;
 pub mod status;
 pub mod worker;

@@ -165,6 +165,128 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `forward` example and its manifest in a fresh folder, as `forward.wasm`.
+fn forward_in(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    let wasm = dir.join("forward.wasm");
+    std::fs::write(&wasm, switchyard::demo::examples::FORWARD)?;
+    std::fs::write(
+        dir.join("forward.toml"),
+        include_str!("../../plugins/forward/forward.toml"),
+    )?;
+    Ok(wasm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_describes_a_plugin_and_what_it_would_be_granted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wasm = forward_in(dir.path())?;
+    let output = switchyard().arg("check").arg(&wasm).output().await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("a Switchyard plugin for switchyard:plugin/plugin@0.2.0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("subscriptions: pattern fwd:*"), "{stdout}");
+    assert!(stdout.contains("switchyard:plugin/host@0.2.0"), "{stdout}");
+    assert!(
+        stdout.contains("policy deny): publish [fwded:*]"),
+        "{stdout}"
+    );
+
+    // Without its manifest nothing is granted, and check says what is missing.
+    std::fs::remove_file(dir.path().join("forward.toml"))?;
+    let output = switchyard()
+        .args(["check", "--json"])
+        .arg(&wasm)
+        .output()
+        .await?;
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(report["grants"]["publish"], serde_json::json!([]));
+    assert_eq!(report["not_granted"]["publish"][0], "fwded:*");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_rejects_what_is_not_a_plugin_and_says_why() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases: [(&str, &[u8], &str); 3] = [
+        ("text.wasm", b"hello", "not a valid WebAssembly file"),
+        (
+            "core.wasm",
+            b"\0asm\x01\0\0\0",
+            "a core WebAssembly module, not a component",
+        ),
+        (
+            "truncated.wasm",
+            &switchyard::demo::examples::FORWARD[..1000],
+            "not a valid WebAssembly file",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes)?;
+        let output = switchyard().arg("check").arg(&path).output().await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(reason), "{name}: {stderr}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_prints_effects_and_checks_them_against_expectations() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wasm = forward_in(dir.path())?;
+    let input = dir.path().join("messages.jsonl");
+    std::fs::write(
+        &input,
+        "{\"channel\": \"fwd:a\", \"payload\": \"one\"}\n\
+         {\"channel\": \"elsewhere\", \"payload_base64\": \"/w==\"}\n",
+    )?;
+    let output = switchyard()
+        .args(["test", "--json", "--input"])
+        .arg(&input)
+        .arg(&wasm)
+        .output()
+        .await?;
+    assert!(output.status.success());
+    let effects = String::from_utf8(output.stdout)?;
+    assert_eq!(
+        effects,
+        "{\"input\":1,\"publish\":{\"channel\":\"fwded:a\",\"payload\":\"one\"}}\n\
+         {\"input\":1,\"result\":\"ok\"}\n\
+         {\"input\":2,\"result\":\"not delivered\"}\n"
+    );
+
+    let expected = dir.path().join("expected.jsonl");
+    std::fs::write(&expected, &effects)?;
+    let passes = switchyard()
+        .args(["test", "--input"])
+        .arg(&input)
+        .arg("--expect")
+        .arg(&expected)
+        .arg(&wasm)
+        .output()
+        .await?;
+    assert!(passes.status.success());
+
+    std::fs::write(&expected, effects.replace("fwded:a", "fwded:b"))?;
+    let fails = switchyard()
+        .args(["test", "--input"])
+        .arg(&input)
+        .arg("--expect")
+        .arg(&expected)
+        .arg(&wasm)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&fails.stderr);
+    assert_eq!(fails.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("effect 1 differs"), "{stderr}");
+    Ok(())
+}
+
 /// `switchyard run` with `forward` (and its grant) in a fresh plugins folder, once ready.
 struct RunningHost {
     child: tokio::process::Child,

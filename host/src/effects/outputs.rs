@@ -10,13 +10,13 @@
 //! - `file` and `stdout`: one JSON line per call, `{"plugin":..., "payload":...}`, where the
 //!   payload is embedded as JSON when it is JSON and as a string otherwise.
 //! - `redis`: PUBLISH on a channel of another server; the reply carries the receivers.
-//! - `capture` (not configurable; for the demo and offline runs): hands every call to a
-//!   channel.
+//! - `capture` (not configurable; for the demo and `switchyard test`): hands every call to a
+//!   channel and answers what it was told to (by default status 0 and an empty body).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -102,7 +102,40 @@ enum Kind {
         connection: redis::aio::ConnectionManager,
         channel: String,
     },
-    Capture(mpsc::UnboundedSender<Captured>),
+    Capture(Arc<Capture>),
+}
+
+/// Where `capture` outputs hand their calls, and what they answer.
+struct Capture {
+    calls: mpsc::UnboundedSender<Captured>,
+    /// Answers by output name; outputs not named here answer status 0 and no body.
+    replies: Mutex<HashMap<String, Reply>>,
+}
+
+impl Capture {
+    fn new() -> (Arc<Self>, mpsc::UnboundedReceiver<Captured>) {
+        let (calls, rx) = mpsc::unbounded_channel();
+        let capture = Self {
+            calls,
+            replies: Mutex::default(),
+        };
+        (Arc::new(capture), rx)
+    }
+
+    fn take(&self, name: &str, plugin: &str, payload: &[u8]) -> Result<Reply, String> {
+        self.calls
+            .send(Captured {
+                output: name.to_owned(),
+                plugin: plugin.to_owned(),
+                payload: Bytes::copy_from_slice(payload),
+            })
+            .map_err(|_| "nobody is capturing any more".to_owned())?;
+        let replies = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(replies.get(name).cloned().unwrap_or(Reply {
+            status: 0,
+            body: Vec::new(),
+        }))
+    }
 }
 
 impl Kind {
@@ -126,6 +159,8 @@ struct Output {
 #[derive(Default)]
 pub struct Outputs {
     outputs: BTreeMap<String, Output>,
+    /// When set, every name not configured is a `capture` output too.
+    capture_any: Option<Arc<Capture>>,
 }
 
 impl std::fmt::Debug for Outputs {
@@ -149,28 +184,59 @@ impl Outputs {
                 },
             );
         }
-        Ok(Self { outputs })
+        Ok(Self {
+            outputs,
+            capture_any: None,
+        })
     }
 
     /// Outputs named `names` that hand every call to the returned receiver.
     pub fn capture(names: &[&str]) -> (Self, mpsc::UnboundedReceiver<Captured>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (capture, rx) = Capture::new();
         let outputs = names
             .iter()
             .map(|name| {
                 let output = Output {
-                    kind: Kind::Capture(tx.clone()),
+                    kind: Kind::Capture(capture.clone()),
                     counters: Counters::default(),
                 };
                 ((*name).to_owned(), output)
             })
             .collect();
-        (Self { outputs }, rx)
+        let outputs = Self {
+            outputs,
+            capture_any: None,
+        };
+        (outputs, rx)
+    }
+
+    /// An output of every name, each handing its calls to the returned receiver: grants
+    /// alone decide what a plugin may call. For running a plugin offline.
+    pub fn capture_any() -> (Self, mpsc::UnboundedReceiver<Captured>) {
+        let (capture, rx) = Capture::new();
+        let outputs = Self {
+            outputs: BTreeMap::new(),
+            capture_any: Some(capture),
+        };
+        (outputs, rx)
+    }
+
+    /// Makes the `capture` output `name` answer `reply` from now on.
+    pub fn set_capture_reply(&self, name: &str, reply: Reply) {
+        let capture = match self.outputs.get(name).map(|output| &output.kind) {
+            Some(Kind::Capture(capture)) => Some(capture),
+            Some(_) => None,
+            None => self.capture_any.as_ref(),
+        };
+        if let Some(capture) = capture {
+            let mut replies = capture.replies.lock().unwrap_or_else(|e| e.into_inner());
+            replies.insert(name.to_owned(), reply);
+        }
     }
 
     /// Whether an output called `name` exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.outputs.contains_key(name)
+        self.capture_any.is_some() || self.outputs.contains_key(name)
     }
 
     /// Counters of every output.
@@ -194,10 +260,19 @@ impl Outputs {
         payload: &[u8],
         within: Duration,
     ) -> Result<Reply, OutputError> {
-        let output = self
-            .outputs
-            .get(name)
-            .ok_or_else(|| OutputError::Undefined(name.to_owned()))?;
+        let Some(output) = self.outputs.get(name) else {
+            return match &self.capture_any {
+                Some(capture) => {
+                    capture
+                        .take(name, plugin, payload)
+                        .map_err(|why| OutputError::Failed {
+                            name: name.to_owned(),
+                            why,
+                        })
+                }
+                None => Err(OutputError::Undefined(name.to_owned())),
+            };
+        };
         output.counters.calls.fetch_add(1, Ordering::Relaxed);
         let result =
             match tokio::time::timeout(within, call(&output.kind, name, plugin, payload)).await {
@@ -360,18 +435,7 @@ async fn call(kind: &Kind, name: &str, plugin: &str, payload: &[u8]) -> Result<R
                 body: receivers.to_string().into_bytes(),
             })
         }
-        Kind::Capture(tx) => {
-            tx.send(Captured {
-                output: name.to_owned(),
-                plugin: plugin.to_owned(),
-                payload: Bytes::copy_from_slice(payload),
-            })
-            .map_err(|_| "nobody is capturing any more".to_owned())?;
-            Ok(Reply {
-                status: 0,
-                body: Vec::new(),
-            })
-        }
+        Kind::Capture(capture) => capture.take(name, plugin, payload),
     }
 }
 

@@ -41,6 +41,7 @@ struct State {
     channels: HashSet<Bytes>,
     patterns: Vec<(Bytes, Glob)>,
     taps: Vec<mpsc::UnboundedSender<Published>>,
+    unlink_taps: Vec<mpsc::UnboundedSender<Vec<String>>>,
     /// A key space, so that invalidation can be shown without Redis.
     keys: HashMap<String, Bytes>,
 }
@@ -60,6 +61,13 @@ impl EmbeddedBroker {
     pub fn tap(&self) -> mpsc::UnboundedReceiver<Published> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.lock().taps.push(tx);
+        rx
+    }
+
+    /// A receiver of the keys of every `unlink` from now on.
+    pub fn tap_unlinks(&self) -> mpsc::UnboundedReceiver<Vec<String>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().unlink_taps.push(tx);
         rx
     }
 
@@ -122,6 +130,9 @@ impl EmbeddedBroker {
             .iter()
             .filter(|key| state.keys.remove(*key).is_some())
             .count();
+        state
+            .unlink_taps
+            .retain(|tap| tap.send(keys.to_vec()).is_ok());
         u32::try_from(removed).unwrap_or(u32::MAX)
     }
 
