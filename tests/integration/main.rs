@@ -5,6 +5,7 @@
 mod faults;
 mod glob_differential;
 mod kubernetes;
+mod languages;
 mod loading;
 mod reload;
 mod routing;
