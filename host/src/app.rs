@@ -34,6 +34,10 @@ pub enum Broker {
     Embedded(Arc<EmbeddedBroker>),
 }
 
+/// How often start-up looks again at files that were still being written; after that the
+/// watcher takes over.
+const MAX_STARTUP_RESCANS: usize = 20;
+
 /// A running host.
 pub struct Host {
     registry: Arc<Registry>,
@@ -185,7 +189,19 @@ impl Host {
             None => None,
         };
 
-        let changes = registry.reconcile().await?;
+        let mut changes = registry.reconcile().await?;
+        // A file still being written when the host started was skipped; the watcher, not yet
+        // running, saw none of its writes. Look again until the folder has settled.
+        for _ in 0..MAX_STARTUP_RESCANS {
+            if changes.unsettled.is_empty() {
+                break;
+            }
+            tokio::time::sleep(config.settle()).await;
+            let again = registry.reconcile().await?;
+            changes.added.extend(again.added);
+            changes.rejected.extend(again.rejected);
+            changes.unsettled = again.unsettled;
+        }
         tracing::info!(
             loaded = changes.added.len(),
             rejected = changes.rejected.len(),
@@ -198,6 +214,9 @@ impl Host {
             config.settle(),
             stop_watching.clone(),
         )?);
+        // Changes between the first scan and the watcher's start reached no one: one more look
+        // (unchanged files cost a stat each) closes that gap.
+        registry.reconcile().await?;
 
         Ok(Self {
             registry,

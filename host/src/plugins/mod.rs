@@ -183,6 +183,9 @@ pub struct Changes {
     pub removed: Vec<PluginName>,
     /// Plugins whose new file was rejected.
     pub rejected: Vec<PluginName>,
+    /// Plugins whose file changed while it was being loaded (still being written): the next
+    /// reconcile looks again.
+    pub unsettled: Vec<PluginName>,
 }
 
 impl Changes {
@@ -295,6 +298,7 @@ impl Registry {
             // reports its last write and the next reconcile sees the settled file.
             if scan_one(&path).as_ref() != Some(&fingerprint) {
                 tracing::debug!(plugin = %name, "file changed while loading; will look again");
+                changes.unsettled.push(name);
                 continue;
             }
             self.apply(name, fingerprint, result, &mut changes)?;
