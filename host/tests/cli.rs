@@ -261,26 +261,24 @@ async fn test_prints_effects_and_checks_them_against_expectations() -> anyhow::R
     );
 
     let expected = dir.path().join("expected.jsonl");
-    std::fs::write(&expected, &effects)?;
-    let passes = switchyard()
-        .args(["test", "--input"])
-        .arg(&input)
-        .arg("--expect")
-        .arg(&expected)
-        .arg(&wasm)
-        .output()
-        .await?;
-    assert!(passes.status.success());
+    let expecting = |effects: String| {
+        let (input, expected, wasm) = (input.clone(), expected.clone(), wasm.clone());
+        async move {
+            std::fs::write(&expected, effects)?;
+            let output = switchyard()
+                .args(["test", "--input"])
+                .arg(&input)
+                .arg("--expect")
+                .arg(&expected)
+                .arg(&wasm)
+                .output()
+                .await?;
+            anyhow::Ok(output)
+        }
+    };
+    assert!(expecting(effects.clone()).await?.status.success());
 
-    std::fs::write(&expected, effects.replace("fwded:a", "fwded:b"))?;
-    let fails = switchyard()
-        .args(["test", "--input"])
-        .arg(&input)
-        .arg("--expect")
-        .arg(&expected)
-        .arg(&wasm)
-        .output()
-        .await?;
+    let fails = expecting(effects.replace("fwded:a", "fwded:b")).await?;
     let stderr = String::from_utf8_lossy(&fails.stderr);
     assert_eq!(fails.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("effect 1 differs"), "{stderr}");

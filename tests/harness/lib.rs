@@ -130,7 +130,12 @@ impl TestHost {
     /// Launches a host with only `forward` on the Redis at `redis_url`, without waiting for
     /// readiness (Redis may be down, or refuse the credentials).
     pub async fn launch_forward(redis_url: &str) -> anyhow::Result<Self> {
-        Self::launch(redis_url, "", |dir| {
+        Self::launch_forward_configured(redis_url, "").await
+    }
+
+    /// Like [`TestHost::launch_forward`], configured by `config` (TOML).
+    pub async fn launch_forward_configured(redis_url: &str, config: &str) -> anyhow::Result<Self> {
+        Self::launch(redis_url, config, |dir| {
             copy_plugin(
                 dir,
                 "forward",

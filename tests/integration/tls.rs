@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use switchyard_tests::tls::TlsFiles;
-use switchyard_tests::{
-    FORWARD_MANIFEST, RedisServer, TestHost, assert_forwards, copy_plugin, plugins,
-};
+use switchyard_tests::{RedisServer, TestHost, assert_forwards};
 
 /// Configuration for the TLS port of a server started with `files`' certificates.
 fn tls_config(url: &str, files: &TlsFiles, client_certificate: bool) -> String {
@@ -23,18 +21,6 @@ fn tls_config(url: &str, files: &TlsFiles, client_certificate: bool) -> String {
     config
 }
 
-async fn launch(url: &str, config: &str) -> anyhow::Result<TestHost> {
-    TestHost::launch(url, config, |dir| {
-        copy_plugin(
-            dir,
-            "forward",
-            plugins::FORWARD.as_ref(),
-            Some(FORWARD_MANIFEST),
-        )
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_urls_connect_over_tls_with_a_private_ca_and_a_client_certificate()
 -> anyhow::Result<()> {
@@ -47,14 +33,14 @@ async fn rediss_urls_connect_over_tls_with_a_private_ca_and_a_client_certificate
     .await?;
     let url = format!("rediss://127.0.0.1:{tls_port}");
 
-    let host = launch(&url, &tls_config(&url, &files, true)).await?;
+    let host = TestHost::launch_forward_configured(&url, &tls_config(&url, &files, true)).await?;
     host.wait_ready().await?;
     // Published on the plain port, received by the host over TLS, republished over TLS.
     assert_forwards(&redis, "over tls").await?;
     host.stop().await?;
 
     // Without a client certificate the server hangs up: the host stays unready, and says why.
-    let host = launch(&url, &tls_config(&url, &files, false)).await?;
+    let host = TestHost::launch_forward_configured(&url, &tls_config(&url, &files, false)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, ready) = host.get("/readyz").await?;
     assert_eq!(status, 503, "{ready}");
