@@ -77,11 +77,6 @@ impl Settings {
         self.0.get(key).map(String::as_str)
     }
 
-    /// Every key and value.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
     /// Every key, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.0.keys().map(String::as_str)
