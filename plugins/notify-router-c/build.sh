@@ -16,17 +16,16 @@ set -euo pipefail
 
 # Pinned tools. wasm-tools 1.254.2 is built on wasmparser 0.254.2, the release the host's
 # Wasmtime 48.0.8 validates components with; wit-bindgen-cli 0.60.0 is the release built on
-# the same wit-component line (0.254) as that wasm-tools. The adapter's version
-# (adapter/Cargo.toml) is the host's Wasmtime release.
+# the same wit-component line (0.254) as that wasm-tools. The adapter's version is the host's
+# Wasmtime release.
 WASM_TOOLS_VERSION=1.254.2
 WIT_BINDGEN_VERSION=0.60.0
+ADAPTER_VERSION=48.0.8
 APT_PACKAGES=(clang-14 lld-14 wasi-libc libclang-rt-14-dev-wasm32)
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-tools="${SWITCHYARD_TOOLS:-$root/target/tools}/notify-router-c"
-ADAPTER_VERSION="$(sed -n 's/^wasi-preview1-component-adapter-provider = "=\(.*\)"$/\1/p' \
-    "$here/adapter/Cargo.toml")"
+tools="${SWITCHYARD_TOOLS:-$root/target/tools}"
 
 fail() {
     echo "notify-router-c build: $*" >&2
@@ -36,7 +35,6 @@ fail() {
 [[ $# -eq 1 ]] || fail "usage: build.sh OUT.wasm"
 out="$1"
 [[ -f "$root/wit/plugin.wit" ]] || fail "no WIT contract at $root/wit"
-[[ -n "$ADAPTER_VERSION" ]] || fail "no pinned adapter version in $here/adapter/Cargo.toml"
 
 # ---- Debian packages: the compiler, the linker, the C library and compiler runtime for WASI.
 missing=()
@@ -55,15 +53,16 @@ if ((${#missing[@]} > 0)); then
 fi
 command -v cargo >/dev/null || fail "cargo is needed to install wasm-tools and wit-bindgen"
 
-# ---- Tools from crates.io. Each goes into a folder named after its version, so a change of
-# pin installs afresh; the lock keeps two builds at once from installing over each other.
+# ---- Tools from crates.io, shared with projects made by `switchyard new --lang c` (same
+# folder names, same pins). Each goes into a folder named after its version, so a change of pin
+# installs afresh; the lock keeps two builds at once from installing over each other.
 mkdir -p "$tools"
-exec 9>"$tools/.lock"
+exec 9>"$tools/.c-tools.lock"
 flock 9
 
 wasm_tools="$tools/wasm-tools-$WASM_TOOLS_VERSION/bin/wasm-tools"
 wit_bindgen="$tools/wit-bindgen-cli-$WIT_BINDGEN_VERSION/bin/wit-bindgen"
-adapter="$tools/adapter-$ADAPTER_VERSION/wasi_snapshot_preview1.reactor.wasm"
+adapter="$tools/wasi-adapter-$ADAPTER_VERSION/wasi_snapshot_preview1.reactor.wasm"
 
 # cargo install CRATE VERSION BINARY [cargo install options...]: builds in a scratch target
 # folder of its own (removed afterwards) and installs into $tools/CRATE-VERSION. It runs in
@@ -73,7 +72,9 @@ install_crate() {
     shift 3
     [[ -x "$binary" ]] && return 0
     local log="$tools/install-$crate.log"
-    if ! (cd "$here" && CARGO_TARGET_DIR="$tools/.cargo-target" cargo install --locked --quiet \
+    # Unoptimised: the tools run for milliseconds here, and build in a third of the time.
+    if ! (cd "$here" && CARGO_TARGET_DIR="$tools/.cargo-target" CARGO_PROFILE_RELEASE_OPT_LEVEL=0 \
+        CARGO_PROFILE_RELEASE_DEBUG=false cargo install --locked --quiet \
         --root "$tools/$crate-$version" --version "=$version" "$@" "$crate") >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         fail "cargo install $crate $version failed (log: $log)"
@@ -84,18 +85,24 @@ install_crate() {
 install_crate wasm-tools "$WASM_TOOLS_VERSION" "$wasm_tools" --no-default-features --features component
 install_crate wit-bindgen-cli "$WIT_BINDGEN_VERSION" "$wit_bindgen" --no-default-features --features c
 
-# The adapter is a library crate's payload: a tiny program (adapter/) depends on it, pinned
-# by version and checksum, and writes out its reactor adapter.
+# The adapter is a file inside a crates.io package: cargo fetches the package (checking it
+# against the index's checksum) for a throwaway project that depends on it, and `cargo
+# metadata` says where it was unpacked.
 if [[ ! -s "$adapter" ]]; then
+    probe="$(mktemp -d)"
+    mkdir "$probe/src"
+    touch "$probe/src/lib.rs"
+    printf '[package]\nname = "adapter-fetch"\nversion = "0.0.0"\nedition = "2021"\n[dependencies]\nwasi-preview1-component-adapter-provider = "=%s"\n[workspace]\n' \
+        "$ADAPTER_VERSION" >"$probe/Cargo.toml"
+    package="$( (cd "$probe" && cargo metadata --quiet --format-version 1) 2>"$probe/log" |
+        grep -o "\"manifest_path\":\"[^\"]*/wasi-preview1-component-adapter-provider-$ADAPTER_VERSION/Cargo.toml\"" |
+        sed 's/^"manifest_path":"\(.*\)\/Cargo.toml"$/\1/')" || true
+    [[ -s "$package/artefacts/wasi_snapshot_preview1.reactor.wasm" ]] ||
+        { cat "$probe/log" >&2; fail "could not fetch the WASI adapter $ADAPTER_VERSION"; }
+    rm -rf "$probe"
     mkdir -p "$(dirname "$adapter")"
-    log="$tools/install-adapter.log"
-    if ! (cd "$here/adapter" && CARGO_TARGET_DIR="$tools/.adapter-target" \
-        cargo run --locked --quiet --release -- "$adapter.partial") >"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        fail "extracting the WASI adapter failed (log: $log)"
-    fi
+    cp "$package/artefacts/wasi_snapshot_preview1.reactor.wasm" "$adapter.partial"
     mv "$adapter.partial" "$adapter"
-    rm -rf "$tools/.adapter-target"
 fi
 flock -u 9
 

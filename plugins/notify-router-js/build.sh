@@ -4,13 +4,16 @@
 # usage: build.sh OUT.wasm
 #
 # Installs the npm packages pinned in package-lock.json (ComponentizeJS and jco) into
-# ${SWITCHYARD_TOOLS:-<repo root>/target/tools}/notify-router-js, once: a later run with the same
-# lock file skips the install. Then componentizes notify-router.js against <repo root>/wit.
+# ${SWITCHYARD_TOOLS:-<repo root>/target/tools}/js-<hash of the lock file>, once: a later run with
+# the same lock file skips the install. Then componentizes notify-router.js against <repo root>/wit.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-tools="${SWITCHYARD_TOOLS:-$root/target/tools}/notify-router-js"
+# One install per lock file: projects made by `switchyard new --lang js` pin the same packages
+# (package.json and package-lock.json are copied from here) and share it.
+lock="$(sha256sum "$here/package-lock.json" | cut -c1-16)"
+tools="${SWITCHYARD_TOOLS:-$root/target/tools}/js-$lock"
 
 fail() {
     echo "notify-router-js build: $*" >&2
@@ -34,21 +37,19 @@ node -e '
     process.exit(major > 20 || (major === 20 && minor >= 19) ? 0 : 1);
 ' || fail "node $(node --version) is too old: 20.19 or later is needed"
 
-# Install, unless the tools folder already holds exactly what the lock file pins. The stamp
-# is written last, so an interrupted install is redone; the lock keeps two builds running at
-# the same time from installing over each other.
+# Install, unless done already. The stamp is written last, so an interrupted install is
+# redone; the lock keeps two builds running at the same time from installing over each other.
 mkdir -p "$tools"
 exec 9>"$tools/.lock"
 flock 9
-stamp="$(sha256sum "$here/package-lock.json" | cut -d' ' -f1)"
-if [[ "$(cat "$tools/.installed" 2>/dev/null)" != "$stamp" ]]; then
-    rm -rf "$tools/node_modules" "$tools/.installed"
+if [[ ! -f "$tools/.installed" ]]; then
+    rm -rf "$tools/node_modules"
     cp "$here/package.json" "$here/package-lock.json" "$tools/"
     if ! (cd "$tools" && npm ci --no-audit --no-fund --loglevel=error) >"$tools/npm-ci.log" 2>&1; then
         cat "$tools/npm-ci.log" >&2
         fail "npm ci failed (log above, also in $tools/npm-ci.log)"
     fi
-    echo "$stamp" >"$tools/.installed"
+    touch "$tools/.installed"
 fi
 flock -u 9
 
