@@ -21,16 +21,11 @@ use crate::app::{Broker, Host};
 use crate::config::{Config, GrantsConfig, Policy};
 use crate::effects::outputs::{Captured, Outputs, Reply};
 use crate::plugins::PluginReport;
-use crate::plugins::loader::WORLD;
+use crate::plugins::loader::{WORLD, world_version};
 use crate::source::embedded::{EmbeddedBroker, Published};
 
 /// The interface every plugin exports, without its version.
 const HANDLER: &str = "switchyard:plugin/handler";
-
-/// The handler version this host runs, from [`WORLD`].
-fn supported_version() -> &'static str {
-    WORLD.rsplit_once('@').map_or("", |(_, version)| version)
-}
 
 /// How long one input may keep the plugin busy before `test` gives up on it.
 const INPUT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -203,7 +198,7 @@ fn interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
         .iter()
         .find_map(|name| name.strip_prefix(HANDLER)?.strip_prefix('@'));
     match handler {
-        Some(version) if version == supported_version() => Ok((imports, exports)),
+        Some(version) if version == world_version() => Ok((imports, exports)),
         Some(version) => Err(format!(
             "built for {HANDLER}@{version}; this host runs {WORLD}: rebuild it against the \
              WIT in this release"

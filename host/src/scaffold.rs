@@ -1,14 +1,16 @@
 //! `switchyard new`: a plugin project that builds and passes `switchyard test` as it is.
-//! Rust only so far; the other languages' examples (`plugins/notify-router-*`) show their
-//! builds.
 //!
 //! Every project holds the WIT contract, a starter plugin (republish `NAME:in` on `NAME:out`,
 //! reject empty payloads), a `build.sh` that writes `NAME.wasm`, the manifest granting what
-//! the starter needs, and `tests/` with input messages and the expected effects.
+//! the starter needs, and `tests/` with input messages and the expected effects. The build
+//! scripts pin the same tool versions as the examples in `plugins/notify-router-*`, and install
+//! them once into `${SWITCHYARD_TOOLS:-~/.cache/switchyard/tools}`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+
+use crate::plugins::loader::world_version;
 
 /// The WIT contract every project builds against.
 const WIT: &str = include_str!("../../wit/plugin.wit");
@@ -21,17 +23,32 @@ const WIT_BINDGEN: &str = "0.61";
 pub enum Lang {
     /// Rust, with the `switchyard-plugin` SDK (included in the project).
     Rust,
+    /// Python, built with componentize-py.
+    Python,
+    /// JavaScript, built with ComponentizeJS.
+    Js,
+    /// C, with wit-bindgen's C bindings, clang and wasi-libc.
+    C,
 }
 
+/// A file of a project: path, template, executable.
+type File = (&'static str, &'static str, bool);
+
 impl Lang {
+    /// Every language, in the order the documentation lists them.
+    pub const ALL: [Lang; 4] = [Lang::Rust, Lang::Python, Lang::Js, Lang::C];
+
     fn title(self) -> &'static str {
         match self {
             Lang::Rust => "Rust",
+            Lang::Python => "Python",
+            Lang::Js => "JavaScript",
+            Lang::C => "C",
         }
     }
 
-    /// The language's own files: (path, text, executable).
-    fn files(self) -> Vec<(&'static str, &'static str, bool)> {
+    /// The language's own files.
+    fn files(self) -> Vec<File> {
         match self {
             Lang::Rust => vec![
                 (
@@ -61,12 +78,73 @@ impl Lang {
                     false,
                 ),
             ],
+            Lang::Python => vec![
+                (
+                    "src/app.py",
+                    include_str!("../templates/python/app.py"),
+                    false,
+                ),
+                (
+                    "build.sh",
+                    include_str!("../templates/python/build.sh"),
+                    true,
+                ),
+                (
+                    ".gitignore",
+                    include_str!("../templates/python/gitignore"),
+                    false,
+                ),
+            ],
+            Lang::Js => vec![
+                ("app.js", include_str!("../templates/js/app.js"), false),
+                ("build.sh", include_str!("../templates/js/build.sh"), true),
+                (
+                    ".gitignore",
+                    include_str!("../templates/js/gitignore"),
+                    false,
+                ),
+                // The same pins as the JavaScript example, so both share one install.
+                (
+                    "package.json",
+                    include_str!("../../plugins/notify-router-js/package.json"),
+                    false,
+                ),
+                (
+                    "package-lock.json",
+                    include_str!("../../plugins/notify-router-js/package-lock.json"),
+                    false,
+                ),
+            ],
+            Lang::C => vec![
+                ("src/app.c", include_str!("../templates/c/app.c"), false),
+                ("build.sh", include_str!("../templates/c/build.sh"), true),
+                (
+                    ".gitignore",
+                    include_str!("../templates/c/gitignore"),
+                    false,
+                ),
+            ],
         }
     }
 
     fn build_notes(self) -> &'static str {
         match self {
             Lang::Rust => include_str!("../templates/rust/NOTES.md"),
+            Lang::Python => include_str!("../templates/python/NOTES.md"),
+            Lang::Js => include_str!("../templates/js/NOTES.md"),
+            Lang::C => include_str!("../templates/c/NOTES.md"),
+        }
+    }
+
+    /// Manifest lines beyond the grants: the JavaScript engine needs more memory than the
+    /// host's default under sustained traffic.
+    fn manifest_limits(self) -> &'static str {
+        match self {
+            Lang::Js => concat!(
+                "\n# The JavaScript engine needs more than the host's default of 64 MiB\n",
+                "# under sustained traffic.\n[limits]\nmemory_mib = 128\n"
+            ),
+            Lang::Rust | Lang::Python | Lang::C => "",
         }
     }
 }
@@ -99,6 +177,7 @@ fn render(template: &str, name: &str, lang: Lang) -> String {
         .replace("{{empty_error}}", "invalid: empty payload")
         .replace("{{version}}", env!("CARGO_PKG_VERSION"))
         .replace("{{wit_bindgen}}", WIT_BINDGEN)
+        .replace("{{wit_version}}", world_version())
 }
 
 /// Creates the project `name` for `lang` in `dir/name`, which must not exist yet; returns its
@@ -117,7 +196,7 @@ pub fn create(name: &str, lang: Lang, dir: &Path) -> anyhow::Result<PathBuf> {
                 include_str!("../templates/common/manifest.toml"),
                 name,
                 lang,
-            ),
+            ) + lang.manifest_limits(),
             false,
         ),
         (
@@ -203,7 +282,7 @@ mod tests {
     #[test]
     fn every_language_gets_a_complete_project_without_placeholders() {
         let dir = tempfile::tempdir().unwrap();
-        for lang in [Lang::Rust] {
+        for lang in Lang::ALL {
             let name = format!("starter-{}", lang.title().to_lowercase());
             let root = create(&name, lang, dir.path()).unwrap();
             for file in [

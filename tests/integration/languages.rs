@@ -115,7 +115,7 @@ async fn new_projects_build_and_pass_their_own_tests() -> anyhow::Result<()> {
         .prefix("switchyard-new-")
         .tempdir()?;
     let mut failures = Vec::new();
-    for lang in [Lang::Rust] {
+    for lang in Lang::ALL {
         let name = format!("starter-{}", format!("{lang:?}").to_lowercase());
         let root = scaffold::create(&name, lang, dir.path())?;
         let built = {

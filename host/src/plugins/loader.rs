@@ -34,6 +34,11 @@ use crate::{ContentHash, PluginName};
 /// The world a plugin must target, for error messages.
 pub const WORLD: &str = "switchyard:plugin/plugin@0.2.0";
 
+/// The contract's package version (`0.2.0`): what guests put in their imports' names.
+pub fn world_version() -> &'static str {
+    WORLD.rsplit_once('@').map_or("", |(_, version)| version)
+}
+
 /// The largest memory cap a manifest may ask for: all of a 32-bit linear memory.
 const MAX_MEMORY_MIB: u64 = 4096;
 
