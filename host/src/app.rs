@@ -18,6 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
 use crate::effects::{Effects, Publisher};
+use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
 use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
@@ -147,7 +148,13 @@ impl Host {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
         };
-        let loader = Loader::new(
+        let compile_cache = match &config.plugins.compile_cache {
+            Some(dir) => Some(CompileCache::open(dir, runtime.engine()).with_context(|| {
+                format!("plugins.compile_cache: cannot create {}", dir.display())
+            })?),
+            None => None,
+        };
+        let mut loader = Loader::new(
             runtime,
             effects,
             limits,
@@ -155,6 +162,9 @@ impl Host {
             config.grants.clone(),
         )
         .with_max_size(config.plugins.max_wasm_mib << 20);
+        if let Some(cache) = compile_cache {
+            loader = loader.with_compile_cache(cache);
+        }
         let registry = Arc::new(Registry::new(
             dir.clone(),
             loader,

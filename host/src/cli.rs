@@ -310,7 +310,7 @@ pub fn effective_settings(config: &Config) -> String {
         "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_capacity = {}\nwhen_full = {:?}\n\
          deadline_ms = {}\nmemory_mib = {}\nsettle_ms = {}\nbreaker_failures = {}\n\
          breaker_window = {}\nbreaker_backoff_ms = {}\nmax_payload_bytes = {}\n\
-         max_wasm_mib = {}\ndrain_ms = {}\n",
+         max_wasm_mib = {}\ndrain_ms = {}",
         p.dir.display(),
         p.policy,
         p.queue_capacity,
@@ -325,6 +325,10 @@ pub fn effective_settings(config: &Config) -> String {
         p.max_wasm_mib,
         p.drain_ms
     );
+    if let Some(dir) = &p.compile_cache {
+        let _ = writeln!(out, "compile_cache = {:?}", dir.display().to_string());
+    }
+    out.push('\n');
     let _ = writeln!(out, "[admin]\nlisten = \"{}\"\n", config.admin.listen);
     let _ = writeln!(
         out,

@@ -20,6 +20,7 @@ use serde_json::Value;
 use switchyard::app::{Broker, Host};
 use switchyard::config::{Config, RedisUrl};
 
+pub use crate::polyglot::compile_cache_dir;
 pub use crate::redis::{Received, RedisServer, Subscriber};
 
 /// Components built from `plugins/` for these tests (paths).
@@ -100,6 +101,12 @@ impl TestHost {
         config.redis.url = RedisUrl::new(redis_url);
         config.plugins.dir = dir.path().to_owned();
         config.admin.listen = "127.0.0.1:0".parse()?;
+        // One compile cache for the whole run: each component compiles once, however many
+        // hosts load it (the Python and JavaScript ones take seconds).
+        config
+            .plugins
+            .compile_cache
+            .get_or_insert_with(compile_cache_dir);
         let host = Host::start(&config, Broker::Redis(config.redis.clone()), true, None).await?;
         let admin = host.admin_addr().context("admin endpoint enabled")?;
         Ok(Self {

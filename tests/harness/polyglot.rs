@@ -32,6 +32,11 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir))
 }
 
+/// The compile cache test hosts share.
+pub fn compile_cache_dir() -> PathBuf {
+    target_dir().join("compile-cache")
+}
+
 /// Where the pinned tools of every language live.
 pub fn tools_dir() -> PathBuf {
     target_dir().join("tools")

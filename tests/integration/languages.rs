@@ -11,7 +11,7 @@ use switchyard_tests::polyglot::{
     NOTIFY_ROUTER_BUILDS, build_plugin, exclusive_build, run_build, target_dir, workspace_root,
 };
 use switchyard_tests::webhook::Webhook;
-use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, plugins};
+use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, compile_cache_dir, plugins};
 
 const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
 
@@ -51,7 +51,7 @@ async fn every_language_gives_the_shared_fixture_s_effects() -> anyhow::Result<(
             wasm,
             name: Some("notify-router".to_owned()),
             manifest: Some(workspace_root().join("plugins/notify-router/notify-router.toml")),
-            config: Config::default(),
+            config: cached_config(),
         };
         let effects = offline::test(&target, &inputs).await?;
         if let Err(difference) = offline::compare(&effects, &expected) {
@@ -130,7 +130,7 @@ async fn new_projects_build_and_pass_their_own_tests() -> anyhow::Result<()> {
             wasm: root.join(format!("{name}.wasm")),
             name: None,
             manifest: None,
-            config: Config::default(),
+            config: cached_config(),
         };
         let inputs = offline::parse_inputs(
             &std::fs::read_to_string(root.join("tests/messages.jsonl"))?,
@@ -163,4 +163,11 @@ fn build_project(root: &Path) -> anyhow::Result<()> {
         &[],
         &[("CARGO_TARGET_DIR", cargo_target.as_os_str())],
     )
+}
+
+/// The host's defaults, with the compile cache the test hosts share.
+fn cached_config() -> Config {
+    let mut config = Config::default();
+    config.plugins.compile_cache = Some(compile_cache_dir());
+    config
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use wasmtime::component::Component;
 
+use super::compile_cache::{CompileCache, Compiled};
 use super::manifest::{Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
 use crate::config::{GrantsConfig, Policy};
@@ -119,6 +120,7 @@ pub struct Loader {
     policy: Policy,
     grants: Arc<BTreeMap<String, GrantsConfig>>,
     max_size: u64,
+    compile_cache: Option<Arc<CompileCache>>,
 }
 
 /// What a load produced.
@@ -145,7 +147,14 @@ impl Loader {
             policy,
             grants: Arc::new(grants),
             max_size: u64::MAX,
+            compile_cache: None,
         }
+    }
+
+    /// Keeps compiled components in `cache`, and reuses them.
+    pub fn with_compile_cache(mut self, cache: CompileCache) -> Self {
+        self.compile_cache = Some(Arc::new(cache));
+        self
     }
 
     /// Rejects `.wasm` files larger than `bytes` without reading them.
@@ -234,8 +243,18 @@ impl Loader {
     ) -> Result<LoadedPlugin, LoadError> {
         check_header(&bytes)?;
         let engine = self.runtime.engine();
-        let component =
-            Component::new(engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let started = std::time::Instant::now();
+        let (component, compiled) = match &self.compile_cache {
+            Some(cache) => cache.compile(engine, &bytes, &hash),
+            None => Component::new(engine, &bytes).map(|component| (component, Compiled::Fresh)),
+        }
+        .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        tracing::debug!(
+            plugin = %name,
+            cache = compiled.as_str(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "component compiled"
+        );
         let instance_pre = self
             .runtime
             .linker()

@@ -7,6 +7,7 @@
 //! drains. The [`watcher`] calls it whenever the folder changes; events only say "look
 //! again", never what to do, so missed or merged events cannot leave the host out of step.
 
+pub mod compile_cache;
 pub mod loader;
 pub mod manifest;
 pub mod watcher;
