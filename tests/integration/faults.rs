@@ -100,7 +100,8 @@ async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let config = "[plugins]\nbreaker_failures = 3\nbreaker_window = 5\nbreaker_backoff_ms = 2000\n";
+    // The back-off must outlast the steps that check the parked state, even on a busy machine.
+    let config = "[plugins]\nbreaker_failures = 3\nbreaker_window = 5\nbreaker_backoff_ms = 4000\n";
     let host =
         TestHost::start_configured(&redis, config, &[("faulty", plugins::FAULTY, Some(FAULTY))])
             .await?;
