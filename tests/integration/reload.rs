@@ -222,3 +222,42 @@ async fn a_configmap_style_symlink_swap_deploys_the_new_version() -> anyhow::Res
     assert_eq!(after["tag"], "v2");
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_still_being_written_at_start_up_is_loaded_once_complete() -> anyhow::Result<()> {
+    // The file grows in small pieces while the host starts: its first look finds it
+    // truncated, and the last pieces land around the time the watcher starts.
+    const PIECE: usize = 4096;
+    const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+    let redis = RedisServer::start().await?;
+    let wasm = read_plugin(plugins::FORWARD);
+    let mut writer = None;
+    let host = TestHost::start_with(&redis, "[plugins]\nsettle_ms = 20\n", |dir| {
+        std::fs::write(dir.join("forward.toml"), FORWARD_MANIFEST)?;
+        let path = dir.join("forward.wasm");
+        let mut file = std::fs::File::create(&path)?;
+        writer = Some(std::thread::spawn(move || -> std::io::Result<()> {
+            use std::io::Write as _;
+            for piece in wasm.chunks(PIECE) {
+                file.write_all(piece)?;
+                file.flush()?;
+                std::thread::sleep(PAUSE);
+            }
+            Ok(())
+        }));
+        Ok(())
+    })
+    .await?;
+    writer
+        .take()
+        .expect("the writer started")
+        .join()
+        .expect("writer")?;
+
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    host.wait_plugin("forward", "running", |p| p["state"] == "running")
+        .await?;
+    redis.publish("fwd:x", "complete").await?;
+    assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "complete");
+    host.stop().await
+}
