@@ -48,6 +48,8 @@ pub struct Queue {
 struct State {
     items: VecDeque<Envelope>,
     closed: bool,
+    /// Threads asleep in `pop`.
+    waiters: usize,
 }
 
 impl Queue {
@@ -84,8 +86,12 @@ impl Queue {
             }
         }
         state.items.push_back(envelope);
+        // Waking costs a system call: only when the worker is asleep on an empty queue.
+        let wake = state.waiters > 0;
         drop(state);
-        self.ready.notify_one();
+        if wake {
+            self.ready.notify_one();
+        }
         outcome
     }
 
@@ -99,7 +105,9 @@ impl Queue {
             if state.closed {
                 return None;
             }
+            state.waiters += 1;
             state = self.ready.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.waiters -= 1;
         }
     }
 
