@@ -42,6 +42,7 @@ const MAX_STARTUP_RESCANS: usize = 20;
 /// A running host.
 pub struct Host {
     registry: Arc<Registry>,
+    effects: Effects,
     router: Arc<Router>,
     source: Source,
     admin_addr: Option<SocketAddr>,
@@ -156,7 +157,7 @@ impl Host {
         };
         let mut loader = Loader::new(
             runtime,
-            effects,
+            effects.clone(),
             limits,
             config.plugins.policy,
             config.grants.clone(),
@@ -230,6 +231,7 @@ impl Host {
 
         Ok(Self {
             registry,
+            effects,
             router,
             source,
             admin_addr,
@@ -267,6 +269,16 @@ impl Host {
         let drained = self.registry.shutdown(drain).await;
         if !drained {
             tracing::warn!(?drain, "plugin queues did not drain in time");
+        }
+        // What plugins sent while draining is written before the connections close.
+        if tokio::time::timeout(drain, self.effects.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain,
+                "messages sent by plugins were not all written in time"
+            );
         }
         self.stop_source.cancel();
         self.stop_admin.cancel();

@@ -205,12 +205,14 @@ impl Collector for SwitchyardCollector {
         counters(
             &mut encoder,
             "switchyard_plugin_refusals",
-            "Host calls refused per plugin: denied (no grant), loop_guard, log_dropped.",
+            "Host calls refused or lost per plugin: denied (no grant), loop_guard, log_dropped, \
+             send_failed (queued by send, then not written to Redis).",
             snapshots.iter().flat_map(|(plugin, stats)| {
                 [
                     ("denied", stats.denied),
                     ("loop_guard", stats.loop_limited),
                     ("log_dropped", stats.logs_dropped),
+                    ("send_failed", stats.send_failed),
                 ]
                 .map(|(reason, value)| {
                     (

@@ -30,8 +30,10 @@ impl HostState {
     }
 }
 
-impl Host for HostState {
-    fn publish(&mut self, channel: String, payload: Vec<u8>) -> Result<u32, Error> {
+impl HostState {
+    /// What `publish` and `send` check first: the channel is not the host's, the plugin has
+    /// a grant for it, and the loop guard lets it through.
+    fn check_publish(&self, channel: &str) -> Result<(), Error> {
         let plugin = &self.plugin;
         if crate::router::is_reserved(channel.as_bytes()) {
             return Err(self.deny(format!("channel {channel:?} is reserved for the host")));
@@ -44,16 +46,45 @@ impl Host for HostState {
             )));
         }
         if plugin.loop_guard.feeds_itself(channel.as_bytes()) && !plugin.loop_guard.admit() {
-            self.stats.record_loop_limited(&plugin.name, &channel);
+            self.stats.record_loop_limited(&plugin.name, channel);
             return Err(Error::Denied(format!(
                 "loop guard: {channel:?} feeds plugin {}'s own subscriptions, and it is over {} such publishes a second",
                 plugin.name,
                 super::loop_guard::LOOP_RATE_PER_SEC
             )));
         }
+        Ok(())
+    }
+}
+
+impl Host for HostState {
+    fn publish(&mut self, channel: String, payload: Vec<u8>) -> Result<u32, Error> {
+        self.check_publish(&channel)?;
+        let plugin = &self.plugin;
         plugin
             .effects
-            .publish(&plugin.name, channel.as_bytes(), &payload, self.remaining())
+            .publish(
+                &plugin.name,
+                &self.stats,
+                channel.into_bytes(),
+                payload,
+                self.remaining(),
+            )
+            .map_err(unavailable)
+    }
+
+    fn send(&mut self, channel: String, payload: Vec<u8>) -> Result<(), Error> {
+        self.check_publish(&channel)?;
+        let plugin = &self.plugin;
+        plugin
+            .effects
+            .send(
+                &plugin.name,
+                &self.stats,
+                channel.into_bytes(),
+                payload,
+                self.remaining(),
+            )
             .map_err(unavailable)
     }
 

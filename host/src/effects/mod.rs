@@ -12,22 +12,52 @@ pub mod rate;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::PluginName;
 use crate::source::embedded::EmbeddedBroker;
+use crate::worker::PluginStats;
 use outputs::{OutputError, Outputs, Reply};
+
+/// Messages waiting to be written to Redis, from every plugin's `send` and `publish`. When
+/// full, a plugin's next call waits (up to its deadline) for room.
+const OUTGOING_CAPACITY: usize = 16_384;
+/// The most PUBLISH commands written as one pipeline.
+const MAX_BATCH: usize = 512;
+/// How often a writer that lost Redis checks whether it is back.
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where plugins' effects go, and the runtime that carries them out.
 #[derive(Clone, Debug)]
 pub struct Effects {
     publisher: Publisher,
+    /// The ordered queue of PUBLISH commands to Redis, for a Redis publisher.
+    outgoing: Option<mpsc::Sender<Outgoing>>,
+    /// Set while the last write to Redis failed and no probe has succeeded since: calls then
+    /// fail at once instead of waiting out their deadline.
+    redis_down: Arc<AtomicBool>,
     outputs: Arc<Outputs>,
     /// The channel every invalidation is announced on, if any.
     broadcast: Option<Bytes>,
     runtime: tokio::runtime::Handle,
+}
+
+/// One entry of the outgoing queue.
+enum Outgoing {
+    /// A PUBLISH; `reply` gets the receiver count for `publish`, none for `send`, whose
+    /// failures are counted against `stats` instead.
+    Publish {
+        channel: Vec<u8>,
+        payload: Vec<u8>,
+        reply: Option<oneshot::Sender<Result<u32, String>>>,
+        stats: Arc<PluginStats>,
+    },
+    /// Answered once everything queued before it has been written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The connection plugins publish through.
@@ -73,11 +103,36 @@ impl Effects {
     ) -> Self {
         let broadcast =
             (!broadcast.is_empty()).then(|| Bytes::copy_from_slice(broadcast.as_bytes()));
+        let redis_down = Arc::new(AtomicBool::new(false));
+        let outgoing = match &publisher {
+            Publisher::Redis(connection) => {
+                let (queue, incoming) = mpsc::channel(OUTGOING_CAPACITY);
+                runtime.spawn(write_outgoing(
+                    connection.clone(),
+                    incoming,
+                    redis_down.clone(),
+                ));
+                Some(queue)
+            }
+            Publisher::Embedded(_) => None,
+        };
         Self {
             publisher,
+            outgoing,
+            redis_down,
             outputs,
             broadcast,
             runtime,
+        }
+    }
+
+    /// Waits until every message queued so far has been written (or has failed).
+    pub async fn flush(&self) {
+        if let Some(queue) = &self.outgoing {
+            let (done, written) = oneshot::channel();
+            if queue.send(Outgoing::Flush(done)).await.is_ok() {
+                let _ = written.await;
+            }
         }
     }
 
@@ -141,32 +196,89 @@ impl Effects {
         })
     }
 
-    /// Publishes and returns the number of receivers, as `PUBLISH` does.
+    /// Publishes and returns the number of receivers, as `PUBLISH` does. Goes through the
+    /// outgoing queue, so it is written after the plugin's earlier `send`s.
     ///
     /// Must be called from a worker thread, never from inside the async runtime.
     pub fn publish(
         &self,
         from: &PluginName,
-        channel: &[u8],
-        payload: &[u8],
+        stats: &Arc<PluginStats>,
+        channel: Vec<u8>,
+        payload: Vec<u8>,
         within: Duration,
     ) -> Result<u32, EffectError> {
         match &self.publisher {
-            Publisher::Redis(connection) => {
-                let mut connection = connection.clone();
-                let command = redis::cmd("PUBLISH").arg(channel).arg(payload).to_owned();
-                self.block_on(within, async move {
-                    command
-                        .query_async::<u32>(&mut connection)
-                        .await
-                        .map_err(|e| EffectError::Unavailable(format!("PUBLISH failed: {e}")))
+            Publisher::Redis(_) => {
+                let deadline = Instant::now() + within;
+                let (reply, receivers) = oneshot::channel();
+                self.enqueue(
+                    Outgoing::Publish {
+                        channel,
+                        payload,
+                        reply: Some(reply),
+                        stats: stats.clone(),
+                    },
+                    deadline,
+                )?;
+                self.block_on(deadline.saturating_duration_since(Instant::now()), async {
+                    match receivers.await {
+                        Ok(result) => result.map_err(EffectError::Unavailable),
+                        Err(_) => Err(EffectError::Unavailable("the host is stopping".into())),
+                    }
                 })
             }
-            Publisher::Embedded(broker) => Ok(broker.publish_from(
-                Some(from),
-                Bytes::copy_from_slice(channel),
-                Bytes::copy_from_slice(payload),
-            )),
+            Publisher::Embedded(broker) => {
+                Ok(broker.publish_from(Some(from), Bytes::from(channel), Bytes::from(payload)))
+            }
+        }
+    }
+
+    /// Queues a PUBLISH without waiting for Redis; a failure to write it later is counted in
+    /// `stats`. Waits only while the outgoing queue is full, up to `within`.
+    pub fn send(
+        &self,
+        from: &PluginName,
+        stats: &Arc<PluginStats>,
+        channel: Vec<u8>,
+        payload: Vec<u8>,
+        within: Duration,
+    ) -> Result<(), EffectError> {
+        match &self.publisher {
+            Publisher::Redis(_) => self.enqueue(
+                Outgoing::Publish {
+                    channel,
+                    payload,
+                    reply: None,
+                    stats: stats.clone(),
+                },
+                Instant::now() + within,
+            ),
+            Publisher::Embedded(broker) => {
+                broker.publish_from(Some(from), Bytes::from(channel), Bytes::from(payload));
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts `entry` on the outgoing queue, waiting for room until `deadline`.
+    fn enqueue(&self, entry: Outgoing, deadline: Instant) -> Result<(), EffectError> {
+        let Some(queue) = &self.outgoing else {
+            return Err(EffectError::Unavailable("no Redis connection".into()));
+        };
+        if self.redis_down.load(Ordering::Acquire) {
+            return Err(EffectError::Unavailable(
+                "Redis is unreachable: the last write failed".into(),
+            ));
+        }
+        let stopping = || EffectError::Unavailable("the host is stopping".into());
+        match queue.try_send(entry) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopping()),
+            Err(mpsc::error::TrySendError::Full(entry)) => self
+                .block_on(deadline.saturating_duration_since(Instant::now()), async {
+                    queue.send(entry).await.map_err(|_| stopping())
+                }),
         }
     }
 
@@ -179,5 +291,75 @@ impl Effects {
         self.runtime
             .block_on(async { tokio::time::timeout(within, future).await })
             .unwrap_or(Err(EffectError::Timeout(within)))
+    }
+}
+
+/// Writes the outgoing queue to Redis: whatever has accumulated since the last write goes
+/// out as one pipeline, in queue order, with one pipeline in flight. Under load the batches
+/// grow, so the cost of a round trip is shared by many messages.
+///
+/// After a failed write, `down` is set (new calls fail at once) and the writer probes Redis
+/// with PING every [`PROBE_INTERVAL`] until it answers.
+async fn write_outgoing(
+    mut connection: redis::aio::ConnectionManager,
+    mut queue: mpsc::Receiver<Outgoing>,
+    down: Arc<AtomicBool>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if down.load(Ordering::Acquire) {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let pong: redis::RedisResult<String> =
+                redis::cmd("PING").query_async(&mut connection).await;
+            if pong.is_ok() {
+                tracing::info!("Redis answers again; plugins may publish");
+                down.store(false, Ordering::Release);
+            }
+            continue;
+        }
+        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            break;
+        }
+        let mut pipe = redis::pipe();
+        for entry in &batch {
+            if let Outgoing::Publish {
+                channel, payload, ..
+            } = entry
+            {
+                pipe.cmd("PUBLISH").arg(&channel[..]).arg(&payload[..]);
+            }
+        }
+        let result = if pipe.is_empty() {
+            Ok(Vec::new())
+        } else {
+            pipe.query_async::<Vec<u32>>(&mut connection)
+                .await
+                .map_err(|e| format!("PUBLISH failed: {e}"))
+        };
+        if let Err(why) = &result {
+            tracing::warn!(messages = pipe.len(), "{why}");
+            down.store(true, Ordering::Release);
+        }
+        let mut receivers = result.as_ref().ok().map(|counts| counts.iter());
+        for entry in batch.drain(..) {
+            match entry {
+                Outgoing::Publish { reply, stats, .. } => {
+                    let outcome = match receivers.as_mut() {
+                        Some(counts) => Ok(counts.next().copied().unwrap_or(0)),
+                        None => Err(result.as_ref().err().cloned().unwrap_or_default()),
+                    };
+                    match (reply, outcome) {
+                        (Some(reply), outcome) => {
+                            let _ = reply.send(outcome);
+                        }
+                        (None, Err(why)) => stats.record_send_failed(&why),
+                        (None, Ok(_)) => {}
+                    }
+                }
+                Outgoing::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
     }
 }

@@ -33,9 +33,9 @@ use crate::worker::state::PluginContext;
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
-pub const WORLD: &str = "switchyard:plugin/plugin@0.2.0";
+pub const WORLD: &str = "switchyard:plugin/plugin@0.3.0";
 
-/// The contract's package version (`0.2.0`): what guests put in their imports' names.
+/// The contract's package version (`0.3.0`): what guests put in their imports' names.
 pub fn world_version() -> &'static str {
     WORLD.rsplit_once('@').map_or("", |(_, version)| version)
 }

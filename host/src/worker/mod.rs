@@ -80,6 +80,7 @@ pub struct PluginStats {
     failed: AtomicU64,
     denied: AtomicU64,
     loop_limited: AtomicU64,
+    send_failed: AtomicU64,
     logs_dropped: AtomicU64,
     parks: AtomicU64,
     /// Messages accepted into the queue, then dropped (oldest-first shedding, parking).
@@ -106,6 +107,8 @@ pub struct StatsSnapshot {
     pub denied: u64,
     /// Publishes into the plugin's own subscriptions refused by the loop guard.
     pub loop_limited: u64,
+    /// Messages queued with `send` that could not be written to Redis.
+    pub send_failed: u64,
     /// `log` lines dropped by the log rate limit.
     pub logs_dropped: u64,
     /// Times the circuit breaker parked the plugin.
@@ -131,6 +134,7 @@ impl PluginStats {
             failed: self.failed.load(Ordering::Acquire),
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
+            send_failed: self.send_failed.load(Ordering::Relaxed),
             logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
             parks: self.parks.load(Ordering::Relaxed),
             parked_until_ms: match self.parked_until_ms.load(Ordering::Relaxed) {
@@ -159,6 +163,12 @@ impl PluginStats {
         if let Some(suppressed) = self.denial_gate.admit() {
             tracing::warn!(%plugin, suppressed, channel, "loop guard: plugin keeps publishing into its own subscriptions");
         }
+    }
+
+    /// Counts a message queued by `send` that could not be written.
+    pub fn record_send_failed(&self, why: &str) {
+        self.send_failed.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
     }
 
     /// Counts a `log` line dropped by the rate limit.

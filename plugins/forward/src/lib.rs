@@ -19,7 +19,8 @@ impl Plugin for Forward {
             .channel
             .strip_prefix("fwd:")
             .ok_or_else(|| Error::Invalid(format!("{} is not a fwd: channel", message.channel)))?;
-        switchyard_plugin::publish(&format!("fwded:{rest}"), &message.payload)?;
+        // No use for the receiver count: `send` lets the host batch the writes.
+        switchyard_plugin::send(&format!("fwded:{rest}"), &message.payload)?;
         Ok(())
     }
 }

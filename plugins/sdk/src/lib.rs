@@ -108,6 +108,14 @@ pub fn publish(channel: &str, payload: &[u8]) -> Result<u32, Error> {
     host::publish(channel, payload)
 }
 
+/// Publishes `payload` on `channel` without waiting for Redis, in order with this plugin's
+/// other `send`s and `publish`es. `Ok` means queued; a write that fails later is counted by
+/// the host (`send_failed`). Prefer it to [`publish`] when the receiver count does not
+/// matter: `publish` waits one round trip to Redis per call.
+pub fn send(channel: &str, payload: &[u8]) -> Result<(), Error> {
+    host::send(channel, payload)
+}
+
 /// Deletes `keys` from Redis and returns how many existed; the host also broadcasts an
 /// invalidation notice if it is configured to.
 ///
