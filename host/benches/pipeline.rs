@@ -1,0 +1,1305 @@
+//! The whole pipeline under load: the real `switchyard` binary with the `forward` plugin,
+//! against a bare relay written with the same `redis` crate, both as separate processes on a
+//! private `redis-server`. Prints one table per section:
+//!
+//! 1. throughput (64 B, 1 KiB), 2. added latency at fixed rates, 3. fan-out to 1/10/100
+//!    plugins, 4. pattern scaling (1/100/10,000 patterns), 5. payload sizes, 6. hot swap under
+//!    traffic, 7. start-up (cold and warm compile cache), 8. memory.
+//!
+//! ```sh
+//! cargo bench -p switchyard --bench pipeline                      # everything, ~6 min on 2 cores
+//! cargo bench -p switchyard --bench pipeline -- --quick           # fewer messages, ~1 min
+//! cargo bench -p switchyard --bench pipeline -- --only 1,latency  # some sections
+//! ```
+//!
+//! Publisher, Redis, receiver and the process under test share the machine, so absolute rates
+//! depend on it; compare within one run (the relay and Switchyard alternate round by round).
+
+#[path = "pipeline/harness.rs"]
+mod harness;
+#[path = "pipeline/relay.rs"]
+mod relay;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use harness::{
+    HostSetup, INPUT_CHANNEL, OUTPUT_PATTERN, Publisher, Receiver, RedisServer, Relay, Switchyard,
+    Transfer,
+};
+
+/// The sections, by number and name.
+const SECTIONS: &[(u8, &str)] = &[
+    (1, "throughput"),
+    (2, "latency"),
+    (3, "fanout"),
+    (4, "patterns"),
+    (5, "payload"),
+    (6, "hotswap"),
+    (7, "startup"),
+    (8, "memory"),
+];
+
+/// Benchmarks Switchyard's whole pipeline against a bare relay.
+#[derive(Parser, Debug)]
+#[command(name = "pipeline")]
+struct Args {
+    /// Fewer messages, rounds and repetitions (about a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
+    /// hotswap, startup, memory), comma-separated. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Messages per throughput run (overrides the mode's default).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Rounds per throughput comparison (overrides the mode's default).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Internal: run as the bare relay against this Redis URL.
+    #[arg(long, hide = true)]
+    relay: Option<String>,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// How much of everything a run does.
+struct Scale {
+    messages: u64,
+    rounds: usize,
+    latency_rates: [f64; 2],
+    latency_secs: f64,
+    fanout_outputs: u64,
+    fanout_rounds: usize,
+    pattern_messages: u64,
+    pattern_rounds: usize,
+    payload_bytes: u64,
+    payload_messages: u64,
+    payload_rounds: usize,
+    swap_rate: f64,
+    swaps: usize,
+    big_swaps: usize,
+    startup_rounds: usize,
+}
+
+impl Scale {
+    fn new(args: &Args) -> Self {
+        let mut scale = if args.quick {
+            Self {
+                messages: 20_000,
+                rounds: 2,
+                latency_rates: [10_000.0, 50_000.0],
+                latency_secs: 2.0,
+                fanout_outputs: 20_000,
+                fanout_rounds: 1,
+                pattern_messages: 5_000,
+                pattern_rounds: 1,
+                payload_bytes: 40 << 20,
+                payload_messages: 20_000,
+                payload_rounds: 1,
+                swap_rate: 5_000.0,
+                swaps: 3,
+                big_swaps: 1,
+                startup_rounds: 1,
+            }
+        } else {
+            Self {
+                messages: 200_000,
+                rounds: 5,
+                latency_rates: [10_000.0, 50_000.0],
+                latency_secs: 5.0,
+                fanout_outputs: 100_000,
+                fanout_rounds: 2,
+                pattern_messages: 30_000,
+                pattern_rounds: 2,
+                payload_bytes: 100 << 20,
+                payload_messages: 100_000,
+                payload_rounds: 3,
+                swap_rate: 5_000.0,
+                swaps: 10,
+                big_swaps: 3,
+                startup_rounds: 3,
+            }
+        };
+        if let Some(messages) = args.messages {
+            scale.messages = messages;
+        }
+        if let Some(rounds) = args.rounds {
+            scale.rounds = rounds.max(1);
+        }
+        scale
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(url) = &args.relay {
+        return relay::main(url);
+    }
+    let mut wanted = Vec::new();
+    for item in &args.only {
+        let item = item.trim().to_ascii_lowercase();
+        let section = SECTIONS
+            .iter()
+            .find(|(n, name)| item == n.to_string() || item == *name)
+            .with_context(|| format!("unknown section {item:?}; known: {SECTIONS:?}"))?;
+        wanted.push(section.0);
+    }
+    if wanted.is_empty() {
+        wanted = SECTIONS.iter().map(|(n, _)| *n).collect();
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(Scale::new(&args), args.quick, &wanted))
+}
+
+async fn run(scale: Scale, quick: bool, wanted: &[u8]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    print_machine(quick);
+    let redis = RedisServer::start().await?;
+    let bench = Bench::new(redis, scale)?;
+    let result = bench.sections(wanted).await;
+    bench.redis.stop().await;
+    result?;
+    println!("\nwhole run: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_machine(quick: bool) {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "# Switchyard pipeline bench{}",
+        if quick { " (--quick)" } else { "" }
+    );
+    println!(
+        "machine: {cores} cores (nproc), {cpu}, Linux {}",
+        kernel.trim()
+    );
+    println!("redis:   {}", harness::redis_version());
+    println!(
+        "setup:   publisher, redis-server, receiver and the process under test on this machine; \
+         redis without persistence, pubsub output-buffer limit off; switchyard queue_capacity {}",
+        harness::QUEUE_CAPACITY
+    );
+    println!(
+        "relay:   PSUBSCRIBE fwd:* on one connection, PUBLISH fwded:REST on a multiplexed \
+         connection with up to {} replies outstanding (in order)",
+        relay::IN_FLIGHT
+    );
+}
+
+/// What every section shares.
+struct Bench {
+    redis: RedisServer,
+    scale: Scale,
+    forward: &'static [u8],
+    work: tempfile::TempDir,
+    /// A compile cache shared by the sections that do not measure start-up.
+    cache: PathBuf,
+    folders: std::cell::Cell<usize>,
+}
+
+impl Bench {
+    fn new(redis: RedisServer, scale: Scale) -> anyhow::Result<Self> {
+        let work = tempfile::tempdir()?;
+        let cache = work.path().join("compile-cache");
+        std::fs::create_dir(&cache)?;
+        Ok(Self {
+            redis,
+            scale,
+            forward: switchyard::demo::examples::FORWARD,
+            work,
+            cache,
+            folders: std::cell::Cell::new(0),
+        })
+    }
+
+    fn url(&self) -> &str {
+        &self.redis.url
+    }
+
+    async fn sections(&self, wanted: &[u8]) -> anyhow::Result<()> {
+        for &section in wanted {
+            let started = Instant::now();
+            match section {
+                1 => self.throughput().await,
+                2 => self.latency().await,
+                3 => self.fan_out().await,
+                4 => self.patterns().await,
+                5 => self.payloads().await,
+                6 => self.hot_swap().await,
+                7 => self.start_up().await,
+                8 => self.memory().await,
+                _ => Ok(()),
+            }
+            .with_context(|| format!("section {section}"))?;
+            println!("({:.1} s)", started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// A new, empty folder under the bench's temporary directory.
+    fn folder(&self, what: &str) -> anyhow::Result<PathBuf> {
+        let n = self.folders.get();
+        self.folders.set(n + 1);
+        let dir = self.work.path().join(format!("{what}-{n}"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// A plugins folder with `count` forward copies (`forward`, or `fwd-000`...), all
+    /// subscribed to `fwd:*`; byte-different copies if `distinct`.
+    fn forwards(&self, count: usize, distinct: bool) -> anyhow::Result<PathBuf> {
+        let dir = self.folder("plugins")?;
+        let manifest = harness::forward_manifest(None);
+        for i in 0..count {
+            let name = copy_name(count, i);
+            let bytes = if distinct {
+                harness::with_custom_section(self.forward, "bench-copy", name.as_bytes())
+            } else {
+                self.forward.to_vec()
+            };
+            harness::install_plugin(&dir, &name, &bytes, &manifest)?;
+        }
+        Ok(dir)
+    }
+
+    fn setup<'a>(&'a self, plugins: &'a Path) -> HostSetup<'a> {
+        HostSetup {
+            plugins,
+            compile_cache: Some(&self.cache),
+            extra: "",
+        }
+    }
+
+    /// One windowed run through a fresh Switchyard on `plugins`.
+    async fn switchyard_run(
+        &self,
+        url: &str,
+        plugins: &Path,
+        count: u64,
+        size: usize,
+        copies: u64,
+    ) -> anyhow::Result<HostRun> {
+        let host = Switchyard::start(url, &self.setup(plugins)).await?;
+        let cpu = harness::cpu_time(host.pid())?;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies).await;
+        let cpu = harness::cpu_time(host.pid())? - cpu;
+        let stats = host.shed_and_failed().await;
+        let handle = host.mean_handle().await;
+        let tail = host.log_tail();
+        host.stop().await;
+        let mut transfer = transfer.with_context(|| format!("switchyard log:\n{tail}"))?;
+        transfer.cpu_us = per_message(cpu, (count + harness::WARM_UP) * copies);
+        let (shed, failed) = stats?;
+        Ok(HostRun {
+            transfer,
+            shed,
+            failed,
+            mean_handle: handle?,
+        })
+    }
+
+    /// One windowed run through a fresh relay.
+    async fn relay_run(&self, url: &str, count: u64, size: usize) -> anyhow::Result<Transfer> {
+        let relay = Relay::start(url).await?;
+        let cpu = harness::cpu_time(relay.pid())?;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1).await;
+        let cpu = harness::cpu_time(relay.pid())? - cpu;
+        relay.stop().await;
+        let mut transfer = transfer?;
+        transfer.cpu_us = per_message(cpu, count + harness::WARM_UP);
+        Ok(transfer)
+    }
+
+    /// Section 1.
+    async fn throughput(&self) -> anyhow::Result<()> {
+        let count = self.scale.messages;
+        let rounds = self.scale.rounds;
+        println!(
+            "\n## 1. Throughput: {count} messages per run on {INPUT_CHANNEL}, counted on \
+             {OUTPUT_PATTERN}; median of {rounds} rounds, relay and switchyard alternating"
+        );
+        println!(
+            "   rate = messages / (first publish .. last arrival); publisher pipelined, at most \
+             {} (64 B) / {} (1 KiB) messages in flight",
+            harness::window(64),
+            harness::window(1024)
+        );
+        let rtt = self.serial_publish_rtt().await?;
+        println!(
+            "   context: one PUBLISH awaited at a time from this process: {:.1} µs per round \
+             trip ({:.0} msg/s)",
+            rtt.as_secs_f64() * 1e6,
+            1.0 / rtt.as_secs_f64()
+        );
+        let mut table = Table::new(&[
+            "payload",
+            "ceiling msg/s",
+            "relay msg/s",
+            "switchyard msg/s",
+            "b/a",
+            "relay range",
+            "switchyard range",
+            "lost a/b",
+            "shed",
+            "handle µs",
+            "CPU µs/msg a/b",
+        ]);
+        let plugins = self.forwards(1, false)?;
+        for size in [64usize, 1024] {
+            let ceiling = harness::transfer(self.url(), "fwd:*", count, size, 1).await?;
+            let mut relay = Vec::new();
+            let mut host = Vec::new();
+            for round in 0..rounds {
+                if round % 2 == 0 {
+                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    host.push(
+                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                            .await?,
+                    );
+                } else {
+                    host.push(
+                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                            .await?,
+                    );
+                    relay.push(self.relay_run(self.url(), count, size).await?);
+                }
+            }
+            let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
+            let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
+            let handles: Vec<f64> = host
+                .iter()
+                .filter_map(|r| r.mean_handle)
+                .map(|d| d.as_secs_f64() * 1e6)
+                .collect();
+            table.row(vec![
+                bytes(size),
+                rate(ceiling.output_rate),
+                rate(median(&a)),
+                rate(median(&b)),
+                format!("{:.2}", median(&b) / median(&a)),
+                range(&a),
+                range(&b),
+                format!(
+                    "{}/{}",
+                    relay.iter().map(|t| t.lost + t.duplicated).sum::<u64>(),
+                    host.iter()
+                        .map(|r| r.transfer.lost + r.transfer.duplicated)
+                        .sum::<u64>()
+                ),
+                host.iter()
+                    .map(|r| r.shed + r.failed)
+                    .sum::<u64>()
+                    .to_string(),
+                format!("{:.1}", median(&handles)),
+                format!(
+                    "{:.1}/{:.1}",
+                    median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
+                    median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
+                ),
+            ]);
+        }
+        table.print();
+        println!(
+            "   ceiling: the receiver subscribed to fwd:* directly (no relay): what publisher, \
+             redis and receiver manage on this machine. a = relay, b = switchyard. lost counts \
+             missing and duplicated copies over all rounds; shed counts shed and failed \
+             messages in switchyard's /plugins. handle µs: mean duration of forward's handle \
+             call (switchyard_plugin_handle_seconds sum/count, PUBLISH round trip included). CPU \
+             µs/msg: CPU time of the relay / switchyard process (all threads) per message"
+        );
+        Ok(())
+    }
+
+    /// Mean round trip of one awaited PUBLISH (no subscriber) from this process.
+    async fn serial_publish_rtt(&self) -> anyhow::Result<Duration> {
+        let client = redis::Client::open(self.url())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let payload = vec![b'x'; 64];
+        let n = 5_000;
+        let started = Instant::now();
+        for _ in 0..n {
+            redis::cmd("PUBLISH")
+                .arg("bench:nobody")
+                .arg(&payload)
+                .query_async::<i64>(&mut connection)
+                .await?;
+        }
+        Ok(started.elapsed() / n)
+    }
+
+    /// Section 2.
+    async fn latency(&self) -> anyhow::Result<()> {
+        let secs = self.scale.latency_secs;
+        println!(
+            "\n## 2. Added latency: publish to arrival of the republished copy, 64 B, paced \
+             publisher (1 ms bursts) for {secs} s per run"
+        );
+        let mut table = Table::new(&[
+            "offered msg/s",
+            "process",
+            "achieved",
+            "p50 µs",
+            "p99 µs",
+            "p99.9 µs",
+            "max µs",
+            "missing",
+            "note",
+        ]);
+        for target in self.scale.latency_rates {
+            let relay = {
+                let relay = Relay::start(self.url()).await?;
+                let run = self.paced_run(target, secs).await;
+                relay.stop().await;
+                run?
+            };
+            let host = {
+                let plugins = self.forwards(1, false)?;
+                let host = Switchyard::start(self.url(), &self.setup(&plugins)).await?;
+                let run = self.paced_run(target, secs).await;
+                host.stop().await;
+                run?
+            };
+            for (name, run) in [("relay", &relay), ("switchyard", &host)] {
+                table.row(run.row(target, name));
+            }
+            if relay.sustained && host.sustained {
+                let diff = |q: f64| {
+                    host.seen.latency_us.value_at_quantile(q) as i64
+                        - relay.seen.latency_us.value_at_quantile(q) as i64
+                };
+                table.row(vec![
+                    String::new(),
+                    "difference".to_owned(),
+                    String::new(),
+                    format!("{:+}", diff(0.5)),
+                    format!("{:+}", diff(0.99)),
+                    format!("{:+}", diff(0.999)),
+                    String::new(),
+                    String::new(),
+                    "switchyard - relay".to_owned(),
+                ]);
+            } else {
+                table.row(vec![
+                    String::new(),
+                    "difference".to_owned(),
+                    String::new(),
+                    "-".to_owned(),
+                    "-".to_owned(),
+                    "-".to_owned(),
+                    String::new(),
+                    String::new(),
+                    "not comparable: a rate was not sustained".to_owned(),
+                ]);
+            }
+        }
+        table.print();
+        println!(
+            "   sustained = every message arrived within {} s of the end and the delivered \
+             rate was within 3% of the offered one; otherwise percentiles would measure a \
+             growing backlog, so they are not shown. missing: not arrived by then (a backlog, \
+             not necessarily lost)",
+            LATENCY_GRACE.as_secs()
+        );
+        Ok(())
+    }
+
+    /// A paced run of `secs` at `target` messages/s through whatever is running.
+    async fn paced_run(&self, target: f64, secs: f64) -> anyhow::Result<PacedRun> {
+        let receiver = Receiver::start(self.url(), OUTPUT_PATTERN).await?;
+        let mut publisher = Publisher::new(self.url(), 64).await?;
+        publisher.warm_up(&receiver, 1).await?;
+        let started = Instant::now();
+        let paced = publisher
+            .paced(
+                target,
+                Duration::from_secs_f64(secs),
+                &CancellationToken::new(),
+            )
+            .await?;
+        let all = tokio::time::timeout(LATENCY_GRACE, receiver.wait_measured(paced.sent))
+            .await
+            .unwrap_or(false);
+        let seen = receiver.finish().await?;
+        let (lost, duplicated) = seen.lost_and_duplicated(paced.sent, 1);
+        let delivered = seen.last.map_or(0.0, |last| {
+            seen.measured as f64 / last.duration_since(started).as_secs_f64()
+        });
+        let sustained = all
+            && lost == 0
+            && paced.achieved >= 0.97 * target
+            && delivered >= 0.97 * paced.achieved;
+        Ok(PacedRun {
+            achieved: paced.achieved,
+            delivered,
+            lost: lost + duplicated,
+            sustained,
+            seen,
+        })
+    }
+
+    /// Section 3.
+    async fn fan_out(&self) -> anyhow::Result<()> {
+        let outputs = self.scale.fanout_outputs;
+        println!(
+            "\n## 3. Fan-out: one stream on {INPUT_CHANNEL} to N forward copies (all on fwd:*), \
+             about {outputs} output messages per run, 64 B, best of {} runs",
+            self.scale.fanout_rounds
+        );
+        let mut table = Table::new(&[
+            "plugins",
+            "input msgs",
+            "input msg/s",
+            "output msg/s",
+            "output vs 1",
+            "lost",
+            "shed",
+        ]);
+        let mut first = None;
+        for copies in [1usize, 10, 100] {
+            let plugins = self.forwards(copies, false)?;
+            let count = (outputs / copies as u64).max(500);
+            let mut best: Option<HostRun> = None;
+            let mut lost = 0;
+            let mut shed = 0;
+            for _ in 0..self.scale.fanout_rounds {
+                let run = self
+                    .switchyard_run(self.url(), &plugins, count, 64, copies as u64)
+                    .await?;
+                lost += run.transfer.lost + run.transfer.duplicated;
+                shed += run.shed + run.failed;
+                if best
+                    .as_ref()
+                    .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
+                {
+                    best = Some(run);
+                }
+            }
+            let best = best.context("no run")?;
+            let base = *first.get_or_insert(best.transfer.output_rate);
+            table.row(vec![
+                copies.to_string(),
+                count.to_string(),
+                rate(best.transfer.input_rate),
+                rate(best.transfer.output_rate),
+                format!("{:.2}", best.transfer.output_rate / base),
+                lost.to_string(),
+                shed.to_string(),
+            ]);
+        }
+        table.print();
+        Ok(())
+    }
+
+    /// Section 4.
+    async fn patterns(&self) -> anyhow::Result<()> {
+        let count = self.scale.pattern_messages;
+        println!(
+            "\n## 4. Pattern scaling: one forward plugin matches {INPUT_CHANNEL}, the other \
+             patterns never match; {count} messages of 64 B per run, best of {}",
+            self.scale.pattern_rounds
+        );
+        let mut table = Table::new(&[
+            "patterns",
+            "plugins",
+            "switchyard msg/s",
+            "vs 1",
+            "relay+idle msg/s",
+            "vs 1",
+            "b/a",
+            "lost a/b",
+        ]);
+        // (plugins besides forward, patterns each; forward's own non-matching patterns)
+        let cases: [(usize, usize, usize); 3] = [(0, 0, 0), (99, 1, 0), (99, 100, 99)];
+        let mut base: Option<(f64, f64)> = None;
+        for (idle_plugins, each, own) in cases {
+            let dir = self.folder("patterns")?;
+            let mut idle_patterns = Vec::new();
+            let mut forward_patterns: Vec<String> =
+                (0..own).map(|i| format!("nomatch:forward:{i}:*")).collect();
+            idle_patterns.extend(forward_patterns.iter().cloned());
+            forward_patterns.push("fwd:*".to_owned());
+            harness::install_plugin(
+                &dir,
+                "forward",
+                self.forward,
+                &harness::forward_manifest(Some(&forward_patterns)),
+            )?;
+            for p in 0..idle_plugins {
+                let patterns: Vec<String> = (0..each).map(|i| format!("idle:{p}:{i}:*")).collect();
+                idle_patterns.extend(patterns.iter().cloned());
+                harness::install_plugin(
+                    &dir,
+                    &format!("idle-{p:03}"),
+                    self.forward,
+                    &harness::forward_manifest(Some(&patterns)),
+                )?;
+            }
+            let total = idle_patterns.len() + 1;
+            // A fresh server per case: redis 7.0 does not shrink its pattern table after
+            // PUNSUBSCRIBE, and PUBLISH walks the whole table, so a server that once held
+            // 10,000 patterns stays slow for every later measurement.
+            let redis = RedisServer::start().await?;
+            let measured = self
+                .pattern_case(&redis.url, &dir, &idle_patterns, count)
+                .await;
+            redis.stop().await;
+            let (a, b, lost) = measured?;
+            let (a1, b1) = *base.get_or_insert((a, b));
+            table.row(vec![
+                total.to_string(),
+                (idle_plugins + 1).to_string(),
+                rate(b),
+                format!("{:.2}", b / b1),
+                rate(a),
+                format!("{:.2}", a / a1),
+                format!("{:.2}", b / a),
+                format!("{}/{}", lost.0, lost.1),
+            ]);
+        }
+        table.print();
+        println!(
+            "   relay+idle: the relay while another connection holds the same non-matching \
+             patterns, so redis does the same per-PUBLISH pattern matching. 10,000 patterns: \
+             forward lists 99 non-matching patterns before fwd:*, so the host's once-per-plugin \
+             check tests them for every message. Each case runs on its own redis-server"
+        );
+        Ok(())
+    }
+
+    /// Best relay and Switchyard rates (and losses) for one pattern case on `url`.
+    async fn pattern_case(
+        &self,
+        url: &str,
+        dir: &Path,
+        idle_patterns: &[String],
+        count: u64,
+    ) -> anyhow::Result<(f64, f64, (u64, u64))> {
+        {
+            let mut host_best: Option<HostRun> = None;
+            let mut relay_best: Option<Transfer> = None;
+            let mut lost = (0, 0);
+            for _ in 0..self.scale.pattern_rounds {
+                let run = self.switchyard_run(url, dir, count, 64, 1).await?;
+                lost.1 += run.transfer.lost + run.transfer.duplicated + run.shed;
+                if host_best
+                    .as_ref()
+                    .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
+                {
+                    host_best = Some(run);
+                }
+                // The same patterns held, idle, by another connection, so that redis pays the
+                // same matching cost per PUBLISH for the relay.
+                let client = redis::Client::open(url)?;
+                let mut holder = client.get_async_pubsub().await?;
+                for chunk in idle_patterns.chunks(1000) {
+                    holder.psubscribe(chunk).await?;
+                }
+                let run = self.relay_run(url, count, 64).await?;
+                for chunk in idle_patterns.chunks(1000) {
+                    holder.punsubscribe(chunk).await?;
+                }
+                drop(holder);
+                lost.0 += run.lost + run.duplicated;
+                if relay_best
+                    .as_ref()
+                    .is_none_or(|b| run.output_rate > b.output_rate)
+                {
+                    relay_best = Some(run);
+                }
+            }
+            let b = host_best.context("no run")?.transfer.output_rate;
+            let a = relay_best.context("no run")?.output_rate;
+            Ok((a, b, lost))
+        }
+    }
+
+    /// Section 5.
+    async fn payloads(&self) -> anyhow::Result<()> {
+        let budget = self.scale.payload_bytes;
+        let rounds = self.scale.payload_rounds;
+        println!(
+            "\n## 5. Payload sizes through forward vs the relay: about {} MB per run (at most \
+             {} messages), median of {rounds} rounds, alternating",
+            budget / 1_000_000,
+            self.scale.payload_messages
+        );
+        let mut table = Table::new(&[
+            "payload",
+            "messages",
+            "relay msg/s",
+            "relay MB/s",
+            "switchyard msg/s",
+            "switchyard MB/s",
+            "b/a",
+            "CPU µs/msg a/b",
+            "lost a/b",
+        ]);
+        let plugins = self.forwards(1, false)?;
+        for size in [64usize, 1024, 16 * 1024, 256 * 1024] {
+            let count = (budget / size as u64).clamp(300, self.scale.payload_messages);
+            let mut relay = Vec::new();
+            let mut host = Vec::new();
+            for round in 0..rounds {
+                if round % 2 == 0 {
+                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    host.push(
+                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                            .await?
+                            .transfer,
+                    );
+                } else {
+                    host.push(
+                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                            .await?
+                            .transfer,
+                    );
+                    relay.push(self.relay_run(self.url(), count, size).await?);
+                }
+            }
+            let pick = |runs: &[Transfer], f: fn(&Transfer) -> f64| {
+                median(&runs.iter().map(f).collect::<Vec<_>>())
+            };
+            let a = pick(&relay, |t| t.output_rate);
+            let b = pick(&host, |t| t.output_rate);
+            table.row(vec![
+                bytes(size),
+                count.to_string(),
+                rate(a),
+                format!("{:.1}", pick(&relay, |t| t.output_mb)),
+                rate(b),
+                format!("{:.1}", pick(&host, |t| t.output_mb)),
+                format!("{:.2}", b / a),
+                format!(
+                    "{:.1}/{:.1}",
+                    pick(&relay, |t| t.cpu_us),
+                    pick(&host, |t| t.cpu_us)
+                ),
+                format!(
+                    "{}/{}",
+                    relay.iter().map(|t| t.lost + t.duplicated).sum::<u64>(),
+                    host.iter().map(|t| t.lost + t.duplicated).sum::<u64>()
+                ),
+            ]);
+        }
+        table.print();
+        println!(
+            "   MB = 10^6 bytes of payload received on fwded:*; CPU µs/msg: CPU time of the \
+             relay / switchyard process (all threads) per message"
+        );
+        Ok(())
+    }
+
+    /// Section 6.
+    async fn hot_swap(&self) -> anyhow::Result<()> {
+        let rate_ = self.scale.swap_rate;
+        println!(
+            "\n## 6. Hot swap under traffic: {rate_:.0} msg/s (64 B) through forward while a \
+             byte-different copy is renamed over a plugin file; settle_ms default (50)"
+        );
+        let mut table = Table::new(&[
+            "swapped",
+            "size",
+            "swaps",
+            "to new hash med",
+            "max",
+            "to 1st new output med",
+            "max",
+            "gap at swap",
+            "gap otherwise",
+            "sent",
+            "lost",
+        ]);
+        let dir = self.forwards(1, false)?;
+        let stats = self
+            .swap_run(&dir, "", "forward", self.forward, self.scale.swaps)
+            .await?;
+        table.row(stats.row("forward", self.forward.len(), true));
+
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let target =
+            std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+        let python = target.join("plugins/polyglot/notify-router-py.wasm");
+        let mut note = None;
+        if python.is_file() {
+            let wasm = std::fs::read(&python)?;
+            let manifest =
+                std::fs::read_to_string(root.join("plugins/notify-router/notify-router.toml"))?;
+            let dir = self.forwards(1, false)?;
+            harness::install_plugin(&dir, "notify-router", &wasm, &manifest)?;
+            let outputs = self.folder("outputs")?;
+            let mut extra = String::new();
+            for name in ["email", "sms", "push"] {
+                extra.push_str(&format!(
+                    "[outputs.{name}]\nkind = \"file\"\npath = {:?}\n\n",
+                    outputs.join(format!("{name}.jsonl")).display().to_string()
+                ));
+            }
+            let stats = self
+                .swap_run(&dir, &extra, "notify-router", &wasm, self.scale.big_swaps)
+                .await?;
+            table.row(stats.row("notify-router-py", wasm.len(), false));
+        } else {
+            note = Some(format!(
+                "   notify-router-py: not measured, {} is not built (`cargo test --workspace` \
+                 builds it)",
+                python.display()
+            ));
+        }
+        table.print();
+        println!(
+            "   to new hash: rename until /plugins shows the new content hash (polled every \
+             2 ms). to 1st new output: rename until the first arrival of a message published \
+             after the new hash showed; the worker picks the new version for the next message \
+             it takes, so this bounds the switch from above. gaps: longest pause between \
+             arrivals on fwded:* within 1 s after each rename, and elsewhere (1 ms bursts). \
+             For notify-router-py, forward keeps the traffic and shows whether the swap \
+             (compiling a multi-megabyte component: a new hash is never in the compile cache) disturbs another plugin."
+        );
+        if let Some(note) = note {
+            println!("{note}");
+        }
+        Ok(())
+    }
+
+    /// Traffic through `forward` while `swapped` is replaced `swaps` times.
+    async fn swap_run(
+        &self,
+        dir: &Path,
+        extra: &str,
+        swapped: &str,
+        wasm: &[u8],
+        swaps: usize,
+    ) -> anyhow::Result<SwapStats> {
+        let setup = HostSetup {
+            plugins: dir,
+            compile_cache: Some(&self.cache),
+            extra,
+        };
+        let host = Switchyard::start(self.url(), &setup).await?;
+        let receiver = Receiver::start(self.url(), OUTPUT_PATTERN).await?;
+        let mut publisher = Publisher::new(self.url(), 64).await?;
+        publisher.warm_up(&receiver, 1).await?;
+        let next_seq = publisher.next_seq.clone();
+        let stop = CancellationToken::new();
+        let traffic = {
+            let stop = stop.clone();
+            let rate_ = self.scale.swap_rate;
+            tokio::spawn(async move {
+                publisher
+                    .paced(rate_, Duration::from_secs(3600), &stop)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut marks = Vec::new();
+        let mut failure = None;
+        for i in 0..swaps {
+            let old = host.version_hash(swapped).await?;
+            let bytes = harness::with_custom_section(
+                wasm,
+                "bench-swap",
+                format!("{i}-{}", harness::wall_nanos()).as_bytes(),
+            );
+            let renamed = harness::replace_wasm(dir, swapped, &bytes)?;
+            let seen = loop {
+                let now = host.version_hash(swapped).await?;
+                if now.is_some() && now != old {
+                    break Some((Instant::now(), next_seq.load(Ordering::Acquire)));
+                }
+                if renamed.elapsed() > harness::READY_TIMEOUT {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            let Some((visible, seq)) = seen else {
+                failure = Some(format!(
+                    "swap {i}: no new version within {:?}:\n{}",
+                    harness::READY_TIMEOUT,
+                    host.log_tail()
+                ));
+                break;
+            };
+            marks.push((renamed, visible, seq));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        stop.cancel();
+        let paced = traffic.await??;
+        receiver.wait_measured(paced.sent).await;
+        let base = receiver.base;
+        let seen = receiver.finish().await?;
+        let (lost, duplicated) = seen.lost_and_duplicated(paced.sent, 1);
+        let (shed, failed) = host.shed_and_failed().await?;
+        host.stop().await;
+        if let Some(failure) = failure {
+            anyhow::bail!(failure);
+        }
+        let at = |nanos: u64| base + Duration::from_nanos(nanos);
+        let mut arrivals: Vec<u64> = seen
+            .first_arrival
+            .iter()
+            .copied()
+            .filter(|&t| t != u64::MAX)
+            .collect();
+        arrivals.sort_unstable();
+        let mut to_hash = Vec::new();
+        let mut to_output = Vec::new();
+        let mut gap_swap = Duration::ZERO;
+        let mut gap_other = Duration::ZERO;
+        for pair in arrivals.windows(2) {
+            let gap = Duration::from_nanos(pair[1] - pair[0]);
+            let when = at(pair[1]);
+            let near_swap = marks
+                .iter()
+                .any(|(renamed, _, _)| when >= *renamed && when <= *renamed + SWAP_WINDOW);
+            if near_swap {
+                gap_swap = gap_swap.max(gap);
+            } else {
+                gap_other = gap_other.max(gap);
+            }
+        }
+        for (renamed, visible, seq) in &marks {
+            to_hash.push(visible.duration_since(*renamed));
+            let first = seen
+                .first_arrival
+                .iter()
+                .skip(usize::try_from(*seq).unwrap_or(usize::MAX))
+                .find(|&&t| t != u64::MAX);
+            if let Some(&first) = first {
+                to_output.push(at(first).saturating_duration_since(*renamed));
+            }
+        }
+        Ok(SwapStats {
+            to_hash,
+            to_output,
+            gap_swap,
+            gap_other,
+            sent: paced.sent,
+            lost: lost + duplicated + shed + failed,
+        })
+    }
+
+    /// Section 7.
+    async fn start_up(&self) -> anyhow::Result<()> {
+        let rounds = self.scale.startup_rounds;
+        println!(
+            "\n## 7. Start-up: spawn until /readyz answers 200; cold = empty compile_cache \
+             folder, warm = second start on the same folder; median of {rounds}"
+        );
+        let mut table = Table::new(&[
+            "plugins",
+            "cold ms",
+            "cold range",
+            "warm ms",
+            "warm range",
+            "cold/warm",
+        ]);
+        for count in [1usize, 100] {
+            let dir = self.forwards(count, true)?;
+            let mut cold = Vec::new();
+            let mut warm = Vec::new();
+            for _ in 0..rounds {
+                let cache = self.folder("startup-cache")?;
+                let setup = HostSetup {
+                    plugins: &dir,
+                    compile_cache: Some(&cache),
+                    extra: "",
+                };
+                for times in [&mut cold, &mut warm] {
+                    let mut host = Switchyard::spawn(self.url(), &setup)?;
+                    let ready = host.wait_ready().await;
+                    host.stop().await;
+                    times.push(ready?.as_secs_f64() * 1e3);
+                }
+            }
+            table.row(vec![
+                count.to_string(),
+                format!("{:.0}", median(&cold)),
+                range_ms(&cold),
+                format!("{:.0}", median(&warm)),
+                range_ms(&warm),
+                format!("{:.1}", median(&cold) / median(&warm)),
+            ]);
+        }
+        table.print();
+        println!(
+            "   the 100 copies are byte-different (a custom section each), so each is compiled \
+             and cached on its own, as 100 different plugins would be"
+        );
+        Ok(())
+    }
+
+    /// Section 8.
+    async fn memory(&self) -> anyhow::Result<()> {
+        println!(
+            "\n## 8. Memory: VmRSS after /readyz (or the relay's ready line), and after 500 \
+             messages through every plugin (instances are created at the first message)"
+        );
+        let mut table = Table::new(&["process", "plugins", "ready MiB", "after traffic MiB"]);
+        let relay = Relay::start(self.url()).await?;
+        let ready = harness::rss_kib(relay.pid())?;
+        let traffic = harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1).await;
+        let after = harness::rss_kib(relay.pid())?;
+        relay.stop().await;
+        traffic?;
+        table.row(vec![
+            "relay".to_owned(),
+            "-".to_owned(),
+            mib(ready),
+            mib(after),
+        ]);
+        for count in [1usize, 100] {
+            let dir = self.forwards(count, true)?;
+            let host = Switchyard::start(self.url(), &self.setup(&dir)).await?;
+            let ready = harness::rss_kib(host.pid())?;
+            let traffic =
+                harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, count as u64).await;
+            let after = harness::rss_kib(host.pid())?;
+            host.stop().await;
+            traffic?;
+            table.row(vec![
+                "switchyard".to_owned(),
+                count.to_string(),
+                mib(ready),
+                mib(after),
+            ]);
+        }
+        table.print();
+        Ok(())
+    }
+}
+
+/// How long after the end of a paced run its messages may still arrive.
+const LATENCY_GRACE: Duration = Duration::from_secs(2);
+/// After a rename, the stretch of arrivals counted as "at swap".
+const SWAP_WINDOW: Duration = Duration::from_secs(1);
+
+/// Microseconds of `cpu` per message.
+fn per_message(cpu: Duration, messages: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / messages.max(1) as f64
+}
+
+/// Name of copy `i` of `count` forward copies.
+fn copy_name(count: usize, i: usize) -> String {
+    if count == 1 {
+        "forward".to_owned()
+    } else {
+        format!("fwd-{i:03}")
+    }
+}
+
+/// A Switchyard run with the host's own counters.
+struct HostRun {
+    transfer: Transfer,
+    shed: u64,
+    failed: u64,
+    mean_handle: Option<Duration>,
+}
+
+/// A paced run's outcome.
+struct PacedRun {
+    achieved: f64,
+    delivered: f64,
+    lost: u64,
+    sustained: bool,
+    seen: harness::Received,
+}
+
+impl PacedRun {
+    fn row(&self, target: f64, process: &str) -> Vec<String> {
+        let q = |q: f64| self.seen.latency_us.value_at_quantile(q).to_string();
+        let (p50, p99, p999, max, note) = if self.sustained {
+            (
+                q(0.5),
+                q(0.99),
+                q(0.999),
+                self.seen.latency_us.max().to_string(),
+                String::new(),
+            )
+        } else {
+            let dash = || "-".to_owned();
+            (
+                dash(),
+                dash(),
+                dash(),
+                dash(),
+                format!(
+                    "NOT SUSTAINED: delivered {} msg/s (p50 would be {} µs)",
+                    rate(self.delivered),
+                    q(0.5)
+                ),
+            )
+        };
+        vec![
+            rate(target),
+            process.to_owned(),
+            rate(self.achieved),
+            p50,
+            p99,
+            p999,
+            max,
+            self.lost.to_string(),
+            note,
+        ]
+    }
+}
+
+/// What a hot-swap run measured.
+struct SwapStats {
+    to_hash: Vec<Duration>,
+    to_output: Vec<Duration>,
+    gap_swap: Duration,
+    gap_other: Duration,
+    sent: u64,
+    lost: u64,
+}
+
+impl SwapStats {
+    fn row(&self, name: &str, size: usize, own_output: bool) -> Vec<String> {
+        let ms = |d: &[Duration]| d.iter().map(|d| d.as_secs_f64() * 1e3).collect::<Vec<_>>();
+        let hash = ms(&self.to_hash);
+        let output = ms(&self.to_output);
+        let (out_med, out_max) = if own_output {
+            (
+                format!("{:.1} ms", median(&output)),
+                format!("{:.1} ms", max(&output)),
+            )
+        } else {
+            ("n/a".to_owned(), "n/a".to_owned())
+        };
+        vec![
+            name.to_owned(),
+            bytes(size),
+            self.to_hash.len().to_string(),
+            format!("{:.1} ms", median(&hash)),
+            format!("{:.1} ms", max(&hash)),
+            out_med,
+            out_max,
+            format!("{:.1} ms", self.gap_swap.as_secs_f64() * 1e3),
+            format!("{:.1} ms", self.gap_other.as_secs_f64() * 1e3),
+            self.sent.to_string(),
+            self.lost.to_string(),
+        ]
+    }
+}
+
+/// A plain text table: first column left-aligned, the others right-aligned.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(headers: &[&str]) -> Self {
+        Self {
+            rows: vec![headers.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    fn print(&self) {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for (i, row) in self.rows.iter().enumerate() {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                let pad = widths[c].saturating_sub(cell.chars().count());
+                if c == 0 {
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad));
+                } else {
+                    line.push_str("  ");
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                }
+            }
+            println!("{}", line.trim_end());
+            if i == 0 {
+                let total = widths.iter().sum::<usize>() + 2 * columns.saturating_sub(1);
+                println!("{}", "-".repeat(total));
+            }
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn max(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NAN, f64::max)
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::NAN, f64::min)
+}
+
+/// Messages per second, compact.
+fn rate(value: f64) -> String {
+    if !value.is_finite() {
+        "-".to_owned()
+    } else if value >= 1e6 {
+        format!("{:.2}M", value / 1e6)
+    } else if value >= 1e3 {
+        format!("{:.1}k", value / 1e3)
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+fn range(values: &[f64]) -> String {
+    format!("{}-{}", rate(min(values)), rate(max(values)))
+}
+
+fn range_ms(values: &[f64]) -> String {
+    format!("{:.0}-{:.0}", min(values), max(values))
+}
+
+fn bytes(size: usize) -> String {
+    if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
