@@ -227,3 +227,45 @@ async fn metrics_move_with_the_traffic() -> anyhow::Result<()> {
     );
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_and_publishes_reach_redis_in_the_order_the_plugin_made_them() -> anyhow::Result<()> {
+    // Each message makes the plugin send and publish alternately; `send` does not wait and
+    // `publish` does, yet both go out through one queue, in order, message after message.
+    const MESSAGES: usize = 300;
+    const PER_MESSAGE: usize = 6;
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(
+        &redis,
+        &[(
+            "faulty",
+            plugins::FAULTY,
+            Some("[grants]\npublish = [\"faults\"]\n"),
+        )],
+    )
+    .await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for _ in 0..MESSAGES {
+        pipe.publish("fault:x", format!("mixed:{PER_MESSAGE}"))
+            .ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    let got = replies.take(MESSAGES * (PER_MESSAGE + 1), PATIENCE).await?;
+    let mut expected = Vec::new();
+    for seq in 1..=MESSAGES {
+        expected.extend((0..PER_MESSAGE).map(|i| format!("{seq}:{i}")));
+        expected.push(format!("ok:{seq}"));
+    }
+    let got: Vec<String> = got.iter().map(|r| r.payload_str()).collect();
+    assert_eq!(got, expected);
+    assert!(
+        replies
+            .drain_for(Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    host.stop().await
+}
