@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Registry;
 
+/// The shortest interval at which the debouncer checks for settled changes.
+const MIN_TICK: Duration = Duration::from_millis(2);
+
 /// Starts watching `registry`'s folder; the returned task runs until `shutdown`.
 pub fn spawn(
     registry: Arc<Registry>,
@@ -24,7 +27,10 @@ pub fn spawn(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // Capacity 1: a pending "look again" already covers any later change.
     let (prompt, mut prompts) = mpsc::channel::<()>(1);
-    let mut debouncer = new_debouncer(settle, None, move |result: DebounceEventResult| {
+    // The debouncer looks for settled events once per tick (a quarter of the settle time by
+    // default): a finer tick lets a change take effect closer to the settle time itself.
+    let tick = (settle / 10).max(MIN_TICK);
+    let mut debouncer = new_debouncer(settle, Some(tick), move |result: DebounceEventResult| {
         let relevant = match result {
             Ok(events) => events.iter().any(|event| !is_read(&event.kind)),
             Err(errors) => {
