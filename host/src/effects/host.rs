@@ -68,7 +68,7 @@ impl Host for HostState {
                 &self.stats,
                 channel.into_bytes(),
                 payload,
-                self.remaining(),
+                self.call_deadline,
             )
             .map_err(unavailable)
     }
@@ -83,7 +83,7 @@ impl Host for HostState {
                 &self.stats,
                 channel.into_bytes(),
                 payload,
-                self.remaining(),
+                self.call_deadline,
             )
             .map_err(unavailable)
     }

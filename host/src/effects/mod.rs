@@ -206,11 +206,10 @@ impl Effects {
         stats: &Arc<PluginStats>,
         channel: Vec<u8>,
         payload: Vec<u8>,
-        within: Duration,
+        deadline: Instant,
     ) -> Result<u32, EffectError> {
         match &self.publisher {
             Publisher::Redis(_) => {
-                let deadline = Instant::now() + within;
                 let (reply, receivers) = oneshot::channel();
                 self.enqueue(
                     Outgoing::Publish {
@@ -235,14 +234,14 @@ impl Effects {
     }
 
     /// Queues a PUBLISH without waiting for Redis; a failure to write it later is counted in
-    /// `stats`. Waits only while the outgoing queue is full, up to `within`.
+    /// `stats`. Waits only while the outgoing queue is full, until `deadline`.
     pub fn send(
         &self,
         from: &PluginName,
         stats: &Arc<PluginStats>,
         channel: Vec<u8>,
         payload: Vec<u8>,
-        within: Duration,
+        deadline: Instant,
     ) -> Result<(), EffectError> {
         match &self.publisher {
             Publisher::Redis(_) => self.enqueue(
@@ -252,7 +251,7 @@ impl Effects {
                     reply: None,
                     stats: stats.clone(),
                 },
-                Instant::now() + within,
+                deadline,
             ),
             Publisher::Embedded(broker) => {
                 broker.publish_from(Some(from), Bytes::from(channel), Bytes::from(payload));

@@ -352,15 +352,16 @@ impl Worker {
                 self.live = None;
                 self.version = Some(version.clone());
             }
-            if self.breaker.parked(Instant::now()) {
+            let now = Instant::now();
+            if self.breaker.parked(now) {
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .record_shed(&self.plugin, "plugin parked by its circuit breaker");
                 continue;
             }
             self.stats.parked_until_ms.store(0, Ordering::Relaxed);
-            let ok = self.handle(&version, envelope);
-            if let Some(backoff) = self.breaker.record(ok, Instant::now()) {
+            let (ok, finished) = self.handle(&version, envelope, now);
+            if let Some(backoff) = self.breaker.record(ok, finished) {
                 self.stats.parks.fetch_add(1, Ordering::Relaxed);
                 let until = millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
                 self.stats.parked_until_ms.store(until, Ordering::Relaxed);
@@ -370,8 +371,14 @@ impl Worker {
         tracing::debug!(plugin = %self.plugin, "queue closed and drained; worker done");
     }
 
-    /// Handles one message on a live instance (built if needed); true when it succeeded.
-    fn handle(&mut self, version: &Arc<LoadedPlugin>, envelope: Envelope) -> bool {
+    /// Handles one message on a live instance (built if needed), taken from the queue at
+    /// `now`; whether it succeeded, and when it was over.
+    fn handle(
+        &mut self,
+        version: &Arc<LoadedPlugin>,
+        envelope: Envelope,
+        mut now: Instant,
+    ) -> (bool, Instant) {
         if self.live.is_none() {
             match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
                 Ok(instance) => {
@@ -381,20 +388,22 @@ impl Worker {
                 Err(e) => {
                     self.stats
                         .record_failure(&self.plugin, format!("cannot instantiate: {e:#}"));
-                    return false;
+                    return (false, Instant::now());
                 }
             }
+            // The handle time leaves instantiation out.
+            now = Instant::now();
         }
         let Some(instance) = self.live.as_mut() else {
-            return false;
+            return (false, now);
         };
-        let started = Instant::now();
         let outcome = instance.handle(envelope);
+        let finished = Instant::now();
         self.stats
             .handle_times
             .0
-            .observe(started.elapsed().as_secs_f64());
-        match outcome {
+            .observe((finished - now).as_secs_f64());
+        let ok = match outcome {
             Ok(()) => {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 true
@@ -410,7 +419,8 @@ impl Worker {
                     .record_failure(&self.plugin, format!("trapped: {trap}"));
                 false
             }
-        }
+        };
+        (ok, finished)
     }
 }
 
