@@ -84,7 +84,9 @@ impl Instance {
                     types::Subscription::Pattern(String::from_utf8_lossy(name).into_owned())
                 }
             },
-            payload: envelope.payload.to_vec(),
+            // Without a copy when this plugin holds the only reference to Redis's buffer (the
+            // usual case once the router has moved on); copied when another plugin shares it.
+            payload: Vec::from(envelope.payload),
             received_at: envelope
                 .received_at
                 .duration_since(UNIX_EPOCH)
