@@ -70,11 +70,11 @@ bool exports_switchyard_plugin_handler_handle(exports_switchyard_plugin_handler_
         plugin_string_t text = borrowed(line);
         switchyard_plugin_host_log(SWITCHYARD_PLUGIN_TYPES_LEVEL_DEBUG, &text);
 
-        /* A denied or failed publish fills err with the host's error: it becomes this
+        /* send queues the message and returns (publish would wait for Redis's reply with the
+         * receiver count). A denied send fills err with the host's error: it becomes this
          * message's error as it is. */
         plugin_string_t channel = borrowed(OUTPUT);
-        uint32_t receivers;
-        ok = switchyard_plugin_host_publish(&channel, &message->payload, &receivers, err);
+        ok = switchyard_plugin_host_send(&channel, &message->payload, err);
     }
     exports_switchyard_plugin_handler_message_free(message);
     return ok;

@@ -8,7 +8,7 @@
 // - `handle` returns normally for ok; throwing anything with an own `payload` property makes
 //   it return that error. Any other exception traps, and the host counts a failure.
 
-import { log, publish } from 'switchyard:plugin/host@{{wit_version}}';
+import { log, send } from 'switchyard:plugin/host@{{wit_version}}';
 
 const INPUT = '{{name}}:in';
 const OUTPUT = '{{name}}:out';
@@ -40,8 +40,9 @@ export const handler = {
     }
     seen += 1;
     log('debug', `message ${seen} on ${message.channel}`);
-    // A denied or failed publish throws with the host's error as `payload`: rethrown as is,
-    // it becomes this message's error.
-    publish(OUTPUT, message.payload);
+    // `send` queues the message and returns (`publish` would wait for Redis's reply with the
+    // receiver count). A denied send throws with the host's error as `payload`: rethrown as
+    // is, it becomes this message's error.
+    send(OUTPUT, message.payload);
   },
 };

@@ -26,7 +26,8 @@ impl Plugin for Starter {
         }
         self.seen += 1;
         switchyard_plugin::log(Level::Debug, &format!("message {} on {}", self.seen, message.channel));
-        switchyard_plugin::publish(OUTPUT, &message.payload)?;
+        // `send` queues the message and returns; `publish` would wait for Redis's reply.
+        switchyard_plugin::send(OUTPUT, &message.payload)?;
         Ok(())
     }
 }
