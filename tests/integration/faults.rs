@@ -273,7 +273,7 @@ async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishing_during_an_outage_fails_fast_instead_of_hanging() -> anyhow::Result<()> {
+async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyhow::Result<()> {
     const QUEUED: u64 = 30;
     let mut redis = RedisServer::start().await?;
     let host = TestHost::start(&redis, &[("faulty", plugins::FAULTY, Some(FAULTY))]).await?;
@@ -304,6 +304,23 @@ async fn publishing_during_an_outage_fails_fast_instead_of_hanging() -> anyhow::
             .is_some_and(|e| e.contains("unavailable")),
         "{entry}"
     );
+
+    // Once Redis is back, the plugin's publishes go through again.
+    redis.restart().await?;
+    host.wait_ready().await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let started = std::time::Instant::now();
+    loop {
+        redis.publish("fault:x", "ok").await?;
+        if let Ok(reply) = replies.next(Duration::from_millis(200)).await {
+            assert!(reply.payload_str().starts_with("ok:"), "{reply:?}");
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < PATIENCE,
+            "nothing published after the restart"
+        );
+    }
     host.stop().await
 }
 

@@ -307,6 +307,9 @@ async fn write_outgoing(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if down.load(Ordering::Acquire) {
+            if queue.is_closed() && queue.is_empty() {
+                break;
+            }
             tokio::time::sleep(PROBE_INTERVAL).await;
             let pong: redis::RedisResult<String> =
                 redis::cmd("PING").query_async(&mut connection).await;
