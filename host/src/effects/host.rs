@@ -28,9 +28,7 @@ impl HostState {
         self.stats.record_denied(&self.plugin.name, &why);
         Error::Denied(why)
     }
-}
 
-impl HostState {
     /// What `publish` and `send` check first: the channel is not the host's, the plugin has
     /// a grant for it, and the loop guard lets it through.
     fn check_publish(&self, channel: &str) -> Result<(), Error> {
