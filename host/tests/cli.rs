@@ -117,6 +117,29 @@ async fn missing_plugins_folder_is_a_clear_error() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_compile_cache_folder_is_a_clear_error() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins)?;
+    // A folder cannot be created below a regular file.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, "")?;
+    let output = switchyard()
+        .args(["run", "--admin", "127.0.0.1:0", "--plugins"])
+        .arg(&plugins)
+        .env("SWITCHYARD_PLUGINS_COMPILE_CACHE", blocker.join("cache"))
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("plugins.compile_cache: cannot create"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
     let output = switchyard().arg("demo").output().await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
