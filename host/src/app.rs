@@ -17,13 +17,15 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
-use crate::effects::{Effects, Publisher};
+use crate::effects::{Effects, Publisher, ShardedChannels};
 use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
 use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
+use crate::source::cluster::ClusterSource;
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::redis::{COMMAND_TIMEOUT, RedisSource};
+use crate::source::streams::{StreamBackend, StreamReaders};
 use crate::source::{Source, SourceStatus};
 use crate::worker::engine::Runtime;
 
@@ -107,6 +109,28 @@ impl Host {
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
         let (source, publisher) = match broker {
+            Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
+                let seeds = redis.cluster_seeds().unwrap_or_default();
+                let client = redis.cluster_client(
+                    &seeds,
+                    None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+                )?;
+                let (source, task) =
+                    ClusterSource::start(&redis, &seeds, router.clone(), stop_source.clone())?;
+                tasks.push(task);
+                // Connects when first used: the host starts (not ready) while the cluster is
+                // away.
+                let publisher = client
+                    .get_async_connection()
+                    .await
+                    .context("cannot connect to the Redis Cluster")?;
+                let streams =
+                    StreamReaders::new(StreamBackend::Cluster(client), stop_source.clone());
+                (
+                    Source::Cluster(source, Arc::new(streams)),
+                    Publisher::Cluster(publisher),
+                )
+            }
             Broker::Redis(redis) => {
                 let client = redis.client()?;
                 let manager_config = ConnectionManagerConfig::new()
@@ -124,7 +148,12 @@ impl Host {
                     stop_source.clone(),
                 )?;
                 tasks.push(task);
-                (Source::Redis(source), Publisher::Redis(publisher))
+                let streams =
+                    StreamReaders::new(StreamBackend::Single(client), stop_source.clone());
+                (
+                    Source::Redis(source, Arc::new(streams)),
+                    Publisher::Redis(publisher),
+                )
             }
             Broker::Embedded(broker) => {
                 broker.attach(router.clone());
@@ -144,7 +173,8 @@ impl Host {
             outputs.clone(),
             &config.invalidation.broadcast,
             tokio::runtime::Handle::current(),
-        );
+        )
+        .with_sharded(ShardedChannels::new(&config.redis.sharded_channels));
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
@@ -162,7 +192,8 @@ impl Host {
             config.plugins.policy,
             config.grants.clone(),
         )
-        .with_max_size(config.plugins.max_wasm_mib << 20);
+        .with_max_size(config.plugins.max_wasm_mib << 20)
+        .with_streams(config.streams.clone());
         if let Some(cache) = compile_cache {
             loader = loader.with_compile_cache(cache);
         }
@@ -269,6 +300,13 @@ impl Host {
         let drained = self.registry.shutdown(drain).await;
         if !drained {
             tracing::warn!(?drain, "plugin queues did not drain in time");
+        }
+        // Stream readers acknowledge what was handled while draining, then stop.
+        if tokio::time::timeout(drain, self.source.stop_streams())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?drain, "stream readers did not finish in time");
         }
         // What plugins sent while draining is written before the connections close.
         if tokio::time::timeout(drain, self.effects.flush())

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::source::streams::{StartFrom, StreamSettings, default_consumer};
 use crate::worker::breaker::BreakerPolicy;
 use crate::worker::queue::WhenFull;
 
@@ -43,6 +44,9 @@ pub struct Config {
     /// Cache invalidation.
     #[serde(default)]
     pub invalidation: InvalidationConfig,
+    /// How stream subscriptions are read.
+    #[serde(default)]
+    pub streams: StreamsConfig,
 }
 
 /// How capabilities are granted.
@@ -232,6 +236,17 @@ pub struct RedisConfig {
     /// PEM private key of `cert_file`.
     #[serde(default)]
     pub key_file: Option<PathBuf>,
+    /// Whether `url` is a seed node of a Redis Cluster (also implied by a
+    /// `redis+cluster://` or `rediss+cluster://` URL, whose host list are the seeds).
+    #[serde(default)]
+    pub cluster: bool,
+    /// Further seed nodes of the cluster, as URLs.
+    #[serde(default)]
+    pub cluster_nodes: Vec<RedisUrl>,
+    /// Channels (Redis glob patterns) that plugins' `publish` and `send` reach with
+    /// `SPUBLISH`, besides those some loaded plugin subscribes to as sharded.
+    #[serde(default)]
+    pub sharded_channels: Vec<String>,
 }
 
 impl RedisConfig {
@@ -245,9 +260,23 @@ impl RedisConfig {
         use anyhow::Context as _;
 
         let url = self.url.expose();
+        match self.tls_certificates()? {
+            None => redis::Client::open(url)
+                .with_context(|| format!("redis.url {} is not a usable Redis URL", self.url)),
+            Some(certificates) => {
+                redis::Client::build_with_tls(url, certificates).with_context(|| {
+                    format!("redis.url {} with its TLS files is not usable", self.url)
+                })
+            }
+        }
+    }
+
+    /// The TLS files, read, if any is set.
+    fn tls_certificates(&self) -> anyhow::Result<Option<redis::TlsCertificates>> {
+        use anyhow::Context as _;
+
         if !self.has_tls_files() {
-            return redis::Client::open(url)
-                .with_context(|| format!("redis.url {} is not a usable Redis URL", self.url));
+            return Ok(None);
         }
         let read = |key: &str, path: &Path| {
             std::fs::read(path)
@@ -265,14 +294,60 @@ impl RedisConfig {
             .as_deref()
             .map(|path| read("ca_file", path))
             .transpose()?;
-        redis::Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls,
-                root_cert,
-            },
-        )
-        .with_context(|| format!("redis.url {} with its TLS files is not usable", self.url))
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+
+    /// The cluster's seed node URLs, if this is a cluster: the hosts of a
+    /// `redis+cluster://a:1,b:2` URL (its credentials and database apply to each), or `url`
+    /// when `cluster = true`; then `cluster_nodes`.
+    pub fn cluster_seeds(&self) -> Option<Vec<String>> {
+        let url = self.url.expose();
+        let mut seeds = Vec::new();
+        let scheme = ["redis+cluster://", "rediss+cluster://"]
+            .into_iter()
+            .find(|scheme| url.starts_with(*scheme));
+        if let Some(scheme) = scheme {
+            let plain = scheme.replace("+cluster", "");
+            let rest = &url[scheme.len()..];
+            let (credentials, hosts) = match rest.rsplit_once('@') {
+                Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let (hosts, path) = hosts.split_at(hosts.find('/').unwrap_or(hosts.len()));
+            for host in hosts.split(',').filter(|h| !h.is_empty()) {
+                seeds.push(format!("{plain}{credentials}{host}{path}"));
+            }
+        } else if self.cluster {
+            seeds.push(url.to_owned());
+        } else {
+            return None;
+        }
+        seeds.extend(self.cluster_nodes.iter().map(|u| u.expose().to_owned()));
+        Some(seeds)
+    }
+
+    /// A client for the cluster `seeds`, speaking RESP3, with pub/sub pushes sent to `push`.
+    pub fn cluster_client(
+        &self,
+        seeds: &[String],
+        push: Option<impl redis::aio::AsyncPushSender>,
+    ) -> anyhow::Result<redis::cluster::ClusterClient> {
+        use anyhow::Context as _;
+
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .use_protocol(redis::ProtocolVersion::RESP3);
+        if let Some(certificates) = self.tls_certificates()? {
+            builder = builder.certs(certificates);
+        }
+        if let Some(push) = push {
+            builder = builder.push_sender(push);
+        }
+        builder
+            .build()
+            .with_context(|| format!("redis.url {} is not a usable cluster seed", self.url))
     }
 }
 
@@ -327,6 +402,112 @@ pub struct PluginsConfig {
     pub compile_cache: Option<PathBuf>,
 }
 
+/// `[streams]`: how stream subscriptions are read (a plugin's manifest may override all
+/// but `consumer` in its `[stream]` table).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// This host's consumer name in every group; replicas must differ. Default: the
+    /// `HOSTNAME` environment variable (a Kubernetes pod's name), else the host name.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Entries read at once, and at most in flight per plugin and stream.
+    #[serde(default = "default_stream_batch")]
+    pub batch: usize,
+    /// How long one read waits for new entries, in milliseconds.
+    #[serde(default = "default_stream_block_ms")]
+    pub block_ms: u64,
+    /// Deliveries after which an entry that fails again goes to `<stream>:dead`.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u64,
+    /// Wait before the first retry of a failed entry, in milliseconds; doubled per delivery.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Entries left pending this long by another consumer are claimed, in milliseconds.
+    #[serde(default = "default_claim_idle_ms")]
+    pub claim_idle_ms: u64,
+    /// Where a group the host creates starts: `new` (entries added from then on, as `$`)
+    /// or `all` (the whole stream).
+    #[serde(default)]
+    pub start: StartFrom,
+}
+
+/// A plugin manifest's `[stream]` table: overrides of `[streams]` for that plugin.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOverride {
+    /// The consumer group; default: the plugin's name.
+    pub group: Option<String>,
+    /// See [`StreamsConfig::batch`].
+    pub batch: Option<usize>,
+    /// See [`StreamsConfig::block_ms`].
+    pub block_ms: Option<u64>,
+    /// See [`StreamsConfig::max_deliveries`].
+    pub max_deliveries: Option<u64>,
+    /// See [`StreamsConfig::retry_backoff_ms`].
+    pub retry_backoff_ms: Option<u64>,
+    /// See [`StreamsConfig::claim_idle_ms`].
+    pub claim_idle_ms: Option<u64>,
+    /// See [`StreamsConfig::start`].
+    pub start: Option<StartFrom>,
+}
+
+impl StreamsConfig {
+    /// The settings of `plugin`'s streams, with its manifest's overrides.
+    pub fn settings_for(&self, plugin: &str, overrides: &StreamOverride) -> StreamSettings {
+        let millis = |over: Option<u64>, base: u64| Duration::from_millis(over.unwrap_or(base));
+        StreamSettings {
+            group: overrides.group.clone().unwrap_or_else(|| plugin.to_owned()),
+            consumer: self.consumer.clone().unwrap_or_else(default_consumer),
+            batch: overrides.batch.unwrap_or(self.batch).max(1),
+            block: millis(overrides.block_ms, self.block_ms).max(Duration::from_millis(1)),
+            max_deliveries: overrides
+                .max_deliveries
+                .unwrap_or(self.max_deliveries)
+                .max(1),
+            retry_backoff: millis(overrides.retry_backoff_ms, self.retry_backoff_ms),
+            claim_idle: millis(overrides.claim_idle_ms, self.claim_idle_ms),
+            start: overrides.start.unwrap_or(self.start),
+        }
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            consumer: None,
+            batch: default_stream_batch(),
+            block_ms: default_stream_block_ms(),
+            max_deliveries: default_max_deliveries(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+            claim_idle_ms: default_claim_idle_ms(),
+            start: StartFrom::default(),
+        }
+    }
+}
+
+fn default_stream_batch() -> usize {
+    64
+}
+
+fn default_stream_block_ms() -> u64 {
+    2000
+}
+
+fn default_max_deliveries() -> u64 {
+    5
+}
+
+fn default_retry_backoff_ms() -> u64 {
+    500
+}
+
+/// Long enough that a slow entry (up to the plugin's deadline, retried a few times) is not
+/// taken from a live replica, short enough that a dead one's work moves on within a minute.
+fn default_claim_idle_ms() -> u64 {
+    60_000
+}
+
 /// `[admin]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -343,6 +524,9 @@ impl Default for RedisConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            cluster: false,
+            cluster_nodes: Vec::new(),
+            sharded_channels: Vec::new(),
         }
     }
 }
@@ -514,7 +698,18 @@ pub const ENV_PREFIX: &str = "SWITCHYARD_";
 /// `SWITCHYARD_*` variables are left alone: Kubernetes defines `SWITCHYARD_ADMIN_PORT` and the
 /// like for a Service named `switchyard-admin`, and such a name must not stop the host.
 const ENV_KEYS: &[(&str, &[&str])] = &[
-    ("redis", &["url", "ca_file", "cert_file", "key_file"]),
+    (
+        "redis",
+        &[
+            "url",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "cluster",
+            "cluster_nodes",
+            "sharded_channels",
+        ],
+    ),
     (
         "plugins",
         &[
@@ -536,6 +731,18 @@ const ENV_KEYS: &[(&str, &[&str])] = &[
     ),
     ("admin", &["listen"]),
     ("invalidation", &["broadcast"]),
+    (
+        "streams",
+        &[
+            "consumer",
+            "batch",
+            "block_ms",
+            "max_deliveries",
+            "retry_backoff_ms",
+            "claim_idle_ms",
+            "start",
+        ],
+    ),
 ];
 
 impl Config {
@@ -617,13 +824,26 @@ impl Config {
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let url = self.redis.url.expose();
-        if let Err(e) = redis::Client::open(url) {
+        let seeds = self.redis.cluster_seeds();
+        for seed in seeds.clone().unwrap_or_else(|| vec![url.to_owned()]) {
+            if let Err(e) = redis::Client::open(seed.as_str()) {
+                problems.push(format!(
+                    "{origin}: redis.url {}: not a usable Redis URL: {e}",
+                    RedisUrl::new(seed)
+                ));
+            }
+        }
+        if seeds.as_ref().is_some_and(Vec::is_empty) {
             problems.push(format!(
-                "{origin}: redis.url {}: not a usable Redis URL: {e}",
-                self.redis.url
+                "{origin}: redis.url: a cluster URL needs at least one host"
             ));
         }
-        if self.redis.has_tls_files() && !url.starts_with("rediss://") {
+        let tls = seeds
+            .as_ref()
+            .and_then(|s| s.first())
+            .map_or(url, String::as_str)
+            .starts_with("rediss://");
+        if self.redis.has_tls_files() && !tls {
             problems.push(format!(
                 "{origin}: redis.ca_file, cert_file and key_file need a rediss:// redis.url"
             ));
@@ -668,6 +888,17 @@ impl Config {
                 "{origin}: plugins.breaker_failures ({}) must be between 1 and plugins.breaker_window ({})",
                 plugins.breaker_failures, plugins.breaker_window
             ));
+        }
+        if self.streams.batch == 0 {
+            problems.push(format!("{origin}: streams.batch must be at least 1"));
+        }
+        if self.streams.max_deliveries == 0 {
+            problems.push(format!(
+                "{origin}: streams.max_deliveries must be at least 1"
+            ));
+        }
+        if self.streams.consumer.as_deref() == Some("") {
+            problems.push(format!("{origin}: streams.consumer must not be empty"));
         }
         if plugins.max_payload_bytes == 0 {
             problems.push(format!(
@@ -746,6 +977,51 @@ impl OutputConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_urls_list_their_seeds_with_shared_credentials() {
+        let config = Config::from_toml(
+            "[redis]\nurl = \"redis+cluster://app:pw@a:7000,b:7001/0\"\ncluster_nodes = [\"redis://c:7002\"]\n",
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.redis.cluster_seeds().unwrap(),
+            [
+                "redis://app:pw@a:7000/0",
+                "redis://app:pw@b:7001/0",
+                "redis://c:7002"
+            ]
+        );
+        let single = Config::from_toml("[redis]\nurl = \"redis://a:1\"\n", "s.toml").unwrap();
+        assert!(single.redis.cluster_seeds().is_none());
+        let flagged =
+            Config::from_toml("[redis]\nurl = \"redis://a:1\"\ncluster = true\n", "f.toml")
+                .unwrap();
+        assert_eq!(flagged.redis.cluster_seeds().unwrap(), ["redis://a:1"]);
+    }
+
+    #[test]
+    fn stream_settings_take_the_manifest_over_the_host() {
+        let config = Config::from_toml(
+            "[streams]\nconsumer = \"pod-1\"\nmax_deliveries = 3\nstart = \"all\"\n",
+            "s.toml",
+        )
+        .unwrap();
+        let settings = config.streams.settings_for(
+            "orders",
+            &StreamOverride {
+                max_deliveries: Some(7),
+                ..StreamOverride::default()
+            },
+        );
+        assert_eq!(settings.group, "orders");
+        assert_eq!(settings.consumer, "pod-1");
+        assert_eq!(settings.max_deliveries, 7);
+        assert_eq!(settings.start, StartFrom::All);
+        let err = Config::from_toml("[streams]\nbatch = 0\n", "b.toml").unwrap_err();
+        assert!(err.to_string().contains("streams.batch"), "{err}");
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

@@ -10,4 +10,5 @@ mod loading;
 mod reload;
 mod routing;
 mod scenarios;
+mod streams;
 mod tls;

@@ -26,8 +26,12 @@ impl LoopGuard {
         let mut patterns = Vec::new();
         for subscription in subscriptions {
             match subscription {
-                Subscription::Channel(name) => channels.push(name.to_vec()),
+                Subscription::Channel(name) | Subscription::Sharded(name) => {
+                    channels.push(name.to_vec());
+                }
                 Subscription::Pattern(name) => patterns.push(Glob::new(name.to_vec())),
+                // Publishing never feeds a stream.
+                Subscription::Stream(_) => {}
             }
         }
         Self {

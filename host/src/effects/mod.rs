@@ -10,15 +10,20 @@ pub mod loop_guard;
 pub mod outputs;
 pub mod rate;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
+use redis::aio::ConnectionLike as _;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::PluginName;
+use crate::router::glob::Glob;
 use crate::source::embedded::EmbeddedBroker;
 use crate::worker::PluginStats;
 use outputs::{OutputError, Outputs, Reply};
@@ -43,7 +48,38 @@ pub struct Effects {
     outputs: Arc<Outputs>,
     /// The channel every invalidation is announced on, if any.
     broadcast: Option<Bytes>,
+    /// Which channels are sharded: published with `SPUBLISH`.
+    sharded: Arc<ShardedChannels>,
     runtime: tokio::runtime::Handle,
+}
+
+/// The channels plugins' messages reach with `SPUBLISH`: those matching the operator's
+/// `redis.sharded_channels`, and those some loaded plugin subscribes to as sharded.
+#[derive(Debug, Default)]
+pub struct ShardedChannels {
+    configured: Vec<Glob>,
+    subscribed: ArcSwap<HashSet<Bytes>>,
+}
+
+impl ShardedChannels {
+    /// Channels matching `patterns` are sharded.
+    pub fn new(patterns: &[String]) -> Self {
+        Self {
+            configured: patterns.iter().map(|p| Glob::new(p.as_bytes())).collect(),
+            subscribed: ArcSwap::default(),
+        }
+    }
+
+    /// Whether `channel` is sharded.
+    pub fn contains(&self, channel: &[u8]) -> bool {
+        self.subscribed.load().contains(channel)
+            || self.configured.iter().any(|g| g.matches(channel))
+    }
+
+    /// Replaces the channels loaded plugins subscribe to as sharded.
+    pub fn set_subscribed(&self, channels: HashSet<Bytes>) {
+        self.subscribed.store(Arc::new(channels));
+    }
 }
 
 /// One entry of the outgoing queue.
@@ -53,6 +89,8 @@ enum Outgoing {
     Publish {
         channel: Vec<u8>,
         payload: Vec<u8>,
+        /// `SPUBLISH` rather than `PUBLISH`.
+        sharded: bool,
         reply: Option<oneshot::Sender<Result<u32, String>>>,
         stats: Arc<PluginStats>,
     },
@@ -65,6 +103,8 @@ enum Outgoing {
 pub enum Publisher {
     /// A Redis connection that reconnects by itself; while Redis is away, calls fail fast.
     Redis(redis::aio::ConnectionManager),
+    /// A Redis Cluster connection: commands go to the shard owning their key.
+    Cluster(redis::cluster_async::ClusterConnection),
     /// The in-process broker (`switchyard demo`, `switchyard test`).
     Embedded(Arc<EmbeddedBroker>),
 }
@@ -73,6 +113,7 @@ impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Publisher::Redis(_) => f.write_str("Publisher::Redis"),
+            Publisher::Cluster(_) => f.write_str("Publisher::Cluster"),
             Publisher::Embedded(_) => f.write_str("Publisher::Embedded"),
         }
     }
@@ -104,26 +145,36 @@ impl Effects {
         let broadcast =
             (!broadcast.is_empty()).then(|| Bytes::copy_from_slice(broadcast.as_bytes()));
         let redis_down = Arc::new(AtomicBool::new(false));
-        let outgoing = match &publisher {
-            Publisher::Redis(connection) => {
-                let (queue, incoming) = mpsc::channel(OUTGOING_CAPACITY);
-                runtime.spawn(write_outgoing(
-                    connection.clone(),
-                    incoming,
-                    redis_down.clone(),
-                ));
-                Some(queue)
-            }
+        let wire = match &publisher {
+            Publisher::Redis(connection) => Some(Wire::Single(connection.clone())),
+            Publisher::Cluster(connection) => Some(Wire::Cluster(connection.clone())),
             Publisher::Embedded(_) => None,
         };
+        let outgoing = wire.map(|wire| {
+            let (queue, incoming) = mpsc::channel(OUTGOING_CAPACITY);
+            runtime.spawn(write_outgoing(wire, incoming, redis_down.clone()));
+            queue
+        });
         Self {
             publisher,
             outgoing,
             redis_down,
             outputs,
             broadcast,
+            sharded: Arc::default(),
             runtime,
         }
+    }
+
+    /// Publishes channels in `sharded` with `SPUBLISH`.
+    pub fn with_sharded(mut self, sharded: ShardedChannels) -> Self {
+        self.sharded = Arc::new(sharded);
+        self
+    }
+
+    /// The channels published with `SPUBLISH`.
+    pub fn sharded(&self) -> &ShardedChannels {
+        &self.sharded
     }
 
     /// Waits until every message queued so far has been written (or has failed).
@@ -172,6 +223,30 @@ impl Effects {
                     Ok(removed)
                 })
             }
+            Publisher::Cluster(connection) => {
+                let mut connection = connection.clone();
+                let unlink = redis::Cmd::new().arg("UNLINK").arg(keys).to_owned();
+                self.block_on(within, async move {
+                    // The cluster client splits the keys by shard and adds up the answers.
+                    let removed: u32 = redis::from_redis_value(
+                        connection
+                            .req_packed_command(&unlink)
+                            .await
+                            .map_err(|e| EffectError::Unavailable(format!("UNLINK failed: {e}")))?,
+                    )
+                    .map_err(|e| EffectError::Unavailable(format!("UNLINK failed: {e}")))?;
+                    if let Some((channel, notice)) = &notice {
+                        let publish = redis::cmd("PUBLISH")
+                            .arg(channel.as_ref())
+                            .arg(notice.as_ref())
+                            .to_owned();
+                        connection.req_packed_command(&publish).await.map_err(|e| {
+                            EffectError::Unavailable(format!("PUBLISH of the notice failed: {e}"))
+                        })?;
+                    }
+                    Ok(removed)
+                })
+            }
             Publisher::Embedded(broker) => {
                 let removed = broker.unlink(keys);
                 if let Some((channel, notice)) = notice {
@@ -209,10 +284,11 @@ impl Effects {
         deadline: Instant,
     ) -> Result<u32, EffectError> {
         match &self.publisher {
-            Publisher::Redis(_) => {
+            Publisher::Redis(_) | Publisher::Cluster(_) => {
                 let (reply, receivers) = oneshot::channel();
                 self.enqueue(
                     Outgoing::Publish {
+                        sharded: self.sharded.contains(&channel),
                         channel,
                         payload,
                         reply: Some(reply),
@@ -244,8 +320,9 @@ impl Effects {
         deadline: Instant,
     ) -> Result<(), EffectError> {
         match &self.publisher {
-            Publisher::Redis(_) => self.enqueue(
+            Publisher::Redis(_) | Publisher::Cluster(_) => self.enqueue(
                 Outgoing::Publish {
+                    sharded: self.sharded.contains(&channel),
                     channel,
                     payload,
                     reply: None,
@@ -293,6 +370,86 @@ impl Effects {
     }
 }
 
+/// The connection the outgoing queue is written to.
+enum Wire {
+    Single(redis::aio::ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Wire {
+    /// Writes `commands` (PUBLISH or SPUBLISH) and returns each one's receiver count.
+    ///
+    /// On one server they go out as one pipeline. On a cluster, `SPUBLISH`es go to the
+    /// shard owning their channel and every `PUBLISH` to one node (the primary of slot 0),
+    /// so that what one plugin publishes keeps its order; one pipeline per node, all at once.
+    async fn write(&mut self, commands: &[(bool, &[u8], &[u8])]) -> Result<Vec<u32>, String> {
+        let command = |sharded: bool| if sharded { "SPUBLISH" } else { "PUBLISH" };
+        match self {
+            Wire::Single(connection) => {
+                let mut pipe = redis::pipe();
+                for &(sharded, channel, payload) in commands {
+                    pipe.cmd(command(sharded)).arg(channel).arg(payload);
+                }
+                pipe.query_async::<Vec<u32>>(connection)
+                    .await
+                    .map_err(|e| format!("PUBLISH failed: {e}"))
+            }
+            Wire::Cluster(connection) => {
+                let mut groups: Vec<(Route, redis::Pipeline, Vec<usize>)> = Vec::new();
+                for (index, &(sharded, channel, payload)) in commands.iter().enumerate() {
+                    let route = if sharded {
+                        Route::with_key(channel, SlotAddr::Master)
+                    } else {
+                        Route::new(0, SlotAddr::Master)
+                    };
+                    let at = match groups.iter().position(|(r, _, _)| *r == route) {
+                        Some(at) => at,
+                        None => {
+                            groups.push((route, redis::pipe(), Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    let (_, pipe, indices) = &mut groups[at];
+                    pipe.cmd(command(sharded)).arg(channel).arg(payload);
+                    indices.push(index);
+                }
+                let writes = groups.into_iter().map(|(route, pipe, indices)| {
+                    let mut connection = connection.clone();
+                    async move {
+                        let count = pipe.len();
+                        let replies = connection
+                            .route_pipeline(
+                                pipe,
+                                0,
+                                count,
+                                SingleNodeRoutingInfo::SpecificNode(route),
+                            )
+                            .await?;
+                        Ok::<_, redis::RedisError>((indices, replies))
+                    }
+                });
+                let mut counts = vec![0; commands.len()];
+                for written in futures::future::join_all(writes).await {
+                    let (indices, replies) = written.map_err(|e| format!("PUBLISH failed: {e}"))?;
+                    for (index, reply) in indices.into_iter().zip(replies) {
+                        counts[index] = redis::from_redis_value(reply).unwrap_or(0);
+                    }
+                }
+                Ok(counts)
+            }
+        }
+    }
+
+    /// Whether Redis answers.
+    async fn ping(&mut self) -> bool {
+        let ping = redis::cmd("PING");
+        match self {
+            Wire::Single(connection) => connection.req_packed_command(&ping).await.is_ok(),
+            Wire::Cluster(connection) => connection.req_packed_command(&ping).await.is_ok(),
+        }
+    }
+}
+
 /// Writes the outgoing queue to Redis: whatever has accumulated since the last write goes
 /// out as one pipeline, in queue order, with one pipeline in flight. Under load the batches
 /// grow, so the cost of a round trip is shared by many messages.
@@ -300,7 +457,7 @@ impl Effects {
 /// After a failed write, `down` is set (new calls fail at once) and the writer probes Redis
 /// with PING every [`PROBE_INTERVAL`] until it answers.
 async fn write_outgoing(
-    mut connection: redis::aio::ConnectionManager,
+    mut wire: Wire,
     mut queue: mpsc::Receiver<Outgoing>,
     down: Arc<AtomicBool>,
 ) {
@@ -311,9 +468,7 @@ async fn write_outgoing(
                 break;
             }
             tokio::time::sleep(PROBE_INTERVAL).await;
-            let pong: redis::RedisResult<String> =
-                redis::cmd("PING").query_async(&mut connection).await;
-            if pong.is_ok() {
+            if wire.ping().await {
                 tracing::info!("Redis answers again; plugins may publish");
                 down.store(false, Ordering::Release);
             }
@@ -322,26 +477,28 @@ async fn write_outgoing(
         if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
             break;
         }
-        let mut pipe = redis::pipe();
-        for entry in &batch {
-            if let Outgoing::Publish {
-                channel, payload, ..
-            } = entry
-            {
-                pipe.cmd("PUBLISH").arg(&channel[..]).arg(&payload[..]);
-            }
-        }
-        let result = if pipe.is_empty() {
+        let commands: Vec<(bool, &[u8], &[u8])> = batch
+            .iter()
+            .filter_map(|entry| match entry {
+                Outgoing::Publish {
+                    channel,
+                    payload,
+                    sharded,
+                    ..
+                } => Some((*sharded, &channel[..], &payload[..])),
+                Outgoing::Flush(_) => None,
+            })
+            .collect();
+        let result = if commands.is_empty() {
             Ok(Vec::new())
         } else {
-            pipe.query_async::<Vec<u32>>(&mut connection)
-                .await
-                .map_err(|e| format!("PUBLISH failed: {e}"))
+            wire.write(&commands).await
         };
         if let Err(why) = &result {
-            tracing::warn!(messages = pipe.len(), "{why}");
+            tracing::warn!(messages = commands.len(), "{why}");
             down.store(true, Ordering::Release);
         }
+        drop(commands);
         let mut receivers = result.as_ref().ok().map(|counts| counts.iter());
         for entry in batch.drain(..) {
             match entry {

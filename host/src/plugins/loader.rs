@@ -18,7 +18,7 @@ use wasmtime::component::Component;
 use super::compile_cache::{CompileCache, Compiled};
 use super::manifest::{Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
-use crate::config::{GrantsConfig, Policy};
+use crate::config::{GrantsConfig, Policy, StreamsConfig};
 use crate::effects::Effects;
 use crate::effects::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::effects::loop_guard::LoopGuard;
@@ -33,9 +33,9 @@ use crate::worker::state::PluginContext;
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
-pub const WORLD: &str = "switchyard:plugin/plugin@0.3.0";
+pub const WORLD: &str = "switchyard:plugin/plugin@0.4.0";
 
-/// The contract's package version (`0.3.0`): what guests put in their imports' names.
+/// The contract's package version (`0.4.0`): what guests put in their imports' names.
 pub fn world_version() -> &'static str {
     WORLD.rsplit_once('@').map_or("", |(_, version)| version)
 }
@@ -121,6 +121,7 @@ pub struct Loader {
     grants: Arc<BTreeMap<String, GrantsConfig>>,
     max_size: u64,
     compile_cache: Option<Arc<CompileCache>>,
+    streams: Arc<StreamsConfig>,
 }
 
 /// What a load produced.
@@ -148,7 +149,14 @@ impl Loader {
             grants: Arc::new(grants),
             max_size: u64::MAX,
             compile_cache: None,
+            streams: Arc::default(),
         }
+    }
+
+    /// Reads plugins' streams with `config`'s settings (and each manifest's overrides).
+    pub fn with_streams(mut self, config: StreamsConfig) -> Self {
+        self.streams = Arc::new(config);
+        self
     }
 
     /// Keeps compiled components in `cache`, and reuses them.
@@ -161,6 +169,11 @@ impl Loader {
     pub fn with_max_size(mut self, bytes: u64) -> Self {
         self.max_size = bytes;
         self
+    }
+
+    /// Where plugins' effects go.
+    pub fn effects(&self) -> &Effects {
+        &self.effects
     }
 
     /// The runtime plugins run on.
@@ -289,6 +302,7 @@ impl Loader {
             ),
             pre: pre.clone(),
             description: Description::default(),
+            stream: Arc::default(),
             path: path.clone(),
             size,
             manifest_hash,
@@ -314,6 +328,7 @@ impl Loader {
             ),
             pre,
             description,
+            stream: Arc::new(self.streams.settings_for(name.as_str(), &manifest.stream)),
             path,
             size,
             manifest_hash,
@@ -424,22 +439,28 @@ impl Description {
             problems.push("name is empty".to_owned());
         }
         let subscriptions: Vec<Subscription> = match overridden {
-            Some(o) => o
-                .channels
-                .iter()
-                .map(|c| Subscription::Channel(c.clone().into()))
-                .chain(
-                    o.patterns
-                        .iter()
-                        .map(|p| Subscription::Pattern(p.clone().into())),
-                )
-                .collect(),
+            Some(o) => {
+                let names = |list: &[String], kind: fn(Bytes) -> Subscription| {
+                    list.iter()
+                        .map(move |name| kind(Bytes::from(name.clone())))
+                        .collect::<Vec<_>>()
+                };
+                [
+                    names(&o.channels, Subscription::Channel),
+                    names(&o.patterns, Subscription::Pattern),
+                    names(&o.sharded, Subscription::Sharded),
+                    names(&o.streams, Subscription::Stream),
+                ]
+                .concat()
+            }
             None => info
                 .subscriptions
                 .into_iter()
                 .map(|s| match s {
                     types::Subscription::Channel(c) => Subscription::Channel(c.into()),
                     types::Subscription::Pattern(p) => Subscription::Pattern(p.into()),
+                    types::Subscription::Sharded(c) => Subscription::Sharded(c.into()),
+                    types::Subscription::Stream(k) => Subscription::Stream(k.into()),
                 })
                 .collect(),
         };

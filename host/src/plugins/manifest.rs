@@ -9,6 +9,12 @@
 //! [subscriptions]       # replaces what `describe` lists
 //! channels = ["orders"]
 //! patterns = ["orders:*"]
+//! sharded = ["room:{42}"]  # SSUBSCRIBE
+//! streams = ["jobs"]       # XREADGROUP, at least once
+//!
+//! [stream]              # how its streams are read (overrides the host's [streams])
+//! group = "billing"
+//! max_deliveries = 3
 //!
 //! [limits]              # overrides the host's defaults for this plugin
 //! deadline_ms = 2000
@@ -26,7 +32,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::GrantsConfig;
+use crate::config::{GrantsConfig, StreamOverride};
 
 /// A parsed manifest.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -40,6 +46,9 @@ pub struct Manifest {
     /// Per-plugin limits.
     #[serde(default)]
     pub limits: LimitsOverride,
+    /// How its streams are read.
+    #[serde(default)]
+    pub stream: StreamOverride,
     /// The plugin's settings.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
@@ -55,6 +64,12 @@ pub struct SubscriptionsOverride {
     /// Redis glob patterns, after the channels.
     #[serde(default)]
     pub patterns: Vec<String>,
+    /// Sharded channels (`SSUBSCRIBE`).
+    #[serde(default)]
+    pub sharded: Vec<String>,
+    /// Streams, read through the plugin's consumer group.
+    #[serde(default)]
+    pub streams: Vec<String>,
 }
 
 /// `[limits]`

@@ -25,6 +25,7 @@ use serde::Serialize;
 use crate::config::GrantsConfig;
 use crate::router::glob::Glob;
 use crate::router::{Route, RoutingTable};
+use crate::source::streams::StreamSettings;
 use crate::source::{Source, Subscription};
 use crate::worker::bindings::PluginPre;
 use crate::worker::breaker::BreakerPolicy;
@@ -96,6 +97,8 @@ pub struct LoadedPlugin {
     pub pre: PluginPre<HostState>,
     /// Its `describe` answer.
     pub description: Description,
+    /// How its streams are read.
+    pub stream: Arc<StreamSettings>,
     /// The file it came from.
     pub path: PathBuf,
     /// The file's size in bytes.
@@ -415,15 +418,24 @@ impl Registry {
                     .slots
                     .values()
                     .map(|slot| {
-                        Route::new(
-                            slot.inbox.clone(),
-                            &slot.current.load().description.subscriptions,
-                        )
+                        let current = slot.current.load();
+                        Route::new(slot.inbox.clone(), &current.description.subscriptions)
+                            .with_stream_settings(current.stream.clone())
                     })
                     .collect(),
             )
         };
-        self.source.update(table.subscriptions(), table).await
+        let subscriptions = table.subscriptions();
+        self.loader.effects().sharded().set_subscribed(
+            subscriptions
+                .iter()
+                .filter_map(|s| match s {
+                    Subscription::Sharded(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .collect(),
+        );
+        self.source.update(subscriptions, table).await
     }
 
     /// Unloads every plugin: routes are cleared, queues drain, workers exit. Waits up to

@@ -2,10 +2,12 @@
 //! plugin change and swapped in whole, so the reading task routes without locks.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::glob::Glob;
+use crate::source::streams::{StreamSettings, StreamTarget};
 use crate::source::{Delivery, Subscription, Via};
 use crate::worker::{Envelope, Inbox};
 
@@ -15,6 +17,8 @@ pub struct Route {
     subscriptions: Vec<Subscription>,
     /// One matcher per subscription (`None` for exact channels), same order.
     matchers: Vec<Option<Glob>>,
+    /// How its streams are read, if it has any.
+    stream_settings: Arc<StreamSettings>,
 }
 
 impl Route {
@@ -29,27 +33,36 @@ impl Route {
         let matchers = subscriptions
             .iter()
             .map(|s| match s {
-                Subscription::Channel(_) => None,
                 Subscription::Pattern(p) => Some(Glob::new(p.to_vec())),
+                _ => None,
             })
             .collect();
         Self {
             inbox,
             subscriptions,
             matchers,
+            stream_settings: Arc::default(),
         }
+    }
+
+    /// Reads the route's streams with `settings`.
+    pub fn with_stream_settings(mut self, settings: Arc<StreamSettings>) -> Self {
+        self.stream_settings = settings;
+        self
     }
 
     /// Whether any subscription before `index` also matches `channel`; if so, the delivery
     /// for that earlier one is the plugin's copy of the message.
     fn earlier_match(&self, index: usize, channel: &[u8]) -> bool {
-        self.subscriptions[..index]
-            .iter()
-            .zip(&self.matchers)
-            .any(|(subscription, matcher)| match matcher {
-                Some(glob) => glob.matches(channel),
-                None => subscription.name().as_ref() == channel,
-            })
+        self.subscriptions[..index].iter().zip(&self.matchers).any(
+            |(subscription, matcher)| match (matcher, subscription) {
+                (Some(glob), _) => glob.matches(channel),
+                (None, Subscription::Channel(name)) => name.as_ref() == channel,
+                // Sharded channels and streams arrive by their own deliveries, never as a
+                // copy of a pub/sub message.
+                (None, _) => false,
+            },
+        )
     }
 }
 
@@ -62,6 +75,7 @@ pub struct RoutingTable {
     routes: Vec<Route>,
     by_channel: HashMap<Bytes, Targets>,
     by_pattern: HashMap<Bytes, Targets>,
+    by_sharded: HashMap<Bytes, Targets>,
 }
 
 impl RoutingTable {
@@ -69,11 +83,14 @@ impl RoutingTable {
     pub fn new(routes: Vec<Route>) -> Self {
         let mut by_channel: HashMap<Bytes, Targets> = HashMap::new();
         let mut by_pattern: HashMap<Bytes, Targets> = HashMap::new();
+        let mut by_sharded: HashMap<Bytes, Targets> = HashMap::new();
         for (r, route) in routes.iter().enumerate() {
             for (s, subscription) in route.subscriptions.iter().enumerate() {
                 let index = match subscription {
                     Subscription::Channel(name) => by_channel.entry(name.clone()),
                     Subscription::Pattern(name) => by_pattern.entry(name.clone()),
+                    Subscription::Sharded(name) => by_sharded.entry(name.clone()),
+                    Subscription::Stream(_) => continue,
                 };
                 index.or_default().push((r, s));
             }
@@ -82,7 +99,25 @@ impl RoutingTable {
             routes,
             by_channel,
             by_pattern,
+            by_sharded,
         }
+    }
+
+    /// Every (plugin, stream) pair to read through a consumer group.
+    pub fn streams(&self) -> Vec<StreamTarget> {
+        self.routes
+            .iter()
+            .flat_map(|route| {
+                route.subscriptions.iter().filter_map(|s| match s {
+                    Subscription::Stream(key) => Some(StreamTarget {
+                        inbox: route.inbox.clone(),
+                        key: key.clone(),
+                        settings: route.stream_settings.clone(),
+                    }),
+                    _ => None,
+                })
+            })
+            .collect()
     }
 
     /// Every subscription some plugin needs: what the source must subscribe.
@@ -95,7 +130,11 @@ impl RoutingTable {
             .by_pattern
             .keys()
             .map(|p| Subscription::Pattern(p.clone()));
-        channels.chain(patterns).collect()
+        let sharded = self
+            .by_sharded
+            .keys()
+            .map(|c| Subscription::Sharded(c.clone()));
+        channels.chain(patterns).chain(sharded).collect()
     }
 
     /// Offers `delivery` to every plugin whose first matching subscription delivered it.
@@ -104,6 +143,7 @@ impl RoutingTable {
         let targets = match &delivery.via {
             Via::Channel => self.by_channel.get(&delivery.channel),
             Via::Pattern(pattern) => self.by_pattern.get(pattern),
+            Via::Sharded => self.by_sharded.get(&delivery.channel),
         };
         let mut offered = 0;
         for &(r, s) in targets.into_iter().flatten() {
@@ -116,6 +156,7 @@ impl RoutingTable {
                 subscription: route.subscriptions[s].clone(),
                 payload: delivery.payload.clone(),
                 received_at: delivery.received_at,
+                entry: None,
             });
             offered += 1;
         }
@@ -152,8 +193,9 @@ mod tests {
         Delivery {
             channel: Bytes::copy_from_slice(ch.as_bytes()),
             via: match via {
-                Subscription::Channel(_) => Via::Channel,
                 Subscription::Pattern(p) => Via::Pattern(p.clone()),
+                Subscription::Sharded(_) => Via::Sharded,
+                _ => Via::Channel,
             },
             payload: Bytes::from_static(b"x"),
             received_at: SystemTime::now(),
@@ -167,6 +209,7 @@ mod tests {
             let matches = match s {
                 Subscription::Channel(c) => c.as_ref() == ch.as_bytes(),
                 Subscription::Pattern(p) => Glob::new(p.to_vec()).matches(ch.as_bytes()),
+                Subscription::Sharded(_) | Subscription::Stream(_) => false,
             };
             if matches {
                 table.dispatch(&delivery(ch, s));

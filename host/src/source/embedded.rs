@@ -40,6 +40,7 @@ struct State {
     router: Option<Arc<Router>>,
     channels: HashSet<Bytes>,
     patterns: Vec<(Bytes, Glob)>,
+    sharded: HashSet<Bytes>,
     taps: Vec<mpsc::UnboundedSender<Published>>,
     unlink_taps: Vec<mpsc::UnboundedSender<Vec<String>>>,
     /// A key space, so that invalidation can be shown without Redis.
@@ -91,14 +92,21 @@ impl EmbeddedBroker {
                     received_at,
                 })
             };
-            if state.channels.contains(&channel) {
-                deliver(Via::Channel);
+            if state.sharded.contains(&channel) {
+                // The host publishes to sharded channels with SPUBLISH, which only
+                // sharded subscribers receive.
+                deliver(Via::Sharded);
                 receivers += 1;
-            }
-            for (pattern, glob) in &state.patterns {
-                if glob.matches(&channel) {
-                    deliver(Via::Pattern(pattern.clone()));
+            } else {
+                if state.channels.contains(&channel) {
+                    deliver(Via::Channel);
                     receivers += 1;
+                }
+                for (pattern, glob) in &state.patterns {
+                    if glob.matches(&channel) {
+                        deliver(Via::Pattern(pattern.clone()));
+                        receivers += 1;
+                    }
                 }
             }
         }
@@ -141,11 +149,17 @@ impl EmbeddedBroker {
         let mut state = self.lock();
         state.channels.clear();
         state.patterns.clear();
+        state.sharded.clear();
         for subscription in subscriptions {
             match subscription {
                 Subscription::Channel(name) => {
                     state.channels.insert(name);
                 }
+                Subscription::Sharded(name) => {
+                    state.sharded.insert(name);
+                }
+                // Routing tables never list streams among subscriptions.
+                Subscription::Stream(_) => {}
                 Subscription::Pattern(name) => {
                     let glob = Glob::new(name.to_vec());
                     state.patterns.push((name, glob));
@@ -164,6 +178,8 @@ impl EmbeddedBroker {
             connected: true,
             channels: state.channels.len(),
             patterns: state.patterns.len(),
+            sharded: state.sharded.len(),
+            streams: 0,
             reconnects: 0,
             last_error: None,
         }

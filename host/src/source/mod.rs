@@ -7,11 +7,17 @@
 //! unsubscribes what is gone (see [`crate::router`] for why the order matters).
 //!
 //! - [`redis`]: a real Redis server over one RESP3 connection, reconnecting with backoff.
+//! - [`cluster`]: a Redis Cluster, through the cluster client's connections (sharded channels
+//!   on the shard owning their slot).
+//! - [`streams`]: consumer-group readers of Redis streams, one per plugin and stream, beside
+//!   either of the above.
 //! - [`embedded`]: an in-process broker with Redis's pub/sub semantics, for the demo and for
 //!   running plugins offline.
 
+pub mod cluster;
 pub mod embedded;
 pub mod redis;
+pub mod streams;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,21 +34,30 @@ pub enum Subscription {
     Channel(Bytes),
     /// A Redis glob pattern (`PSUBSCRIBE`).
     Pattern(Bytes),
+    /// A sharded channel (`SSUBSCRIBE`), served by the shard owning its slot.
+    Sharded(Bytes),
+    /// A stream read through a consumer group (`XREADGROUP`); see [`streams`].
+    Stream(Bytes),
 }
 
 impl Subscription {
-    /// The channel name or pattern.
+    /// The channel name, pattern or stream key.
     pub fn name(&self) -> &Bytes {
         match self {
-            Subscription::Channel(name) | Subscription::Pattern(name) => name,
+            Subscription::Channel(name)
+            | Subscription::Pattern(name)
+            | Subscription::Sharded(name)
+            | Subscription::Stream(name) => name,
         }
     }
 
-    /// `channel` or `pattern`.
+    /// `channel`, `pattern`, `sharded` or `stream`.
     pub fn kind(&self) -> &'static str {
         match self {
             Subscription::Channel(_) => "channel",
             Subscription::Pattern(_) => "pattern",
+            Subscription::Sharded(_) => "sharded",
+            Subscription::Stream(_) => "stream",
         }
     }
 }
@@ -66,6 +81,8 @@ pub enum Via {
     Channel,
     /// The connection's `PSUBSCRIBE` to this pattern.
     Pattern(Bytes),
+    /// The connection's `SSUBSCRIBE` to the message's channel.
+    Sharded,
 }
 
 /// One message as a source received it.
@@ -90,6 +107,10 @@ pub struct SourceStatus {
     pub channels: usize,
     /// Patterns subscribed.
     pub patterns: usize,
+    /// Sharded channels subscribed.
+    pub sharded: usize,
+    /// Streams read through consumer groups.
+    pub streams: usize,
     /// Times the connection was re-established after a loss.
     pub reconnects: u64,
     /// The last connection error, if the connection is down.
@@ -99,34 +120,51 @@ pub struct SourceStatus {
 /// The subscriber side of a broker.
 #[derive(Clone)]
 pub enum Source {
-    /// A Redis server.
-    Redis(redis::RedisSource),
+    /// A Redis server, and the readers of plugins' streams on it.
+    Redis(redis::RedisSource, Arc<streams::StreamReaders>),
+    /// A Redis Cluster, and the readers of plugins' streams on it.
+    Cluster(cluster::ClusterSource, Arc<streams::StreamReaders>),
     /// The in-process broker.
     Embedded(Arc<embedded::EmbeddedBroker>),
 }
 
 impl Source {
     /// Makes `subscriptions` the subscribed set and `table` the routing table, without losing
-    /// or duplicating a message for any plugin present in both the old and the new table.
-    /// Returns once the new table routes messages.
+    /// or duplicating a message for any plugin present in both the old and the new table,
+    /// and reads exactly the table's streams. Returns once the new table routes messages.
     pub async fn update(
         &self,
         subscriptions: BTreeSet<Subscription>,
         table: RoutingTable,
     ) -> anyhow::Result<()> {
         match self {
-            Source::Redis(source) => source.update(subscriptions, table).await,
+            Source::Redis(source, streams) => {
+                streams.update(table.streams());
+                source.update(subscriptions, table).await
+            }
+            Source::Cluster(source, streams) => {
+                streams.update(table.streams());
+                source.update(subscriptions, table).await
+            }
             Source::Embedded(broker) => {
+                for target in table.streams() {
+                    tracing::warn!(
+                        plugin = %target.inbox.plugin(),
+                        stream = %String::from_utf8_lossy(&target.key),
+                        "streams need a Redis server; the in-process broker has none"
+                    );
+                }
                 broker.update(subscriptions, table);
                 Ok(())
             }
         }
     }
 
-    /// `redis` or `embedded`, for metric labels.
+    /// `redis`, `cluster` or `embedded`, for metric labels.
     pub fn kind(&self) -> &'static str {
         match self {
-            Source::Redis(_) => "redis",
+            Source::Redis(..) => "redis",
+            Source::Cluster(..) => "cluster",
             Source::Embedded(_) => "embedded",
         }
     }
@@ -134,8 +172,22 @@ impl Source {
     /// The connection's current state.
     pub fn status(&self) -> SourceStatus {
         match self {
-            Source::Redis(source) => source.status(),
+            Source::Redis(source, streams) => SourceStatus {
+                streams: streams.count(),
+                ..source.status()
+            },
+            Source::Cluster(source, streams) => SourceStatus {
+                streams: streams.count(),
+                ..source.status()
+            },
             Source::Embedded(broker) => broker.status(),
+        }
+    }
+
+    /// Stops the stream readers, after each has acknowledged what its plugin handled.
+    pub async fn stop_streams(&self) {
+        if let Source::Redis(_, streams) | Source::Cluster(_, streams) = self {
+            streams.stop().await;
         }
     }
 }

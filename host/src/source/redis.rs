@@ -189,7 +189,7 @@ impl Control {
         let router = self.router.clone();
         let on_push = move |push: PushInfo| {
             match push.kind {
-                PushKind::Message | PushKind::PMessage => {
+                PushKind::Message | PushKind::PMessage | PushKind::SMessage => {
                     if let Some(delivery) = delivery(push) {
                         router.deliver(delivery);
                     }
@@ -335,14 +335,9 @@ impl Control {
     }
 
     fn report_subscribed(&self, active: &BTreeSet<Subscription>) {
-        let channels = active
-            .iter()
-            .filter(|s| matches!(s, Subscription::Channel(_)))
-            .count();
         self.set_status(|s| {
             s.connected = true;
-            s.channels = channels;
-            s.patterns = active.len() - channels;
+            count_subscriptions(s, active);
             s.last_error = None;
         });
     }
@@ -352,26 +347,42 @@ impl Control {
     }
 }
 
-/// (Un)subscribes `set` in batches, channels and patterns with their own commands.
+/// Sets the channel, pattern and sharded counts of `status` from `active`.
+pub(super) fn count_subscriptions(status: &mut SourceStatus, active: &BTreeSet<Subscription>) {
+    let count = |kind: &str| active.iter().filter(|s| s.kind() == kind).count();
+    status.channels = count("channel");
+    status.patterns = count("pattern");
+    status.sharded = count("sharded");
+}
+
+/// The names of `set`'s subscriptions of one kind.
+pub(super) fn names_of<'a>(set: &'a BTreeSet<Subscription>, kind: &str) -> Vec<&'a [u8]> {
+    set.iter()
+        .filter(|s| s.kind() == kind)
+        .map(|s| s.name().as_ref())
+        .collect()
+}
+
+/// (Un)subscribes `set` in batches, channels, patterns and sharded channels with their own
+/// commands.
 async fn subscribe(
     connection: &mut MultiplexedConnection,
     set: &BTreeSet<Subscription>,
     on: bool,
 ) -> anyhow::Result<()> {
-    let channels: Vec<&[u8]> = set
-        .iter()
-        .filter_map(|s| match s {
-            Subscription::Channel(name) => Some(name.as_ref()),
-            Subscription::Pattern(_) => None,
-        })
-        .collect();
-    let patterns: Vec<&[u8]> = set
-        .iter()
-        .filter_map(|s| match s {
-            Subscription::Pattern(name) => Some(name.as_ref()),
-            Subscription::Channel(_) => None,
-        })
-        .collect();
+    let channels = names_of(set, "channel");
+    let patterns = names_of(set, "pattern");
+    // One server owns every slot: sharded channels are subscribed like the others, one per
+    // command (the client has no typed SSUBSCRIBE outside cluster mode, and a raw command
+    // expects one confirmation).
+    for name in names_of(set, "sharded") {
+        let command = if on { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" };
+        redis::cmd(command)
+            .arg(name)
+            .exec_async(connection)
+            .await
+            .map_err(|e| anyhow::anyhow!("{command} failed: {e}"))?;
+    }
     for batch in channels.chunks(SUBSCRIBE_BATCH) {
         let result = if on {
             connection.subscribe(batch).await
@@ -393,8 +404,9 @@ async fn subscribe(
     Ok(())
 }
 
-/// Turns a `message` or `pmessage` push into a delivery, taking Redis's buffers as they are.
-fn delivery(push: PushInfo) -> Option<Delivery> {
+/// Turns a `message`, `pmessage` or `smessage` push into a delivery, taking Redis's buffers
+/// as they are.
+pub(super) fn delivery(push: PushInfo) -> Option<Delivery> {
     let received_at = SystemTime::now();
     let mut data = push.data.into_iter().map(|value| match value {
         Value::BulkString(bytes) => Some(Bytes::from(bytes)),
@@ -403,6 +415,7 @@ fn delivery(push: PushInfo) -> Option<Delivery> {
     });
     let via = match push.kind {
         PushKind::PMessage => Via::Pattern(data.next()??),
+        PushKind::SMessage => Via::Sharded,
         _ => Via::Channel,
     };
     let channel = data.next()??;
@@ -417,6 +430,6 @@ fn delivery(push: PushInfo) -> Option<Delivery> {
 
 /// `base` give or take 20%, so that many hosts losing the same Redis do not all come back in
 /// the same millisecond.
-fn jittered(base: Duration) -> Duration {
+pub(super) fn jittered(base: Duration) -> Duration {
     base.mul_f64(rand::rng().random_range(0.8..1.2))
 }

@@ -76,12 +76,13 @@ impl Instance {
     pub fn handle(&mut self, envelope: Envelope) -> Result<(), CallError> {
         let message = Message {
             channel: String::from_utf8_lossy(&envelope.channel).into_owned(),
-            subscription: match &envelope.subscription {
-                Subscription::Channel(name) => {
-                    types::Subscription::Channel(String::from_utf8_lossy(name).into_owned())
-                }
-                Subscription::Pattern(name) => {
-                    types::Subscription::Pattern(String::from_utf8_lossy(name).into_owned())
+            subscription: {
+                let name = String::from_utf8_lossy(envelope.subscription.name()).into_owned();
+                match &envelope.subscription {
+                    Subscription::Channel(_) => types::Subscription::Channel(name),
+                    Subscription::Pattern(_) => types::Subscription::Pattern(name),
+                    Subscription::Sharded(_) => types::Subscription::Sharded(name),
+                    Subscription::Stream(_) => types::Subscription::Stream(name),
                 }
             },
             // Without a copy when this plugin holds the only reference to Redis's buffer (the
@@ -91,7 +92,16 @@ impl Instance {
                 .received_at
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            entry_id: None,
+            entry_id: envelope.entry.as_ref().map(|e| e.id.clone()),
+            fields: envelope
+                .entry
+                .map(|e| {
+                    e.fields
+                        .into_iter()
+                        .map(|(name, value)| (name, Vec::from(value)))
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         self.arm();
         match self

@@ -38,6 +38,7 @@ use bytes::Bytes;
 use crate::PluginName;
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
+use crate::source::streams::{StreamEntry, StreamStats};
 use breaker::{Breaker, BreakerPolicy};
 use instance::{CallError, Instance};
 use queue::{Queue, Shed, WhenFull};
@@ -53,6 +54,8 @@ pub struct Envelope {
     pub payload: Bytes,
     /// When the source read it.
     pub received_at: SystemTime,
+    /// For a stream entry: its id, its fields, and the ticket its reader awaits.
+    pub entry: Option<StreamEntry>,
 }
 
 /// How long `handle` calls take, for `switchyard_plugin_handle_seconds`.
@@ -74,6 +77,8 @@ impl Default for HandleTimes {
 pub struct PluginStats {
     /// Duration of every `handle` call.
     pub handle_times: HandleTimes,
+    /// What its stream readers did.
+    pub streams: Arc<StreamStats>,
     accepted: AtomicU64,
     shed: AtomicU64,
     handled: AtomicU64,
@@ -117,6 +122,14 @@ pub struct StatsSnapshot {
     pub parked_until_ms: Option<u64>,
     /// The most recent failure.
     pub last_error: Option<String>,
+    /// Stream entries acknowledged after `handle` succeeded.
+    pub stream_acked: u64,
+    /// Stream entries scheduled for another delivery after a failure (or while parked).
+    pub stream_retried: u64,
+    /// Stream entries moved to the dead-letter stream.
+    pub stream_dead_lettered: u64,
+    /// Stream entries claimed from other consumers that left them idle.
+    pub stream_claimed: u64,
 }
 
 impl PluginStats {
@@ -146,6 +159,10 @@ impl PluginStats {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            stream_acked: self.streams.acked.load(Ordering::Relaxed),
+            stream_retried: self.streams.retried.load(Ordering::Relaxed),
+            stream_dead_lettered: self.streams.dead_lettered.load(Ordering::Relaxed),
+            stream_claimed: self.streams.claimed.load(Ordering::Relaxed),
         }
     }
 
@@ -282,6 +299,38 @@ impl Inbox {
         }
     }
 
+    /// Queues a stream entry, even beyond the queue's capacity (its reader bounds what it
+    /// has in flight). Returns false if the plugin has stopped; the entry's ticket then
+    /// reports it as not handled.
+    pub fn offer_entry(&self, envelope: Envelope) -> bool {
+        let queued = self.queue.push_beyond_capacity(envelope).is_ok();
+        if queued {
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        }
+        queued
+    }
+
+    /// The plugin's name.
+    pub fn plugin(&self) -> &PluginName {
+        &self.plugin
+    }
+
+    /// The plugin's counters.
+    pub fn stats(&self) -> &Arc<PluginStats> {
+        &self.stats
+    }
+
+    /// Whether this and `other` feed the same queue (the same plugin, not reloaded from
+    /// scratch in between).
+    pub fn same_queue(&self, other: &Inbox) -> bool {
+        Arc::ptr_eq(&self.queue, &other.queue)
+    }
+
+    /// Whether the plugin has stopped taking messages.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
     /// Messages waiting.
     pub fn depth(&self) -> usize {
         self.queue.len()
@@ -338,7 +387,10 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, queue: &Queue) {
-        while let Some(envelope) = queue.pop() {
+        while let Some(mut envelope) = queue.pop() {
+            // A stream entry's ticket reports the outcome; dropped unfinished (the plugin
+            // parked), it reports the entry as not handled.
+            let ticket = envelope.entry.as_mut().map(|e| e.ticket.take());
             let version = self.current.load_full();
             if !self
                 .version
@@ -360,7 +412,11 @@ impl Worker {
                 continue;
             }
             self.stats.parked_until_ms.store(0, Ordering::Relaxed);
-            let (ok, finished) = self.handle(&version, envelope, now);
+            let (outcome, finished) = self.handle(&version, envelope, now);
+            let ok = outcome.is_ok();
+            if let Some(ticket) = ticket {
+                ticket.finish(outcome, &version.hash);
+            }
             if let Some(backoff) = self.breaker.record(ok, finished) {
                 self.stats.parks.fetch_add(1, Ordering::Relaxed);
                 let until = millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
@@ -372,13 +428,13 @@ impl Worker {
     }
 
     /// Handles one message on a live instance (built if needed), taken from the queue at
-    /// `now`; whether it succeeded, and when it was over.
+    /// `now`; whether it succeeded (or why not), and when it was over.
     fn handle(
         &mut self,
         version: &Arc<LoadedPlugin>,
         envelope: Envelope,
         mut now: Instant,
-    ) -> (bool, Instant) {
+    ) -> (Result<(), String>, Instant) {
         if self.live.is_none() {
             match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
                 Ok(instance) => {
@@ -386,16 +442,16 @@ impl Worker {
                     self.live = Some(instance);
                 }
                 Err(e) => {
-                    self.stats
-                        .record_failure(&self.plugin, format!("cannot instantiate: {e:#}"));
-                    return (false, Instant::now());
+                    let error = format!("cannot instantiate: {e:#}");
+                    self.stats.record_failure(&self.plugin, error.clone());
+                    return (Err(error), Instant::now());
                 }
             }
             // The handle time leaves instantiation out.
             now = Instant::now();
         }
         let Some(instance) = self.live.as_mut() else {
-            return (false, now);
+            return (Err("no instance".to_owned()), now);
         };
         let outcome = instance.handle(envelope);
         let finished = Instant::now();
@@ -403,24 +459,24 @@ impl Worker {
             .handle_times
             .0
             .observe((finished - now).as_secs_f64());
-        let ok = match outcome {
+        let outcome = match outcome {
             Ok(()) => {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
-                true
+                Ok(())
             }
             Err(CallError::Returned(error)) => {
-                self.stats.record_failure(&self.plugin, error);
-                false
+                self.stats.record_failure(&self.plugin, error.clone());
+                Err(error)
             }
             Err(CallError::Trapped(trap)) => {
                 // A trap poisons the store: the next message gets a fresh instance.
                 self.live = None;
-                self.stats
-                    .record_failure(&self.plugin, format!("trapped: {trap}"));
-                false
+                let error = format!("trapped: {trap}");
+                self.stats.record_failure(&self.plugin, error.clone());
+                Err(error)
             }
         };
-        (ok, finished)
+        (outcome, finished)
     }
 }
 

@@ -71,12 +71,22 @@ impl Queue {
 
     /// Queues `envelope`, or sheds according to the policy. Never blocks beyond the lock.
     pub fn push(&self, envelope: Envelope) -> Result<(), Shed> {
+        self.push_inner(envelope, true)
+    }
+
+    /// Queues `envelope` even when the queue is full: for stream entries, whose reader
+    /// bounds what it has in flight itself and must not lose what it read.
+    pub fn push_beyond_capacity(&self, envelope: Envelope) -> Result<(), Shed> {
+        self.push_inner(envelope, false)
+    }
+
+    fn push_inner(&self, envelope: Envelope, bounded: bool) -> Result<(), Shed> {
         let mut state = self.lock();
         if state.closed {
             return Err(Shed::Closed);
         }
         let mut outcome = Ok(());
-        if state.items.len() >= self.capacity {
+        if bounded && state.items.len() >= self.capacity {
             match self.when_full {
                 WhenFull::DropNewest => return Err(Shed::Newest),
                 WhenFull::DropOldest => {
@@ -122,6 +132,11 @@ impl Queue {
         self.ready.notify_all();
     }
 
+    /// Whether the queue refuses pushes.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.lock().items.len()
@@ -146,6 +161,7 @@ mod tests {
         Envelope {
             channel: Bytes::from_static(b"c"),
             subscription: Subscription::Channel(Bytes::from_static(b"c")),
+            entry: None,
             payload: Bytes::from(vec![n]),
             received_at: SystemTime::now(),
         }

@@ -173,6 +173,22 @@ impl PluginInfo {
         self
     }
 
+    /// Subscribes to one sharded channel (`SSUBSCRIBE`); on a Redis Cluster it is served
+    /// by the shard owning its slot.
+    pub fn sharded(mut self, channel: impl Into<String>) -> Self {
+        self.subscriptions
+            .push(Subscription::Sharded(channel.into()));
+        self
+    }
+
+    /// Reads a Redis stream through a consumer group: every entry is handled at least once
+    /// by one of the hosts sharing the group. Use [`Message::entry_id`] as the idempotency
+    /// key.
+    pub fn stream(mut self, key: impl Into<String>) -> Self {
+        self.subscriptions.push(Subscription::Stream(key.into()));
+        self
+    }
+
     /// Asks for permission to publish on channels matching a Redis glob pattern.
     pub fn publishes(mut self, pattern: impl Into<String>) -> Self {
         self.capabilities.publish.push(pattern.into());
@@ -193,10 +209,13 @@ impl PluginInfo {
 }
 
 impl Subscription {
-    /// The channel name or pattern, as subscribed.
+    /// The channel name, pattern or stream key, as subscribed.
     pub fn name(&self) -> &str {
         match self {
-            Subscription::Channel(name) | Subscription::Pattern(name) => name,
+            Subscription::Channel(name)
+            | Subscription::Pattern(name)
+            | Subscription::Sharded(name)
+            | Subscription::Stream(name) => name,
         }
     }
 }
@@ -205,6 +224,15 @@ impl Message {
     /// The part of the channel after `prefix`, if the channel starts with it.
     pub fn channel_suffix(&self, prefix: &str) -> Option<&str> {
         self.channel.strip_prefix(prefix)
+    }
+
+    /// The value of the stream entry's field `name` (the first, if repeated); `None` for
+    /// pub/sub messages and for entries without it.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(field, _)| field == name)
+            .map(|(_, value)| value.as_slice())
     }
 
     /// The payload as UTF-8 text, or `Error::Invalid` if it is not.

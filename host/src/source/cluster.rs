@@ -1,0 +1,346 @@
+//! The Redis Cluster source: the cluster client's RESP3 connections, owned by a control task.
+//!
+//! Exact channels and patterns work cluster-wide: a `PUBLISH` on any node reaches the
+//! subscribers of every node, so they are subscribed once, on whichever node the client
+//! picks. Sharded channels (`SSUBSCRIBE`) are carried only by the shard owning the channel's
+//! slot; the client subscribes each on that shard's primary, one channel per command (a
+//! command spanning slots fails with CROSSSLOT).
+//!
+//! The client keeps track of the subscriptions it confirmed and makes them again when a
+//! node's connection is lost, when a replica is promoted, and when a slot moves, so the
+//! control task only applies changes (subscribe the new, barrier, unsubscribe the gone, as
+//! [`super::redis`] does) and watches health: a `PING` to every primary each second, whose
+//! failure turns readiness off until the cluster answers again. Messages published on a
+//! shard while it had no reachable primary are lost (pub/sub is at-most-once).
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionLike as _;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::redis::{
+    BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, count_subscriptions, delivery, jittered, names_of,
+};
+use super::{SourceStatus, Subscription};
+use crate::config::RedisConfig;
+use crate::router::{Router, RoutingTable};
+
+/// How often the control task checks that every primary answers.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a failed update keeps retrying (a failover takes a few seconds) before it
+/// reports the error.
+const UPDATE_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Handle to the cluster source's control task.
+#[derive(Clone)]
+pub struct ClusterSource {
+    commands: mpsc::Sender<Update>,
+    status: Arc<Mutex<SourceStatus>>,
+}
+
+struct Update {
+    subscriptions: BTreeSet<Subscription>,
+    table: RoutingTable,
+    done: oneshot::Sender<anyhow::Result<()>>,
+}
+
+impl ClusterSource {
+    /// Starts the control task on the cluster reached through `seeds`. It connects
+    /// (retrying until a seed answers) and keeps the subscriptions until `shutdown`.
+    pub fn start(
+        config: &RedisConfig,
+        seeds: &[String],
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let deliver = router.clone();
+        let on_push = move |push: PushInfo| {
+            if matches!(
+                push.kind,
+                PushKind::Message | PushKind::PMessage | PushKind::SMessage
+            ) && let Some(delivery) = delivery(push)
+            {
+                deliver.deliver(delivery);
+            }
+            Ok::<(), Infallible>(())
+        };
+        let client = config.cluster_client(seeds, Some(on_push))?;
+        let (commands, updates) = mpsc::channel(16);
+        let status = Arc::new(Mutex::new(SourceStatus::default()));
+        let control = Control {
+            client,
+            router,
+            status: status.clone(),
+            desired: BTreeSet::new(),
+            active: BTreeSet::new(),
+        };
+        let task = tokio::spawn(control.run(updates, shutdown));
+        Ok((Self { commands, status }, task))
+    }
+
+    /// See [`super::Source::update`].
+    pub async fn update(
+        &self,
+        subscriptions: BTreeSet<Subscription>,
+        table: RoutingTable,
+    ) -> anyhow::Result<()> {
+        let (done, result) = oneshot::channel();
+        self.commands
+            .send(Update {
+                subscriptions,
+                table,
+                done,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the cluster source has stopped"))?;
+        result
+            .await
+            .map_err(|_| anyhow::anyhow!("the cluster source stopped during an update"))?
+    }
+
+    /// The connection's current state.
+    pub fn status(&self) -> SourceStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+struct Control {
+    client: redis::cluster::ClusterClient,
+    router: Arc<Router>,
+    status: Arc<Mutex<SourceStatus>>,
+    desired: BTreeSet<Subscription>,
+    /// What the client has confirmed (and resubscribes by itself after losses).
+    active: BTreeSet<Subscription>,
+}
+
+impl Control {
+    async fn run(mut self, mut updates: mpsc::Receiver<Update>, shutdown: CancellationToken) {
+        let mut connection = match self.connect(&mut updates, &shutdown).await {
+            Some(connection) => connection,
+            None => return,
+        };
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                update = updates.recv() => {
+                    let Some(update) = update else { return };
+                    let result = self
+                        .apply_patiently(&mut connection, update.subscriptions, update.table, &shutdown)
+                        .await;
+                    let _ = update.done.send(result);
+                }
+                _ = health.tick() => {
+                    let pong = connection.req_packed_command(&redis::cmd("PING")).await;
+                    match (pong, down_since) {
+                        (Ok(_), Some(since)) => {
+                            down_since = None;
+                            tracing::warn!(
+                                outage = ?since.elapsed(),
+                                "every cluster primary answers again; messages published on an unreachable shard meanwhile were not received"
+                            );
+                            self.set_status(|s| {
+                                s.connected = true;
+                                s.reconnects += 1;
+                                s.last_error = None;
+                            });
+                        }
+                        (Err(e), None) => {
+                            down_since = Some(Instant::now());
+                            tracing::error!("a Redis Cluster primary does not answer: {e}");
+                            self.set_status(|s| {
+                                s.connected = false;
+                                s.last_error = Some(e.to_string());
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects with backoff, accepting updates meanwhile (they take effect at once:
+    /// nothing is delivered yet), then subscribes the barrier channel and the desired set.
+    async fn connect(
+        &mut self,
+        updates: &mut mpsc::Receiver<Update>,
+        shutdown: &CancellationToken,
+    ) -> Option<ClusterConnection> {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let attempt = async {
+                let mut connection = self.client.get_async_connection().await?;
+                connection
+                    .subscribe(self.router.barrier_channel().as_ref())
+                    .await?;
+                Ok::<_, redis::RedisError>(connection)
+            };
+            let failure = tokio::select! {
+                () = shutdown.cancelled() => return None,
+                connected = attempt => match connected {
+                    Ok(mut connection) => {
+                        let desired = self.desired.clone();
+                        match subscribe(&mut connection, &desired, true).await {
+                            Ok(()) => {
+                                self.active = desired;
+                                self.router.apply_now(None);
+                                self.report_subscribed();
+                                tracing::info!(subscriptions = self.active.len(), "subscribed to the Redis Cluster");
+                                return Some(connection);
+                            }
+                            Err(e) => e.to_string(),
+                        }
+                    }
+                    Err(e) => e.to_string(),
+                },
+            };
+            self.set_status(|s| {
+                s.connected = false;
+                s.last_error = Some(failure.clone());
+            });
+            let wait = jittered(backoff);
+            tracing::warn!(retry_in = ?wait, "cannot subscribe to the Redis Cluster: {failure}");
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let until = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep_until(until) => break,
+                    update = updates.recv() => {
+                        let Some(update) = update else { return None };
+                        self.desired = update.subscriptions;
+                        self.router.apply_now(Some(update.table));
+                        let _ = update.done.send(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`Self::apply`], retried while a failover settles.
+    async fn apply_patiently(
+        &mut self,
+        connection: &mut ClusterConnection,
+        wanted: BTreeSet<Subscription>,
+        table: RoutingTable,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.desired = wanted;
+        let barrier = self.router.stage(table);
+        let started = Instant::now();
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let added: BTreeSet<_> = self.desired.difference(&self.active).cloned().collect();
+            match subscribe(connection, &added, true).await {
+                Ok(()) => {
+                    self.active.extend(added);
+                    break;
+                }
+                Err(e) if started.elapsed() < UPDATE_PATIENCE && !shutdown.is_cancelled() => {
+                    tracing::warn!("cluster subscribe failed, retrying: {e}");
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(e) => {
+                    // The new table still takes over: it routes what does arrive.
+                    self.router.apply_now(None);
+                    return Err(e);
+                }
+            }
+        }
+
+        let published = connection
+            .req_packed_command(
+                redis::cmd("PUBLISH")
+                    .arg(barrier.channel.as_ref())
+                    .arg(barrier.payload.as_ref()),
+            )
+            .await;
+        let switched = published.is_ok()
+            && tokio::time::timeout(BARRIER_TIMEOUT, barrier.applied)
+                .await
+                .is_ok();
+        if !switched {
+            tracing::warn!("routing barrier did not come back; switching tables now");
+            self.router.apply_now(None);
+        }
+
+        let removed: BTreeSet<_> = self.active.difference(&self.desired).cloned().collect();
+        if let Err(e) = subscribe(connection, &removed, false).await {
+            // Harmless: what arrives for them is routed to no one.
+            tracing::warn!("cluster unsubscribe failed: {e}");
+        }
+        for subscription in &removed {
+            self.active.remove(subscription);
+        }
+        self.report_subscribed();
+        Ok(())
+    }
+
+    fn report_subscribed(&self) {
+        let active = &self.active;
+        self.set_status(|s| {
+            s.connected = true;
+            count_subscriptions(s, active);
+            s.last_error = None;
+        });
+    }
+
+    fn set_status(&self, change: impl FnOnce(&mut SourceStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// (Un)subscribes `set`: channels and patterns in one command each, sharded channels one
+/// per command (each goes to the shard owning its slot).
+async fn subscribe(
+    connection: &mut ClusterConnection,
+    set: &BTreeSet<Subscription>,
+    on: bool,
+) -> anyhow::Result<()> {
+    let prefix = if on { "" } else { "UN" };
+    let channels = names_of(set, "channel");
+    if !channels.is_empty() {
+        let result = if on {
+            connection.subscribe(&channels).await
+        } else {
+            connection.unsubscribe(&channels).await
+        };
+        result.map_err(|e| anyhow::anyhow!("{prefix}SUBSCRIBE failed: {e}"))?;
+    }
+    let patterns = names_of(set, "pattern");
+    if !patterns.is_empty() {
+        let result = if on {
+            connection.psubscribe(&patterns).await
+        } else {
+            connection.punsubscribe(&patterns).await
+        };
+        result.map_err(|e| anyhow::anyhow!("P{prefix}SUBSCRIBE failed: {e}"))?;
+    }
+    for name in names_of(set, "sharded") {
+        let result = if on {
+            connection.ssubscribe(name).await
+        } else {
+            connection.sunsubscribe(name).await
+        };
+        result.map_err(|e| {
+            anyhow::anyhow!(
+                "S{prefix}SUBSCRIBE {} failed: {e}",
+                String::from_utf8_lossy(name)
+            )
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! Streams through consumer groups on a real Redis: hosts sharing a group, retries and the
+//! dead-letter stream, and work a dead consumer left behind.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use serde_json::Value;
+use switchyard_tests::redis::{RedisServer, Subscriber};
+use switchyard_tests::{TestHost, eventually, plugins};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An echo manifest reading `stream` (and reporting on `reply`), with `extra` TOML appended
+/// to its `[config]` table and `stream_table` as its `[stream]` table.
+fn stream_echo(stream: &str, reply: &str, tag: &str, extra: &str, stream_table: &str) -> String {
+    format!(
+        "[grants]\npublish = [{reply:?}]\n[stream]\n{stream_table}\n[config]\nstreams = [{stream:?}]\nreply = {reply:?}\ntag = {tag:?}\n{extra}\n"
+    )
+}
+
+fn host_config(consumer: &str) -> String {
+    format!("[streams]\nconsumer = {consumer:?}\nbatch = 16\nblock_ms = 200\nstart = \"all\"\n")
+}
+
+/// Pending entries of `group` on `stream` (XPENDING summary).
+async fn pending(redis: &RedisServer, stream: &str, group: &str) -> anyhow::Result<u64> {
+    let mut connection = redis.connection().await?;
+    let summary: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(&mut connection)
+        .await?;
+    match summary {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => Ok(u64::try_from(*n)?),
+            other => anyhow::bail!("unexpected XPENDING reply {other:?}"),
+        },
+        other => anyhow::bail!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+fn report(payload: &[u8]) -> anyhow::Result<Value> {
+    Ok(serde_json::from_slice(payload)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_a_consumer_group_and_handle_every_entry_once() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
+    let mut hosts = Vec::new();
+    for pod in ["pod-a", "pod-b"] {
+        let manifest = stream_echo("orders", "handled", pod, "", "");
+        hosts.push(
+            TestHost::start_configured(
+                &redis,
+                &host_config(pod),
+                &[("echo", plugins::ECHO, Some(&manifest))],
+            )
+            .await?,
+        );
+    }
+
+    const ENTRIES: usize = 2000;
+    let mut connection = redis.connection().await?;
+    let mut added = BTreeSet::new();
+    for i in 0..ENTRIES {
+        let id: String = connection
+            .xadd(
+                "orders",
+                "*",
+                &[("payload", format!("order-{i}")), ("n", i.to_string())],
+            )
+            .await?;
+        added.insert(id);
+    }
+
+    let mut by_host: BTreeMap<String, usize> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for message in reports.take(ENTRIES, WAIT).await? {
+        let report = report(&message.payload)?;
+        let id = report["entry_id"].as_str().unwrap_or_default().to_owned();
+        assert!(seen.insert(id.clone()), "entry {id} handled twice");
+        assert_eq!(report["subscription"], "stream:orders");
+        assert_eq!(report["fields"], serde_json::json!(["payload", "n"]));
+        assert!(
+            report["payload"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("order-")
+        );
+        *by_host
+            .entry(report["tag"].as_str().unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(seen, added, "every entry handled");
+    assert!(
+        reports
+            .drain_for(Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "nothing handled twice"
+    );
+    assert_eq!(by_host.len(), 2, "both hosts took a share: {by_host:?}");
+    eventually(WAIT, || async {
+        anyhow::ensure!(pending(&redis, "orders", "echo").await? == 0);
+        Ok(())
+    })
+    .await?;
+    let acked: u64 = futures::future::try_join_all(hosts.iter().map(|h| h.plugin("echo")))
+        .await?
+        .into_iter()
+        .map(|p| p.map_or(0, |p| p["stats"]["stream_acked"].as_u64().unwrap_or(0)))
+        .sum();
+    assert_eq!(acked, ENTRIES as u64);
+    for host in hosts {
+        host.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_entry_is_retried_then_moved_to_the_dead_letter_stream() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
+    let manifest = stream_echo(
+        "jobs",
+        "handled",
+        "one",
+        "fail_on = \"poison\"",
+        "max_deliveries = 3\nretry_backoff_ms = 50",
+    );
+    let host = TestHost::start_configured(
+        &redis,
+        &host_config("pod-a"),
+        &[("echo", plugins::ECHO, Some(&manifest))],
+    )
+    .await?;
+
+    let mut connection = redis.connection().await?;
+    let mut ids = Vec::new();
+    for payload in ["fine-1", "poison pill", "fine-2"] {
+        let id: String = connection
+            .xadd("jobs", "*", &[("payload", payload), ("origin", "test")])
+            .await?;
+        ids.push(id);
+    }
+    let handled: BTreeSet<String> = reports
+        .take(2, WAIT)
+        .await?
+        .iter()
+        .map(|m| report(&m.payload).map(|r| r["payload"].as_str().unwrap_or("").to_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(handled, BTreeSet::from(["fine-1".into(), "fine-2".into()]));
+
+    let dead = eventually(WAIT, || async {
+        let mut connection = redis.connection().await?;
+        let dead: redis::streams::StreamRangeReply = connection.xrange_all("jobs:dead").await?;
+        anyhow::ensure!(
+            dead.ids.len() == 1,
+            "{} dead-letter entries",
+            dead.ids.len()
+        );
+        Ok(dead.ids.into_iter().next().expect("one entry"))
+    })
+    .await?;
+    let field = |name: &str| -> String {
+        dead.get::<String>(name)
+            .unwrap_or_else(|| panic!("dead-letter entry has no {name}"))
+    };
+    assert_eq!(field("dead.id"), ids[1]);
+    assert_eq!(field("dead.plugin"), "echo");
+    assert_eq!(field("dead.group"), "echo");
+    assert_eq!(field("dead.deliveries"), "3");
+    assert!(
+        field("dead.error").contains("poison"),
+        "{}",
+        field("dead.error")
+    );
+    assert_eq!(field("dead.version").len(), 16);
+    assert_eq!(
+        field("payload"),
+        "poison pill",
+        "the entry's own fields are kept"
+    );
+    assert_eq!(field("origin"), "test");
+
+    eventually(WAIT, || async {
+        anyhow::ensure!(pending(&redis, "jobs", "echo").await? == 0);
+        Ok(())
+    })
+    .await?;
+    let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
+    assert_eq!(stats["stream_dead_lettered"], 1);
+    assert_eq!(
+        stats["stream_retried"], 2,
+        "two retries before the third failure"
+    );
+    assert_eq!(
+        stats["stream_acked"], 3,
+        "the dead-lettered entry is acknowledged too"
+    );
+    assert_eq!(stats["failed"], 3);
+    assert!(
+        reports
+            .drain_for(Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "the poison entry never succeeded"
+    );
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_dead_consumer_left_pending_are_claimed_by_a_live_one() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut connection = redis.connection().await?;
+    // A replica read a batch and died before acknowledging it: its entries stay pending
+    // under its name, and nothing else would ever deliver them.
+    let _: () = connection
+        .xgroup_create_mkstream("payments", "echo", "0")
+        .await?;
+    let mut abandoned = BTreeSet::new();
+    for i in 0..10 {
+        let id: String = connection
+            .xadd("payments", "*", &[("payload", format!("p-{i}"))])
+            .await?;
+        abandoned.insert(id);
+    }
+    let read: redis::streams::StreamReadReply = connection
+        .xread_options(
+            &["payments"],
+            &[">"],
+            &redis::streams::StreamReadOptions::default().group("echo", "crashed-pod"),
+        )
+        .await?;
+    assert_eq!(read.keys[0].ids.len(), 10);
+    assert_eq!(pending(&redis, "payments", "echo").await?, 10);
+
+    let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
+    let manifest = stream_echo("payments", "handled", "survivor", "", "claim_idle_ms = 300");
+    let host = TestHost::start_configured(
+        &redis,
+        &host_config("pod-b"),
+        &[("echo", plugins::ECHO, Some(&manifest))],
+    )
+    .await?;
+    let claimed: BTreeSet<String> = reports
+        .take(10, WAIT)
+        .await?
+        .iter()
+        .map(|m| report(&m.payload).map(|r| r["entry_id"].as_str().unwrap_or("").to_owned()))
+        .collect::<anyhow::Result<_>>()?;
+    assert_eq!(claimed, abandoned);
+    eventually(WAIT, || async {
+        anyhow::ensure!(pending(&redis, "payments", "echo").await? == 0);
+        Ok(())
+    })
+    .await?;
+    let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
+    assert_eq!(stats["stream_claimed"], 10);
+    host.stop().await?;
+    Ok(())
+}
