@@ -124,8 +124,10 @@ impl Host {
                     .get_async_connection()
                     .await
                     .context("cannot connect to the Redis Cluster")?;
-                let streams =
-                    StreamReaders::new(StreamBackend::Cluster(client), stop_source.clone());
+                let streams = StreamReaders::new(
+                    StreamBackend::Cluster(Arc::new(client)),
+                    stop_source.clone(),
+                );
                 (
                     Source::Cluster(source, Arc::new(streams)),
                     Publisher::Cluster(publisher),
@@ -148,8 +150,10 @@ impl Host {
                     stop_source.clone(),
                 )?;
                 tasks.push(task);
-                let streams =
-                    StreamReaders::new(StreamBackend::Single(client), stop_source.clone());
+                let streams = StreamReaders::new(
+                    StreamBackend::Single(Arc::new(client)),
+                    stop_source.clone(),
+                );
                 (
                     Source::Redis(source, Arc::new(streams)),
                     Publisher::Redis(publisher),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use redis::aio::ConnectionLike as _;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::{mpsc, oneshot};
 
@@ -228,21 +227,21 @@ impl Effects {
                 let unlink = redis::Cmd::new().arg("UNLINK").arg(keys).to_owned();
                 self.block_on(within, async move {
                     // The cluster client splits the keys by shard and adds up the answers.
-                    let removed: u32 = redis::from_redis_value(
-                        connection
-                            .req_packed_command(&unlink)
-                            .await
-                            .map_err(|e| EffectError::Unavailable(format!("UNLINK failed: {e}")))?,
-                    )
-                    .map_err(|e| EffectError::Unavailable(format!("UNLINK failed: {e}")))?;
+                    let removed: u32 = unlink
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(|e| EffectError::Unavailable(format!("UNLINK failed: {e}")))?;
                     if let Some((channel, notice)) = &notice {
-                        let publish = redis::cmd("PUBLISH")
+                        redis::cmd("PUBLISH")
                             .arg(channel.as_ref())
                             .arg(notice.as_ref())
-                            .to_owned();
-                        connection.req_packed_command(&publish).await.map_err(|e| {
-                            EffectError::Unavailable(format!("PUBLISH of the notice failed: {e}"))
-                        })?;
+                            .exec_async(&mut connection)
+                            .await
+                            .map_err(|e| {
+                                EffectError::Unavailable(format!(
+                                    "PUBLISH of the notice failed: {e}"
+                                ))
+                            })?;
                     }
                     Ok(removed)
                 })
@@ -432,7 +431,10 @@ impl Wire {
                 for written in futures::future::join_all(writes).await {
                     let (indices, replies) = written.map_err(|e| format!("PUBLISH failed: {e}"))?;
                     for (index, reply) in indices.into_iter().zip(replies) {
-                        counts[index] = redis::from_redis_value(reply).unwrap_or(0);
+                        counts[index] = reply
+                            .extract_error()
+                            .and_then(|reply| Ok(redis::from_redis_value(reply)?))
+                            .map_err(|e| format!("PUBLISH failed: {e}"))?;
                     }
                 }
                 Ok(counts)
@@ -444,8 +446,8 @@ impl Wire {
     async fn ping(&mut self) -> bool {
         let ping = redis::cmd("PING");
         match self {
-            Wire::Single(connection) => connection.req_packed_command(&ping).await.is_ok(),
-            Wire::Cluster(connection) => connection.req_packed_command(&ping).await.is_ok(),
+            Wire::Single(connection) => ping.exec_async(connection).await.is_ok(),
+            Wire::Cluster(connection) => ping.exec_async(connection).await.is_ok(),
         }
     }
 }

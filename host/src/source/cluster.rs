@@ -6,20 +6,26 @@
 //! slot; the client subscribes each on that shard's primary, one channel per command (a
 //! command spanning slots fails with CROSSSLOT).
 //!
-//! The client keeps track of the subscriptions it confirmed and makes them again when a
-//! node's connection is lost, when a replica is promoted, and when a slot moves, so the
-//! control task only applies changes (subscribe the new, barrier, unsubscribe the gone, as
-//! [`super::redis`] does) and watches health: a `PING` to every primary each second, whose
-//! failure turns readiness off until the cluster answers again. Messages published on a
-//! shard while it had no reachable primary are lost (pub/sub is at-most-once).
+//! The client keeps track of the subscriptions it confirmed and makes them again on a node
+//! that comes back, and on the current owners whenever it looks up the cluster's shape. The
+//! control task applies changes (subscribe the new, barrier, unsubscribe the gone, as
+//! [`super::redis`] does) and watches the cluster each second: `CLUSTER INFO` and a `PING`
+//! to every primary decide readiness (a shard without a reachable primary turns it off), and
+//! `CLUSTER SLOTS` shows when the shape changed (a failover, a slot moved). A connection
+//! that only listens sends nothing that would make the client notice a new shape, so on a
+//! change the control task subscribes everything again: the client then finds each
+//! subscription's current owner (a no-op where it already is). Messages published on a shard
+//! while it had no reachable primary are lost (pub/sub is at most once).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionLike as _;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+};
 use redis::{PushInfo, PushKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +39,8 @@ use crate::router::{Router, RoutingTable};
 
 /// How often the control task checks that every primary answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one health check may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a failed update keeps retrying (a failover takes a few seconds) before it
 /// reports the error.
 const UPDATE_PATIENCE: Duration = Duration::from_secs(20);
@@ -79,6 +87,8 @@ impl ClusterSource {
             status: status.clone(),
             desired: BTreeSet::new(),
             active: BTreeSet::new(),
+            shape: None,
+            resubscribe_pending: false,
         };
         let task = tokio::spawn(control.run(updates, shutdown));
         Ok((Self { commands, status }, task))
@@ -120,6 +130,10 @@ struct Control {
     desired: BTreeSet<Subscription>,
     /// What the client has confirmed (and resubscribes by itself after losses).
     active: BTreeSet<Subscription>,
+    /// The primary of every slot range, as last seen.
+    shape: Option<Vec<(i64, i64, String)>>,
+    /// Whether subscribing again after a change of shape has yet to succeed.
+    resubscribe_pending: bool,
 }
 
 impl Control {
@@ -142,13 +156,13 @@ impl Control {
                     let _ = update.done.send(result);
                 }
                 _ = health.tick() => {
-                    let pong = connection.req_packed_command(&redis::cmd("PING")).await;
-                    match (pong, down_since) {
-                        (Ok(_), Some(since)) => {
+                    let checked = self.check_health(&mut connection).await;
+                    match (checked, down_since) {
+                        (Ok(()), Some(since)) => {
                             down_since = None;
                             tracing::warn!(
                                 outage = ?since.elapsed(),
-                                "every cluster primary answers again; messages published on an unreachable shard meanwhile were not received"
+                                "every cluster shard answers again; messages published on an unreachable shard meanwhile were not received"
                             );
                             self.set_status(|s| {
                                 s.connected = true;
@@ -158,16 +172,99 @@ impl Control {
                         }
                         (Err(e), None) => {
                             down_since = Some(Instant::now());
-                            tracing::error!("a Redis Cluster primary does not answer: {e}");
+                            tracing::error!("a Redis Cluster shard does not answer: {e}");
                             self.set_status(|s| {
                                 s.connected = false;
-                                s.last_error = Some(e.to_string());
+                                s.last_error = Some(e);
                             });
                         }
                         _ => {}
                     }
+                    self.follow_topology(&mut connection).await;
                 }
             }
+        }
+    }
+
+    /// Subscribes everything again when the cluster's shape changed (a failover, a slot
+    /// moved): the client moves its subscriptions only when it looks up the shape itself,
+    /// which a connection that only listens may not do for a long time. Asking a node that
+    /// no longer owns a channel is what makes the client look.
+    async fn follow_topology(&mut self, connection: &mut ClusterConnection) {
+        let shape = match tokio::time::timeout(
+            HEALTH_TIMEOUT,
+            connection.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            ),
+        )
+        .await
+        {
+            Ok(Ok(slots)) if !matches!(slots, redis::Value::ServerError(_)) => {
+                primaries_by_slot_range(slots)
+            }
+            _ => return,
+        };
+        if self.shape.as_ref() == Some(&shape) && !self.resubscribe_pending {
+            return;
+        }
+        let changed = self.shape.is_some();
+        self.shape = Some(shape);
+        if !changed && !self.resubscribe_pending {
+            return;
+        }
+        let mut all = self.active.clone();
+        all.insert(Subscription::Channel(self.router.barrier_channel().clone()));
+        match subscribe(connection, &all, true).await {
+            Ok(()) => {
+                tracing::info!(
+                    subscriptions = all.len(),
+                    "the cluster's shape changed; subscriptions confirmed on their current nodes"
+                );
+                self.resubscribe_pending = false;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "the cluster's shape changed; subscribing again failed, will retry: {e}"
+                );
+                self.resubscribe_pending = true;
+            }
+        }
+    }
+
+    /// Asks a node for `CLUSTER INFO` (a shard without a reachable primary makes it
+    /// `cluster_state:fail`) and PINGs every primary the client knows.
+    async fn check_health(&self, connection: &mut ClusterConnection) -> Result<(), String> {
+        let ask = |cmd: redis::Cmd, routing: RoutingInfo| {
+            let mut connection = connection.clone();
+            async move {
+                match tokio::time::timeout(HEALTH_TIMEOUT, connection.route_command(cmd, routing))
+                    .await
+                {
+                    Ok(Ok(value)) => value.extract_error().map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {HEALTH_TIMEOUT:?}")),
+                }
+            }
+        };
+        let info = ask(
+            redis::cmd("CLUSTER").arg("INFO").to_owned(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        );
+        let ping = ask(
+            redis::cmd("PING"),
+            RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            )),
+        );
+        let (info, ping) = tokio::join!(info, ping);
+        ping?;
+        let info: String = redis::from_redis_value(info?).map_err(|e| e.to_string())?;
+        if info.lines().any(|line| line.trim() == "cluster_state:ok") {
+            Ok(())
+        } else {
+            Err("the cluster reports cluster_state:fail (a shard has no reachable primary)".into())
         }
     }
 
@@ -219,7 +316,7 @@ impl Control {
                     () = shutdown.cancelled() => return None,
                     () = tokio::time::sleep_until(until) => break,
                     update = updates.recv() => {
-                        let Some(update) = update else { return None };
+                        let update = update?;
                         self.desired = update.subscriptions;
                         self.router.apply_now(Some(update.table));
                         let _ = update.done.send(Ok(()));
@@ -261,12 +358,10 @@ impl Control {
             }
         }
 
-        let published = connection
-            .req_packed_command(
-                redis::cmd("PUBLISH")
-                    .arg(barrier.channel.as_ref())
-                    .arg(barrier.payload.as_ref()),
-            )
+        let published = redis::cmd("PUBLISH")
+            .arg(barrier.channel.as_ref())
+            .arg(barrier.payload.as_ref())
+            .exec_async(connection)
             .await;
         let switched = published.is_ok()
             && tokio::time::timeout(BARRIER_TIMEOUT, barrier.applied)
@@ -343,4 +438,36 @@ async fn subscribe(
         })?;
     }
     Ok(())
+}
+
+/// `(first slot, last slot, primary address)` of every range in a `CLUSTER SLOTS` reply,
+/// sorted.
+fn primaries_by_slot_range(reply: redis::Value) -> Vec<(i64, i64, String)> {
+    let redis::Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    let mut shape: Vec<_> = ranges
+        .into_iter()
+        .filter_map(|range| {
+            let redis::Value::Array(parts) = range else {
+                return None;
+            };
+            let int = |v: &redis::Value| match v {
+                redis::Value::Int(n) => Some(*n),
+                _ => None,
+            };
+            let (first, last) = (int(parts.first()?)?, int(parts.get(1)?)?);
+            let redis::Value::Array(primary) = parts.get(2)? else {
+                return None;
+            };
+            let host = match primary.first()? {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::SimpleString(s) => s.clone(),
+                _ => return None,
+            };
+            Some((first, last, format!("{host}:{}", int(primary.get(1)?)?)))
+        })
+        .collect();
+    shape.sort();
+    shape
 }

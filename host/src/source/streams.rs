@@ -32,7 +32,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use rand::Rng;
 use redis::Value;
-use redis::aio::ConnectionLike;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -208,23 +207,23 @@ pub struct StreamStats {
 #[derive(Clone)]
 pub enum StreamBackend {
     /// One Redis server.
-    Single(redis::Client),
+    Single(Arc<redis::Client>),
     /// A Redis Cluster.
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Arc<redis::cluster::ClusterClient>),
 }
 
 /// A reader's own connection: a blocking `XREADGROUP` must not hold up anyone else's
 /// commands, so readers share nothing.
 enum Connection {
     Single(redis::aio::MultiplexedConnection),
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(Box<redis::cluster_async::ClusterConnection>),
 }
 
 impl Connection {
     async fn query(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<Value> {
         match self {
-            Connection::Single(c) => c.req_packed_command(cmd).await,
-            Connection::Cluster(c) => c.req_packed_command(cmd).await,
+            Connection::Single(c) => cmd.query_async(c).await,
+            Connection::Cluster(c) => cmd.query_async(c.as_mut()).await,
         }
     }
 }
@@ -247,9 +246,9 @@ impl StreamBackend {
                 let config = redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(Duration::from_secs(5))
                     .set_response_timeout(timeout);
-                Ok(Connection::Cluster(
+                Ok(Connection::Cluster(Box::new(
                     client.get_async_connection_with_config(config).await?,
-                ))
+                )))
             }
         }
     }
