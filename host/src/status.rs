@@ -125,7 +125,7 @@ pub fn render(status: &Value) -> String {
     let source = &status["source"];
     let _ = writeln!(
         out,
-        "host {}: {}; subscriber {} ({} channels, {} patterns, {} reconnects); {} messages received",
+        "host {}: {}; subscriber {} ({} channels, {} patterns, {} sharded, {} streams, {} reconnects); {} messages received",
         status["admin"].as_str().unwrap_or("?"),
         if status["ready"] == true {
             "ready"
@@ -139,6 +139,8 @@ pub fn render(status: &Value) -> String {
         },
         source["channels"],
         source["patterns"],
+        source["sharded"].as_u64().unwrap_or(0),
+        source["streams"].as_u64().unwrap_or(0),
         source["reconnects"],
         status["received"],
     );

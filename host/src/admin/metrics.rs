@@ -30,6 +30,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_plugins_failed",
     "switchyard_plugin_messages",
     "switchyard_plugin_refusals",
+    "switchyard_stream_entries",
     "switchyard_plugin_queue_depth",
     "switchyard_plugin_parked",
     "switchyard_plugin_reloads",
@@ -168,10 +169,12 @@ impl Collector for SwitchyardCollector {
         gauges(
             &mut encoder,
             "switchyard_subscriptions",
-            "Subscriptions on the wire.",
+            "Subscriptions on the wire, and streams read through consumer groups.",
             [
                 (vec![("kind", "channel")], gauge_value(status.channels)),
                 (vec![("kind", "pattern")], gauge_value(status.patterns)),
+                (vec![("kind", "sharded")], gauge_value(status.sharded)),
+                (vec![("kind", "stream")], gauge_value(status.streams)),
             ],
         )?;
         single(
@@ -217,6 +220,27 @@ impl Collector for SwitchyardCollector {
                 .map(|(reason, value)| {
                     (
                         vec![("plugin", plugin.name.as_str()), ("reason", reason)],
+                        value,
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut encoder,
+            "switchyard_stream_entries",
+            "Stream entries per plugin by outcome: acked after handling (or dead-lettering), \
+             retried, dead_lettered (moved to <stream>:dead), claimed (taken over from an idle \
+             consumer).",
+            snapshots.iter().flat_map(|(plugin, stats)| {
+                [
+                    ("acked", stats.stream_acked),
+                    ("retried", stats.stream_retried),
+                    ("dead_lettered", stats.stream_dead_lettered),
+                    ("claimed", stats.stream_claimed),
+                ]
+                .map(|(outcome, value)| {
+                    (
+                        vec![("plugin", plugin.name.as_str()), ("outcome", outcome)],
                         value,
                     )
                 })
