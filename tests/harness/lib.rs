@@ -5,6 +5,7 @@
 //! sleeps: [`eventually`] polls a condition until a deadline and fails with the last
 //! observation.
 
+pub mod cluster;
 pub mod polyglot;
 pub mod redis;
 pub mod tls;

@@ -1,0 +1,307 @@
+//! The host on a real Redis Cluster (three primaries, one replica each): sharded channels on
+//! the shard owning each slot, subscriptions surviving a failover, and streams shared by two
+//! hosts.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use serde_json::Value;
+use switchyard_tests::cluster::RedisCluster;
+use switchyard_tests::{TestHost, copy_plugin, eventually, plugins};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Collects what is published on `channels` anywhere in the cluster, through a cluster
+/// connection (which resubscribes by itself when its node goes away).
+struct Reports {
+    _connection: redis::cluster_async::ClusterConnection,
+    pushes: mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+impl Reports {
+    async fn new(cluster: &RedisCluster, channels: &[&str]) -> anyhow::Result<Self> {
+        let (sender, pushes) = mpsc::unbounded_channel();
+        let client = redis::cluster::ClusterClientBuilder::new(cluster.urls())
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(sender)
+            .build()?;
+        let mut connection = client.get_async_connection().await?;
+        connection.subscribe(channels).await?;
+        Ok(Self {
+            _connection: connection,
+            pushes,
+        })
+    }
+
+    /// The next report (a JSON object published by the echo fixture).
+    async fn next(&mut self, within: Duration) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let push = tokio::time::timeout_at(deadline, self.pushes.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("no report within {within:?}"))?
+                .ok_or_else(|| anyhow::anyhow!("the report connection closed"))?;
+            if push.kind != redis::PushKind::Message {
+                continue;
+            }
+            if let Some(redis::Value::BulkString(payload)) = push.data.last() {
+                return Ok(serde_json::from_slice(payload)?);
+            }
+        }
+    }
+
+    /// Reports until one satisfies `wanted`, within `within`.
+    async fn until(
+        &mut self,
+        within: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let report = self.next(left).await?;
+            if wanted(&report) {
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// An echo manifest: `config` holds the fixture's settings as TOML lines; `publish` is
+/// granted.
+fn echo(publish: &str, config: &str) -> String {
+    format!("[grants]\npublish = [{publish:?}]\n[config]\nreply = {publish:?}\n{config}\n")
+}
+
+fn list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_default()
+}
+
+/// Starts a host on `cluster` with `plugins` (name, manifest) of the echo fixture.
+async fn host(
+    cluster: &RedisCluster,
+    config: &str,
+    plugins: &[(&str, String)],
+) -> anyhow::Result<TestHost> {
+    let url = cluster.seed_url().replace("redis://", "redis+cluster://");
+    let host = TestHost::launch(&url, config, |dir: &Path| {
+        for (name, manifest) in plugins {
+            copy_plugin(dir, name, Path::new(plugins::ECHO), Some(manifest))?;
+        }
+        Ok(())
+    })
+    .await?;
+    host.wait_ready().await?;
+    Ok(host)
+}
+
+async fn spublish(cluster: &RedisCluster, channel: &str, payload: &str) -> anyhow::Result<i64> {
+    let mut connection = cluster.connection().await?;
+    Ok(redis::cmd("SPUBLISH")
+        .arg(channel)
+        .arg(payload)
+        .query_async(&mut connection)
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_channels_are_read_on_their_shards_and_published_with_spublish()
+-> anyhow::Result<()> {
+    let cluster = RedisCluster::start(3, 1).await?;
+    let rooms = cluster.names_on_distinct_primaries("room:", 3).await?;
+    let mut reports = Reports::new(&cluster, &["heard"]).await?;
+    // `rooms` hears every room (one per primary) and republishes on `relay`, which `relay`
+    // subscribes to as sharded: the host must SPUBLISH it, or `relay` never sees it.
+    let host = host(
+        &cluster,
+        "",
+        &[
+            (
+                "rooms",
+                echo(
+                    "relay",
+                    &format!("sharded = {}\ntag = \"rooms\"", list(&rooms)),
+                ),
+            ),
+            (
+                "relay",
+                echo("heard", "sharded = [\"relay\"]\ntag = \"relay\""),
+            ),
+            (
+                "news",
+                echo("heard", "channels = [\"news\"]\ntag = \"news\""),
+            ),
+        ],
+    )
+    .await?;
+    let status = host.get("/readyz").await?.1;
+    assert_eq!(status["source"]["sharded"], 4, "{status}");
+
+    for room in &rooms {
+        assert_eq!(spublish(&cluster, room, "hello").await?, 1, "{room}");
+    }
+    let mut heard = BTreeSet::new();
+    for _ in &rooms {
+        let report = reports.next(WAIT).await?;
+        assert_eq!(report["tag"], "relay");
+        assert_eq!(report["subscription"], "sharded:relay");
+        let inner: Value = serde_json::from_str(report["payload"].as_str().unwrap_or(""))?;
+        assert_eq!(inner["tag"], "rooms");
+        heard.insert(inner["channel"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(heard, rooms.iter().cloned().collect());
+
+    // Exact channels work cluster-wide: published on any node, heard by the host.
+    let mut connection = cluster.connection().await?;
+    let _: i64 = connection.publish("news", "extra").await?;
+    let report = reports.next(WAIT).await?;
+    assert_eq!(report["tag"], "news");
+    assert_eq!(report["payload"], "extra");
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_come_back_after_a_primary_fails_over() -> anyhow::Result<()> {
+    let mut cluster = RedisCluster::start(3, 1).await?;
+    let rooms = cluster.names_on_distinct_primaries("room:", 3).await?;
+    let mut reports = Reports::new(&cluster, &["heard"]).await?;
+    let host = host(
+        &cluster,
+        "",
+        &[
+            (
+                "rooms",
+                echo(
+                    "heard",
+                    &format!("sharded = {}\ntag = \"rooms\"", list(&rooms)),
+                ),
+            ),
+            (
+                "news",
+                echo("heard", "patterns = [\"news:*\"]\ntag = \"news\""),
+            ),
+        ],
+    )
+    .await?;
+    spublish(&cluster, &rooms[0], "before").await?;
+    reports.until(WAIT, |r| r["payload"] == "before").await?;
+
+    let slot = cluster.slot(&rooms[0]).await?;
+    let killed = cluster.fail_primary_of(slot, WAIT).await?;
+    assert_ne!(
+        cluster.primary_of(slot).await?,
+        killed,
+        "a replica took over"
+    );
+
+    // The room's shard has a new primary; the host subscribes there again by itself.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for attempt in 1.. {
+        let payload = format!("after-{attempt}");
+        // During the failover SPUBLISH itself may fail; the host resubscribes once the
+        // cluster has settled.
+        let _ = spublish(&cluster, &rooms[0], &payload).await;
+        let heard = reports
+            .until(Duration::from_millis(500), |r| {
+                r["payload"] == payload.as_str()
+            })
+            .await;
+        if heard.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the room on the failed-over shard stayed silent for {WAIT:?}"
+        );
+    }
+    // The other rooms and the pattern never stopped working.
+    for room in &rooms[1..] {
+        spublish(&cluster, room, room).await?;
+        reports
+            .until(WAIT, |r| r["payload"] == room.as_str())
+            .await?;
+    }
+    let mut connection = cluster.connection().await?;
+    let _: i64 = connection.publish("news:today", "still here").await?;
+    reports
+        .until(WAIT, |r| r["payload"] == "still here")
+        .await?;
+    host.wait_ready().await?;
+
+    // The old primary comes back as a replica; nothing changes for the host.
+    cluster.restart(killed).await?;
+    cluster.wait_healthy(WAIT).await?;
+    spublish(&cluster, &rooms[0], "rejoined").await?;
+    reports.until(WAIT, |r| r["payload"] == "rejoined").await?;
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hosts_share_streams_on_different_shards() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start(3, 1).await?;
+    let streams = cluster.names_on_distinct_primaries("orders:", 2).await?;
+    let mut reports = Reports::new(&cluster, &["handled"]).await?;
+    let mut hosts = Vec::new();
+    for pod in ["pod-a", "pod-b"] {
+        let config =
+            format!("[streams]\nconsumer = {pod:?}\nbatch = 8\nblock_ms = 200\nstart = \"all\"\n");
+        let manifest = echo(
+            "handled",
+            &format!("streams = {}\ntag = {pod:?}", list(&streams)),
+        );
+        hosts.push(host(&cluster, &config, &[("workers", manifest)]).await?);
+    }
+
+    const PER_STREAM: usize = 150;
+    let mut connection = cluster.connection().await?;
+    let mut added = BTreeSet::new();
+    for i in 0..PER_STREAM {
+        for stream in &streams {
+            let id: String = connection
+                .xadd(stream, "*", &[("payload", format!("{stream}-{i}"))])
+                .await?;
+            added.insert((stream.clone(), id));
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut tags = BTreeSet::new();
+    while seen.len() < added.len() {
+        let report = reports.next(WAIT).await?;
+        let key = (
+            report["channel"].as_str().unwrap_or("").to_owned(),
+            report["entry_id"].as_str().unwrap_or("").to_owned(),
+        );
+        assert!(seen.insert(key.clone()), "{key:?} handled twice");
+        tags.insert(report["tag"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(seen, added);
+    assert_eq!(tags.len(), 2, "both hosts took a share");
+    for stream in &streams {
+        eventually(WAIT, || async {
+            let mut connection = cluster.connection().await?;
+            let summary: redis::Value = redis::cmd("XPENDING")
+                .arg(stream)
+                .arg("workers")
+                .query_async(&mut connection)
+                .await?;
+            let redis::Value::Array(items) = summary else {
+                anyhow::bail!("unexpected XPENDING reply {summary:?}");
+            };
+            anyhow::ensure!(
+                items.first() == Some(&redis::Value::Int(0)),
+                "still pending: {items:?}"
+            );
+            Ok(())
+        })
+        .await?;
+    }
+    for host in hosts {
+        host.stop().await?;
+    }
+    Ok(())
+}
