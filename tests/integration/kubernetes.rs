@@ -1,17 +1,27 @@
-//! The Kubernetes example must agree with the host: probes on the admin endpoints and port,
+//! The Kubernetes examples must agree with the host: probes on the admin endpoints and port,
 //! environment variables the host accepts, the plugins volume where the host looks, alert
-//! rules on metrics the host serves.
+//! rules on metrics the host serves; for the workers, a manifest and a configuration file the
+//! host accepts, and stream settings under which live replicas do not claim each other's work.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use switchyard::admin::metrics::METRIC_NAMES;
 use switchyard::config::{Config, DEFAULT_ADMIN_ADDR};
+use switchyard::plugins::manifest::Manifest;
 use yaml_rust2::{Yaml, YamlLoader};
 
-fn documents() -> anyhow::Result<Vec<(String, Yaml)>> {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
+/// `examples/kubernetes`, or a folder in it.
+fn example_dir(sub: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/kubernetes")
+        .join(sub)
+}
+
+/// Every document of the `.yaml` files directly in `folder`, with its file name.
+fn documents_in(folder: &Path) -> anyhow::Result<Vec<(String, Yaml)>> {
     let mut documents = Vec::new();
-    for entry in std::fs::read_dir(&folder)? {
+    for entry in std::fs::read_dir(folder)? {
         let path = entry?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
@@ -33,35 +43,58 @@ fn of_kind<'a>(documents: &'a [(String, Yaml)], kind: &str) -> Vec<&'a Yaml> {
         .collect()
 }
 
-#[test]
-fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
-    let documents = documents()?;
-    let admin_port = DEFAULT_ADMIN_ADDR
+fn admin_port() -> i64 {
+    DEFAULT_ADMIN_ADDR
         .rsplit(':')
         .next()
         .and_then(|p| p.parse::<i64>().ok())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
 
-    let deployments = of_kind(&documents, "Deployment");
-    assert_eq!(deployments.len(), 1, "one example Deployment");
-    let pod = &deployments[0]["spec"]["template"]["spec"];
-    let containers = pod["containers"].as_vec().cloned().unwrap_or_default();
-    assert!(
-        containers.len() >= 2,
-        "an application container beside the sidecar"
-    );
-    let sidecar = containers
-        .iter()
-        .find(|c| c["name"].as_str() == Some("switchyard"))
-        .ok_or_else(|| anyhow::anyhow!("no switchyard container"))?;
+/// The container named `switchyard` of a pod spec.
+fn switchyard_container(pod: &Yaml) -> anyhow::Result<&Yaml> {
+    pod["containers"]
+        .as_vec()
+        .and_then(|containers| {
+            containers
+                .iter()
+                .find(|c| c["name"].as_str() == Some("switchyard"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no switchyard container"))
+}
 
-    let port = sidecar["ports"]
+/// The container's volume mount named `name`.
+fn mount<'a>(container: &'a Yaml, name: &str) -> anyhow::Result<&'a Yaml> {
+    container["volumeMounts"]
+        .as_vec()
+        .and_then(|mounts| mounts.iter().find(|m| m["name"].as_str() == Some(name)))
+        .ok_or_else(|| anyhow::anyhow!("no {name} volume mount"))
+}
+
+/// The pod's volume named `name`.
+fn volume<'a>(pod: &'a Yaml, name: &str) -> anyhow::Result<&'a Yaml> {
+    pod["volumes"]
+        .as_vec()
+        .and_then(|volumes| volumes.iter().find(|v| v["name"].as_str() == Some(name)))
+        .ok_or_else(|| anyhow::anyhow!("no {name} volume"))
+}
+
+/// Checks a `switchyard` container against the host: the admin port and its probes, every
+/// literal environment value (with `config_file`, as the container's `--config` names it),
+/// the plugins volume, and a Redis URL. Returns the configuration the container would run
+/// with.
+fn check_switchyard_container(
+    container: &Yaml,
+    config_file: Option<&Path>,
+) -> anyhow::Result<Config> {
+    let admin_port = admin_port();
+    let port = container["ports"]
         .as_vec()
         .and_then(|ports| ports.iter().find(|p| p["name"].as_str() == Some("admin")))
         .ok_or_else(|| anyhow::anyhow!("no port named admin"))?;
     assert_eq!(port["containerPort"].as_i64(), Some(admin_port));
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        let get = &sidecar[probe]["httpGet"];
+        let get = &container[probe]["httpGet"];
         assert_eq!(get["path"].as_str(), Some(path), "{probe}");
         let port = &get["port"];
         assert!(
@@ -71,7 +104,7 @@ fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
     }
 
     // Every literal environment value must be accepted by the host's configuration.
-    let env: Vec<(String, String)> = sidecar["env"]
+    let env: Vec<(String, String)> = container["env"]
         .as_vec()
         .into_iter()
         .flatten()
@@ -82,32 +115,42 @@ fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let config = Config::load(None, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::load(config_file, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(config.admin.listen.port() as i64, admin_port);
     assert!(
         !config.admin.listen.ip().is_loopback(),
         "the kubelet probes from outside the container: listen on 0.0.0.0"
     );
-    let mount = sidecar["volumeMounts"]
-        .as_vec()
-        .and_then(|mounts| {
-            mounts
-                .iter()
-                .find(|m| m["name"].as_str() == Some("plugins"))
-        })
-        .ok_or_else(|| anyhow::anyhow!("no plugins volume mount"))?;
     assert_eq!(
-        mount["mountPath"].as_str().map(Path::new),
+        mount(container, "plugins")?["mountPath"]
+            .as_str()
+            .map(Path::new),
         Some(config.plugins.dir.as_path()),
         "the plugins volume is where the host looks"
     );
-    let needs_redis = sidecar["env"].as_vec().into_iter().flatten().any(|var| {
+    let needs_redis = container["env"].as_vec().into_iter().flatten().any(|var| {
         matches!(
             var["name"].as_str(),
             Some("REDIS_URL" | "SWITCHYARD_REDIS_URL")
         )
     });
-    assert!(needs_redis, "the sidecar is told where Redis is");
+    assert!(needs_redis, "the container is told where Redis is");
+    Ok(config)
+}
+
+#[test]
+fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
+    let documents = documents_in(&example_dir(""))?;
+
+    let deployments = of_kind(&documents, "Deployment");
+    assert_eq!(deployments.len(), 1, "one example Deployment");
+    let pod = &deployments[0]["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_vec().cloned().unwrap_or_default();
+    assert!(
+        containers.len() >= 2,
+        "an application container beside the sidecar"
+    );
+    check_switchyard_container(switchyard_container(pod)?, None)?;
 
     let monitors = of_kind(&documents, "ServiceMonitor");
     assert_eq!(monitors.len(), 1);
@@ -139,5 +182,159 @@ fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
         }
     }
     assert!(alerts >= 4, "only {alerts} alerts");
+    Ok(())
+}
+
+#[test]
+fn kubernetes_workers_share_one_consumer_group() -> anyhow::Result<()> {
+    let folder = example_dir("workers");
+    let documents = documents_in(&folder)?;
+
+    let deployments = of_kind(&documents, "Deployment");
+    assert_eq!(deployments.len(), 1, "one workers Deployment");
+    let deployment = deployments[0];
+    assert!(
+        deployment["spec"]["replicas"].as_i64().unwrap_or(1) >= 2,
+        "several replicas share the group"
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert!(
+        pod["hostname"].is_badvalue(),
+        "a fixed hostname would give every replica the same consumer name"
+    );
+    let container = switchyard_container(pod)?;
+
+    // The configuration file the container names is switchyard.toml, from the ConfigMap the
+    // kustomization generates, mounted where --config looks.
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    let config_path = args
+        .iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .map(Path::new)
+        .ok_or_else(|| anyhow::anyhow!("no --config in the container's args"))?;
+    assert_eq!(
+        config_path.file_name().and_then(|n| n.to_str()),
+        Some("switchyard.toml")
+    );
+    let config_mount = container["volumeMounts"]
+        .as_vec()
+        .and_then(|mounts| {
+            mounts
+                .iter()
+                .find(|m| m["mountPath"].as_str().map(Path::new) == config_path.parent())
+        })
+        .ok_or_else(|| anyhow::anyhow!("nothing mounted where --config looks"))?;
+    let config_map =
+        volume(pod, config_mount["name"].as_str().unwrap_or_default())?["configMap"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    let kustomization = of_kind(&documents, "Kustomization");
+    assert_eq!(kustomization.len(), 1);
+    let kustomization = kustomization[0];
+    let generated = kustomization["configMapGenerator"]
+        .as_vec()
+        .and_then(|generators| {
+            generators
+                .iter()
+                .find(|g| g["name"].as_str() == Some(config_map.as_str()))
+        })
+        .ok_or_else(|| anyhow::anyhow!("the kustomization does not generate {config_map}"))?;
+    let files: Vec<&str> = generated["files"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    assert_eq!(files, ["switchyard.toml"]);
+    for resource in kustomization["resources"].as_vec().into_iter().flatten() {
+        let resource = resource.as_str().unwrap_or_default();
+        assert!(folder.join(resource).is_file(), "{resource} is missing");
+    }
+
+    let config = check_switchyard_container(container, Some(&folder.join("switchyard.toml")))?;
+    let consumer_set_literally = container["env"].as_vec().into_iter().flatten().any(|var| {
+        var["name"].as_str() == Some("SWITCHYARD_STREAMS_CONSUMER")
+            && var["value"].as_str().is_some()
+    });
+    assert!(
+        !consumer_set_literally,
+        "one literal consumer name would be shared by every replica"
+    );
+
+    // The plugins ConfigMap's manifest is orders.toml, which the host accepts: a stream read
+    // through a named group, and only outputs the configuration defines.
+    let manifest_text = std::fs::read_to_string(folder.join("orders.toml"))?;
+    let plugins_map = volume(pod, "plugins")?["configMap"]["name"]
+        .as_str()
+        .unwrap_or_default();
+    let skeleton = of_kind(&documents, "ConfigMap");
+    let skeleton = skeleton
+        .iter()
+        .find(|m| m["metadata"]["name"].as_str() == Some(plugins_map))
+        .ok_or_else(|| anyhow::anyhow!("configmap.yaml does not show {plugins_map}"))?;
+    assert_eq!(
+        skeleton["data"]["orders.toml"].as_str(),
+        Some(manifest_text.as_str()),
+        "configmap.yaml shows orders.toml as it is"
+    );
+    let manifest = Manifest::parse(&manifest_text, Path::new("orders.toml"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let subscriptions = manifest
+        .subscriptions
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("orders.toml subscribes nothing"))?;
+    assert!(
+        !subscriptions.streams.is_empty(),
+        "orders.toml reads a stream"
+    );
+    assert!(
+        manifest.stream.group.is_some(),
+        "orders.toml names its group"
+    );
+    for output in &manifest.grants.outputs {
+        assert!(
+            config.outputs.contains_key(output),
+            "output {output} is granted but not defined in switchyard.toml"
+        );
+    }
+
+    // A batch is acknowledged when all of it is done: an entry can wait batch x deadline in
+    // a live replica, which must stay below claim_idle (or another replica takes it) and
+    // within the drain, which must stay below the grace period.
+    let settings = config.streams.settings_for("orders", &manifest.stream);
+    let deadline = Duration::from_millis(
+        manifest
+            .limits
+            .deadline_ms
+            .unwrap_or(config.plugins.deadline_ms),
+    );
+    let batch_time = deadline * settings.batch as u32;
+    assert!(
+        settings.claim_idle > batch_time,
+        "claim_idle {:?} must exceed a batch at the deadline, {batch_time:?}",
+        settings.claim_idle
+    );
+    let drain = Duration::from_millis(config.plugins.drain_ms);
+    assert!(
+        drain >= batch_time,
+        "drain {drain:?} leaves no time for a batch"
+    );
+    let grace = Duration::from_secs(
+        pod["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(30)
+            .try_into()?,
+    );
+    assert!(
+        grace > drain,
+        "grace period {grace:?} must exceed the drain {drain:?}"
+    );
     Ok(())
 }
