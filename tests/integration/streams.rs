@@ -120,14 +120,14 @@ async fn two_hosts_share_a_consumer_group_and_handle_every_entry_once() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_entry_is_retried_then_moved_to_the_dead_letter_stream() -> anyhow::Result<()> {
+async fn failing_entries_are_retried_then_moved_to_the_dead_letter_stream() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
     let manifest = stream_echo(
         "jobs",
         "handled",
         "one",
-        "fail_on = \"poison\"",
+        "fail_on = \"poison\"\ninvalid_on = \"malformed\"",
         "max_deliveries = 3\nretry_backoff_ms = 50",
     );
     let host = TestHost::start_configured(
@@ -139,7 +139,7 @@ async fn a_failing_entry_is_retried_then_moved_to_the_dead_letter_stream() -> an
 
     let mut connection = redis.connection().await?;
     let mut ids = Vec::new();
-    for payload in ["fine-1", "poison pill", "fine-2"] {
+    for payload in ["fine-1", "poison pill", "fine-2", "malformed"] {
         let id: String = connection
             .xadd("jobs", "*", &[("payload", payload), ("origin", "test")])
             .await?;
@@ -153,17 +153,23 @@ async fn a_failing_entry_is_retried_then_moved_to_the_dead_letter_stream() -> an
         .collect::<anyhow::Result<_>>()?;
     assert_eq!(handled, BTreeSet::from(["fine-1".into(), "fine-2".into()]));
 
-    let dead = eventually(WAIT, || async {
+    let dead_letters = eventually(WAIT, || async {
         let mut connection = redis.connection().await?;
         let dead: redis::streams::StreamRangeReply = connection.xrange_all("jobs:dead").await?;
         anyhow::ensure!(
-            dead.ids.len() == 1,
+            dead.ids.len() == 2,
             "{} dead-letter entries",
             dead.ids.len()
         );
-        Ok(dead.ids.into_iter().next().expect("one entry"))
+        Ok(dead.ids)
     })
     .await?;
+    // `invalid` is final: dead-lettered at its first delivery, while the failing entry
+    // still has retries left.
+    let malformed = &dead_letters[0];
+    assert_eq!(malformed.get::<String>("dead.id"), Some(ids[3].clone()));
+    assert_eq!(malformed.get::<String>("dead.deliveries"), Some("1".into()));
+    let dead = &dead_letters[1];
     let field = |name: &str| -> String {
         dead.get::<String>(name)
             .unwrap_or_else(|| panic!("dead-letter entry has no {name}"))
@@ -191,16 +197,16 @@ async fn a_failing_entry_is_retried_then_moved_to_the_dead_letter_stream() -> an
     })
     .await?;
     let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
-    assert_eq!(stats["stream_dead_lettered"], 1);
+    assert_eq!(stats["stream_dead_lettered"], 2);
     assert_eq!(
         stats["stream_retried"], 2,
         "two retries before the third failure"
     );
     assert_eq!(
-        stats["stream_acked"], 3,
-        "the dead-lettered entry is acknowledged too"
+        stats["stream_acked"], 4,
+        "dead-lettered entries are acknowledged too"
     );
-    assert_eq!(stats["failed"], 3);
+    assert_eq!(stats["failed"], 4);
     assert!(
         reports
             .drain_for(Duration::from_millis(300))

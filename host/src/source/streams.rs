@@ -14,7 +14,8 @@
 //! reader waits for every ticket, then acknowledges what succeeded (`XACK`). A failed entry
 //! is retried after a backoff that doubles per delivery; once it has been delivered
 //! `max_deliveries` times and fails again, it is added to `<stream>:dead` with the plugin,
-//! version and error, and acknowledged. An entry the plugin could not take (parked, stopping)
+//! version and error, and acknowledged. An entry the plugin rejects as `invalid` (retrying
+//! the same input will fail again) goes to the dead-letter stream at once. An entry the plugin could not take (parked, stopping)
 //! is retried without counting against it.
 //!
 //! After a lost connection the reader starts over with the entries still pending for its own
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Subscription;
 use crate::ContentHash;
+use crate::worker::instance::INVALID_PREFIX;
 use crate::worker::{Envelope, Inbox};
 
 /// First wait before a reader reconnects.
@@ -669,7 +671,11 @@ impl Reader {
             let deliveries = counts.get(id).copied().unwrap_or(1);
             match outcome {
                 Outcome::Handled => acked.push(id.as_str()),
-                Outcome::Failed { error, version } if deliveries >= settings.max_deliveries => {
+                // `invalid` says retrying the same input will fail again: no point waiting.
+                Outcome::Failed { error, version }
+                    if deliveries >= settings.max_deliveries
+                        || error.starts_with(INVALID_PREFIX) =>
+                {
                     self.dead_letter(conn, id, deliveries, &error, &version)
                         .await?;
                     acked.push(id.as_str());
