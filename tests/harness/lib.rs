@@ -29,6 +29,31 @@ pub mod plugins {
     include!(concat!(env!("OUT_DIR"), "/plugins.rs"));
 }
 
+/// The `switchyard` binary of this build (`target/<profile>/switchyard`, beside the test
+/// binary's `deps` folder), for tests that need a host in a process of its own, to kill it.
+/// `cargo test --workspace` builds it; when it is missing (a test run of this package alone)
+/// it is built here, once.
+pub fn switchyard_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test binary is not in a target/<profile>/deps folder")?;
+    let binary = profile_dir.join("switchyard");
+    let _once = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !binary.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "switchyard", "--bin", "switchyard"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .context("running cargo build for the switchyard binary")?;
+        anyhow::ensure!(status.success(), "building the switchyard binary failed");
+    }
+    Ok(binary)
+}
+
 /// How long tests wait for something that should happen within milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 

@@ -269,3 +269,115 @@ async fn entries_a_dead_consumer_left_pending_are_claimed_by_a_live_one() -> any
     host.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_batch_leaves_its_entries_to_the_other() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
+    // Slow handling (a few tens of milliseconds an entry), so the kill lands mid-batch.
+    let manifest = |tag: &str| {
+        stream_echo(
+            "work",
+            "handled",
+            tag,
+            "spin = 20",
+            "batch = 20\nclaim_idle_ms = 500",
+        ) + "[limits]\ndeadline_ms = 5000\n"
+    };
+
+    // The replica that dies: a real `switchyard run` process, killed with SIGKILL.
+    let dir = tempfile::tempdir()?;
+    let plugins_dir = dir.path().join("plugins");
+    std::fs::create_dir(&plugins_dir)?;
+    switchyard_tests::copy_plugin(
+        &plugins_dir,
+        "echo",
+        std::path::Path::new(plugins::ECHO),
+        Some(&manifest("doomed")),
+    )?;
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = {:?}\n[plugins]\ndir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            redis.url(),
+            plugins_dir,
+            host_config("doomed")
+        ),
+    )?;
+    let mut doomed = tokio::process::Command::new(switchyard_tests::switchyard_binary()?)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+
+    const ENTRIES: usize = 60;
+    let mut connection = redis.connection().await?;
+    // The group exists before the first entry, whichever of test and process is faster.
+    let _: () = connection
+        .xgroup_create_mkstream("work", "echo", "0")
+        .await?;
+    let mut added = BTreeSet::new();
+    for i in 0..ENTRIES {
+        let id: String = connection
+            .xadd("work", "*", &[("payload", format!("job-{i}"))])
+            .await?;
+        added.insert(id);
+    }
+    let mut handled_by_doomed = BTreeSet::new();
+    while handled_by_doomed.len() < 5 {
+        let report = report(&reports.next(WAIT).await?.payload)?;
+        assert_eq!(report["tag"], "doomed");
+        handled_by_doomed.insert(report["entry_id"].as_str().unwrap_or("").to_owned());
+    }
+    doomed.kill().await?;
+    // What the dead replica read and never acknowledged: the rest of its batch, including
+    // entries it handled but had not acknowledged yet.
+    let stranded = pending(&redis, "work", "echo").await?;
+    assert!(stranded > 0, "the kill left nothing pending");
+    // Reports already on the wire from the dead replica.
+    for message in reports.drain_for(Duration::from_millis(200)).await {
+        let report = report(&message.payload)?;
+        handled_by_doomed.insert(report["entry_id"].as_str().unwrap_or("").to_owned());
+    }
+
+    let survivor = TestHost::start_configured(
+        &redis,
+        &host_config("survivor"),
+        &[("echo", plugins::ECHO, Some(&manifest("survivor")))],
+    )
+    .await?;
+    let mut handled_by_survivor = BTreeSet::new();
+    while !added.is_subset(&(&handled_by_doomed | &handled_by_survivor)) {
+        let report = report(&reports.next(WAIT).await?.payload)?;
+        assert_eq!(report["tag"], "survivor");
+        let id = report["entry_id"].as_str().unwrap_or("").to_owned();
+        assert!(
+            handled_by_survivor.insert(id.clone()),
+            "{id} handled twice by the survivor"
+        );
+    }
+    eventually(WAIT, || async {
+        anyhow::ensure!(pending(&redis, "work", "echo").await? == 0);
+        Ok(())
+    })
+    .await?;
+    let stats = survivor.plugin("echo").await?.expect("echo loaded")["stats"].clone();
+    assert_eq!(
+        stats["stream_claimed"], stranded,
+        "the survivor claimed exactly what the dead replica left pending"
+    );
+    // Handled twice: only entries the dead replica had handled but not acknowledged.
+    let twice: BTreeSet<_> = handled_by_doomed
+        .intersection(&handled_by_survivor)
+        .collect();
+    assert!(
+        twice.len() <= 20,
+        "at most one batch is handled again, got {}",
+        twice.len()
+    );
+    survivor.stop().await?;
+    Ok(())
+}
