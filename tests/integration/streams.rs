@@ -381,3 +381,44 @@ async fn a_replica_killed_mid_batch_leaves_its_entries_to_the_other() -> anyhow:
     survivor.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_acknowledges_what_was_handled_and_leaves_the_rest_unread()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut reports = Subscriber::new(&redis, &["handled"], &[]).await?;
+    let manifest = stream_echo("queue", "handled", "one", "spin = 20", "batch = 10")
+        + "[limits]\ndeadline_ms = 5000\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &host_config("pod-a"),
+        &[("echo", plugins::ECHO, Some(&manifest))],
+    )
+    .await?;
+    let mut connection = redis.connection().await?;
+    for i in 0..50 {
+        let _: String = connection
+            .xadd("queue", "*", &[("payload", format!("job-{i}"))])
+            .await?;
+    }
+    reports.take(3, WAIT).await?;
+    host.stop().await?;
+
+    // Every entry read was handled and acknowledged before the host exited; what it had
+    // not read waits in the stream for the next consumer.
+    assert_eq!(
+        pending(&redis, "queue", "echo").await?,
+        0,
+        "nothing left pending"
+    );
+    let handled = 3 + reports.drain_for(Duration::from_millis(300)).await.len();
+    let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg("queue")
+        .query_async(&mut connection)
+        .await?;
+    let read: i64 = redis::from_redis_value(groups[0]["entries-read"].clone())?;
+    assert_eq!(read as usize, handled, "every entry read was handled");
+    assert!(handled < 50, "the host stopped before reading everything");
+    Ok(())
+}

@@ -261,6 +261,8 @@ pub struct StreamReaders {
     backend: StreamBackend,
     shutdown: CancellationToken,
     running: Mutex<Vec<Running>>,
+    /// Readers told to stop, still acknowledging their last batch.
+    stopping: Mutex<Vec<JoinHandle<()>>>,
 }
 
 struct Running {
@@ -276,6 +278,7 @@ impl StreamReaders {
             backend,
             shutdown,
             running: Mutex::new(Vec::new()),
+            stopping: Mutex::new(Vec::new()),
         }
     }
 
@@ -283,13 +286,17 @@ impl StreamReaders {
     /// stopped finishes its batch (acknowledging what was handled) first.
     pub fn update(&self, targets: Vec<StreamTarget>) {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|r| {
-            let keep = !r.task.is_finished() && targets.iter().any(|t| t.same(&r.target));
-            if !keep {
-                r.stop.cancel();
-            }
-            keep
-        });
+        let (keep, stop): (Vec<_>, Vec<_>) = std::mem::take(&mut *running)
+            .into_iter()
+            .partition(|r| !r.task.is_finished() && targets.iter().any(|t| t.same(&r.target)));
+        *running = keep;
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        stopping.retain(|task| !task.is_finished());
+        for reader in stop {
+            reader.stop.cancel();
+            stopping.push(reader.task);
+        }
+        drop(stopping);
         for target in targets {
             if running.iter().any(|r| r.target.same(&target)) {
                 continue;
@@ -321,17 +328,21 @@ impl StreamReaders {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Stops every reader and waits for them to finish their batches.
+    /// Stops every reader and waits for them (and those stopped earlier) to finish their
+    /// batches.
     pub async fn stop(&self) {
         let tasks: Vec<_> = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-            running
+            let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks: Vec<_> = running
                 .drain(..)
                 .map(|r| {
                     r.stop.cancel();
                     r.task
                 })
-                .collect()
+                .collect();
+            tasks.append(&mut stopping);
+            tasks
         };
         for task in tasks {
             let _ = task.await;
@@ -343,6 +354,8 @@ impl StreamReaders {
 struct RawEntry {
     id: String,
     fields: Vec<(String, Bytes)>,
+    /// Deleted from the stream while pending: Redis returns its id without fields.
+    deleted: bool,
 }
 
 /// An entry scheduled for another delivery.
@@ -636,6 +649,12 @@ impl Reader {
         }
         let (report, mut outcomes) = mpsc::unbounded_channel();
         let received_at = SystemTime::now();
+        let (gone, entries): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.deleted);
+        if !gone.is_empty() {
+            // Nothing left to handle: only the pending record remains.
+            let gone: Vec<&str> = gone.iter().map(|e| e.id.as_str()).collect();
+            self.ack(conn, &gone).await?;
+        }
         let mut ids = Vec::with_capacity(entries.len());
         for (index, entry) in entries.into_iter().enumerate() {
             ids.push(entry.id.clone());
@@ -790,19 +809,26 @@ fn read_reply_entries(reply: Value) -> Vec<RawEntry> {
     }
 }
 
-/// `[[id, [field, value, ...]], ...]`; nil entries (deleted meanwhile) are skipped.
+/// `[[id, [field, value, ...]], ...]`. A nil entry is skipped; an id with nil fields (an
+/// entry deleted while pending) is marked deleted.
 fn entries_of(value: Value) -> Vec<RawEntry> {
     into_array(value)
         .into_iter()
         .filter_map(|entry| {
             let mut parts = into_array(entry).into_iter();
             let id = parts.next().and_then(text)?;
+            let flat = parts.next().unwrap_or(Value::Nil);
+            let deleted = matches!(flat, Value::Nil);
             let mut fields = Vec::new();
-            let mut flat = parts.next().map(into_array).unwrap_or_default().into_iter();
+            let mut flat = into_array(flat).into_iter();
             while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
                 fields.push((text(name)?, bytes(value)?));
             }
-            Some(RawEntry { id, fields })
+            Some(RawEntry {
+                id,
+                fields,
+                deleted,
+            })
         })
         .collect()
 }
@@ -843,19 +869,23 @@ mod tests {
     }
 
     #[test]
-    fn entries_keep_field_order_and_skip_deleted_ones() {
+    fn entries_keep_field_order_and_mark_deleted_ones() {
         let reply = Value::Array(vec![
             Value::Array(vec![
                 bulk("1-0"),
                 Value::Array(vec![bulk("z"), bulk("1"), bulk("a"), bulk("2")]),
             ]),
             Value::Nil,
+            Value::Array(vec![bulk("2-0"), Value::Nil]),
         ]);
         let entries = entries_of(reply);
-        assert_eq!(entries.len(), 1);
+        assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].id, "1-0");
+        assert!(!entries[0].deleted);
         let names: Vec<_> = entries[0].fields.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["z", "a"]);
+        assert_eq!(entries[1].id, "2-0");
+        assert!(entries[1].deleted);
     }
 
     #[test]
