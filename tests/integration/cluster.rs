@@ -305,3 +305,95 @@ async fn two_hosts_share_streams_on_different_shards() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Moves `slot` (which holds no keys) from its primary to the primary at `to`, the way
+/// `redis-cli --cluster reshard` does it for one slot.
+async fn move_slot(cluster: &RedisCluster, slot: u16, to: usize) -> anyhow::Result<()> {
+    let from = cluster.primary_of(slot).await?;
+    let urls = cluster.urls();
+    let node = |index: usize| redis::Client::open(urls[index].as_str());
+    let mut source = node(from)?.get_multiplexed_async_connection().await?;
+    let mut target = node(to)?.get_multiplexed_async_connection().await?;
+    let id = |connection: &mut redis::aio::MultiplexedConnection| {
+        let mut connection = connection.clone();
+        async move {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query_async::<String>(&mut connection)
+                .await
+        }
+    };
+    let (source_id, target_id) = (id(&mut source).await?, id(&mut target).await?);
+    let setslot = |state: &str, node: &str| {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(state)
+            .arg(node)
+            .to_owned()
+    };
+    setslot("IMPORTING", &source_id)
+        .exec_async(&mut target)
+        .await?;
+    setslot("MIGRATING", &target_id)
+        .exec_async(&mut source)
+        .await?;
+    setslot("NODE", &target_id).exec_async(&mut target).await?;
+    setslot("NODE", &target_id).exec_async(&mut source).await?;
+    eventually(WAIT, || async {
+        anyhow::ensure!(
+            cluster.primary_of(slot).await? == to,
+            "slot {slot} not moved yet"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_channel_follows_its_slot_to_another_shard() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start(3, 1).await?;
+    let rooms = cluster.names_on_distinct_primaries("room:", 2).await?;
+    let mut reports = Reports::new(&cluster, &["heard"]).await?;
+    let host = host(
+        &cluster,
+        "",
+        &[(
+            "rooms",
+            echo(
+                "heard",
+                &format!("sharded = {}\ntag = \"rooms\"", list(&rooms)),
+            ),
+        )],
+    )
+    .await?;
+    spublish(&cluster, &rooms[0], "before").await?;
+    reports.until(WAIT, |r| r["payload"] == "before").await?;
+
+    // The first room's slot moves to the second room's shard.
+    let slot = cluster.slot(&rooms[0]).await?;
+    let to = cluster.primary_of(cluster.slot(&rooms[1]).await?).await?;
+    move_slot(&cluster, slot, to).await?;
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for attempt in 1.. {
+        let payload = format!("moved-{attempt}");
+        let _ = spublish(&cluster, &rooms[0], &payload).await;
+        let heard = reports
+            .until(Duration::from_millis(500), |r| {
+                r["payload"] == payload.as_str()
+            })
+            .await;
+        if heard.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the room stayed silent for {WAIT:?} after its slot moved"
+        );
+    }
+    spublish(&cluster, &rooms[1], "neighbour").await?;
+    reports.until(WAIT, |r| r["payload"] == "neighbour").await?;
+    host.stop().await?;
+    Ok(())
+}
