@@ -304,6 +304,25 @@ pub fn effective_settings(config: &Config) -> String {
             let _ = writeln!(out, "{key} = {:?}", path.display().to_string());
         }
     }
+    if let Some(seeds) = config.redis.cluster_seeds() {
+        let masked: Vec<String> = seeds
+            .into_iter()
+            .map(|seed| RedisUrl::new(seed).masked())
+            .collect();
+        let _ = writeln!(
+            out,
+            "cluster = true
+# seed nodes: {}",
+            masked.join(", ")
+        );
+    }
+    if !config.redis.sharded_channels.is_empty() {
+        let _ = writeln!(
+            out,
+            "sharded_channels = {:?}",
+            config.redis.sharded_channels
+        );
+    }
     out.push('\n');
     let _ = writeln!(
         out,
@@ -330,6 +349,24 @@ pub fn effective_settings(config: &Config) -> String {
     }
     out.push('\n');
     let _ = writeln!(out, "[admin]\nlisten = \"{}\"\n", config.admin.listen);
+    let st = &config.streams;
+    let _ = writeln!(
+        out,
+        "[streams]\nconsumer = {:?}\nbatch = {}\nblock_ms = {}\nmax_deliveries = {}\n\
+         retry_backoff_ms = {}\nclaim_idle_ms = {}\nstart = {:?}\n",
+        st.consumer
+            .clone()
+            .unwrap_or_else(crate::source::streams::default_consumer),
+        st.batch,
+        st.block_ms,
+        st.max_deliveries,
+        st.retry_backoff_ms,
+        st.claim_idle_ms,
+        match st.start {
+            crate::source::streams::StartFrom::New => "new",
+            crate::source::streams::StartFrom::All => "all",
+        }
+    );
     let _ = writeln!(
         out,
         "[invalidation]\nbroadcast = {:?}\n",

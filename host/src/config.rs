@@ -255,11 +255,15 @@ impl RedisConfig {
         self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
     }
 
-    /// A client for this server, with the TLS files read when the URL is `rediss://`.
+    /// A client for this server (for a cluster, its first seed node alone), with the TLS
+    /// files read when the URL is `rediss://`.
     pub fn client(&self) -> anyhow::Result<redis::Client> {
         use anyhow::Context as _;
 
-        let url = self.url.expose();
+        let first_seed = self
+            .cluster_seeds()
+            .and_then(|seeds| seeds.into_iter().next());
+        let url = first_seed.as_deref().unwrap_or(self.url.expose());
         match self.tls_certificates()? {
             None => redis::Client::open(url)
                 .with_context(|| format!("redis.url {} is not a usable Redis URL", self.url)),
