@@ -1,6 +1,6 @@
 //! The moving parts of the pipeline bench: a private `redis-server`, the `switchyard` binary
-//! and the bare relay as child processes, a pipelined or paced publisher, and a receiver that
-//! counts what comes back on `fwded:*`.
+//! and the baselines (the bare relay, the bare stream consumer) as child processes, a
+//! pipelined or paced publisher, and a receiver that counts what comes back on `fwded:*`.
 //!
 //! Every message carries a 17-byte header: the wall-clock send time (nanoseconds since the Unix
 //! epoch, little-endian), a sequence number, and a kind byte (warm-up or measured). The
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 pub const INPUT_CHANNEL: &str = "fwd:x";
 /// What the receiver subscribes to for the forwarded copies.
 pub const OUTPUT_PATTERN: &str = "fwded:*";
+/// The stream of the streams section: under `fwd:`, so that `forward` accepts its entries
+/// (the channel of a stream entry is the stream's key) and republishes them on `fwded:orders`.
+pub const STREAM_KEY: &str = "fwd:orders";
 /// Bytes of the header every payload starts with.
 pub const HEADER: usize = 17;
 /// Kind byte of warm-up messages: counted apart, never measured.
@@ -148,6 +151,11 @@ impl RedisServer {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// Stops it.
     pub async fn stop(self) {
         self.proc.stop().await;
@@ -163,6 +171,32 @@ pub fn redis_version() -> String {
         .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
+/// This bench binary re-executed with `args` (a baseline mode), once it printed "ready".
+async fn start_baseline(args: &[&str], what: &str) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe()?;
+    let mut proc = Proc::spawn(
+        Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+    )
+    .with_context(|| format!("cannot start {what}"))?;
+    let stdout = proc
+        .child
+        .stdout
+        .take()
+        .with_context(|| format!("{what}: no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not get ready within 20 s"))??;
+    if line.as_deref() != Some("ready") {
+        bail!("{what} said {line:?} instead of ready");
+    }
+    Ok(proc)
+}
+
 /// The bare relay: this bench binary re-executed with `--relay URL`.
 pub struct Relay {
     proc: Proc,
@@ -171,23 +205,37 @@ pub struct Relay {
 impl Relay {
     /// Starts it and waits for its "ready" line (printed once PSUBSCRIBE is confirmed).
     pub async fn start(url: &str) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut proc = Proc::spawn(
-            Command::new(exe)
-                .args(["--relay", url])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit()),
-        )
-        .context("cannot start the relay")?;
-        let stdout = proc.child.stdout.take().context("relay stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .context("the relay did not get ready within 20 s")??;
-        if line.as_deref() != Some("ready") {
-            bail!("the relay said {line:?} instead of ready");
+        let proc = start_baseline(&["--relay", url], "the relay").await?;
+        Ok(Self { proc })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Stops it.
+    pub async fn stop(self) {
+        self.proc.stop().await;
+    }
+}
+
+/// The bare stream consumer: this bench binary re-executed with
+/// `--stream-consumer URL --stream-group GROUP [--stream-publish]`, reading [`STREAM_KEY`].
+pub struct StreamConsumer {
+    proc: Proc,
+}
+
+impl StreamConsumer {
+    /// Starts it on `group` (which must exist), republishing every payload as `forward` does
+    /// if `publish`, and waits for its "ready" line (printed once connected, before its first
+    /// `XREADGROUP`).
+    pub async fn start(url: &str, group: &str, publish: bool) -> anyhow::Result<Self> {
+        let mut args = vec!["--stream-consumer", url, "--stream-group", group];
+        if publish {
+            args.push("--stream-publish");
         }
+        let proc = start_baseline(&args, "the stream consumer").await?;
         Ok(Self { proc })
     }
 
@@ -339,6 +387,18 @@ impl Switchyard {
         Ok((shed, failed))
     }
 
+    /// Stream entries acknowledged and messages failed, summed over every plugin.
+    pub async fn stream_acked_and_failed(&self) -> anyhow::Result<(u64, u64)> {
+        let report = self.plugins().await?;
+        let mut acked = 0;
+        let mut failed = 0;
+        for plugin in report["plugins"].as_array().into_iter().flatten() {
+            acked += plugin["stats"]["stream_acked"].as_u64().unwrap_or(0);
+            failed += plugin["stats"]["failed"].as_u64().unwrap_or(0);
+        }
+        Ok((acked, failed))
+    }
+
     /// Mean duration of `handle` calls so far (all plugins), from the Prometheus histogram.
     pub async fn mean_handle(&self) -> anyhow::Result<Option<Duration>> {
         let text = self.metrics().await?;
@@ -436,6 +496,15 @@ pub fn forward_manifest(patterns: Option<&[String]>) -> String {
         manifest.push_str("]\n");
     }
     manifest
+}
+
+/// The manifest of a forward copy that reads [`STREAM_KEY`] through `group` instead of its
+/// own subscriptions, with the grant its republishing needs.
+pub fn stream_manifest(group: &str) -> String {
+    format!(
+        "{}\n[subscriptions]\nstreams = [{STREAM_KEY:?}]\n\n[stream]\ngroup = {group:?}\n",
+        forward_manifest(None)
+    )
 }
 
 /// Counters the receiver moves and the publisher waits on.
