@@ -165,6 +165,25 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
         stdout.contains("\"message\":\"this is not a ****, promise\""),
         "{stdout}"
     );
+    for notice in [
+        r#"{"reason":"muted","room":"lobby","user_id":"troll42"}"#,
+        r#"{"length":300,"limit":280,"reason":"too_long","room":"lobby","user_id":"ana"}"#,
+    ] {
+        assert!(
+            stdout.contains(&format!(
+                "chat-moderator published chat:notice:lobby {notice}"
+            )),
+            "{stdout}"
+        );
+    }
+    // Only the two messages let through reach the room.
+    assert_eq!(
+        stdout
+            .matches("chat-moderator published chat:lobby ")
+            .count(),
+        2,
+        "{stdout}"
+    );
     assert!(
         stdout.contains("metrics-rollup published dashboard:summary"),
         "{stdout}"

@@ -153,7 +153,11 @@ async fn webhook_5xx_answers_are_retried_with_backoff() -> anyhow::Result<()> {
     let host = TestHost::start_configured(
         &redis,
         &config,
-        &[("notify-router", plugins::NOTIFY_ROUTER, Some(&manifest))],
+        &[(
+            "notify-router",
+            plugins::NOTIFY_ROUTER,
+            Some(manifest.as_str()),
+        )],
     )
     .await?;
     let mut dead = Subscriber::new(&redis, &["notifications:dead"], &[]).await?;
@@ -278,6 +282,7 @@ async fn chat_moderator_masks_drops_and_rebroadcasts() -> anyhow::Result<()> {
     )
     .await?;
     let mut room = Subscriber::new(&redis, &["chat:lobby"], &[]).await?;
+    let mut notices = Subscriber::new(&redis, &["chat:notice:lobby"], &[]).await?;
     let before_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as u64;
@@ -303,14 +308,84 @@ async fn chat_moderator_masks_drops_and_rebroadcasts() -> anyhow::Result<()> {
         ts >= before_ms && ts < before_ms + 60_000,
         "ts {ts} is not the server time"
     );
+    // The muted and the oversize message each produce a notice, in order, keys alphabetical.
+    let noticed: Vec<String> = notices
+        .take(2, PATIENCE)
+        .await?
+        .iter()
+        .map(|received| received.payload_str())
+        .collect();
+    assert_eq!(
+        noticed,
+        [
+            r#"{"reason":"muted","room":"lobby","user_id":"troll42"}"#,
+            r#"{"length":281,"limit":280,"reason":"too_long","room":"lobby","user_id":"bob"}"#,
+        ]
+    );
     assert!(
         room.drain_for(Duration::from_millis(200)).await.is_empty(),
         "a muted or oversize message got through"
+    );
+    assert!(
+        notices
+            .drain_for(Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "a message that was let through produced a notice"
     );
     let entry = host
         .wait_plugin("chat-moderator", "done", |p| p["stats"]["handled"] == 4)
         .await?;
     assert_eq!(entry["stats"]["failed"], 0);
+    assert_eq!(entry["stats"]["denied"], 0);
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_moderator_drops_even_when_its_notices_are_not_granted() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let grant = r#"publish = ["chat:*"]"#;
+    assert!(CHAT_MANIFEST.contains(grant), "{CHAT_MANIFEST}");
+    let manifest = CHAT_MANIFEST.replace(grant, r#"publish = ["chat:lobby"]"#);
+    let host = TestHost::start(
+        &redis,
+        &[(
+            "chat-moderator",
+            plugins::CHAT_MODERATOR,
+            Some(manifest.as_str()),
+        )],
+    )
+    .await?;
+    let mut room = Subscriber::new(&redis, &["chat:lobby"], &[]).await?;
+    let mut notices = Subscriber::new(&redis, &["chat:notice:lobby"], &[]).await?;
+
+    for message in [
+        json!({"user_id": "troll42", "message": "buy now"}),
+        json!({"user_id": "bob", "message": "x".repeat(281)}),
+        json!({"user_id": "ana", "message": "hello"}),
+    ] {
+        redis.publish("chat:in:lobby", message.to_string()).await?;
+    }
+    let got = json_of(&room.next(PATIENCE).await?);
+    assert_eq!(got["user_id"], "ana");
+    assert_eq!(got["message"], "hello");
+    // The refused notices are denied, but the drops still count as handled, not failed.
+    let entry = host
+        .wait_plugin("chat-moderator", "done", |p| p["stats"]["handled"] == 3)
+        .await?;
+    assert_eq!(entry["stats"]["failed"], 0);
+    assert_eq!(entry["stats"]["denied"], 2);
+    assert!(
+        room.drain_for(Duration::from_millis(200)).await.is_empty(),
+        "a muted or oversize message got through"
+    );
+    assert!(
+        notices
+            .drain_for(Duration::from_millis(200))
+            .await
+            .is_empty(),
+        "a notice was published without a grant"
+    );
     host.stop().await
 }
 
@@ -423,7 +498,7 @@ async fn a_plugin_feeding_its_own_subscription_is_stopped_by_the_loop_guard() ->
     let redis = RedisServer::start().await?;
     // echo replies on loop:echo, which its own loop:* subscription receives again.
     let manifest = echo_manifest(&[], &["loop:*"], "loop:echo", "");
-    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(manifest.as_str()))]).await?;
 
     redis.publish("loop:start", "go").await?;
     host.wait_plugin("echo", "stopped by the guard", |p| {

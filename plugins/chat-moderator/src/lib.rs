@@ -6,8 +6,14 @@
 //! fields are ignored. A malformed room or payload fails the message with `error::invalid`.
 //!
 //! Messages from muted users, and messages longer than the limit, are dropped with an info log
-//! line. In every other message each banned word is masked: every occurrence, whatever its case,
-//! that stands as a whole word (bounded by non-alphanumeric characters or the ends of the text)
+//! line, and a notice saying so is published on `chat:notice:ROOM`:
+//! `{"reason": "muted", "room": "<room>", "user_id": "<id>"}`, or
+//! `{"length": <characters>, "limit": <max_length>, "reason": "too_long", "room": "<room>",
+//! "user_id": "<id>"}`. A notice that cannot be published (say the operator granted no
+//! `chat:notice:*`) is logged at warn level; the message still counts as handled.
+//!
+//! In every other message each banned word is masked: every occurrence, whatever its case, that
+//! stands as a whole word (bounded by non-alphanumeric characters or the ends of the text)
 //! becomes as many `*` as it has characters. The result is published on `chat:ROOM` as
 //! `{"room": "<room>", "user_id": "<id>", "message": "<masked text>", "moderated": <true if
 //! anything was masked>, "ts": <host receive time, milliseconds since the Unix epoch>}`; an
@@ -23,12 +29,13 @@
 //! A setting that cannot be read fails every message with `error::invalid` naming it, rather
 //! than letting unmoderated text through.
 //!
-//! Grants needed: publish `chat:*`.
+//! Grants needed: publish `chat:*` (which covers both `chat:ROOM` and `chat:notice:ROOM`).
 
 use serde_json::Value;
 use switchyard_plugin::{Error, Level, Message, Plugin, PluginInfo};
 
 const PREFIX: &str = "chat:in:";
+const NOTICE_PREFIX: &str = "chat:notice:";
 const DEFAULT_MAX_LENGTH: usize = 500;
 
 struct Settings {
@@ -123,6 +130,76 @@ fn parse_chat(payload: &[u8]) -> Result<Chat, String> {
     Ok(Chat { user_id, message })
 }
 
+/// Why a message is dropped instead of rebroadcast.
+#[derive(Debug, PartialEq, Eq)]
+enum Dropped {
+    /// The sender is listed in `muted`.
+    Muted,
+    /// The message has `length` characters, over the `limit` (`max_length`).
+    TooLong { length: usize, limit: usize },
+}
+
+impl Dropped {
+    /// Whether `chat` is dropped under `settings`, and why. Muting is checked first.
+    fn check(chat: &Chat, settings: &Settings) -> Option<Self> {
+        if settings.muted.contains(&chat.user_id) {
+            return Some(Self::Muted);
+        }
+        // Characters (Unicode scalar values), not bytes.
+        let length = chat.message.chars().count();
+        (length > settings.max_length).then_some(Self::TooLong {
+            length,
+            limit: settings.max_length,
+        })
+    }
+
+    /// The info log line for a dropped message.
+    fn log_line(&self, room: &str, user: &str) -> String {
+        match self {
+            Self::Muted => format!("dropped message from muted user {user} in {room}"),
+            Self::TooLong { length, limit } => format!(
+                "dropped message of {length} characters from {user} in {room} (limit {limit})"
+            ),
+        }
+    }
+
+    /// The notice published on `chat:notice:ROOM`. Keys are written in alphabetical order,
+    /// which is also the order `serde_json` writes them in, as in the rebroadcast messages.
+    fn notice(&self, room: &str, user: &str) -> String {
+        match self {
+            Self::Muted => serde_json::json!({
+                "reason": "muted",
+                "room": room,
+                "user_id": user,
+            }),
+            Self::TooLong { length, limit } => serde_json::json!({
+                "length": length,
+                "limit": limit,
+                "reason": "too_long",
+                "room": room,
+                "user_id": user,
+            }),
+        }
+        .to_string()
+    }
+}
+
+/// The channel a room's notices are published on.
+fn notice_channel(room: &str) -> String {
+    format!("{NOTICE_PREFIX}{room}")
+}
+
+/// An error as `kind: explanation`, for a log line.
+fn error_text(error: &Error) -> String {
+    let (kind, text) = match error {
+        Error::Denied(text) => ("denied", text),
+        Error::Invalid(text) => ("invalid", text),
+        Error::Unavailable(text) => ("unavailable", text),
+        Error::Failed(text) => ("failed", text),
+    };
+    format!("{kind}: {text}")
+}
+
 /// Whether two characters are the same letter but for case.
 ///
 /// Folding one character at a time keeps a match exactly as long as the banned word, so the mask
@@ -206,22 +283,19 @@ impl Plugin for ChatModerator {
         let settings = Settings::read(switchyard_plugin::config).map_err(Error::Invalid)?;
         let user = &chat.user_id;
 
-        if settings.muted.contains(user) {
-            switchyard_plugin::log(
-                Level::Info,
-                &format!("dropped message from muted user {user} in {room}"),
-            );
-            return Ok(());
-        }
-        let length = chat.message.chars().count();
-        if length > settings.max_length {
-            switchyard_plugin::log(
-                Level::Info,
-                &format!(
-                    "dropped message of {length} characters from {user} in {room} (limit {})",
-                    settings.max_length
-                ),
-            );
+        if let Some(dropped) = Dropped::check(&chat, &settings) {
+            switchyard_plugin::log(Level::Info, &dropped.log_line(room, user));
+            // The notice is feedback for the room, not the point of the message: the drop
+            // stands, and counts as handled, even if the notice cannot be published.
+            let channel = notice_channel(room);
+            if let Err(error) =
+                switchyard_plugin::publish(&channel, dropped.notice(room, user).as_bytes())
+            {
+                switchyard_plugin::log(
+                    Level::Warn,
+                    &format!("cannot publish notice on {channel}: {}", error_text(&error)),
+                );
+            }
             return Ok(());
         }
 
@@ -347,6 +421,90 @@ mod tests {
         );
         assert!(parse_chat(b"{").is_err_and(|e| e.starts_with("payload is not valid JSON: ")));
         assert!(parse_chat(b"\xff").is_err_and(|e| e.starts_with("payload is not valid UTF-8: ")));
+    }
+
+    fn settings(max_length: usize, muted: &[&str]) -> Settings {
+        Settings {
+            max_length,
+            muted: words(muted),
+            banned_words: Vec::new(),
+        }
+    }
+
+    fn chat(user_id: &str, message: &str) -> Chat {
+        Chat {
+            user_id: user_id.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+
+    #[test]
+    fn muted_users_and_long_messages_are_dropped() {
+        let limit_5 = settings(5, &["troll42", "7"]);
+        assert_eq!(
+            Dropped::check(&chat("troll42", "hi"), &limit_5),
+            Some(Dropped::Muted)
+        );
+        assert_eq!(
+            Dropped::check(&chat("7", "hi"), &limit_5),
+            Some(Dropped::Muted)
+        );
+        // Muting is checked first, so a muted user's long message is reported as muted.
+        assert_eq!(
+            Dropped::check(&chat("troll42", "far too long"), &limit_5),
+            Some(Dropped::Muted)
+        );
+        assert_eq!(
+            Dropped::check(&chat("ana", "123456"), &limit_5),
+            Some(Dropped::TooLong {
+                length: 6,
+                limit: 5
+            })
+        );
+        // Characters are counted, not bytes: five two-byte letters fit in a limit of 5.
+        assert_eq!(Dropped::check(&chat("ana", "ééééé"), &limit_5), None);
+        assert_eq!(Dropped::check(&chat("ana", "12345"), &limit_5), None);
+        assert_eq!(Dropped::check(&chat("troll4", "hi"), &limit_5), None);
+        assert_eq!(
+            Dropped::check(&chat("ana", "x"), &settings(0, &[])),
+            Some(Dropped::TooLong {
+                length: 1,
+                limit: 0
+            })
+        );
+    }
+
+    #[test]
+    fn drops_are_logged_and_noticed() {
+        let too_long = Dropped::TooLong {
+            length: 312,
+            limit: 280,
+        };
+        assert_eq!(notice_channel("lobby"), "chat:notice:lobby");
+        assert_eq!(
+            Dropped::Muted.notice("lobby", "troll42"),
+            r#"{"reason":"muted","room":"lobby","user_id":"troll42"}"#
+        );
+        assert_eq!(
+            too_long.notice("lobby", "ana"),
+            r#"{"length":312,"limit":280,"reason":"too_long","room":"lobby","user_id":"ana"}"#
+        );
+        assert_eq!(
+            Dropped::Muted.notice("caf\u{e9}", "say \"hi\""),
+            r#"{"reason":"muted","room":"café","user_id":"say \"hi\""}"#
+        );
+        assert_eq!(
+            Dropped::Muted.log_line("lobby", "troll42"),
+            "dropped message from muted user troll42 in lobby"
+        );
+        assert_eq!(
+            too_long.log_line("lobby", "ana"),
+            "dropped message of 312 characters from ana in lobby (limit 280)"
+        );
+        assert_eq!(
+            error_text(&Error::Denied("no grant".to_owned())),
+            "denied: no grant"
+        );
     }
 
     #[test]
