@@ -18,6 +18,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
 use crate::effects::{Effects, Publisher, ShardedChannels};
+use crate::gateway::{self, GatewaySource};
 use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
 use crate::plugins::{Registry, WorkerSettings, watcher};
@@ -48,6 +49,7 @@ pub struct Host {
     router: Arc<Router>,
     source: Source,
     admin_addr: Option<SocketAddr>,
+    gateway_addr: Option<SocketAddr>,
     stop_watching: CancellationToken,
     stop_source: CancellationToken,
     stop_admin: CancellationToken,
@@ -101,6 +103,15 @@ impl Host {
             None
         };
 
+        let gateway_listener = match config.gateway.listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on gateway.listen {addr}"))?,
+            ),
+            None => None,
+        };
+
         let runtime = Runtime::new().context("cannot start the Wasm engine")?;
         let router = Arc::new(Router::new(
             &instance_id(),
@@ -108,6 +119,10 @@ impl Host {
         ));
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
+        let gateway_source = match &broker {
+            Broker::Redis(redis) => GatewaySource::Redis(Box::new(redis.client()?)),
+            Broker::Embedded(broker) => GatewaySource::Embedded(broker.clone()),
+        };
         let (source, publisher) = match broker {
             Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
                 let seeds = redis.cluster_seeds().unwrap_or_default();
@@ -213,6 +228,22 @@ impl Host {
         ));
 
         let stop_admin = CancellationToken::new();
+        let gateway = match gateway_listener {
+            Some(listener) => {
+                let gateway = gateway::start(
+                    &config.gateway,
+                    listener,
+                    gateway_source,
+                    registry.clone(),
+                    stop_admin.clone(),
+                )?;
+                let addr = gateway.addr;
+                let stats = gateway.stats.clone();
+                tasks.push(gateway.task);
+                Some((addr, stats))
+            }
+            None => None,
+        };
         let admin_addr = match admin_listener {
             Some(listener) => {
                 let addr = listener.local_addr()?;
@@ -222,6 +253,7 @@ impl Host {
                         source.clone(),
                         router.clone(),
                         outputs.clone(),
+                        gateway.as_ref().map(|(_, stats)| stats.clone()),
                     ),
                     registry: registry.clone(),
                     source: source.clone(),
@@ -270,6 +302,7 @@ impl Host {
             router,
             source,
             admin_addr,
+            gateway_addr: gateway.map(|(addr, _)| addr),
             stop_watching,
             stop_source,
             stop_admin,
@@ -280,6 +313,11 @@ impl Host {
     /// Where the admin endpoint listens, if it does.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Where the browser gateway listens, if it does.
+    pub fn gateway_addr(&self) -> Option<SocketAddr> {
+        self.gateway_addr
     }
 
     /// The plugin registry.

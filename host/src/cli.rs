@@ -59,6 +59,36 @@ pub enum Command {
     Test(TestArgs),
     /// Create a plugin project that builds and passes `switchyard test` as it is.
     New(NewArgs),
+    /// Browser gateway tools.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+/// `switchyard gateway ...`
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Print a signed gateway token (gateway.hmac_secret from the configuration).
+    Token(TokenArgs),
+}
+
+/// `switchyard gateway token` options.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// Configuration file holding gateway.hmac_secret.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Who holds the token (shown in the host's logs).
+    #[arg(long, default_value = "browser")]
+    pub sub: String,
+    /// Channels (Redis glob patterns) it may read; repeatable.
+    #[arg(long)]
+    pub read: Vec<String>,
+    /// Channels (Redis glob patterns) it may publish to; repeatable.
+    #[arg(long)]
+    pub write: Vec<String>,
+    /// Seconds until it expires.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
 }
 
 /// What decides a plugin's name and grants, for `check` and `test`.
@@ -183,6 +213,9 @@ pub struct RunArgs {
     /// Admin HTTP address (overrides admin.listen).
     #[arg(long)]
     pub admin: Option<SocketAddr>,
+    /// Browser gateway address (overrides gateway.listen; the gateway is off without it).
+    #[arg(long)]
+    pub gateway: Option<SocketAddr>,
 }
 
 /// Log output formats.
@@ -208,6 +241,9 @@ impl RunArgs {
         if let Some(addr) = self.admin {
             config.admin.listen = addr;
         }
+        if let Some(addr) = self.gateway {
+            config.gateway.listen = Some(addr);
+        }
         config.validate("command line")?;
         Ok(config)
     }
@@ -218,7 +254,11 @@ pub fn main(cli: Cli) -> ExitCode {
     // The demo's output is the story it prints; the host's own logs would bury it.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Demo | Command::Config(_) | Command::Status(_) | Command::New(_) => "warn",
+        Command::Demo
+        | Command::Config(_)
+        | Command::Status(_)
+        | Command::New(_)
+        | Command::Gateway(_) => "warn",
         // A failing message is an effect these report; the log would only repeat it.
         Command::Check(_) | Command::Test(_) => "error",
     };
@@ -245,6 +285,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 );
                 Ok(())
             }
+            Command::Gateway(GatewayCommand::Token(args)) => {
+                println!("{}", gateway_token(&args)?);
+                Ok(())
+            }
             Command::Config(ConfigCommand::Check(args)) => {
                 let config = args.resolve()?;
                 print!("{}", effective_settings(&config));
@@ -265,6 +309,27 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// `switchyard gateway token`: a token signed with the configuration's secret.
+pub fn gateway_token(args: &TokenArgs) -> anyhow::Result<String> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = Config::load(args.config.as_deref(), &env)?;
+    let secret =
+        config.gateway.hmac_secret.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("gateway.hmac_secret is not set: nothing to sign with")
+        })?;
+    let secret = crate::config::expand_env(secret)
+        .map_err(|e| anyhow::anyhow!("gateway.hmac_secret: {e}"))?;
+    Ok(crate::gateway::auth::sign(
+        secret.as_bytes(),
+        &crate::gateway::auth::Claims {
+            sub: args.sub.clone(),
+            exp: crate::gateway::auth::now_secs() + args.ttl,
+            read: args.read.clone(),
+            write: args.write.clone(),
+        },
+    ))
 }
 
 /// `switchyard run`: starts the host and runs it until SIGINT or SIGTERM.
@@ -349,6 +414,40 @@ pub fn effective_settings(config: &Config) -> String {
     }
     out.push('\n');
     let _ = writeln!(out, "[admin]\nlisten = \"{}\"\n", config.admin.listen);
+    let gw = &config.gateway;
+    match gw.listen {
+        None => {
+            let _ = writeln!(out, "[gateway]\n# off (no listen address)\n");
+        }
+        Some(listen) => {
+            let _ = writeln!(
+                out,
+                "[gateway]\nlisten = \"{listen}\"\nallowed_origins = {:?}\nhmac_secret = {}\n\
+                 client_buffer = {}\nslow_clients = {:?}\nmax_message_bytes = {}\n\
+                 max_messages_per_sec = {}\nmax_connections = {}\npages = {}",
+                gw.allowed_origins,
+                if gw.hmac_secret.is_some() {
+                    "\"***\""
+                } else {
+                    "\"\" # signed tokens off"
+                },
+                gw.client_buffer,
+                gw.slow_clients,
+                gw.max_message_bytes,
+                gw.max_messages_per_sec,
+                gw.max_connections,
+                gw.pages,
+            );
+            for (name, token) in &gw.tokens {
+                let _ = writeln!(
+                    out,
+                    "[gateway.tokens.{name}]\ntoken = \"***\"\nread = {:?}\nwrite = {:?}",
+                    token.read, token.write
+                );
+            }
+            out.push('\n');
+        }
+    }
     let st = &config.streams;
     let _ = writeln!(
         out,

@@ -47,6 +47,109 @@ pub struct Config {
     /// How stream subscriptions are read.
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// The browser gateway (off unless `listen` is set).
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+}
+
+/// `[gateway]`: WebSocket and Server-Sent Events for browsers, with their pages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Address of the gateway's HTTP listener; the gateway is off when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Origins (`https://app.example.com`) whose pages may connect, besides the gateway's own.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Secret for signed tokens (`${VAR}` reads the environment); signed tokens are refused
+    /// when unset.
+    #[serde(default)]
+    pub hmac_secret: Option<String>,
+    /// Static tokens by name.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, GatewayToken>,
+    /// Messages waiting for one client before it counts as slow.
+    #[serde(default = "default_client_buffer")]
+    pub client_buffer: usize,
+    /// What a slow client gets: `drop` (the messages it cannot take, counted and announced)
+    /// or `disconnect`.
+    #[serde(default)]
+    pub slow_clients: SlowClients,
+    /// Largest WebSocket message a client may send, in bytes.
+    #[serde(default = "default_gateway_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Requests (publish, subscribe) per second one connection may make; bursts of twice that.
+    #[serde(default = "default_gateway_rate")]
+    pub max_messages_per_sec: f64,
+    /// Connections served at once; more are refused with 503.
+    #[serde(default = "default_gateway_max_connections")]
+    pub max_connections: usize,
+    /// Whether `/`, the dashboard and the chat pages are served.
+    #[serde(default = "default_true")]
+    pub pages: bool,
+}
+
+/// `[gateway.tokens.NAME]`: a static token and what it may read and write.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayToken {
+    /// The token (`${VAR}` reads the environment).
+    pub token: String,
+    /// Channels (Redis glob patterns) the holder may receive.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Channels (Redis glob patterns) the holder may publish to over WebSocket.
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
+/// What the gateway does with a client that does not keep up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowClients {
+    /// Drop what it cannot take, count it, and tell it how many it missed.
+    #[default]
+    Drop,
+    /// Close its connection.
+    Disconnect,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            allowed_origins: Vec::new(),
+            hmac_secret: None,
+            tokens: BTreeMap::new(),
+            client_buffer: default_client_buffer(),
+            slow_clients: SlowClients::default(),
+            max_message_bytes: default_gateway_max_message_bytes(),
+            max_messages_per_sec: default_gateway_rate(),
+            max_connections: default_gateway_max_connections(),
+            pages: true,
+        }
+    }
+}
+
+fn default_client_buffer() -> usize {
+    256
+}
+
+fn default_gateway_max_message_bytes() -> usize {
+    64 << 10
+}
+
+fn default_gateway_rate() -> f64 {
+    20.0
+}
+
+fn default_gateway_max_connections() -> usize {
+    10_000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How capabilities are granted.
@@ -736,6 +839,20 @@ const ENV_KEYS: &[(&str, &[&str])] = &[
     ("admin", &["listen"]),
     ("invalidation", &["broadcast"]),
     (
+        "gateway",
+        &[
+            "listen",
+            "allowed_origins",
+            "hmac_secret",
+            "client_buffer",
+            "slow_clients",
+            "max_message_bytes",
+            "max_messages_per_sec",
+            "max_connections",
+            "pages",
+        ],
+    ),
+    (
         "streams",
         &[
             "consumer",
@@ -892,6 +1009,49 @@ impl Config {
                 "{origin}: plugins.breaker_failures ({}) must be between 1 and plugins.breaker_window ({})",
                 plugins.breaker_failures, plugins.breaker_window
             ));
+        }
+        let gateway = &self.gateway;
+        if let Some(secret) = &gateway.hmac_secret {
+            match expand_env(secret) {
+                Ok(secret) if secret.len() < 16 => problems.push(format!(
+                    "{origin}: gateway.hmac_secret must be at least 16 bytes"
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{origin}: gateway.hmac_secret: {e}")),
+            }
+        }
+        for (name, token) in &gateway.tokens {
+            match expand_env(&token.token) {
+                Ok(value) if value.len() < 16 => problems.push(format!(
+                    "{origin}: gateway.tokens.{name}.token must be at least 16 characters"
+                )),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{origin}: gateway.tokens.{name}.token: {e}")),
+            }
+        }
+        if gateway.client_buffer == 0 {
+            problems.push(format!(
+                "{origin}: gateway.client_buffer must be at least 1"
+            ));
+        }
+        if gateway.max_message_bytes == 0 {
+            problems.push(format!(
+                "{origin}: gateway.max_message_bytes must be at least 1"
+            ));
+        }
+        if gateway.max_messages_per_sec.is_nan() || gateway.max_messages_per_sec <= 0.0 {
+            problems.push(format!(
+                "{origin}: gateway.max_messages_per_sec must be more than 0"
+            ));
+        }
+        for allowed in &gateway.allowed_origins {
+            if !(allowed.starts_with("http://") || allowed.starts_with("https://"))
+                || allowed.trim_end_matches('/').matches('/').count() != 2
+            {
+                problems.push(format!(
+                    "{origin}: gateway.allowed_origins: {allowed:?} is not an origin (scheme://host[:port])"
+                ));
+            }
         }
         if self.streams.batch == 0 {
             problems.push(format!("{origin}: streams.batch must be at least 1"));

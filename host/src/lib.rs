@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod effects;
+pub mod gateway;
 pub mod offline;
 pub mod plugins;
 pub mod router;

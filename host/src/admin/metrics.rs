@@ -5,6 +5,7 @@
 //! names, output names, fixed outcomes; never channel names.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -14,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 
 use crate::effects::outputs::Outputs;
+use crate::gateway::GatewayStats;
 use crate::plugins::Registry;
 use crate::router::Router;
 use crate::source::Source;
@@ -36,6 +38,12 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_plugin_reloads",
     "switchyard_plugin_handle_seconds",
     "switchyard_output_calls",
+    "switchyard_gateway_connections",
+    "switchyard_gateway_messages",
+    "switchyard_gateway_dropped",
+    "switchyard_gateway_slow_disconnects",
+    "switchyard_gateway_denied",
+    "switchyard_gateway_subscriptions",
 ];
 
 /// Reads every stage's counters on each scrape.
@@ -45,6 +53,7 @@ pub struct SwitchyardCollector {
     source: Source,
     router: Arc<Router>,
     outputs: Arc<Outputs>,
+    gateway: Option<Arc<GatewayStats>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -77,6 +86,7 @@ pub fn registry(
     source: Source,
     router: Arc<Router>,
     outputs: Arc<Outputs>,
+    gateway: Option<Arc<GatewayStats>>,
 ) -> MetricsRegistry {
     let mut metrics = MetricsRegistry::default();
     metrics.register_collector(Box::new(SwitchyardCollector {
@@ -84,6 +94,7 @@ pub fn registry(
         source,
         router,
         outputs,
+        gateway,
     }));
     metrics
 }
@@ -310,6 +321,67 @@ impl Collector for SwitchyardCollector {
                 })
             }),
         )?;
+        if let Some(gateway) = &self.gateway {
+            encode_gateway(&mut encoder, gateway)?;
+        }
         Ok(())
     }
+}
+
+/// The browser gateway's series.
+fn encode_gateway(encoder: &mut DescriptorEncoder, stats: &GatewayStats) -> std::fmt::Result {
+    let read = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
+    let gauge =
+        |value: &std::sync::atomic::AtomicU64| i64::try_from(read(value)).unwrap_or(i64::MAX);
+    gauges(
+        encoder,
+        "switchyard_gateway_connections",
+        "Open browser connections, by protocol.",
+        [
+            (vec![("protocol", "ws")], gauge(&stats.ws_connections)),
+            (vec![("protocol", "sse")], gauge(&stats.sse_connections)),
+        ],
+    )?;
+    counters(
+        encoder,
+        "switchyard_gateway_messages",
+        "Messages through the gateway: out (to a client, counted per client), in (published by \
+         a client).",
+        [
+            (vec![("direction", "out")], read(&stats.messages_out)),
+            (vec![("direction", "in")], read(&stats.messages_in)),
+        ],
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_dropped",
+        "Messages slow clients lost because they fell client_buffer messages behind.",
+        ConstCounter::new(read(&stats.dropped)),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_slow_disconnects",
+        "Slow clients disconnected (slow_clients = \"disconnect\").",
+        ConstCounter::new(read(&stats.slow_disconnects)),
+    )?;
+    counters(
+        encoder,
+        "switchyard_gateway_denied",
+        "Refused connections and requests, by reason.",
+        [
+            ("token", &stats.denied_token),
+            ("origin", &stats.denied_origin),
+            ("channel", &stats.denied_channel),
+            ("rate", &stats.denied_rate),
+            ("size", &stats.denied_size),
+            ("capacity", &stats.denied_capacity),
+        ]
+        .map(|(reason, value)| (vec![("reason", reason)], read(value))),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_subscriptions",
+        "Redis subscriptions held for browsers (one per channel or pattern, however many watch).",
+        ConstGauge::new(gauge(&stats.subscriptions)),
+    )
 }

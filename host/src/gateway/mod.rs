@@ -1,0 +1,729 @@
+//! The browser gateway: WebSocket (`/ws`) and Server-Sent Events (`/sse`) bridges to Redis
+//! channels, the dashboard and chat pages, on a listener of its own (off by default).
+//!
+//! No token, no data: every data endpoint wants a token (`token=` or `Authorization:
+//! Bearer`), static or signed (see [`auth`]), whose grants name the channels it may read and
+//! write. A browser page from an origin that is neither the gateway's own nor listed in
+//! `allowed_origins` is refused before any upgrade. Refusals before the upgrade are plain
+//! HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008 (policy: too
+//! many refused requests, a slow client with `slow_clients = "disconnect"`), 1009 (a message
+//! over `max_message_bytes`), 4001 (the token expired).
+//!
+//! Messages reach browsers through the [`hub`]: one Redis subscription per channel or
+//! pattern, shared by every client watching it, and a ring per subscription that each client
+//! reads at its own pace. A client that falls `client_buffer` messages behind loses the
+//! oldest it had not read, is told how many, and nobody else waits for it.
+
+pub mod auth;
+pub mod hub;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use futures::{SinkExt as _, Stream, StreamExt as _};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::task::JoinHandle;
+use tokio_stream::StreamMap;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{GatewayConfig, SlowClients};
+use crate::effects::rate::TokenBucket;
+use crate::plugins::Registry;
+use crate::router::is_reserved;
+use crate::source::Subscription;
+use crate::source::embedded::EmbeddedBroker;
+use auth::{Access, Authority, origin_allowed};
+use hub::{Backend, Dispatcher, Event, Hub};
+
+/// The pseudo-channel a token must be able to read for `/api/plugins`.
+pub const PLUGINS_CHANNEL: &str = "switchyard:plugins";
+/// How often a connection checks that its token has not expired.
+const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+/// Refused requests in a row after which a WebSocket is closed.
+const MAX_REFUSALS: u32 = 10;
+/// Interval of SSE keep-alive comments.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Close code: the token expired while connected.
+pub const CLOSE_EXPIRED: u16 = 4001;
+/// Close code: policy (too many refused requests, too slow).
+pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the host is stopping.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code: a message over the size limit.
+pub const CLOSE_TOO_BIG: u16 = 1009;
+
+/// The gateway's counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Open WebSocket connections.
+    pub ws_connections: AtomicU64,
+    /// Open SSE streams.
+    pub sse_connections: AtomicU64,
+    /// Messages put in clients' rings (one per client that watches the subscription).
+    pub messages_out: AtomicU64,
+    /// Messages browsers published.
+    pub messages_in: AtomicU64,
+    /// Messages slow clients lost.
+    pub dropped: AtomicU64,
+    /// Slow clients disconnected (`slow_clients = "disconnect"`).
+    pub slow_disconnects: AtomicU64,
+    /// Redis subscriptions held for browsers.
+    pub subscriptions: AtomicU64,
+    /// Refusals: no or bad token.
+    pub denied_token: AtomicU64,
+    /// Refusals: origin not allowed.
+    pub denied_origin: AtomicU64,
+    /// Refusals: channel not granted (read or write).
+    pub denied_channel: AtomicU64,
+    /// Refusals: request rate over the limit.
+    pub denied_rate: AtomicU64,
+    /// Refusals: message over the size limit.
+    pub denied_size: AtomicU64,
+    /// Refusals: too many connections.
+    pub denied_capacity: AtomicU64,
+}
+
+/// Where the gateway's messages come from.
+pub enum GatewaySource {
+    /// A Redis server (for a cluster, one of its nodes: classic pub/sub reaches every node).
+    Redis(Box<redis::Client>),
+    /// The in-process broker.
+    Embedded(Arc<EmbeddedBroker>),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its counters.
+    pub stats: Arc<GatewayStats>,
+    /// Its server task.
+    pub task: JoinHandle<()>,
+}
+
+struct Shared {
+    hub: Arc<Hub>,
+    authority: Authority,
+    config: GatewayConfig,
+    stats: Arc<GatewayStats>,
+    registry: Arc<Registry>,
+    connections: AtomicUsize,
+    /// Ends every stream and socket when the host stops.
+    shutdown: CancellationToken,
+}
+
+/// Starts the gateway on `listener` until `shutdown`.
+pub fn start(
+    config: &GatewayConfig,
+    listener: tokio::net::TcpListener,
+    source: GatewaySource,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Gateway> {
+    let stats = Arc::new(GatewayStats::default());
+    let dispatcher = Dispatcher::new(stats.clone());
+    let backend = match source {
+        GatewaySource::Redis(client) => {
+            let info = client.get_connection_info().clone();
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            let client = redis::Client::open(info.set_redis_settings(settings))?;
+            let pushes = dispatcher.clone();
+            let manager = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(5)))
+                .set_push_sender(move |push| {
+                    pushes.push(push);
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .set_automatic_resubscription();
+            Backend::Redis(ConnectionManager::new_lazy_with_config(client, manager)?)
+        }
+        GatewaySource::Embedded(broker) => {
+            let mut published = broker.tap();
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move {
+                while let Some(message) = published.recv().await {
+                    dispatcher.published(&message.channel, &message.payload);
+                }
+            });
+            Backend::Embedded(broker)
+        }
+    };
+    let shared = Arc::new(Shared {
+        hub: Arc::new(Hub::new(backend, dispatcher, config.client_buffer)),
+        authority: Authority::from_config(config)?,
+        config: config.clone(),
+        stats: stats.clone(),
+        registry,
+        connections: AtomicUsize::new(0),
+        shutdown: shutdown.clone(),
+    });
+    let mut app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/ws", get(websocket))
+        .route("/sse", get(server_sent_events))
+        .route("/api/plugins", get(plugins));
+    if config.pages {
+        app = app.merge(pages());
+    }
+    let app = app.with_state(shared);
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("gateway stopped: {e}");
+        }
+    });
+    tracing::info!(%addr, "gateway listening");
+    Ok(Gateway { addr, stats, task })
+}
+
+/// The pages, embedded in the binary.
+fn pages() -> axum::Router<Arc<Shared>> {
+    fn page(
+        content_type: &'static str,
+        body: &'static str,
+    ) -> axum::routing::MethodRouter<Arc<Shared>> {
+        get(move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, content_type),
+                    // The pages load nothing from elsewhere and talk only to this gateway.
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
+                         frame-ancestors 'none'",
+                    ),
+                ],
+                body,
+            )
+        })
+    }
+    const HTML: &str = "text/html; charset=utf-8";
+    const JS: &str = "text/javascript; charset=utf-8";
+    axum::Router::new()
+        .route("/", page(HTML, include_str!("pages/index.html")))
+        .route("/index.html", page(HTML, include_str!("pages/index.html")))
+        .route(
+            "/dashboard.html",
+            page(HTML, include_str!("pages/dashboard.html")),
+        )
+        .route("/chat.html", page(HTML, include_str!("pages/chat.html")))
+        .route(
+            "/dashboard.js",
+            page(JS, include_str!("pages/dashboard.js")),
+        )
+        .route("/chat.js", page(JS, include_str!("pages/chat.js")))
+        .route("/common.js", page(JS, include_str!("pages/common.js")))
+        .route(
+            "/style.css",
+            page("text/css; charset=utf-8", include_str!("pages/style.css")),
+        )
+}
+
+/// A refusal before the upgrade: a status and a one-line reason.
+struct Refusal(StatusCode, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, format!("{}\n", self.1)).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, why: impl Into<String>) -> Refusal {
+    Refusal(status, why.into())
+}
+
+/// The request's parameters, `channel` repeatable.
+type Params = Query<Vec<(String, String)>>;
+
+/// A channel or pattern as a client names it: glob metacharacters make a pattern.
+fn subscription_of(name: &str) -> Result<Subscription, String> {
+    if name.is_empty() {
+        return Err("empty channel name".to_owned());
+    }
+    if is_reserved(name.as_bytes()) {
+        return Err(format!("{name} is reserved for the host"));
+    }
+    let bytes = Bytes::copy_from_slice(name.as_bytes());
+    Ok(if name.contains(['*', '?', '[']) {
+        Subscription::Pattern(bytes)
+    } else {
+        Subscription::Channel(bytes)
+    })
+}
+
+impl Shared {
+    /// Checks origin, token and every requested channel; the connection's access and
+    /// subscriptions, or the refusal.
+    fn admit(
+        &self,
+        headers: &HeaderMap,
+        params: &[(String, String)],
+    ) -> Result<(Access, Vec<Subscription>), Refusal> {
+        let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        if !origin_allowed(
+            header(header::ORIGIN),
+            header(header::HOST),
+            &self.config.allowed_origins,
+        ) {
+            self.stats.denied_origin.fetch_add(1, Ordering::Relaxed);
+            return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+        }
+        let token = params
+            .iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.as_str())
+            .or_else(|| header(header::AUTHORIZATION)?.strip_prefix("Bearer "));
+        let access = self.authority.check(token).map_err(|refused| {
+            self.stats.denied_token.fetch_add(1, Ordering::Relaxed);
+            refuse(StatusCode::UNAUTHORIZED, refused.to_string())
+        })?;
+        let mut subscriptions = Vec::new();
+        for (_, name) in params.iter().filter(|(k, _)| k == "channel") {
+            let subscription =
+                subscription_of(name).map_err(|why| refuse(StatusCode::BAD_REQUEST, why))?;
+            if !access.may_read(&subscription) {
+                self.stats.denied_channel.fetch_add(1, Ordering::Relaxed);
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("not allowed to read {name}"),
+                ));
+            }
+            if !subscriptions.contains(&subscription) {
+                subscriptions.push(subscription);
+            }
+        }
+        Ok((access, subscriptions))
+    }
+
+    /// Counts a new connection, or refuses it when the gateway is full.
+    fn connect(self: &Arc<Self>, gauge: fn(&GatewayStats) -> &AtomicU64) -> Result<Slot, Refusal> {
+        let open = self.connections.fetch_add(1, Ordering::AcqRel);
+        if open >= self.config.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            self.stats.denied_capacity.fetch_add(1, Ordering::Relaxed);
+            return Err(refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections",
+            ));
+        }
+        gauge(&self.stats).fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            shared: self.clone(),
+            gauge,
+            subscriptions: Vec::new(),
+        })
+    }
+}
+
+/// One open connection: counted while it lives, its subscriptions left when it goes.
+struct Slot {
+    shared: Arc<Shared>,
+    gauge: fn(&GatewayStats) -> &AtomicU64,
+    subscriptions: Vec<Subscription>,
+}
+
+impl Slot {
+    async fn join(
+        &mut self,
+        subscription: &Subscription,
+    ) -> anyhow::Result<BroadcastStream<Event>> {
+        let receiver = self.shared.hub.join(subscription).await?;
+        self.subscriptions.push(subscription.clone());
+        Ok(BroadcastStream::new(receiver))
+    }
+
+    async fn leave(&mut self, subscription: &Subscription) {
+        if let Some(at) = self.subscriptions.iter().position(|s| s == subscription) {
+            self.subscriptions.swap_remove(at);
+            self.shared.hub.leave(subscription).await;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+        (self.gauge)(&self.shared.stats).fetch_sub(1, Ordering::Relaxed);
+        let subscriptions = std::mem::take(&mut self.subscriptions);
+        if !subscriptions.is_empty() {
+            let hub = self.shared.hub.clone();
+            tokio::spawn(async move {
+                for subscription in &subscriptions {
+                    hub.leave(subscription).await;
+                }
+            });
+        }
+    }
+}
+
+/// `GET /api/plugins`: the host's plugins, for dashboards.
+async fn plugins(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (access, _) = match shared.admit(&headers, &params) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let plugins = Subscription::Channel(Bytes::from_static(PLUGINS_CHANNEL.as_bytes()));
+    if !access.may_read(&plugins) {
+        shared.stats.denied_channel.fetch_add(1, Ordering::Relaxed);
+        return refuse(
+            StatusCode::FORBIDDEN,
+            format!("not allowed to read {PLUGINS_CHANNEL}"),
+        )
+        .into_response();
+    }
+    axum::Json(shared.registry.report()).into_response()
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send>>;
+
+/// `GET /sse`: the requested channels as Server-Sent Events.
+async fn server_sent_events(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Response {
+    let (access, subscriptions) = match shared.admit(&headers, &params) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if subscriptions.is_empty() {
+        return refuse(StatusCode::BAD_REQUEST, "channel= is required").into_response();
+    }
+    let mut slot = match shared.connect(|s| &s.sse_connections) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let mut streams = StreamMap::new();
+    for subscription in &subscriptions {
+        match slot.join(subscription).await {
+            Ok(stream) => {
+                streams.insert(subscription.clone(), stream);
+            }
+            Err(e) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot subscribe: {e}"),
+                )
+                .into_response();
+            }
+        }
+    }
+    let disconnect_slow = shared.config.slow_clients == SlowClients::Disconnect;
+    let stats = shared.stats.clone();
+    let shutdown = shared.shutdown.clone();
+    let expiry = tokio::time::interval(EXPIRY_CHECK);
+    // The slot lives as long as the stream: dropping it (client gone) leaves the
+    // subscriptions.
+    let events: Events = Box::pin(futures::stream::unfold(
+        (streams, expiry, slot, access, false),
+        move |(mut streams, mut expiry, slot, access, done)| {
+            let stats = stats.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return None,
+                        next = streams.next() => {
+                            let (_, item) = next?;
+                            let event = match item {
+                                Ok(event) => SseEvent::default().event("message").data(&*event),
+                                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                                    stats.dropped.fetch_add(missed, Ordering::Relaxed);
+                                    if disconnect_slow {
+                                        stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                                        let event = SseEvent::default()
+                                            .event("closed")
+                                            .data(r#"{"reason":"too slow"}"#);
+                                        return Some((Ok(event), (streams, expiry, slot, access, true)));
+                                    }
+                                    SseEvent::default()
+                                        .event("dropped")
+                                        .data(serde_json::json!({ "dropped": missed }).to_string())
+                                }
+                            };
+                            return Some((Ok(event), (streams, expiry, slot, access, false)));
+                        }
+                        _ = expiry.tick() => {
+                            if access.expired() {
+                                let event = SseEvent::default()
+                                    .event("closed")
+                                    .data(r#"{"reason":"token expired"}"#);
+                                return Some((Ok(event), (streams, expiry, slot, access, true)));
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    ));
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+/// `GET /ws`: the requested channels, further (un)subscriptions and publishing.
+async fn websocket(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(params): Params,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    // Token, origin and channels first: a plain GET learns why it would be refused.
+    let (access, subscriptions) = match shared.admit(&headers, &params) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let slot = match shared.connect(|s| &s.ws_connections) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    // Frames up to twice the limit are read and answered with 1009; larger ones end the
+    // connection without reading them.
+    let limit = shared.config.max_message_bytes;
+    upgrade
+        .max_message_size(limit.saturating_mul(2).max(1024))
+        .on_upgrade(move |socket| async move {
+            let session = Session {
+                bucket: TokenBucket::new(
+                    shared.config.max_messages_per_sec,
+                    shared.config.max_messages_per_sec * 2.0,
+                ),
+                shared,
+                access,
+                slot,
+                streams: StreamMap::new(),
+                refusals: 0,
+            };
+            session.run(socket, subscriptions).await;
+        })
+}
+
+/// A request a WebSocket client sends.
+#[derive(serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum Request {
+    Publish {
+        channel: String,
+        payload: String,
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    },
+    Subscribe {
+        channel: String,
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    },
+    Unsubscribe {
+        channel: String,
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    },
+}
+
+/// How a client frame ended up.
+enum Answer {
+    Ok(Option<serde_json::Value>),
+    Refused(String, Option<serde_json::Value>),
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    access: Access,
+    slot: Slot,
+    streams: StreamMap<Subscription, BroadcastStream<Event>>,
+    bucket: TokenBucket,
+    refusals: u32,
+}
+
+impl Session {
+    async fn run(mut self, socket: WebSocket, initial: Vec<Subscription>) {
+        let (mut sink, mut incoming) = socket.split();
+        for subscription in &initial {
+            match self.slot.join(subscription).await {
+                Ok(stream) => {
+                    self.streams.insert(subscription.clone(), stream);
+                }
+                Err(e) => {
+                    let _ = sink
+                        .send(close(1011, &format!("cannot subscribe: {e}")))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let mut expiry = tokio::time::interval(EXPIRY_CHECK);
+        let stats = self.shared.stats.clone();
+        loop {
+            let outgoing = tokio::select! {
+                () = self.shared.shutdown.cancelled() => close(CLOSE_GOING_AWAY, "the host is stopping"),
+                Some((_, item)) = self.streams.next(), if !self.streams.is_empty() => match item {
+                    Ok(event) => Message::Text((*event).into()),
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                        stats.dropped.fetch_add(missed, Ordering::Relaxed);
+                        if self.shared.config.slow_clients == SlowClients::Disconnect {
+                            stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                            close(CLOSE_POLICY, "too slow")
+                        } else {
+                            text(serde_json::json!({ "type": "dropped", "dropped": missed }))
+                        }
+                    }
+                },
+                frame = incoming.next() => match frame {
+                    Some(Ok(Message::Text(frame))) => self.answer(frame.as_bytes()).await,
+                    Some(Ok(Message::Binary(frame))) => self.answer(&frame).await,
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        // Most often a frame over twice the limit.
+                        tracing::debug!(subject = %self.access.subject, "gateway: websocket read failed: {e}");
+                        stats.denied_size.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                },
+                _ = expiry.tick() => {
+                    if self.access.expired() {
+                        close(CLOSE_EXPIRED, "token expired")
+                    } else {
+                        continue;
+                    }
+                }
+            };
+            let closing = matches!(outgoing, Message::Close(_));
+            if sink.send(outgoing).await.is_err() || closing {
+                break;
+            }
+        }
+        for subscription in self.streams.keys().cloned().collect::<Vec<_>>() {
+            self.slot.leave(&subscription).await;
+        }
+    }
+
+    /// Carries out one client frame; the frame to send back.
+    async fn answer(&mut self, frame: &[u8]) -> Message {
+        let stats = self.shared.stats.clone();
+        if frame.len() > self.shared.config.max_message_bytes {
+            stats.denied_size.fetch_add(1, Ordering::Relaxed);
+            return close(CLOSE_TOO_BIG, "message too big");
+        }
+        if self.access.expired() {
+            return close(CLOSE_EXPIRED, "token expired");
+        }
+        let answer = if self.bucket.admit() {
+            self.carry_out(frame).await
+        } else {
+            stats.denied_rate.fetch_add(1, Ordering::Relaxed);
+            Answer::Refused("rate limit".to_owned(), None)
+        };
+        match answer {
+            Answer::Ok(id) => {
+                self.refusals = 0;
+                text(serde_json::json!({ "type": "ok", "request": id }))
+            }
+            Answer::Refused(error, id) => {
+                self.refusals += 1;
+                if self.refusals >= MAX_REFUSALS {
+                    return close(CLOSE_POLICY, "too many refused requests");
+                }
+                text(serde_json::json!({ "type": "error", "error": error, "request": id }))
+            }
+        }
+    }
+
+    async fn carry_out(&mut self, frame: &[u8]) -> Answer {
+        let stats = self.shared.stats.clone();
+        let request: Request = match serde_json::from_slice(frame) {
+            Ok(request) => request,
+            Err(e) => return Answer::Refused(format!("not a request: {e}"), None),
+        };
+        match request {
+            Request::Publish {
+                channel,
+                payload,
+                id,
+            } => {
+                if !self.access.may_write(&channel) || is_reserved(channel.as_bytes()) {
+                    stats.denied_channel.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Refused(format!("not allowed to publish on {channel}"), id);
+                }
+                match self.shared.hub.publish(&channel, &payload).await {
+                    Ok(_) => {
+                        stats.messages_in.fetch_add(1, Ordering::Relaxed);
+                        Answer::Ok(id)
+                    }
+                    Err(e) => Answer::Refused(format!("publish failed: {e}"), id),
+                }
+            }
+            Request::Subscribe { channel, id } => {
+                let subscription = match subscription_of(&channel) {
+                    Ok(subscription) => subscription,
+                    Err(why) => return Answer::Refused(why, id),
+                };
+                if !self.access.may_read(&subscription) {
+                    stats.denied_channel.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Refused(format!("not allowed to read {channel}"), id);
+                }
+                if self.streams.contains_key(&subscription) {
+                    return Answer::Ok(id);
+                }
+                match self.slot.join(&subscription).await {
+                    Ok(stream) => {
+                        self.streams.insert(subscription, stream);
+                        Answer::Ok(id)
+                    }
+                    Err(e) => Answer::Refused(format!("cannot subscribe: {e}"), id),
+                }
+            }
+            Request::Unsubscribe { channel, id } => {
+                if let Ok(subscription) = subscription_of(&channel)
+                    && self.streams.remove(&subscription).is_some()
+                {
+                    self.slot.leave(&subscription).await;
+                }
+                Answer::Ok(id)
+            }
+        }
+    }
+}
+
+fn text(value: serde_json::Value) -> Message {
+    Message::Text(value.to_string().into())
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_owned().into(),
+    }))
+}
