@@ -45,7 +45,7 @@ pub enum Command {
     /// Subscribe to Redis and route messages to the plugins in a folder.
     Run(RunArgs),
     /// Run the example plugins on an embedded broker and show what they do (no Redis needed).
-    Demo,
+    Demo(DemoArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -62,6 +62,15 @@ pub enum Command {
     /// Browser gateway tools.
     #[command(subcommand)]
     Gateway(GatewayCommand),
+}
+
+/// `switchyard demo` options.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// After the scenarios, keep running with the browser gateway on this address (the
+    /// dashboard and chat pages, on the embedded broker).
+    #[arg(long)]
+    pub gateway: Option<SocketAddr>,
 }
 
 /// `switchyard gateway ...`
@@ -254,7 +263,7 @@ pub fn main(cli: Cli) -> ExitCode {
     // The demo's output is the story it prints; the host's own logs would bury it.
     let default_level = match cli.command {
         Command::Run(_) => "info",
-        Command::Demo
+        Command::Demo(_)
         | Command::Config(_)
         | Command::Status(_)
         | Command::New(_)
@@ -273,7 +282,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
-            Command::Demo => crate::demo::run(&mut std::io::stdout()).await,
+            Command::Demo(args) => crate::demo::run(&mut std::io::stdout(), args.gateway).await,
             Command::Status(args) => status(args).await,
             Command::Check(args) => check(args).await,
             Command::Test(args) => test(args).await,

@@ -6,6 +6,7 @@
 //! Outputs are captured instead of sent anywhere.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::app::{Broker, Host};
-use crate::config::Config;
+use crate::config::{Config, GatewayToken};
 use crate::effects::outputs::{Captured, Outputs};
 use crate::source::embedded::{EmbeddedBroker, Published};
 
@@ -185,8 +186,10 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// Runs every scenario and writes the story to `out`.
-pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
+/// Runs every scenario and writes the story to `out`; then, with a `gateway` address,
+/// keeps running with the browser gateway there (and made-up metrics feeding the dashboard)
+/// until interrupted.
+pub async fn run(out: &mut impl Write, gateway: Option<SocketAddr>) -> anyhow::Result<()> {
     let folder = tempfile::Builder::new()
         .prefix("switchyard-demo-")
         .tempdir()
@@ -205,6 +208,20 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
     }
     let mut config = Config::default();
     config.plugins.dir = folder.path().to_owned();
+    let tokens = gateway.map(|addr| {
+        config.gateway.listen = Some(addr);
+        let token = |read: &[&str], write: &[&str]| GatewayToken {
+            token: format!("{:032x}", rand::random::<u128>()),
+            read: read.iter().map(|s| (*s).to_owned()).collect(),
+            write: write.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let dashboard = token(&["dashboard:*", crate::gateway::PLUGINS_CHANNEL], &[]);
+        let chat = token(&["chat:*"], &["chat:in:*"]);
+        let urls = (dashboard.token.clone(), chat.token.clone());
+        config.gateway.tokens.insert("dashboard".into(), dashboard);
+        config.gateway.tokens.insert("chat".into(), chat);
+        urls
+    });
 
     let broker = EmbeddedBroker::new();
     let mut tap = broker.tap();
@@ -275,7 +292,44 @@ pub async fn run(out: &mut impl Write) -> anyhow::Result<()> {
             )?;
         }
     }
+    if let (Some(addr), Some((dashboard, chat))) = (host.gateway_addr(), tokens) {
+        drop(tap);
+        drop(captured);
+        writeln!(
+            out,
+            "\nBrowser gateway (Ctrl-C to stop):\n  dashboard  http://{addr}/dashboard.html?token={dashboard}\n  \
+             chat       http://{addr}/chat.html?token={chat}\n\
+             Made-up metrics from web-1, web-2 and web-3 feed the dashboard twice a second."
+        )?;
+        out.flush()?;
+        feed_metrics(&broker).await;
+    }
     host.stop(MESSAGE_TIMEOUT).await
+}
+
+/// Publishes made-up metrics for three sources every half second until Ctrl-C.
+async fn feed_metrics(broker: &EmbeddedBroker) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut step = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = tick.tick() => {}
+        }
+        step += 1;
+        for (i, source) in ["web-1", "web-2", "web-3"].iter().enumerate() {
+            let phase = f64::from(step) / 8.0 + i as f64;
+            let metrics = serde_json::json!({
+                "cpu": ((phase.sin() + 1.0) / 2.0 * 100.0).round() / 100.0,
+                "memory": 256 + (i as u32) * 128 + step % 32,
+                "requests": 100 + ((phase * 1.7).cos() * 40.0).round() as i64,
+            });
+            broker.publish(
+                Bytes::from(format!("metrics:{source}")),
+                Bytes::from(metrics.to_string()),
+            );
+        }
+    }
 }
 
 /// Prints what happened since the last input: the input itself, then the effects.
