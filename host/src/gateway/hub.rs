@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
+use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{PushInfo, PushKind, Value};
@@ -24,8 +25,9 @@ use crate::source::Subscription;
 use crate::source::embedded::EmbeddedBroker;
 
 /// One message on its way to browsers: the JSON object both protocols send,
-/// `{"type":"message","channel":…,"pattern":…,"payload":…}`.
-pub type Event = Arc<str>;
+/// `{"type":"message","channel":…,"pattern":…,"payload":…}`, rendered once and shared by
+/// every client's frame (cloning it copies no bytes).
+pub type Event = Utf8Bytes;
 
 /// Where messages for browsers come from and browsers' messages go.
 #[derive(Clone)]
@@ -131,7 +133,7 @@ fn render(channel: &[u8], pattern: Option<&[u8]>, payload: &[u8]) -> Event {
             .encode(payload)
             .into();
     }
-    Arc::from(message.to_string())
+    Utf8Bytes::from(message.to_string())
 }
 
 struct Topic {

@@ -454,7 +454,7 @@ async fn server_sent_events(
                         next = streams.next() => {
                             let (_, item) = next?;
                             let event = match item {
-                                Ok(event) => SseEvent::default().event("message").data(&*event),
+                                Ok(event) => SseEvent::default().event("message").data(event.as_str()),
                                 Err(BroadcastStreamRecvError::Lagged(missed)) => {
                                     stats.dropped.fetch_add(missed, Ordering::Relaxed);
                                     if disconnect_slow {
@@ -589,7 +589,7 @@ impl Session {
             let outgoing = tokio::select! {
                 () = self.shared.shutdown.cancelled() => close(CLOSE_GOING_AWAY, "the host is stopping"),
                 Some((_, item)) = self.streams.next(), if !self.streams.is_empty() => match item {
-                    Ok(event) => Message::Text((*event).into()),
+                    Ok(event) => Message::Text(event),
                     Err(BroadcastStreamRecvError::Lagged(missed)) => {
                         stats.dropped.fetch_add(missed, Ordering::Relaxed);
                         if self.shared.config.slow_clients == SlowClients::Disconnect {
