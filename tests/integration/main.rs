@@ -2,6 +2,7 @@
 //!
 //! One test binary (linked once) with a module per area.
 
+mod browser;
 mod cluster;
 mod faults;
 mod glob_differential;
