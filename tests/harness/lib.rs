@@ -6,6 +6,7 @@
 //! observation.
 
 pub mod cluster;
+pub mod gateway;
 pub mod polyglot;
 pub mod redis;
 pub mod tls;

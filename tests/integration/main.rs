@@ -5,6 +5,7 @@
 mod browser;
 mod cluster;
 mod faults;
+mod gateway;
 mod glob_differential;
 mod kubernetes;
 mod languages;

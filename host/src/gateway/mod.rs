@@ -30,6 +30,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use bytes::Bytes;
 use futures::{SinkExt as _, Stream, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -185,6 +186,13 @@ pub fn start(
     }
     let app = app.with_state(shared);
     let addr = listener.local_addr()?;
+    // Messages are small and each is sent as soon as it arrives: without TCP_NODELAY, every
+    // message after the first of a burst waits for the client's delayed ACK (up to 40 ms).
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("gateway: cannot set TCP_NODELAY: {e}");
+        }
+    });
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -505,12 +513,28 @@ async fn websocket(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let slot = match shared.connect(|s| &s.ws_connections) {
+    let mut slot = match shared.connect(|s| &s.ws_connections) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
-    // Frames up to twice the limit are read and answered with 1009; larger ones end the
-    // connection without reading them.
+    // Subscribed before the socket opens: a client that sees it open misses nothing.
+    let mut streams = StreamMap::new();
+    for subscription in &subscriptions {
+        match slot.join(subscription).await {
+            Ok(stream) => {
+                streams.insert(subscription.clone(), stream);
+            }
+            Err(e) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot subscribe: {e}"),
+                )
+                .into_response();
+            }
+        }
+    }
+    // Frames up to twice the limit are read and answered with 1009; larger ones fail the
+    // read, and are answered with 1009 too (see `over_hard_limit`).
     let limit = shared.config.max_message_bytes;
     upgrade
         .max_message_size(limit.saturating_mul(2).max(1024))
@@ -523,10 +547,10 @@ async fn websocket(
                 shared,
                 access,
                 slot,
-                streams: StreamMap::new(),
+                streams,
                 refusals: 0,
             };
-            session.run(socket, subscriptions).await;
+            session.run(socket).await;
         })
 }
 
@@ -568,21 +592,8 @@ struct Session {
 }
 
 impl Session {
-    async fn run(mut self, socket: WebSocket, initial: Vec<Subscription>) {
+    async fn run(mut self, socket: WebSocket) {
         let (mut sink, mut incoming) = socket.split();
-        for subscription in &initial {
-            match self.slot.join(subscription).await {
-                Ok(stream) => {
-                    self.streams.insert(subscription.clone(), stream);
-                }
-                Err(e) => {
-                    let _ = sink
-                        .send(close(1011, &format!("cannot subscribe: {e}")))
-                        .await;
-                    return;
-                }
-            }
-        }
         let mut expiry = tokio::time::interval(EXPIRY_CHECK);
         let stats = self.shared.stats.clone();
         loop {
@@ -606,10 +617,13 @@ impl Session {
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
-                        // Most often a frame over twice the limit.
                         tracing::debug!(subject = %self.access.subject, "gateway: websocket read failed: {e}");
+                        if !over_hard_limit(&e) {
+                            // The client went away without a close, or broke the protocol.
+                            break;
+                        }
                         stats.denied_size.fetch_add(1, Ordering::Relaxed);
-                        break;
+                        close(CLOSE_TOO_BIG, "message too big")
                     }
                 },
                 _ = expiry.tick() => {
@@ -644,7 +658,11 @@ impl Session {
             self.carry_out(frame).await
         } else {
             stats.denied_rate.fetch_add(1, Ordering::Relaxed);
-            Answer::Refused("rate limit".to_owned(), None)
+            // The client may match the refusal to its request by id.
+            let id = serde_json::from_slice::<serde_json::Value>(frame)
+                .ok()
+                .and_then(|request| request.get("id").cloned());
+            Answer::Refused("rate limit".to_owned(), id)
         };
         match answer {
             Answer::Ok(id) => {
@@ -715,6 +733,14 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether a WebSocket read failed on a message over the hard limit set on the upgrade.
+fn over_hard_limit(error: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    std::error::Error::source(error)
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|inner| matches!(inner, Error::Capacity(CapacityError::MessageTooLong { .. })))
 }
 
 fn text(value: serde_json::Value) -> Message {

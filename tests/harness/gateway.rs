@@ -1,0 +1,417 @@
+//! Clients of the browser gateway: a WebSocket client speaking its JSON frames, a
+//! Server-Sent Events reader, and the gateway's series on the admin `/metrics`.
+//!
+//! Every read takes a deadline and fails with what it was waiting for; nothing here sleeps.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{PATIENCE, TestHost};
+
+/// The gateway of a [`TestHost`] (configured with `[gateway] listen`).
+#[derive(Clone)]
+pub struct Gateway {
+    addr: SocketAddr,
+    http: reqwest::Client,
+}
+
+/// A refused WebSocket handshake: the HTTP status and the one-line reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Gateway {
+    /// The gateway `host` serves; panics if it has none.
+    pub fn of(host: &TestHost) -> Self {
+        Self {
+            addr: host
+                .host()
+                .gateway_addr()
+                .expect("the host was configured with [gateway] listen"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its own origin, as a page it served would send it.
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://ADDR{path}`
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `ws://ADDR{path}`
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// A plain GET of `path` with `headers`: (status, content type, body).
+    pub async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String, String)> {
+        let mut request = self.http.get(self.http_url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = tokio::time::timeout(PATIENCE, request.send())
+            .await
+            .with_context(|| format!("GET {path}: no answer within {PATIENCE:?}"))??;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = tokio::time::timeout(PATIENCE, response.text())
+            .await
+            .with_context(|| format!("GET {path}: no complete body within {PATIENCE:?}"))??;
+        Ok((status, content_type, body))
+    }
+
+    /// Opens a WebSocket on `path` (e.g. `/ws?channel=news&token=T`), without an `Origin`.
+    pub async fn ws(&self, path: &str) -> anyhow::Result<Ws> {
+        self.ws_from(path, None).await
+    }
+
+    /// Opens a WebSocket on `path` as a page from `origin` would (`None`: no `Origin`
+    /// header, like a non-browser client).
+    pub async fn ws_from(&self, path: &str, origin: Option<&str>) -> anyhow::Result<Ws> {
+        match self.handshake(path, origin).await? {
+            Ok(stream) => Ok(Ws { stream }),
+            Err(refused) => bail!("WebSocket {path} refused: {refused:?}"),
+        }
+    }
+
+    /// Attempts a WebSocket handshake on `path` that should be refused; the refusal.
+    pub async fn ws_refused(&self, path: &str, origin: Option<&str>) -> anyhow::Result<Refused> {
+        match self.handshake(path, origin).await? {
+            Ok(_) => bail!("the WebSocket handshake on {path} succeeded"),
+            Err(refused) => Ok(refused),
+        }
+    }
+
+    async fn handshake(
+        &self,
+        path: &str,
+        origin: Option<&str>,
+    ) -> anyhow::Result<Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Refused>> {
+        let mut request = self.ws_url(path).into_client_request()?;
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("Origin", HeaderValue::from_str(origin)?);
+        }
+        let connected = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
+            .await
+            .with_context(|| format!("WebSocket {path}: no handshake within {PATIENCE:?}"))?;
+        match connected {
+            Ok((stream, _)) => Ok(Ok(stream)),
+            Err(tungstenite::Error::Http(response)) => Ok(Err(Refused {
+                status: response.status().as_u16(),
+                body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                    .into_owned(),
+            })),
+            Err(e) => Err(e).with_context(|| format!("WebSocket handshake on {path}")),
+        }
+    }
+
+    /// Opens an SSE stream on `path` with `headers`; fails unless it is answered 200 with
+    /// `text/event-stream`.
+    pub async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Sse> {
+        let mut request = self.http.get(self.http_url(path));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = tokio::time::timeout(PATIENCE, request.send())
+            .await
+            .with_context(|| format!("GET {path}: no answer within {PATIENCE:?}"))??;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if status != 200 || !content_type.starts_with("text/event-stream") {
+            let body = response.text().await.unwrap_or_default();
+            bail!("SSE {path}: {status} {content_type}: {body}");
+        }
+        Ok(Sse {
+            response,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+/// What the server sent next on a WebSocket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A text frame, parsed as JSON.
+    Json(Value),
+    /// A close frame: its code and reason.
+    Close(u16, String),
+    /// The connection ended without a close frame: how.
+    Ended(String),
+}
+
+/// A WebSocket client of the gateway.
+pub struct Ws {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Ws {
+    /// Sends `value` as a text frame.
+    pub async fn send(&mut self, value: &Value) -> anyhow::Result<()> {
+        self.send_text(value.to_string()).await
+    }
+
+    /// Sends `text` as a text frame, as is.
+    pub async fn send_text(&mut self, text: String) -> anyhow::Result<()> {
+        tokio::time::timeout(PATIENCE, self.stream.send(Message::text(text)))
+            .await
+            .context("sending a frame: still blocked")??;
+        Ok(())
+    }
+
+    /// The next frame (pings and pongs skipped); fails if none comes `within`.
+    pub async fn frame(&mut self, within: Duration) -> anyhow::Result<Frame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .with_context(|| format!("no WebSocket frame within {within:?}"))?;
+            return Ok(match next {
+                Some(Ok(Message::Text(text))) => Frame::Json(
+                    serde_json::from_str(text.as_str())
+                        .with_context(|| format!("a text frame that is not JSON: {text}"))?,
+                ),
+                Some(Ok(Message::Close(frame))) => match frame {
+                    Some(frame) => Frame::Close(frame.code.into(), frame.reason.to_string()),
+                    None => Frame::Close(1005, String::new()),
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(bytes))) => bail!("unexpected binary frame: {bytes:?}"),
+                Some(Err(e)) => Frame::Ended(e.to_string()),
+                None => Frame::Ended("end of stream".to_owned()),
+            });
+        }
+    }
+
+    /// The next frame, which must be JSON.
+    pub async fn json(&mut self, within: Duration) -> anyhow::Result<Value> {
+        match self.frame(within).await? {
+            Frame::Json(value) => Ok(value),
+            other => bail!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame, which must be a `{"type":"message"}`.
+    pub async fn message(&mut self, within: Duration) -> anyhow::Result<Value> {
+        let value = self.json(within).await?;
+        anyhow::ensure!(
+            value["type"] == "message",
+            "expected a message, got {value}"
+        );
+        Ok(value)
+    }
+
+    /// Sends `request` and returns the answer to it (`ok` or `error`), skipping messages
+    /// that arrive in between (answers come in the order of the requests).
+    pub async fn request(&mut self, request: Value) -> anyhow::Result<Value> {
+        self.send(&request).await?;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.frame(left).await? {
+                Frame::Json(value) if value["type"] == "ok" || value["type"] == "error" => {
+                    return Ok(value);
+                }
+                Frame::Json(_) => continue,
+                other => bail!("no answer to {request}: {other:?}"),
+            }
+        }
+    }
+
+    /// Returns once the gateway has set up the subscriptions the connection asked for in
+    /// its URL: it answers requests only after that, so the answer to a harmless one (an
+    /// unsubscription from a channel nobody watches) is the signal.
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        let answer = self
+            .request(json!({"type": "unsubscribe", "channel": "gateway-test:none", "id": "ready"}))
+            .await?;
+        anyhow::ensure!(
+            answer == json!({"type": "ok", "request": "ready"}),
+            "not ready: {answer}"
+        );
+        Ok(())
+    }
+
+    /// Every JSON frame until the connection closes, and how it closed.
+    pub async fn until_closed(&mut self, within: Duration) -> anyhow::Result<(Vec<Value>, Frame)> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut frames = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self
+                .frame(left)
+                .await
+                .with_context(|| format!("still open after {} frames", frames.len()))?
+            {
+                Frame::Json(value) => frames.push(value),
+                end => return Ok((frames, end)),
+            }
+        }
+    }
+
+    /// Closes the connection with the close handshake, and waits for the server's end.
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        tokio::time::timeout(PATIENCE, self.stream.close(None))
+            .await
+            .context("closing: still blocked")??;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Ok(None | Some(Err(_))) => return Ok(()),
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => bail!("the server did not end the connection after the close"),
+            }
+        }
+    }
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// Its `event:` field (`message` when absent).
+    pub event: String,
+    /// Its `data:` lines, joined with newlines.
+    pub data: String,
+}
+
+/// A Server-Sent Events stream.
+pub struct Sse {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl Sse {
+    /// The next event (comments such as keep-alives skipped); fails if none comes `within`
+    /// or the stream ends.
+    pub async fn event(&mut self, within: Duration) -> anyhow::Result<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_event(&String::from_utf8_lossy(&block)) {
+                    return Ok(event);
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .with_context(|| format!("no SSE event within {within:?}"))?
+                .context("reading the SSE stream")?;
+            match chunk {
+                Some(bytes) => self.buffer.extend_from_slice(&bytes),
+                None => bail!("the SSE stream ended"),
+            }
+        }
+    }
+
+    /// The next event, which must be a `message`: its data, parsed.
+    pub async fn message(&mut self, within: Duration) -> anyhow::Result<Value> {
+        let event = self.event(within).await?;
+        anyhow::ensure!(event.event == "message", "expected a message: {event:?}");
+        serde_json::from_str(&event.data).with_context(|| format!("data of {event:?}"))
+    }
+}
+
+/// An event from its lines; `None` for a block of comments only.
+fn parse_event(block: &str) -> Option<SseEvent> {
+    let mut event = None;
+    let mut data: Option<String> = None;
+    for line in block.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => event = Some(value.to_owned()),
+            "data" => match &mut data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => data = Some(value.to_owned()),
+            },
+            _ => {}
+        }
+    }
+    if event.is_none() && data.is_none() {
+        return None;
+    }
+    Some(SseEvent {
+        event: event.unwrap_or_else(|| "message".to_owned()),
+        data: data.unwrap_or_default(),
+    })
+}
+
+/// The value of `series` (name with its labels, as written, e.g.
+/// `switchyard_gateway_denied_total{reason="token"}`) on the host's `/metrics`.
+pub async fn metric(host: &TestHost, series: &str) -> anyhow::Result<f64> {
+    let (status, body) = host.get("/metrics").await?;
+    let text = body.as_str().context("/metrics is text")?;
+    anyhow::ensure!(status == 200, "/metrics: {status}");
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        })
+        .with_context(|| format!("no {series} on /metrics:\n{text}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_read_from_their_fields_and_comments_skipped() {
+        assert_eq!(parse_event(": keep-alive\n\n"), None);
+        assert_eq!(
+            parse_event("event: dropped\ndata: {\"dropped\":3}\n\n"),
+            Some(SseEvent {
+                event: "dropped".into(),
+                data: "{\"dropped\":3}".into()
+            })
+        );
+        assert_eq!(
+            parse_event("data:a\ndata: b\n\n"),
+            Some(SseEvent {
+                event: "message".into(),
+                data: "a\nb".into()
+            })
+        );
+    }
+}
