@@ -1,6 +1,7 @@
 //! The moving parts of the pipeline bench: a private `redis-server`, the `switchyard` binary
-//! and the baselines (the bare relay, the bare stream consumer) as child processes, a
-//! pipelined or paced publisher, and a receiver that counts what comes back on `fwded:*`.
+//! and the baselines (the bare relay, the bare stream consumer, the bare WebSocket fan-out
+//! relay) as child processes, a pipelined or paced publisher, and a receiver that counts what
+//! comes back on `fwded:*`.
 //!
 //! Every message carries a 17-byte header: the wall-clock send time (nanoseconds since the Unix
 //! epoch, little-endian), a sequence number, and a kind byte (warm-up or measured). The
@@ -206,6 +207,41 @@ impl Relay {
     /// Starts it and waits for its "ready" line (printed once PSUBSCRIBE is confirmed).
     pub async fn start(url: &str) -> anyhow::Result<Self> {
         let proc = start_baseline(&["--relay", url], "the relay").await?;
+        Ok(Self { proc })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Stops it.
+    pub async fn stop(self) {
+        self.proc.stop().await;
+    }
+}
+
+/// The bare WebSocket fan-out relay: this bench binary re-executed with
+/// `--fanout-relay URL --fanout-listen ADDR [--fanout-read-buffer BYTES]`.
+pub struct FanoutRelay {
+    proc: Proc,
+}
+
+impl FanoutRelay {
+    /// Starts it on `listen`, its sockets reading at most `read_buffer` bytes per call if
+    /// given, and waits for its "ready" line (printed once it listens and SUBSCRIBE is
+    /// confirmed).
+    pub async fn start(
+        url: &str,
+        listen: &str,
+        read_buffer: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let size = read_buffer.map(|size| size.to_string());
+        let mut args = vec!["--fanout-relay", url, "--fanout-listen", listen];
+        if let Some(size) = &size {
+            args.extend(["--fanout-read-buffer", size]);
+        }
+        let proc = start_baseline(&args, "the fan-out relay").await?;
         Ok(Self { proc })
     }
 
