@@ -363,6 +363,24 @@ impl Slot {
         Ok(BroadcastStream::new(receiver))
     }
 
+    /// Joins every one of `subscriptions`, or refuses the connection.
+    async fn join_all(
+        &mut self,
+        subscriptions: &[Subscription],
+    ) -> Result<StreamMap<Subscription, BroadcastStream<Event>>, Refusal> {
+        let mut streams = StreamMap::new();
+        for subscription in subscriptions {
+            let stream = self.join(subscription).await.map_err(|e| {
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("cannot subscribe: {e}"),
+                )
+            })?;
+            streams.insert(subscription.clone(), stream);
+        }
+        Ok(streams)
+    }
+
     async fn leave(&mut self, subscription: &Subscription) {
         if let Some(at) = self.subscriptions.iter().position(|s| s == subscription) {
             self.subscriptions.swap_remove(at);
@@ -428,21 +446,10 @@ async fn server_sent_events(
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
-    let mut streams = StreamMap::new();
-    for subscription in &subscriptions {
-        match slot.join(subscription).await {
-            Ok(stream) => {
-                streams.insert(subscription.clone(), stream);
-            }
-            Err(e) => {
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot subscribe: {e}"),
-                )
-                .into_response();
-            }
-        }
-    }
+    let streams = match slot.join_all(&subscriptions).await {
+        Ok(streams) => streams,
+        Err(refusal) => return refusal.into_response(),
+    };
     let disconnect_slow = shared.config.slow_clients == SlowClients::Disconnect;
     let stats = shared.stats.clone();
     let shutdown = shared.shutdown.clone();
@@ -520,21 +527,10 @@ async fn websocket(
         Err(refusal) => return refusal.into_response(),
     };
     // Subscribed before the socket opens: a client that sees it open misses nothing.
-    let mut streams = StreamMap::new();
-    for subscription in &subscriptions {
-        match slot.join(subscription).await {
-            Ok(stream) => {
-                streams.insert(subscription.clone(), stream);
-            }
-            Err(e) => {
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot subscribe: {e}"),
-                )
-                .into_response();
-            }
-        }
-    }
+    let streams = match slot.join_all(&subscriptions).await {
+        Ok(streams) => streams,
+        Err(refusal) => return refusal.into_response(),
+    };
     // Frames up to twice the limit are read and answered with 1009; larger ones fail the
     // read, and are answered with 1009 too (see `over_hard_limit`).
     let limit = shared.config.max_message_bytes;

@@ -27,13 +27,13 @@ use redis::cluster_routing::{
     MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
 };
 use redis::{PushInfo, PushKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::{
     BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, count_subscriptions, delivery, jittered, names_of,
 };
-use super::{SourceStatus, Subscription};
+use super::{ControlHandle, SourceStatus, Subscription, Update};
 use crate::config::RedisConfig;
 use crate::router::{Router, RoutingTable};
 
@@ -48,14 +48,7 @@ const UPDATE_PATIENCE: Duration = Duration::from_secs(20);
 /// Handle to the cluster source's control task.
 #[derive(Clone)]
 pub struct ClusterSource {
-    commands: mpsc::Sender<Update>,
-    status: Arc<Mutex<SourceStatus>>,
-}
-
-struct Update {
-    subscriptions: BTreeSet<Subscription>,
-    table: RoutingTable,
-    done: oneshot::Sender<anyhow::Result<()>>,
+    handle: ControlHandle,
 }
 
 impl ClusterSource {
@@ -79,19 +72,18 @@ impl ClusterSource {
             Ok::<(), Infallible>(())
         };
         let client = config.cluster_client(seeds, Some(on_push))?;
-        let (commands, updates) = mpsc::channel(16);
-        let status = Arc::new(Mutex::new(SourceStatus::default()));
+        let (handle, updates, status) = ControlHandle::new("cluster source");
         let control = Control {
             client,
             router,
-            status: status.clone(),
+            status,
             desired: BTreeSet::new(),
             active: BTreeSet::new(),
             shape: None,
             resubscribe_pending: false,
         };
         let task = tokio::spawn(control.run(updates, shutdown));
-        Ok((Self { commands, status }, task))
+        Ok((Self { handle }, task))
     }
 
     /// See [`super::Source::update`].
@@ -100,26 +92,12 @@ impl ClusterSource {
         subscriptions: BTreeSet<Subscription>,
         table: RoutingTable,
     ) -> anyhow::Result<()> {
-        let (done, result) = oneshot::channel();
-        self.commands
-            .send(Update {
-                subscriptions,
-                table,
-                done,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("the cluster source has stopped"))?;
-        result
-            .await
-            .map_err(|_| anyhow::anyhow!("the cluster source stopped during an update"))?
+        self.handle.update(subscriptions, table).await
     }
 
     /// The connection's current state.
     pub fn status(&self) -> SourceStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.handle.status()
     }
 }
 

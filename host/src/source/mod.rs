@@ -98,6 +98,74 @@ pub struct Delivery {
     pub received_at: SystemTime,
 }
 
+/// A change of subscriptions (and the table that goes with them), for a control task.
+pub(crate) struct Update {
+    pub(crate) subscriptions: BTreeSet<Subscription>,
+    pub(crate) table: RoutingTable,
+    pub(crate) done: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+}
+
+/// The handle of a Redis source's control task: where updates go and the state it reports.
+#[derive(Clone)]
+pub(crate) struct ControlHandle {
+    commands: tokio::sync::mpsc::Sender<Update>,
+    status: Arc<std::sync::Mutex<SourceStatus>>,
+    /// Names the source in errors.
+    what: &'static str,
+}
+
+impl ControlHandle {
+    /// A handle, the receiving end of its updates, and the status its task keeps.
+    pub(crate) fn new(
+        what: &'static str,
+    ) -> (
+        Self,
+        tokio::sync::mpsc::Receiver<Update>,
+        Arc<std::sync::Mutex<SourceStatus>>,
+    ) {
+        let (commands, updates) = tokio::sync::mpsc::channel(16);
+        let status = Arc::new(std::sync::Mutex::new(SourceStatus::default()));
+        (
+            Self {
+                commands,
+                status: status.clone(),
+                what,
+            },
+            updates,
+            status,
+        )
+    }
+
+    /// See [`Source::update`].
+    pub(crate) async fn update(
+        &self,
+        subscriptions: BTreeSet<Subscription>,
+        table: RoutingTable,
+    ) -> anyhow::Result<()> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let what = self.what;
+        self.commands
+            .send(Update {
+                subscriptions,
+                table,
+                done,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("the {what} has stopped"))?;
+        result
+            .await
+            .map_err(|_| anyhow::anyhow!("the {what} stopped during an update"))?
+    }
+
+    /// The connection's current state.
+    pub(crate) fn status(&self) -> SourceStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// What the host's subscriber connection is doing, for readiness and `/plugins`.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct SourceStatus {

@@ -19,10 +19,10 @@ use bytes::Bytes;
 use rand::Rng;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Delivery, SourceStatus, Subscription, Via};
+use super::{ControlHandle, Delivery, SourceStatus, Subscription, Update, Via};
 use crate::router::{Router, RoutingTable};
 
 /// First wait before reconnecting.
@@ -42,14 +42,7 @@ const SUBSCRIBE_BATCH: usize = 1000;
 /// Handle to the Redis source's control task.
 #[derive(Clone)]
 pub struct RedisSource {
-    commands: mpsc::Sender<Update>,
-    status: Arc<Mutex<SourceStatus>>,
-}
-
-struct Update {
-    subscriptions: BTreeSet<Subscription>,
-    table: RoutingTable,
-    done: oneshot::Sender<anyhow::Result<()>>,
+    handle: ControlHandle,
 }
 
 impl RedisSource {
@@ -67,17 +60,16 @@ impl RedisSource {
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings))?;
-        let (commands, updates) = mpsc::channel(16);
-        let status = Arc::new(Mutex::new(SourceStatus::default()));
+        let (handle, updates, status) = ControlHandle::new("Redis source");
         let control = Control {
             client,
             publisher,
             router,
-            status: status.clone(),
+            status,
             desired: BTreeSet::new(),
         };
         let task = tokio::spawn(control.run(updates, shutdown));
-        Ok((Self { commands, status }, task))
+        Ok((Self { handle }, task))
     }
 
     /// See [`super::Source::update`].
@@ -86,26 +78,12 @@ impl RedisSource {
         subscriptions: BTreeSet<Subscription>,
         table: RoutingTable,
     ) -> anyhow::Result<()> {
-        let (done, result) = oneshot::channel();
-        self.commands
-            .send(Update {
-                subscriptions,
-                table,
-                done,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("the Redis source has stopped"))?;
-        result
-            .await
-            .map_err(|_| anyhow::anyhow!("the Redis source stopped during an update"))?
+        self.handle.update(subscriptions, table).await
     }
 
     /// The connection's current state.
     pub fn status(&self) -> SourceStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.handle.status()
     }
 }
 
