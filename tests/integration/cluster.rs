@@ -107,6 +107,34 @@ async fn spublish(cluster: &RedisCluster, channel: &str, payload: &str) -> anyho
         .await?)
 }
 
+/// SPUBLISHes `label-1`, `label-2`, ... on `channel` until one is reported (a shard that just
+/// changed hands may miss the first ones), within [`WAIT`].
+async fn publish_until_heard(
+    cluster: &RedisCluster,
+    reports: &mut Reports,
+    channel: &str,
+    label: &str,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for attempt in 1.. {
+        let payload = format!("{label}-{attempt}");
+        let _ = spublish(cluster, channel, &payload).await;
+        let heard = reports
+            .until(Duration::from_millis(500), |r| {
+                r["payload"] == payload.as_str()
+            })
+            .await;
+        if heard.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{channel} stayed silent for {WAIT:?}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sharded_channels_are_read_on_their_shards_and_published_with_spublish()
 -> anyhow::Result<()> {
@@ -199,25 +227,9 @@ async fn subscriptions_come_back_after_a_primary_fails_over() -> anyhow::Result<
     );
 
     // The room's shard has a new primary; the host subscribes there again by itself.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    for attempt in 1.. {
-        let payload = format!("after-{attempt}");
-        // During the failover SPUBLISH itself may fail; the host resubscribes once the
-        // cluster has settled.
-        let _ = spublish(&cluster, &rooms[0], &payload).await;
-        let heard = reports
-            .until(Duration::from_millis(500), |r| {
-                r["payload"] == payload.as_str()
-            })
-            .await;
-        if heard.is_ok() {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the room on the failed-over shard stayed silent for {WAIT:?}"
-        );
-    }
+    // During the failover SPUBLISH itself may fail; the host resubscribes once the cluster
+    // has settled.
+    publish_until_heard(&cluster, &mut reports, &rooms[0], "after-failover").await?;
     // The other rooms and the pattern never stopped working.
     for room in &rooms[1..] {
         spublish(&cluster, room, room).await?;
@@ -375,23 +387,7 @@ async fn a_sharded_channel_follows_its_slot_to_another_shard() -> anyhow::Result
     let to = cluster.primary_of(cluster.slot(&rooms[1]).await?).await?;
     move_slot(&cluster, slot, to).await?;
 
-    let deadline = tokio::time::Instant::now() + WAIT;
-    for attempt in 1.. {
-        let payload = format!("moved-{attempt}");
-        let _ = spublish(&cluster, &rooms[0], &payload).await;
-        let heard = reports
-            .until(Duration::from_millis(500), |r| {
-                r["payload"] == payload.as_str()
-            })
-            .await;
-        if heard.is_ok() {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the room stayed silent for {WAIT:?} after its slot moved"
-        );
-    }
+    publish_until_heard(&cluster, &mut reports, &rooms[0], "after-move").await?;
     spublish(&cluster, &rooms[1], "neighbour").await?;
     reports.until(WAIT, |r| r["payload"] == "neighbour").await?;
     host.stop().await?;
