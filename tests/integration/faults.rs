@@ -1,11 +1,11 @@
 //! Fault injection: misbehaving plugins, a Redis that dies and comes back, floods and bad
 //! input. Every test asserts what was handled, what was lost and why, and that nothing else
-//! was affected.
+//! was affected, and prints one `fault-summary` line with its figures (see [`Summary`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use serde_json::Value;
+use anyhow::{bail, ensure};
+use serde_json::{Value, json};
 use switchyard_tests::{
     FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, copy_plugin,
     echo_manifest, eventually, plugins, read_plugin, rebuilt,
@@ -13,8 +13,90 @@ use switchyard_tests::{
 
 const FAULTY: &str = "[grants]\npublish = [\"faults\"]\n";
 
+/// `faulty` allowed to answer and to probe the `gate` channel (`hold:gate`), with a deadline
+/// long enough that a hold lasts as long as a test needs.
+const HELD: &str = "[grants]\npublish = [\"faults\", \"gate\"]\n[limits]\ndeadline_ms = 60000\n";
+
+/// Host settings under which the circuit breaker never trips in a test: whatever a plugin
+/// does, its messages are run (or shed by its queue), never shed for parking.
+const BREAKER_OFF: &str = "breaker_failures = 100000\nbreaker_window = 100000\n";
+
+/// The host's default deadline (`plugins.deadline_ms`).
+const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+
 fn stat(entry: &Value, name: &str) -> u64 {
     entry["stats"][name].as_u64().unwrap_or_default()
+}
+
+/// One test's figures, printed as one line on stdout (shown with `--nocapture`) so that a run
+/// can add up the suite:
+///
+/// `fault-summary test=NAME injected=N sent=N handled=N shed=N failed=N lost=N`
+///
+/// `injected`: faults the test caused (misbehaving messages, stuck plugins, kills, bad files
+/// or input); `sent`: messages it published for plugins; `handled`, `shed` and `failed`: what
+/// the plugins of the host counted; `lost`: what is left of `sent`, messages that never reached
+/// a plugin (published while the subscriber was disconnected, dropped as oversize).
+#[derive(Debug)]
+struct Summary {
+    test: &'static str,
+    injected: u64,
+    sent: u64,
+}
+
+impl Summary {
+    fn new(test: &'static str) -> Self {
+        Self {
+            test,
+            injected: 0,
+            sent: 0,
+        }
+    }
+
+    /// Waits until every plugin of `host` is done with what it accepted, then reads their
+    /// counters and prints the line.
+    async fn report(&self, host: &TestHost) -> anyhow::Result<()> {
+        eventually(PATIENCE, || async {
+            ensure!(host.host().registry().idle(), "plugins still busy");
+            Ok(())
+        })
+        .await?;
+        let (_, listing) = host.get("/plugins").await?;
+        let (mut handled, mut shed, mut failed) = (0, 0, 0);
+        for plugin in listing["plugins"].as_array().into_iter().flatten() {
+            handled += stat(plugin, "handled");
+            shed += stat(plugin, "shed");
+            failed += stat(plugin, "failed");
+        }
+        let lost = self.sent.saturating_sub(handled + shed + failed);
+        println!(
+            "fault-summary test={} injected={} sent={} handled={handled} shed={shed} \
+             failed={failed} lost={lost}",
+            self.test, self.injected, self.sent
+        );
+        Ok(())
+    }
+}
+
+/// The value of one series in `/metrics`, e.g.
+/// `switchyard_plugin_shed_total{plugin="faulty",reason="parked"}`.
+async fn metric(host: &TestHost, series: &str) -> anyhow::Result<Option<u64>> {
+    let (_, body) = host.get("/metrics").await?;
+    let text = body.as_str().unwrap_or_default();
+    Ok(text
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok()))
+}
+
+/// Waits until `plugin` has taken a message from its queue and is still inside the call:
+/// with `hold:gate`, until the test subscribes to `gate`.
+async fn wait_in_flight(host: &TestHost, plugin: &str, accepted: u64) -> anyhow::Result<Value> {
+    host.wait_plugin(plugin, "inside its first call", |p| {
+        stat(p, "accepted") == accepted
+            && p["queue_depth"] == 0
+            && stat(p, "handled") + stat(p, "failed") == 0
+    })
+    .await
 }
 
 /// A host running `faulty` (on `fault:*`) and `forward` (on `fwd:*`) side by side.
@@ -32,10 +114,22 @@ async fn faulty_beside_forward(redis: &RedisServer) -> anyhow::Result<TestHost> 
 /// Publishes `payload` on `fault:x` and waits until faulty has settled it (handled + failed
 /// grew by one); returns its entry.
 async fn fault(host: &TestHost, redis: &RedisServer, payload: &str) -> anyhow::Result<Value> {
-    let before = host.plugin("faulty").await?.unwrap_or_default();
+    settle(host, redis, "faulty", "fault:x", payload).await
+}
+
+/// Publishes `payload` on `channel` and waits until `plugin` has settled it (handled + failed
+/// grew by one); returns its entry.
+async fn settle(
+    host: &TestHost,
+    redis: &RedisServer,
+    plugin: &str,
+    channel: &str,
+    payload: &str,
+) -> anyhow::Result<Value> {
+    let before = host.plugin(plugin).await?.unwrap_or_default();
     let done = stat(&before, "handled") + stat(&before, "failed");
-    redis.publish("fault:x", payload).await?;
-    host.wait_plugin("faulty", "done with the message", |p| {
+    redis.publish(channel, payload).await?;
+    host.wait_plugin(plugin, "done with the message", |p| {
         stat(p, "handled") + stat(p, "failed") == done + 1
     })
     .await
@@ -48,6 +142,7 @@ async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyh
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
     let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
 
+    let mut summary = Summary::new("traps_deadlines_and_memory_exhaustion_fail_only_their_message");
     let mut reasons = Vec::new();
     for payload in [
         "ok",
@@ -60,6 +155,10 @@ async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyh
         "error",
         "ok",
     ] {
+        summary.sent += 2;
+        if payload != "ok" {
+            summary.injected += 1;
+        }
         let entry = fault(&host, &redis, payload).await?;
         reasons.push(
             entry["stats"]["last_error"]
@@ -94,6 +193,24 @@ async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyh
         entry["state"], "running",
         "4 failures in 9 do not trip the breaker"
     );
+    // Each failure is counted under its own reason, in `/plugins` and in `/metrics`.
+    let by_reason = json!({"error": 1, "trap": 1, "deadline": 1, "memory": 1, "no_instance": 0});
+    assert_eq!(entry["stats"]["failed_by"], by_reason, "{entry}");
+    assert_eq!(
+        entry["stats"]["shed_by"],
+        json!({"queue_full": 0, "parked": 0, "stopped": 0}),
+        "{entry}"
+    );
+    for (reason, count) in by_reason.as_object().into_iter().flatten() {
+        let series =
+            format!(r#"switchyard_plugin_failures_total{{plugin="faulty",reason="{reason}"}}"#);
+        assert_eq!(metric(&host, &series).await?, count.as_u64(), "{series}");
+    }
+    let series = r#"switchyard_plugin_shed_total{plugin="faulty",reason="queue_full"}"#;
+    assert_eq!(metric(&host, series).await?, Some(0), "{series}");
+    let forward = host.plugin("forward").await?.unwrap_or_default();
+    assert_eq!(forward["stats"]["failed"], 0, "{forward}");
+    summary.report(&host).await?;
     host.stop().await
 }
 
@@ -106,20 +223,28 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
         TestHost::start_configured(&redis, config, &[("faulty", plugins::FAULTY, Some(FAULTY))])
             .await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut summary = Summary::new("a_plugin_that_keeps_failing_is_parked_then_retried");
 
     for _ in 0..3 {
         fault(&host, &redis, "error").await?;
     }
+    summary.injected += 3;
+    summary.sent += 3;
     let parked = host
         .wait_plugin("faulty", "parked", |p| p["state"] == "parked")
         .await?;
     assert_eq!(stat(&parked, "parks"), 1);
     assert!(parked["stats"]["parked_until_ms"].as_u64().is_some());
 
-    // While parked, messages are shed, not run.
+    // While parked, messages are shed, not run, and counted as shed for parking.
     redis.publish("fault:x", "ok").await?;
-    host.wait_plugin("faulty", "shedding", |p| stat(p, "shed") == 1)
+    summary.sent += 1;
+    let shedding = host
+        .wait_plugin("faulty", "shedding", |p| stat(p, "shed") == 1)
         .await?;
+    assert_eq!(shedding["stats"]["shed_by"]["parked"], 1, "{shedding}");
+    let series = r#"switchyard_plugin_shed_total{plugin="faulty",reason="parked"}"#;
+    assert_eq!(metric(&host, series).await?, Some(1), "{series}");
     assert!(
         replies
             .drain_for(Duration::from_millis(100))
@@ -131,6 +256,7 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
     host.wait_plugin("faulty", "unparked", |p| p["state"] == "running")
         .await?;
     redis.publish("fault:x", "ok").await?;
+    summary.sent += 1;
     assert!(
         replies.take(1, PATIENCE).await?[0]
             .payload_str()
@@ -139,13 +265,19 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
 
     // A new file resets the breaker at once. Failing messages go out until it parks again
     // (messages that arrive once it is parked are shed).
-    eventually(PATIENCE, || async {
-        redis.publish("fault:x", "error").await?;
-        let entry = host.plugin("faulty").await?.unwrap_or_default();
-        anyhow::ensure!(entry["state"] == "parked", "not parked again yet");
-        Ok(())
+    let mut failing = 0;
+    eventually(PATIENCE, || {
+        failing += 1;
+        async {
+            redis.publish("fault:x", "error").await?;
+            let entry = host.plugin("faulty").await?.unwrap_or_default();
+            anyhow::ensure!(entry["state"] == "parked", "not parked again yet");
+            Ok(())
+        }
     })
     .await?;
+    summary.injected += failing;
+    summary.sent += failing;
     host.install(
         "faulty",
         &rebuilt(&read_plugin(plugins::FAULTY), "fixed"),
@@ -154,22 +286,43 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
     host.wait_plugin("faulty", "reloaded", |p| p["reloads"] == 1)
         .await?;
     redis.publish("fault:x", "ok").await?;
+    summary.sent += 1;
     assert_eq!(replies.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+    summary.report(&host).await?;
     host.stop().await
+}
+
+/// A host running `faulty` (on `fault:*`, with the [`HELD`] manifest) and `forward` (on
+/// `fwd:*`), with the circuit breaker off and `plugins` settings added.
+async fn held_beside_forward(redis: &RedisServer, plugins: &str) -> anyhow::Result<TestHost> {
+    TestHost::start_configured(
+        redis,
+        &format!("[plugins]\n{BREAKER_OFF}{plugins}"),
+        &[
+            ("faulty", plugins::FAULTY, Some(HELD)),
+            ("forward", plugins::FORWARD, Some(FORWARD_MANIFEST)),
+        ],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_stuck_plugin_does_not_slow_another() -> anyhow::Result<()> {
     const N: usize = 1000;
     let redis = RedisServer::start().await?;
-    let host = faulty_beside_forward(&redis).await?;
+    // No breaker to park the stuck plugin and shed its messages: isolation alone must keep
+    // forward going.
+    let host = held_beside_forward(&redis, "").await?;
     let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
 
-    // Every faulty message runs into its 100 ms deadline: N of them would take 100 s.
+    // faulty's first message holds it inside its call until the test lets it go; the other
+    // N - 1 queue up behind it. forward's N messages are interleaved with them.
     let mut connection = redis.connection().await?;
     let mut pipe = redis::pipe();
     for i in 0..N {
-        pipe.publish("fault:x", "loop").ignore();
+        pipe.publish("fault:x", if i == 0 { "hold:gate" } else { "ok" })
+            .ignore();
         pipe.publish("fwd:x", i.to_string()).ignore();
     }
     let () = pipe.query_async(&mut connection).await?;
@@ -178,19 +331,260 @@ async fn one_stuck_plugin_does_not_slow_another() -> anyhow::Result<()> {
     for (i, message) in got.iter().enumerate() {
         assert_eq!(message.payload_str(), i.to_string());
     }
+    // forward delivered all N while faulty is still inside its first message.
+    let stuck = host.plugin("faulty").await?.unwrap_or_default();
+    assert_eq!(
+        stat(&stuck, "handled") + stat(&stuck, "failed"),
+        0,
+        "{stuck}"
+    );
+    assert_eq!(stat(&stuck, "shed"), 0, "{stuck}");
     let forward = host.plugin("forward").await?.unwrap_or_default();
+    assert_eq!(stat(&forward, "handled"), N as u64, "{forward}");
     assert_eq!(stat(&forward, "shed"), 0);
     assert_eq!(stat(&forward, "failed"), 0);
-    // The stuck plugin's own messages are what suffers: its breaker parks it and its queue
-    // is shed instead of run.
-    let stuck = host
-        .wait_plugin("faulty", "parked and shedding", |p| {
-            stat(p, "parks") >= 1 && stat(p, "shed") > 0
-        })
-        .await?;
-    assert!(stat(&stuck, "handled") == 0, "{stuck}");
     let (status, _) = host.get("/readyz").await?;
     assert_eq!(status, 200, "the subscriber connection stayed up");
+
+    // Let it go: it works through its own backlog, in order, and loses nothing.
+    let _gate = Subscriber::new(&redis, &["gate"], &[]).await?;
+    let answers = replies.take(N, PATIENCE).await?;
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.payload_str(), format!("ok:{}", i + 1));
+    }
+    let done = host
+        .wait_plugin("faulty", "done", |p| stat(p, "handled") == N as u64)
+        .await?;
+    assert_eq!(stat(&done, "accepted"), N as u64, "{done}");
+    Summary {
+        test: "one_stuck_plugin_does_not_slow_another",
+        injected: 1,
+        sent: 2 * N as u64,
+    }
+    .report(&host)
+    .await?;
+    host.stop().await
+}
+
+/// Holds faulty inside one call while `burst` messages `say:<i>` arrive for it, each followed
+/// by one for forward that must come through before the next; then lets faulty go. Returns
+/// what faulty answered (after `ok:1` for the held message) and its `/plugins` entry.
+async fn overflow(
+    name: &'static str,
+    when_full: &str,
+    capacity: u64,
+    burst: u64,
+) -> anyhow::Result<(Vec<String>, Value)> {
+    let redis = RedisServer::start().await?;
+    let host = held_beside_forward(
+        &redis,
+        &format!("queue_capacity = {capacity}\nwhen_full = \"{when_full}\"\n"),
+    )
+    .await?;
+    let mut forwarded = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+
+    redis.publish("fault:x", "hold:gate").await?;
+    wait_in_flight(&host, "faulty", 1).await?;
+    for i in 0..burst {
+        redis.publish("fault:x", format!("say:{i}")).await?;
+        redis.publish("fwd:x", i.to_string()).await?;
+        assert_eq!(
+            forwarded.take(1, PATIENCE).await?[0].payload_str(),
+            i.to_string(),
+            "forward gets every message while faulty's queue overflows"
+        );
+    }
+    let shed = burst - capacity;
+    let full = host
+        .wait_plugin("faulty", "shedding", |p| stat(p, "shed") == shed)
+        .await?;
+    assert_eq!(full["stats"]["shed_by"]["queue_full"], shed, "{full}");
+    assert_eq!(full["queue_depth"], capacity, "{full}");
+    let series = r#"switchyard_plugin_shed_total{plugin="faulty",reason="queue_full"}"#;
+    assert_eq!(metric(&host, series).await?, Some(shed), "{series}");
+    let (status, _) = host.get("/readyz").await?;
+    assert_eq!(status, 200, "the subscriber connection kept reading");
+    let forward = host.plugin("forward").await?.unwrap_or_default();
+    assert_eq!(stat(&forward, "handled"), burst, "{forward}");
+    assert_eq!(stat(&forward, "shed"), 0, "{forward}");
+
+    let _gate = Subscriber::new(&redis, &["gate"], &[]).await?;
+    let answers: Vec<String> = replies
+        .take(1 + capacity as usize, PATIENCE)
+        .await?
+        .iter()
+        .map(|r| r.payload_str())
+        .collect();
+    assert_eq!(answers[0], "ok:1", "the held message finished");
+    let entry = host
+        .wait_plugin("faulty", "drained", |p| {
+            stat(p, "handled") == 1 + capacity && p["queue_depth"] == 0
+        })
+        .await?;
+    assert_eq!(stat(&entry, "failed"), 0, "{entry}");
+    assert!(
+        replies
+            .drain_for(Duration::from_millis(100))
+            .await
+            .is_empty()
+    );
+    Summary {
+        test: name,
+        injected: 1,
+        sent: 1 + 2 * burst,
+    }
+    .report(&host)
+    .await?;
+    host.stop().await?;
+    Ok((answers[1..].to_vec(), entry))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_dropping_the_newest_keeps_what_it_accepted_first() -> anyhow::Result<()> {
+    let (handled, entry) = overflow(
+        "a_full_queue_dropping_the_newest_keeps_what_it_accepted_first",
+        "drop-newest",
+        4,
+        10,
+    )
+    .await?;
+    assert_eq!(handled, ["0", "1", "2", "3"]);
+    // What was refused was never accepted.
+    assert_eq!(stat(&entry, "accepted"), 1 + 4, "{entry}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_dropping_the_oldest_keeps_the_freshest() -> anyhow::Result<()> {
+    let (handled, entry) = overflow(
+        "a_full_queue_dropping_the_oldest_keeps_the_freshest",
+        "drop-oldest",
+        4,
+        10,
+    )
+    .await?;
+    assert_eq!(handled, ["6", "7", "8", "9"]);
+    // Every message was accepted; the older ones were dropped to make room.
+    assert_eq!(stat(&entry, "accepted"), 1 + 10, "{entry}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_limits_override_the_memory_cap_and_the_deadline() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let tight = format!(
+        "{FAULTY}[limits]\nmemory_mib = 8\ndeadline_ms = 300\n[config]\npatterns = [\"tight:*\"]\n"
+    );
+    let patient = format!("{HELD}[config]\npatterns = [\"patient:*\"]\n");
+    let host = TestHost::start_configured(
+        &redis,
+        &format!("[plugins]\n{BREAKER_OFF}"),
+        &[
+            ("tight", plugins::FAULTY, Some(&tight)),
+            ("patient", plugins::FAULTY, Some(&patient)),
+        ],
+    )
+    .await?;
+    let mut summary = Summary::new("manifest_limits_override_the_memory_cap_and_the_deadline");
+
+    // 8 MiB for all of tight's memories: 4 MiB more fits, 16 MiB does not.
+    let entry = settle(&host, &redis, "tight", "tight:x", "alloc:4").await?;
+    assert_eq!(stat(&entry, "handled"), 1, "{entry}");
+    let entry = settle(&host, &redis, "tight", "tight:x", "alloc:16").await?;
+    assert_eq!(entry["stats"]["failed_by"]["memory"], 1, "{entry}");
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("memory cap of 8 MiB"), "{error}");
+    // The instance is rebuilt and works again within its cap.
+    let entry = settle(&host, &redis, "tight", "tight:x", "alloc:4").await?;
+    assert_eq!(stat(&entry, "handled"), 2, "{entry}");
+
+    // A loop is stopped by tight's own deadline.
+    let entry = settle(&host, &redis, "tight", "tight:x", "loop").await?;
+    assert_eq!(entry["stats"]["failed_by"]["deadline"], 1, "{entry}");
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("deadline of 300ms exceeded"), "{error}");
+    summary.injected += 2;
+    summary.sent += 4;
+
+    // patient's 60 s deadline lets a call run well past the host's default.
+    let started = Instant::now();
+    redis.publish("patient:x", "hold:gate").await?;
+    summary.sent += 1;
+    eventually(PATIENCE, || async {
+        let entry = wait_in_flight(&host, "patient", 1).await?;
+        ensure!(
+            started.elapsed() > 3 * DEFAULT_DEADLINE,
+            "in its call for {:?} only: {entry}",
+            started.elapsed()
+        );
+        Ok(())
+    })
+    .await?;
+    let _gate = Subscriber::new(&redis, &["gate"], &[]).await?;
+    let entry = host
+        .wait_plugin("patient", "done", |p| stat(p, "handled") == 1)
+        .await?;
+    assert_eq!(stat(&entry, "failed"), 0, "{entry}");
+    summary.report(&host).await?;
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_files_declaring_the_same_name_run_as_two_plugins() -> anyhow::Result<()> {
+    // The plugin's identity is its file name; the name `describe` gives is only reported.
+    let redis = RedisServer::start().await?;
+    let twin = "[grants]\npublish = [\"twins\"]\n[config]\nreply = \"twins\"\n";
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("faulty", plugins::FAULTY, Some(FAULTY)),
+            ("twin", plugins::FAULTY, Some(twin)),
+        ],
+    )
+    .await?;
+    let mut summary = Summary::new("two_files_declaring_the_same_name_run_as_two_plugins");
+    for name in ["faulty", "twin"] {
+        let entry = host.plugin(name).await?.unwrap_or_default();
+        assert_eq!(entry["state"], "running", "{entry}");
+        assert_eq!(entry["version"]["declared_name"], "faulty", "{entry}");
+    }
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut twins = Subscriber::new(&redis, &["twins"], &[]).await?;
+
+    // Both subscribe to fault:*: each gets the message once, with its own grants and settings.
+    redis.publish("fault:x", "ok").await?;
+    assert_eq!(replies.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+    assert_eq!(twins.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+    // A trap costs each its own instance and counts in its own figures.
+    redis.publish("fault:x", "trap").await?;
+    for name in ["faulty", "twin"] {
+        let entry = host
+            .wait_plugin(name, "failed once", |p| stat(p, "failed") == 1)
+            .await?;
+        assert_eq!(entry["stats"]["failed_by"]["trap"], 1, "{entry}");
+        assert_eq!(stat(&entry, "handled"), 1, "{entry}");
+    }
+    for name in ["faulty", "twin"] {
+        let series =
+            format!(r#"switchyard_plugin_failures_total{{plugin="{name}",reason="trap"}}"#);
+        assert_eq!(metric(&host, &series).await?, Some(1), "{series}");
+    }
+    // Two messages, each for both plugins.
+    summary.injected += 1;
+    summary.sent += 4;
+    summary.report(&host).await?;
+
+    // Removing one file leaves the other running.
+    host.remove("twin")?;
+    eventually(PATIENCE, || async {
+        ensure!(host.plugin("twin").await?.is_none(), "twin still listed");
+        Ok(())
+    })
+    .await?;
+    redis.publish("fault:x", "ok").await?;
+    assert_eq!(replies.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+    assert!(twins.drain_for(Duration::from_millis(100)).await.is_empty());
     host.stop().await
 }
 
@@ -215,11 +609,14 @@ async fn a_killed_and_restarted_redis_is_resubscribed() -> anyhow::Result<()> {
     assert_eq!(patterns, 1, "exactly the current set is subscribed again");
 
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let mut summary = Summary::new("a_killed_and_restarted_redis_is_resubscribed");
+    summary.injected = 1;
     // The publishing connection reconnects on first use after the outage, so the first
     // publishes may fail inside the plugin; keep publishing until one comes through.
     let started = std::time::Instant::now();
     loop {
         redis.publish("fwd:back", "again").await?;
+        summary.sent += 1;
         if let Ok(message) = out.next(Duration::from_millis(200)).await {
             assert_eq!(message.payload_str(), "again");
             break;
@@ -229,6 +626,7 @@ async fn a_killed_and_restarted_redis_is_resubscribed() -> anyhow::Result<()> {
             "nothing forwarded after the restart"
         );
     }
+    summary.report(&host).await?;
     host.stop().await
 }
 
@@ -257,6 +655,13 @@ async fn a_killed_subscriber_connection_is_reestablished() -> anyhow::Result<()>
     .await?;
     assert_eq!(ready["source"]["patterns"], 1);
     assert_forwards(&redis, "after").await?;
+    Summary {
+        test: "a_killed_subscriber_connection_is_reestablished",
+        injected: 1,
+        sent: 1,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -272,6 +677,13 @@ async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()>
     redis.restart().await?;
     host.wait_ready().await?;
     assert_forwards(&redis, "late").await?;
+    Summary {
+        test: "a_host_started_while_redis_is_down_waits_for_it",
+        injected: 1,
+        sent: 1,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -312,9 +724,13 @@ async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyho
     redis.restart().await?;
     host.wait_ready().await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut summary = Summary::new("publishing_during_an_outage_fails_fast_and_recovers_after_it");
+    summary.injected = 1;
+    summary.sent = QUEUED;
     let started = std::time::Instant::now();
     loop {
         redis.publish("fault:x", "ok").await?;
+        summary.sent += 1;
         if let Ok(reply) = replies.next(Duration::from_millis(200)).await {
             assert!(reply.payload_str().starts_with("ok:"), "{reply:?}");
             break;
@@ -324,6 +740,7 @@ async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyho
             "nothing published after the restart"
         );
     }
+    summary.report(&host).await?;
     host.stop().await
 }
 
@@ -343,6 +760,13 @@ async fn oversize_payloads_are_dropped_before_plugins_and_counted() -> anyhow::R
     assert_eq!(got[0].channel_str(), "fwded:fits");
     let (_, listing) = host.get("/plugins").await?;
     assert_eq!(listing["oversize"], 1);
+    Summary {
+        test: "oversize_payloads_are_dropped_before_plugins_and_counted",
+        injected: 1,
+        sent: 2,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -367,6 +791,14 @@ async fn channel_names_with_glob_metacharacters_are_literal_where_they_should_be
         .collect();
     assert_eq!(got, [r#""odd*?[name]""#, r#""lit*:1""#]);
     assert!(seen.drain_for(Duration::from_millis(200)).await.is_empty());
+    // Five channel names with metacharacters; two of them match a subscription.
+    Summary {
+        test: "channel_names_with_glob_metacharacters_are_literal_where_they_should_be",
+        injected: 5,
+        sent: 2,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -406,6 +838,13 @@ async fn bad_files_and_manifests_are_refused_with_their_reason() -> anyhow::Resu
             "{entry}"
         );
     }
+    Summary {
+        test: "bad_files_and_manifests_are_refused_with_their_reason",
+        injected: 3,
+        sent: 0,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -418,6 +857,13 @@ async fn a_plugin_flooding_the_log_is_limited_and_counted() -> anyhow::Result<()
     assert_eq!(stat(&entry, "handled"), 1);
     assert!(stat(&entry, "logs_dropped") >= 700, "{entry}");
     assert_forwards(&redis, "unaffected").await?;
+    Summary {
+        test: "a_plugin_flooding_the_log_is_limited_and_counted",
+        injected: 1,
+        sent: 2,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -503,6 +949,13 @@ async fn replacing_a_plugin_dozens_of_times_under_load_loses_nothing() -> anyhow
     assert!(entry["reloads"].as_u64().unwrap_or_default() >= REPLACEMENTS);
     assert!(versions >= 18, "only {versions} versions handled messages");
     tracing::info!(sent, versions, "replacements under load");
+    Summary {
+        test: "replacing_a_plugin_dozens_of_times_under_load_loses_nothing",
+        injected: replaced,
+        sent: sent as u64,
+    }
+    .report(&host)
+    .await?;
     host.stop().await
 }
 
@@ -535,6 +988,14 @@ async fn acl_users_work_and_a_wrong_password_is_reported_not_fatal() -> anyhow::
         .await?
         .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
     assert_eq!(message.get_payload_bytes(), b"with a user");
+    // The wrong password below is the fault.
+    Summary {
+        test: "acl_users_work_and_a_wrong_password_is_reported_not_fatal",
+        injected: 1,
+        sent: 1,
+    }
+    .report(&host)
+    .await?;
     host.stop().await?;
 
     let wrong = redis.url().replace("redis://", "redis://app:wrong@");

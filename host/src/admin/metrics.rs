@@ -19,6 +19,7 @@ use crate::gateway::GatewayStats;
 use crate::plugins::Registry;
 use crate::router::Router;
 use crate::source::Source;
+use crate::worker::outcome::{FailureReason, ShedReason};
 
 /// Every metric family `/metrics` serves (without the `_total` suffix counters get), so that
 /// dashboards and alert rules can be checked against it.
@@ -31,6 +32,8 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_subscriptions",
     "switchyard_plugins_failed",
     "switchyard_plugin_messages",
+    "switchyard_plugin_failures",
+    "switchyard_plugin_shed",
     "switchyard_plugin_refusals",
     "switchyard_stream_entries",
     "switchyard_plugin_queue_depth",
@@ -212,6 +215,42 @@ impl Collector for SwitchyardCollector {
                     (
                         vec![("plugin", plugin.name.as_str()), ("outcome", outcome)],
                         value,
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut encoder,
+            "switchyard_plugin_failures",
+            "Failed messages per plugin by reason: error (an error value returned), trap, \
+             deadline, memory (the memory cap), no_instance (the plugin could not be \
+             instantiated). They sum to the failed outcome of switchyard_plugin_messages.",
+            snapshots.iter().flat_map(|(plugin, stats)| {
+                FailureReason::ALL.map(|reason| {
+                    (
+                        vec![
+                            ("plugin", plugin.name.as_str()),
+                            ("reason", reason.as_str()),
+                        ],
+                        stats.failed_by.get(reason),
+                    )
+                })
+            }),
+        )?;
+        counters(
+            &mut encoder,
+            "switchyard_plugin_shed",
+            "Shed messages per plugin by reason: queue_full, parked (by the circuit breaker), \
+             stopped (the plugin was being removed). They sum to the shed outcome of \
+             switchyard_plugin_messages.",
+            snapshots.iter().flat_map(|(plugin, stats)| {
+                ShedReason::ALL.map(|reason| {
+                    (
+                        vec![
+                            ("plugin", plugin.name.as_str()),
+                            ("reason", reason.as_str()),
+                        ],
+                        stats.shed_by.get(reason),
                     )
                 })
             }),

@@ -78,7 +78,8 @@ pub struct SubscriptionsOverride {
 pub struct LimitsOverride {
     /// Wall-clock limit of one call, in milliseconds.
     pub deadline_ms: Option<u64>,
-    /// Linear-memory cap, in MiB.
+    /// Linear-memory cap, in MiB: for all the plugin's linear memories together (a
+    /// component may have several), not for each.
     pub memory_mib: Option<u64>,
 }
 
@@ -144,6 +145,15 @@ mod tests {
         assert_eq!(settings.get("on"), Some("true"));
         assert_eq!(settings.get("list"), Some("[\"a\",\"b\"]"));
         assert_eq!(settings.get("missing"), None);
+    }
+
+    #[test]
+    fn limits_override_the_host_defaults_only_where_set() {
+        let manifest = Manifest::parse("[limits]\nmemory_mib = 8\n", Path::new("p.toml")).unwrap();
+        assert_eq!(manifest.limits.memory_mib, Some(8));
+        assert_eq!(manifest.limits.deadline_ms, None);
+        let err = Manifest::parse("[limits]\ntables = 3\n", Path::new("p.toml")).unwrap_err();
+        assert!(err.contains("tables"), "{err}");
     }
 
     #[test]

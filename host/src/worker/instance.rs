@@ -2,7 +2,8 @@
 //!
 //! Used by the worker for every message and by the loader to call `describe` once per new
 //! version. Every call runs under the plugin's deadline (epoch interruption) and memory cap
-//! (store limits).
+//! (store limits). A failed `handle` is classified here, where the trap is still at hand, into
+//! one of the fixed [`FailureReason`]s.
 
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
@@ -12,7 +13,8 @@ use wasmtime::Store;
 use super::bindings::Plugin;
 use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
-use super::state::HostState;
+use super::outcome::FailureReason;
+use super::state::{HostState, MemoryExhausted};
 use super::{Envelope, PluginStats};
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
@@ -24,6 +26,15 @@ pub enum CallError {
     Returned(String),
     /// The call trapped (a panic, the deadline, the memory cap); the instance is unusable.
     Trapped(String),
+}
+
+/// Why a `handle` call failed, and the error as `last_error` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The kind of failure; every reason but [`FailureReason::Error`] costs the instance.
+    pub reason: FailureReason,
+    /// What happened, for logs and `/plugins`.
+    pub message: String,
 }
 
 /// A store with a plugin instantiated in it.
@@ -72,8 +83,9 @@ impl Instance {
             .map_err(|e| CallError::Trapped(describe_trap(&e, &self.version)))
     }
 
-    /// Calls `handle` with one message.
-    pub fn handle(&mut self, envelope: Envelope) -> Result<(), CallError> {
+    /// Calls `handle` with one message. After a failure whose reason poisons the instance,
+    /// the instance must be dropped.
+    pub fn handle(&mut self, envelope: Envelope) -> Result<(), Failure> {
         let message = Message {
             channel: String::from_utf8_lossy(&envelope.channel).into_owned(),
             subscription: {
@@ -110,8 +122,14 @@ impl Instance {
             .call_handle(&mut self.store, &message)
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(CallError::Returned(render_error(&error))),
-            Err(trap) => Err(CallError::Trapped(describe_trap(&trap, &self.version))),
+            Ok(Err(error)) => Err(Failure {
+                reason: FailureReason::Error,
+                message: render_error(&error),
+            }),
+            Err(trap) => Err(Failure {
+                reason: trap_reason(&trap),
+                message: format!("trapped: {}", describe_trap(&trap, &self.version)),
+            }),
         }
     }
 
@@ -137,22 +155,31 @@ pub fn render_error(error: &types::Error) -> String {
     }
 }
 
+/// Which kind of trap `error` is: the epoch interrupt is the deadline, and the store's
+/// limiter raises [`MemoryExhausted`] for the memory cap; anything else is a plain trap.
+fn trap_reason(error: &wasmtime::Error) -> FailureReason {
+    if matches!(
+        error.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    ) {
+        FailureReason::Deadline
+    } else if error.downcast_ref::<MemoryExhausted>().is_some() {
+        FailureReason::Memory
+    } else {
+        FailureReason::Trap
+    }
+}
+
 /// A trap, explained: the deadline and the memory cap are named as such.
 fn describe_trap(error: &wasmtime::Error, version: &LoadedPlugin) -> String {
-    match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => {
+    match trap_reason(error) {
+        FailureReason::Deadline => {
             format!("deadline of {:?} exceeded", version.context.deadline)
         }
-        _ => {
-            let text = format!("{error:#}");
-            if text.contains("memory") && text.contains("grow") {
-                format!(
-                    "memory cap of {} MiB reached: {text}",
-                    version.context.memory_limit >> 20
-                )
-            } else {
-                text
-            }
-        }
+        FailureReason::Memory => format!(
+            "memory cap of {} MiB reached: {error:#}",
+            version.context.memory_limit >> 20
+        ),
+        _ => format!("{error:#}"),
     }
 }

@@ -17,13 +17,15 @@
 //!
 //! Containment: a trap (a panic, the deadline, the memory cap) fails that message only and
 //! the next one gets a fresh instance; a plugin that keeps failing is parked by its
-//! [`breaker`].
+//! [`breaker`]. Every message the router offers ends up handled, failed or shed, and failures
+//! and sheds are counted by a fixed set of reasons ([`outcome`]).
 
 #[allow(missing_docs)]
 pub mod bindings;
 pub mod breaker;
 pub mod engine;
 pub mod instance;
+pub mod outcome;
 pub mod queue;
 pub mod state;
 
@@ -40,7 +42,10 @@ use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 use crate::source::streams::{StreamEntry, StreamStats};
 use breaker::{Breaker, BreakerPolicy};
-use instance::{CallError, Instance};
+use instance::{Failure, Instance};
+use outcome::{
+    FailureCounters, FailureCounts, FailureReason, ShedCounters, ShedCounts, ShedReason,
+};
 use queue::{Queue, Shed, WhenFull};
 
 /// One message waiting in a plugin's queue.
@@ -80,9 +85,9 @@ pub struct PluginStats {
     /// What its stream readers did.
     pub streams: Arc<StreamStats>,
     accepted: AtomicU64,
-    shed: AtomicU64,
+    shed: ShedCounters,
     handled: AtomicU64,
-    failed: AtomicU64,
+    failed: FailureCounters,
     denied: AtomicU64,
     loop_limited: AtomicU64,
     send_failed: AtomicU64,
@@ -102,12 +107,17 @@ pub struct PluginStats {
 pub struct StatsSnapshot {
     /// Messages queued for the plugin.
     pub accepted: u64,
-    /// Messages dropped because its queue was full or closing.
+    /// Messages dropped unhandled: its queue was full, it was parked, or it had stopped.
     pub shed: u64,
+    /// `shed` by reason.
+    pub shed_by: ShedCounts,
     /// Messages `handle` returned `ok` for.
     pub handled: u64,
-    /// Messages that failed: an error value, a trap, a deadline, or no instance.
+    /// Messages that failed: an error value, a trap, a deadline, the memory cap, or no
+    /// instance.
     pub failed: u64,
+    /// `failed` by reason.
+    pub failed_by: FailureCounts,
     /// Host calls refused for want of a grant.
     pub denied: u64,
     /// Publishes into the plugin's own subscriptions refused by the loop guard.
@@ -140,11 +150,16 @@ impl PluginStats {
 
     /// A consistent-enough copy for reporting.
     pub fn snapshot(&self) -> StatsSnapshot {
+        // Failures first: a reader that sees a failure counted also sees its `last_error`.
+        let failed_by = self.failed.snapshot();
+        let shed_by = self.shed.snapshot();
         StatsSnapshot {
             accepted: self.accepted.load(Ordering::Relaxed),
-            shed: self.shed.load(Ordering::Relaxed),
+            shed: shed_by.total(),
+            shed_by,
             handled: self.handled.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Acquire),
+            failed: failed_by.total(),
+            failed_by,
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
             send_failed: self.send_failed.load(Ordering::Relaxed),
@@ -199,7 +214,7 @@ impl PluginStats {
     /// Whether every accepted message has been handled, failed or discarded.
     pub fn settled(&self) -> bool {
         let done = self.handled.load(Ordering::Relaxed)
-            + self.failed.load(Ordering::Relaxed)
+            + self.failed.total()
             + self.discarded.load(Ordering::Relaxed);
         self.accepted.load(Ordering::Relaxed) == done
     }
@@ -209,21 +224,35 @@ impl PluginStats {
         self.parked_until_ms.load(Ordering::Relaxed) > millis_now()
     }
 
-    fn record_shed(&self, plugin: &PluginName, why: &str) {
-        self.shed.fetch_add(1, Ordering::Relaxed);
+    /// Counts a message dropped unhandled, and logs it (rate limited).
+    fn record_shed(&self, plugin: &PluginName, reason: ShedReason, detail: &str) {
+        self.shed.add(reason);
         if let Some(suppressed) = self.log_gate.admit() {
-            tracing::warn!(%plugin, suppressed, "shedding message: {why}");
+            tracing::warn!(
+                %plugin,
+                suppressed,
+                reason = reason.as_str(),
+                "shedding message: {}{detail}",
+                reason.describe()
+            );
         }
     }
 
-    fn record_failure(&self, plugin: &PluginName, error: String) {
+    /// Counts a failed message, keeps its error as `last_error`, and logs it (rate limited).
+    fn record_failure(&self, plugin: &PluginName, failure: &Failure) {
         if let Some(suppressed) = self.log_gate.admit() {
-            tracing::warn!(%plugin, suppressed, "message failed: {error}");
+            tracing::warn!(
+                %plugin,
+                suppressed,
+                reason = failure.reason.as_str(),
+                "message failed: {}",
+                failure.message
+            );
         }
         // The error is in place before the count moves, so a reader that sees the failure
         // counted also sees why.
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-        self.failed.fetch_add(1, Ordering::Release);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.message.clone());
+        self.failed.add(failure.reason);
     }
 }
 
@@ -292,10 +321,15 @@ impl Inbox {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                 self.stats
-                    .record_shed(&self.plugin, "queue full, dropped the oldest");
+                    .record_shed(&self.plugin, ShedReason::QueueFull, ", dropped the oldest");
             }
-            Err(Shed::Newest) => self.stats.record_shed(&self.plugin, "queue full"),
-            Err(Shed::Closed) => self.stats.record_shed(&self.plugin, "plugin stopped"),
+            Err(Shed::Newest) => {
+                self.stats
+                    .record_shed(&self.plugin, ShedReason::QueueFull, ", dropped the newest");
+            }
+            Err(Shed::Closed) => self
+                .stats
+                .record_shed(&self.plugin, ShedReason::Stopped, ""),
         }
     }
 
@@ -407,8 +441,7 @@ impl Worker {
             let now = Instant::now();
             if self.breaker.parked(now) {
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .record_shed(&self.plugin, "plugin parked by its circuit breaker");
+                self.stats.record_shed(&self.plugin, ShedReason::Parked, "");
                 continue;
             }
             self.stats.parked_until_ms.store(0, Ordering::Relaxed);
@@ -442,16 +475,26 @@ impl Worker {
                     self.live = Some(instance);
                 }
                 Err(e) => {
-                    let error = format!("cannot instantiate: {e:#}");
-                    self.stats.record_failure(&self.plugin, error.clone());
-                    return (Err(error), Instant::now());
+                    let failure = Failure {
+                        reason: FailureReason::NoInstance,
+                        message: format!("cannot instantiate: {e:#}"),
+                    };
+                    self.stats.record_failure(&self.plugin, &failure);
+                    return (Err(failure.message), Instant::now());
                 }
             }
             // The handle time leaves instantiation out.
             now = Instant::now();
         }
         let Some(instance) = self.live.as_mut() else {
-            return (Err("no instance".to_owned()), now);
+            // Unreachable (built just above), but a message that reaches here must still be
+            // counted, or the plugin would never look settled.
+            let failure = Failure {
+                reason: FailureReason::NoInstance,
+                message: "no instance".to_owned(),
+            };
+            self.stats.record_failure(&self.plugin, &failure);
+            return (Err(failure.message), now);
         };
         let outcome = instance.handle(envelope);
         let finished = Instant::now();
@@ -464,16 +507,13 @@ impl Worker {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(CallError::Returned(error)) => {
-                self.stats.record_failure(&self.plugin, error.clone());
-                Err(error)
-            }
-            Err(CallError::Trapped(trap)) => {
-                // A trap poisons the store: the next message gets a fresh instance.
-                self.live = None;
-                let error = format!("trapped: {trap}");
-                self.stats.record_failure(&self.plugin, error.clone());
-                Err(error)
+            Err(failure) => {
+                if failure.reason.poisons_instance() {
+                    // A trap poisons the store: the next message gets a fresh instance.
+                    self.live = None;
+                }
+                self.stats.record_failure(&self.plugin, &failure);
+                Err(failure.message)
             }
         };
         (outcome, finished)

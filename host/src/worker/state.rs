@@ -1,10 +1,16 @@
 //! What a plugin's `Store` holds: the plugin's identity, grants and settings, the effects it
 //! may cause, its resource limits, and a WASI context that grants nothing.
+//!
+//! The memory cap is a budget for the whole store: a component may hold several linear
+//! memories (its own module, the WASI adapter, shims, a guest built with multi-memory), and
+//! their sizes together must stay under the cap. Wasmtime's own `StoreLimits` caps each memory
+//! separately, which would let a plugin with `MAX_MEMORIES` memories take that many times its
+//! cap; [`StoreCaps`] counts them together.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime::ResourceLimiter;
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::effects::Effects;
@@ -20,8 +26,8 @@ use crate::{ContentHash, PluginName};
 pub const MAX_INSTANCES: usize = 64;
 /// Tables one plugin store may hold.
 pub const MAX_TABLES: usize = 64;
-/// Elements one table may grow to: far beyond any real guest's function tables, low enough
-/// that a hostile `table.grow` cannot take the host's memory.
+/// Elements all tables of one plugin store may hold together: far beyond any real guest's
+/// function tables, low enough that a hostile `table.grow` cannot take the host's memory.
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// Linear memories one plugin store may hold.
 pub const MAX_MEMORIES: usize = 16;
@@ -59,7 +65,7 @@ pub struct HostState {
     pub(crate) stats: Arc<PluginStats>,
     /// When the current call must be over; host imports that wait (publish) wait no longer.
     pub(crate) call_deadline: Instant,
-    limits: StoreLimits,
+    limits: StoreCaps,
     wasi: WasiCtx,
     table: ResourceTable,
 }
@@ -67,16 +73,7 @@ pub struct HostState {
 impl HostState {
     /// A fresh state for one store of `plugin`, counting into `stats`.
     pub fn new(plugin: Arc<PluginContext>, stats: Arc<PluginStats>) -> Self {
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(plugin.memory_limit)
-            // A failed `memory.grow` traps with a clear message instead of letting the guest's
-            // allocator abort in some less legible way.
-            .trap_on_grow_failure(true)
-            .instances(MAX_INSTANCES)
-            .tables(MAX_TABLES)
-            .table_elements(MAX_TABLE_ELEMENTS)
-            .memories(MAX_MEMORIES)
-            .build();
+        let limits = StoreCaps::new(plugin.memory_limit);
         Self {
             plugin,
             stats,
@@ -100,6 +97,119 @@ impl HostState {
     /// The limiter a store must install (`store.limiter(HostState::limiter)`).
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
         &mut self.limits
+    }
+}
+
+/// A growth of linear memory refused because the store's memories together would pass the
+/// plugin's cap (or the memory's own maximum, or the system refused the pages). Raised as a
+/// trap, so that the message fails with a reason instead of the guest's allocator aborting in
+/// some less legible way.
+#[derive(Debug, thiserror::Error)]
+#[error("growing linear memory to {wanted} bytes in total refused (cap {cap} bytes){detail}")]
+pub struct MemoryExhausted {
+    /// What the store's memories would have held together, in bytes.
+    pub wanted: usize,
+    /// The plugin's cap, in bytes.
+    pub cap: usize,
+    /// Why, when not the cap itself.
+    detail: String,
+}
+
+/// The resource limiter of a plugin store: one memory budget for all its linear memories,
+/// one element budget for all its tables, and fixed counts of instances, tables and memories.
+///
+/// Memories and tables never shrink and live as long as the store, so the sums only grow. A
+/// refused or failed growth traps, and the worker drops a trapped store, so
+/// no sum needs to be taken back after a failure.
+#[derive(Debug)]
+pub struct StoreCaps {
+    memory_cap: usize,
+    memory_used: usize,
+    table_elements: usize,
+}
+
+impl StoreCaps {
+    /// A limiter allowing `memory_cap` bytes of linear memory in total.
+    pub fn new(memory_cap: usize) -> Self {
+        Self {
+            memory_cap,
+            memory_used: 0,
+            table_elements: 0,
+        }
+    }
+
+    /// Bytes of linear memory the store's memories hold together.
+    pub fn memory_used(&self) -> usize {
+        self.memory_used
+    }
+}
+
+impl ResourceLimiter for StoreCaps {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // `current` is 0 when a memory is created: its initial size counts like a growth.
+        let wanted = self
+            .memory_used
+            .saturating_add(desired.saturating_sub(current));
+        let detail = if maximum.is_some_and(|max| desired > max) {
+            ", beyond the memory's own maximum"
+        } else if wanted > self.memory_cap {
+            ""
+        } else {
+            self.memory_used = wanted;
+            return Ok(true);
+        };
+        Err(wasmtime::Error::new(MemoryExhausted {
+            wanted,
+            cap: self.memory_cap,
+            detail: detail.to_owned(),
+        }))
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(wasmtime::Error::new(MemoryExhausted {
+            wanted: self.memory_used,
+            cap: self.memory_cap,
+            detail: format!(": {error:#}"),
+        }))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let wanted = self
+            .table_elements
+            .saturating_add(desired.saturating_sub(current));
+        if wanted > MAX_TABLE_ELEMENTS || maximum.is_some_and(|max| desired > max) {
+            wasmtime::bail!(
+                "growing tables to {wanted} elements in total refused (cap {MAX_TABLE_ELEMENTS})"
+            );
+        }
+        self.table_elements = wanted;
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a table failed"))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
     }
 }
 
@@ -145,5 +255,66 @@ impl WasiView for HostState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::{Engine, Memory, MemoryType, Store};
+
+    use super::*;
+
+    const PAGE: usize = 64 << 10;
+
+    /// A store limited by `StoreCaps` with a cap of `pages` Wasm pages.
+    fn store(pages: usize) -> Store<StoreCaps> {
+        let mut store = Store::new(&Engine::default(), StoreCaps::new(pages * PAGE));
+        store.limiter(|caps| caps);
+        store
+    }
+
+    fn memory(store: &mut Store<StoreCaps>, pages: u32) -> wasmtime::Result<Memory> {
+        Memory::new(&mut *store, MemoryType::new(pages, None))
+    }
+
+    #[test]
+    fn the_memory_cap_bounds_all_memories_of_a_store_together() {
+        let mut store = store(10);
+        let first = memory(&mut store, 4).expect("4 of 10 pages");
+        let second = memory(&mut store, 4).expect("8 of 10 pages");
+        assert_eq!(store.data().memory_used(), 8 * PAGE);
+        // Each memory alone would be under the cap; together they are not.
+        let error = memory(&mut store, 4).expect_err("12 of 10 pages");
+        assert!(
+            error.downcast_ref::<MemoryExhausted>().is_some(),
+            "{error:#}"
+        );
+        // Growth of an existing memory counts against the same budget.
+        assert!(second.grow(&mut store, 3).is_err(), "11 of 10 pages");
+        first.grow(&mut store, 2).expect("10 of 10 pages");
+        assert_eq!(store.data().memory_used(), 10 * PAGE);
+        assert!(first.grow(&mut store, 1).is_err(), "11 of 10 pages");
+    }
+
+    #[test]
+    fn refused_growth_names_the_cap() {
+        let mut store = store(2);
+        let error = memory(&mut store, 3).expect_err("3 of 2 pages");
+        let exhausted = error
+            .downcast_ref::<MemoryExhausted>()
+            .expect("a memory error");
+        assert_eq!(exhausted.cap, 2 * PAGE);
+        assert_eq!(exhausted.wanted, 3 * PAGE);
+    }
+
+    #[test]
+    fn a_memory_past_its_own_maximum_is_refused_as_memory() {
+        let mut store = store(10);
+        let bounded = Memory::new(&mut store, MemoryType::new(1, Some(2))).expect("1 page");
+        let error = bounded.grow(&mut store, 2).expect_err("past its maximum");
+        assert!(
+            error.downcast_ref::<MemoryExhausted>().is_some(),
+            "{error:#}"
+        );
     }
 }
