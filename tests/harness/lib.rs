@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod polyglot;
+pub mod proxy;
 pub mod redis;
 pub mod tls;
 pub mod webhook;

@@ -196,6 +196,26 @@ impl RedisServer {
         }
     }
 
+    /// `PUBSUB CHANNELS`: every channel some connection is subscribed to, as text.
+    pub async fn pubsub_channels(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut connection)
+            .await
+            .with_context(|| format!("PUBSUB CHANNELS on redis-server port {}", self.port))
+    }
+
+    /// `PUBSUB NUMPAT`: how many pattern subscriptions all connections hold together.
+    pub async fn pubsub_numpat(&self) -> anyhow::Result<i64> {
+        let mut connection = self.connection().await?;
+        redis::cmd("PUBSUB")
+            .arg("NUMPAT")
+            .query_async(&mut connection)
+            .await
+            .with_context(|| format!("PUBSUB NUMPAT on redis-server port {}", self.port))
+    }
+
     /// Sends PUBLISH and returns the receiver count.
     pub async fn publish(
         &self,

@@ -10,6 +10,7 @@ mod glob_differential;
 mod kubernetes;
 mod languages;
 mod loading;
+mod outage;
 mod reload;
 mod routing;
 mod scenarios;

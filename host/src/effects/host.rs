@@ -153,8 +153,18 @@ impl Host for HostState {
     }
 }
 
+/// What the plugin is told when an effect did not happen. The text tells the two ways a
+/// Redis effect fails apart: at once, because Redis is not connected or refused the command
+/// ("Redis unavailable: ..."), or by running out of the plugin's deadline while waiting
+/// ("no answer within the plugin's deadline ..."), so that a plugin (and its operator) can see
+/// that an outage failed fast rather than used up the call.
 fn unavailable(error: EffectError) -> Error {
-    Error::Unavailable(error.to_string())
+    match error {
+        // Texts that already name Redis (the fast path while a write has failed) are kept.
+        EffectError::Unavailable(why) if why.contains("Redis") => Error::Unavailable(why),
+        EffectError::Unavailable(why) => Error::Unavailable(format!("Redis unavailable: {why}")),
+        other => Error::Unavailable(other.to_string()),
+    }
 }
 
 fn list(items: &[String]) -> String {

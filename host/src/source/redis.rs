@@ -6,18 +6,26 @@
 //!
 //! The control task owns everything that changes the connection: subscription updates
 //! (subscribe the new, barrier, unsubscribe the gone; see [`crate::router`]) and
-//! reconnection. When the connection drops it retries with capped exponential backoff and
-//! jitter, then subscribes the current set again. Messages published while it was down are
-//! lost (pub/sub is at-most-once); the outage is logged, counted and shown by readiness.
+//! reconnection. A connection is lost when it closes, when a command on it fails, or when it
+//! goes silent: a network that drops packets without closing anything would otherwise leave
+//! the host "ready" and receiving nothing, so a health task PINGs the connection whenever it
+//! has been quiet for [`HEALTH_INTERVAL`] and gives it up when neither the reply nor anything
+//! else arrives within [`HEALTH_TIMEOUT`] (TCP keepalive and `TCP_USER_TIMEOUT` back this up
+//! at the kernel's level). After a loss it waits, retries with capped exponential backoff and
+//! jitter ([`Backoff`]), then subscribes the current set again. Messages published while it
+//! was down are lost (pub/sub is at-most-once); the outage is logged, counted and shown by
+//! readiness.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rand::Rng;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -25,10 +33,36 @@ use tokio_util::sync::CancellationToken;
 use super::{ControlHandle, Delivery, SourceStatus, Subscription, Update, Via};
 use crate::router::{Router, RoutingTable};
 
-/// First wait before reconnecting.
+/// First wait before reconnecting (also after losing a connection that was up: a server that
+/// drops every connection it accepts must not be hammered).
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts.
+/// Longest wait between reconnection attempts, before jitter.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a session must stay up before a loss starts the backoff again from
+/// [`BACKOFF_MIN`]: shorter sessions count as failed attempts, so a server that accepts and
+/// at once drops connections is retried at the capped pace, not in a tight loop.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How long the subscriber connection may go without receiving anything before it is PINGed.
+/// A delivery proves the connection alive as well as a reply does, so a busy connection is
+/// never PINGed.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a health-check PING may wait for its reply, with nothing else arriving either,
+/// before the connection is given up. A reply takes well under a millisecond on a LAN; the
+/// bound leaves room for a server stalled by a slow command or a fork without flapping, and
+/// keeps the time to notice a silent network (at most interval + bound) to a few seconds.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle time before the kernel sends TCP keepalive probes, interval between probes, and
+/// probes unanswered before it declares the peer dead.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+#[cfg(target_os = "linux")]
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+#[cfg(target_os = "linux")]
+const KEEPALIVE_PROBES: u32 = 3;
+/// How long data written to the socket may stay unacknowledged before the kernel fails the
+/// connection (`TCP_USER_TIMEOUT`): a command sent into a silent network errors instead of
+/// being retransmitted for the kernel's default of about 15 minutes.
+#[cfg(target_os = "linux")]
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a barrier may take to come back through the stream before the table is switched
 /// anyway (it only fails to come back if the connection broke meanwhile).
 pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,7 +93,8 @@ impl RedisSource {
             .redis_settings()
             .clone()
             .set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let tcp = with_dead_peer_detection(info.tcp_settings().clone());
+        let client = redis::Client::open(info.set_redis_settings(settings).set_tcp_settings(tcp))?;
         let (handle, updates, status) = ControlHandle::new("Redis source");
         let control = Control {
             client,
@@ -90,16 +125,50 @@ impl RedisSource {
 /// A live subscriber connection.
 struct Session {
     connection: MultiplexedConnection,
-    /// Fires when the connection is lost.
-    lost: mpsc::UnboundedReceiver<()>,
+    /// Says why the connection was lost: sent by the push callback when it closes and by the
+    /// health task when it goes silent.
+    lost: mpsc::UnboundedReceiver<Lost>,
     /// What the connection is subscribed to (besides the barrier channel).
     active: BTreeSet<Subscription>,
+    /// The health task, which holds a handle of the connection: stopped with the session, so
+    /// that a given-up connection is closed rather than kept open by its own watcher.
+    health: tokio::task::AbortHandle,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.health.abort();
+    }
 }
 
 /// How a session ended.
 enum SessionEnd {
     Shutdown,
-    Disconnected,
+    Lost(Lost),
+}
+
+/// Why a live connection was given up.
+#[derive(Debug)]
+enum Lost {
+    /// It closed: the server went away, the connection was killed, or the network reset it.
+    Closed,
+    /// A health-check PING got no reply within this long, and nothing else arrived either.
+    Silent(Duration),
+    /// A command on it failed, so its state is unknown.
+    Failed(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Closed => f.write_str("the connection closed"),
+            Lost::Silent(waited) => write!(
+                f,
+                "no reply to a health-check PING within {waited:?}, and nothing else received (network silent?)"
+            ),
+            Lost::Failed(why) => f.write_str(why),
+        }
+    }
 }
 
 struct Control {
@@ -112,7 +181,7 @@ struct Control {
 
 impl Control {
     async fn run(mut self, mut updates: mpsc::Receiver<Update>, shutdown: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut down_since: Option<Instant> = None;
         loop {
             let session = tokio::select! {
@@ -126,9 +195,8 @@ impl Control {
                         s.connected = false;
                         s.last_error = Some(error.clone());
                     });
-                    let wait = jittered(backoff);
+                    let wait = backoff.next_wait();
                     tracing::warn!(retry_in = ?wait, "cannot subscribe to Redis: {error}");
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     if !self.idle(wait, &mut updates, &shutdown).await {
                         return;
                     }
@@ -139,22 +207,32 @@ impl Control {
                 self.set_status(|s| s.reconnects += 1);
                 tracing::warn!(
                     outage = ?since.elapsed(),
+                    subscriptions = self.desired.len(),
                     "reconnected to Redis and resubscribed; messages published during the outage were not received"
                 );
             } else {
                 tracing::info!(subscriptions = self.desired.len(), "subscribed to Redis");
             }
-            backoff = BACKOFF_MIN;
-            match self.serve(session, &mut updates, &shutdown).await {
+            let connected_at = Instant::now();
+            let why = match self.serve(session, &mut updates, &shutdown).await {
                 SessionEnd::Shutdown => return,
-                SessionEnd::Disconnected => {
-                    down_since = Some(Instant::now());
-                    self.set_status(|s| {
-                        s.connected = false;
-                        s.last_error = Some("connection lost".to_owned());
-                    });
-                    tracing::error!("lost the Redis subscriber connection; reconnecting");
-                }
+                SessionEnd::Lost(why) => why,
+            };
+            down_since = Some(Instant::now());
+            self.set_status(|s| {
+                s.connected = false;
+                s.last_error = Some(format!("connection lost: {why}"));
+            });
+            if connected_at.elapsed() >= HEALTHY_SESSION {
+                backoff.reset();
+            }
+            let wait = backoff.next_wait();
+            tracing::error!(
+                retry_in = ?wait,
+                "lost the Redis subscriber connection ({why}); reconnecting"
+            );
+            if !self.idle(wait, &mut updates, &shutdown).await {
+                return;
             }
         }
     }
@@ -164,8 +242,12 @@ impl Control {
     /// needed).
     async fn connect(&mut self) -> Result<Session, String> {
         let (lost_tx, lost) = mpsc::unbounded_channel();
+        let closed = lost_tx.clone();
         let router = self.router.clone();
+        let received = Arc::new(AtomicU64::new(0));
+        let activity = received.clone();
         let on_push = move |push: PushInfo| {
+            activity.fetch_add(1, Ordering::Relaxed);
             match push.kind {
                 PushKind::Message | PushKind::PMessage | PushKind::SMessage => {
                     if let Some(delivery) = delivery(push) {
@@ -173,7 +255,7 @@ impl Control {
                     }
                 }
                 PushKind::Disconnection => {
-                    let _ = lost_tx.send(());
+                    let _ = closed.send(Lost::Closed);
                 }
                 _ => {}
             }
@@ -198,10 +280,12 @@ impl Control {
             .subscribe(self.router.barrier_channel().as_ref())
             .await
             .map_err(|e| format!("SUBSCRIBE failed: {e}"))?;
+        let health = tokio::spawn(watch_health(connection.clone(), received, lost_tx));
         let mut session = Session {
             connection,
             lost,
             active: BTreeSet::new(),
+            health: health.abort_handle(),
         };
         let desired = self.desired.clone();
         subscribe(&mut session.connection, &desired, true)
@@ -230,16 +314,16 @@ impl Control {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
-                _ = session.lost.recv() => return SessionEnd::Disconnected,
+                why = session.lost.recv() => return SessionEnd::Lost(why.unwrap_or(Lost::Closed)),
                 update = updates.recv() => {
                     let Some(update) = update else { return SessionEnd::Shutdown };
                     let result = self.apply(&mut session, update.subscriptions, update.table).await;
-                    let failed = result.is_err();
+                    let failed = result.as_ref().err().map(|e| format!("{e:#}"));
                     let _ = update.done.send(result);
-                    if failed {
+                    if let Some(why) = failed {
                         // A failed (un)subscribe means the connection is in an unknown state:
                         // start over from a fresh one.
-                        return SessionEnd::Disconnected;
+                        return SessionEnd::Lost(Lost::Failed(why));
                     }
                 }
             }
@@ -341,6 +425,63 @@ pub(super) fn names_of<'a>(set: &'a BTreeSet<Subscription>, kind: &str) -> Vec<&
         .collect()
 }
 
+/// Watches a live subscriber connection: whenever [`HEALTH_INTERVAL`] passes with nothing
+/// received, PINGs it, and reports it [`Lost`] when neither the reply nor anything else
+/// arrives within [`HEALTH_TIMEOUT`], or when the PING fails. `received` counts what the
+/// connection delivered (messages, confirmations); in RESP3 a subscribed connection answers
+/// PING like any command, so the PING needs no pub/sub form.
+async fn watch_health(
+    mut connection: MultiplexedConnection,
+    received: Arc<AtomicU64>,
+    lost: mpsc::UnboundedSender<Lost>,
+) {
+    let mut seen = received.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+        let now = received.load(Ordering::Relaxed);
+        if now != seen {
+            seen = now;
+            continue;
+        }
+        let ping = redis::cmd("PING");
+        let why = match tokio::time::timeout(HEALTH_TIMEOUT, ping.exec_async(&mut connection)).await
+        {
+            Ok(Ok(())) => continue,
+            Ok(Err(error)) => Lost::Failed(format!("health-check PING failed: {error}")),
+            // The reply may be queued behind deliveries that are still arriving: those prove
+            // the connection alive too.
+            Err(_) if received.load(Ordering::Relaxed) != seen => continue,
+            Err(_) => Lost::Silent(HEALTH_TIMEOUT),
+        };
+        let _ = lost.send(why);
+        return;
+    }
+}
+
+/// `tcp` with TCP keepalive (and on Linux `TCP_USER_TIMEOUT`) set, so that the kernel itself
+/// fails a connection whose peer has silently gone away. The subscriber's health check
+/// notices sooner; this also covers connections that carry no health check.
+pub fn with_dead_peer_detection(tcp: TcpSettings) -> TcpSettings {
+    let keepalive = TcpKeepalive::new().with_time(KEEPALIVE_IDLE);
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    #[cfg(target_os = "linux")]
+    let tcp = tcp.set_user_timeout(TCP_USER_TIMEOUT);
+    tcp.set_keepalive(keepalive)
+}
+
+/// A client for the same server as `client` whose connections have
+/// [`with_dead_peer_detection`]'s TCP settings.
+pub fn client_with_dead_peer_detection(
+    client: &redis::Client,
+) -> redis::RedisResult<redis::Client> {
+    let info = client.get_connection_info().clone();
+    let tcp = with_dead_peer_detection(info.tcp_settings().clone());
+    redis::Client::open(info.set_tcp_settings(tcp))
+}
+
 /// (Un)subscribes `set` in batches, channels, patterns and sharded channels with their own
 /// commands.
 async fn subscribe(
@@ -406,8 +547,111 @@ pub(super) fn delivery(push: PushInfo) -> Option<Delivery> {
     })
 }
 
-/// `base` give or take 20%, so that many hosts losing the same Redis do not all come back in
-/// the same millisecond.
+/// How much a wait may differ from its step, either way: many hosts losing the same Redis
+/// then do not all come back in the same millisecond.
+const JITTER: f64 = 0.2;
+
+/// `base` give or take [`JITTER`].
 pub(super) fn jittered(base: Duration) -> Duration {
-    base.mul_f64(rand::rng().random_range(0.8..1.2))
+    base.mul_f64(rand::rng().random_range(1.0 - JITTER..=1.0 + JITTER))
+}
+
+/// Capped exponential backoff with jitter: the waits between reconnection attempts.
+///
+/// The step starts at `base` and doubles after every wait up to `cap`; each wait is the step
+/// give or take [`JITTER`]. [`Backoff::reset`] starts again from `base`: call it only once a
+/// connection has proven healthy, never merely because one was accepted.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    step: Duration,
+}
+
+impl Backoff {
+    /// Waits from `base`, doubling up to `cap`.
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        let base = base.min(cap);
+        Self {
+            base,
+            cap,
+            step: base,
+        }
+    }
+
+    /// The wait before the next attempt; the step after it doubles (up to the cap).
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = jittered(self.step);
+        self.step = self.step.saturating_mul(2).min(self.cap);
+        wait
+    }
+
+    /// Starts again from the base.
+    pub fn reset(&mut self) {
+        self.step = self.base;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+
+    fn within_jitter(wait: Duration, step: Duration) -> bool {
+        wait >= step.mul_f64(1.0 - JITTER) && wait <= step.mul_f64(1.0 + JITTER)
+    }
+
+    #[test]
+    fn backoff_doubles_from_the_base() {
+        let mut backoff = Backoff::new(BASE, CAP);
+        for step in [100, 200, 400, 800, 1600, 3200] {
+            let wait = backoff.next_wait();
+            assert!(
+                within_jitter(wait, Duration::from_millis(step)),
+                "{wait:?} for a step of {step} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_stops_growing_at_the_cap() {
+        let mut backoff = Backoff::new(BASE, CAP);
+        for _ in 0..100 {
+            let wait = backoff.next_wait();
+            assert!(wait <= CAP.mul_f64(1.0 + JITTER), "{wait:?}");
+        }
+        for _ in 0..100 {
+            let wait = backoff.next_wait();
+            assert!(within_jitter(wait, CAP), "{wait:?}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bounds_and_varies() {
+        let waits: Vec<Duration> = (0..1000)
+            .map(|_| Backoff::new(CAP, CAP).next_wait())
+            .collect();
+        assert!(waits.iter().all(|&w| within_jitter(w, CAP)), "{waits:?}");
+        let (min, max) = (waits.iter().min(), waits.iter().max());
+        assert!(min < max, "no jitter: every wait was {min:?}");
+    }
+
+    #[test]
+    fn reset_starts_again_from_the_base() {
+        let mut backoff = Backoff::new(BASE, CAP);
+        for _ in 0..10 {
+            backoff.next_wait();
+        }
+        backoff.reset();
+        assert!(within_jitter(backoff.next_wait(), BASE));
+        assert!(within_jitter(backoff.next_wait(), BASE * 2));
+    }
+
+    #[test]
+    fn a_base_above_the_cap_is_capped() {
+        let mut backoff = Backoff::new(CAP * 2, CAP);
+        assert!(within_jitter(backoff.next_wait(), CAP));
+    }
 }
