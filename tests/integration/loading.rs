@@ -158,3 +158,24 @@ async fn plugin_settings_are_listed_by_name_never_by_value() -> anyhow::Result<(
     );
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_writer_stalls_halfway_is_rejected_and_the_host_stays_ready()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    // Copied in place (not renamed) by a writer that stops halfway and never comes back:
+    // once unchanged for the settle time the file is settled, so it is looked at, rejected
+    // with a reason, and does not hold readiness back.
+    let forward = read_plugin(plugins::FORWARD);
+    std::fs::write(
+        host.dir().join("stalled.wasm"),
+        &forward[..forward.len() / 2],
+    )?;
+    let entry = host
+        .wait_plugin("stalled", "rejected", |p| p["state"] == "failed")
+        .await?;
+    assert_eq!(entry["load_error"]["kind"], "compile", "{entry}");
+    host.wait_ready().await?;
+    host.stop().await
+}

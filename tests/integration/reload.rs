@@ -1,6 +1,9 @@
 //! Live changes to the plugins folder: add, replace and remove while messages flow.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::Value;
@@ -225,39 +228,354 @@ async fn a_configmap_style_symlink_swap_deploys_the_new_version() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_still_being_written_at_start_up_is_loaded_once_complete() -> anyhow::Result<()> {
-    // The file grows in small pieces while the host starts: its first look finds it
-    // truncated, and the last pieces land around the time the watcher starts.
+    // The file grows in small pieces while the host starts, and its writer stays at work (the
+    // last piece held back, the last byte written again every few milliseconds) until the
+    // test lets it finish: start-up and its rescans end with the file incomplete. The host
+    // must not call itself ready before the complete file is loaded.
     const PIECE: usize = 4096;
-    const PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+    const PAUSE: Duration = Duration::from_millis(5);
     let redis = RedisServer::start().await?;
     let wasm = read_plugin(plugins::FORWARD);
+    let finish = Arc::new(AtomicBool::new(false));
     let mut writer = None;
-    let host = TestHost::start_with(&redis, "[plugins]\nsettle_ms = 20\n", |dir| {
+    // The settle time is many times the writer's pause, so the writer is never mistaken for
+    // one that stalled (whose half-written file would be rejected, and the host ready).
+    let host = TestHost::launch(&redis.url(), "[plugins]\nsettle_ms = 100\n", |dir| {
         std::fs::write(dir.join("forward.toml"), FORWARD_MANIFEST)?;
-        let path = dir.join("forward.wasm");
-        let mut file = std::fs::File::create(&path)?;
+        let mut file = std::fs::File::create(dir.join("forward.wasm"))?;
+        let finish = finish.clone();
         writer = Some(std::thread::spawn(move || -> std::io::Result<()> {
             use std::io::Write as _;
-            for piece in wasm.chunks(PIECE) {
+            use std::os::unix::fs::FileExt as _;
+            let (body, last) = wasm.split_at(wasm.len() - 1);
+            for piece in body.chunks(PIECE) {
                 file.write_all(piece)?;
-                file.flush()?;
                 std::thread::sleep(PAUSE);
             }
+            let end = body.len() - 1;
+            while !finish.load(Ordering::Acquire) {
+                file.write_all_at(&body[end..], u64::try_from(end).unwrap_or(u64::MAX))?;
+                std::thread::sleep(PAUSE);
+            }
+            file.write_all(last)?;
             Ok(())
         }));
         Ok(())
     })
     .await?;
+
+    let (status, body) = eventually(PATIENCE, || async {
+        let (status, body) = host.get("/readyz").await?;
+        if body["source"]["connected"] == true {
+            Ok((status, body))
+        } else {
+            bail!("not subscribed yet: {status} {body}")
+        }
+    })
+    .await?;
+    assert_eq!(status, 503, "ready with forward.wasm incomplete: {body}");
+    assert_eq!(body["plugins_scanned"], false, "{body}");
+    assert!(
+        host.plugin("forward").await?.is_none(),
+        "the incomplete file was loaded or rejected"
+    );
+
+    finish.store(true, Ordering::Release);
     writer
         .take()
         .expect("the writer started")
         .join()
         .expect("writer")?;
-
+    host.wait_ready().await?;
+    // Ready means loaded: the complete file runs, and was never rejected on the way.
+    let entry = host.plugin("forward").await?.unwrap_or_default();
+    assert_eq!(entry["state"], "running", "{entry}");
+    assert!(entry.get("load_error").is_none(), "{entry}");
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    host.wait_plugin("forward", "running", |p| p["state"] == "running")
-        .await?;
     redis.publish("fwd:x", "complete").await?;
     assert_eq!(out.take(1, PATIENCE).await?[0].payload_str(), "complete");
+    host.stop().await
+}
+
+/// A numbered publisher on `channel`: batches of [`Sequence::BATCH`] messages `0`, `1`, ...
+/// every [`Sequence::PACE`], a rate that plugins keep up with even in a debug build, so that
+/// nothing is shed and every message must come out exactly once.
+struct Sequence {
+    connection: redis::aio::MultiplexedConnection,
+    pace: tokio::time::Interval,
+    channel: &'static str,
+    sent: usize,
+}
+
+impl Sequence {
+    const BATCH: usize = 25;
+    const PACE: Duration = Duration::from_millis(10);
+
+    async fn new(redis: &RedisServer, channel: &'static str) -> anyhow::Result<Self> {
+        Ok(Self {
+            connection: redis.connection().await?,
+            pace: tokio::time::interval(Self::PACE),
+            channel,
+            sent: 0,
+        })
+    }
+
+    async fn batch(&mut self) -> anyhow::Result<()> {
+        self.pace.tick().await;
+        let mut pipe = redis::pipe();
+        for _ in 0..Self::BATCH {
+            pipe.publish(self.channel, self.sent.to_string()).ignore();
+            self.sent += 1;
+        }
+        let () = pipe.query_async(&mut self.connection).await?;
+        Ok(())
+    }
+
+    /// Publishes until `done` holds (checked between batches), or fails after `limit`
+    /// batches.
+    async fn until<F, Fut>(&mut self, what: &str, mut done: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<bool>>,
+    {
+        const LIMIT: usize = 1_000;
+        for _ in 0..LIMIT {
+            if done().await? {
+                return Ok(());
+            }
+            self.batch().await?;
+        }
+        bail!("{what}: still not the case after {LIMIT} batches")
+    }
+}
+
+/// The `payload` and `tag` of echo reports.
+fn reports(received: &[switchyard_tests::Received]) -> anyhow::Result<Vec<(String, String)>> {
+    received
+        .iter()
+        .map(|r| {
+            let report: Value = serde_json::from_slice(&r.payload)?;
+            Ok((
+                report["payload"].as_str().unwrap_or_default().to_owned(),
+                report["tag"].as_str().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_plugin_handles_its_backlog_once_and_nothing_after() -> anyhow::Result<()> {
+    const BACKLOG: usize = 100;
+    const AFTER: usize = 20;
+    let redis = RedisServer::start().await?;
+    // `slow` takes tens of milliseconds a message, so a backlog waits in its queue when its
+    // file goes; `fast` listens to the same channel, so the host stays subscribed to it and
+    // keeps routing it after `slow` is gone.
+    let slow = echo_manifest(&["q:slow"], &["q:*"], "slow-out", "slow")
+        + "spin = 20\n[limits]\ndeadline_ms = 60000\n";
+    let fast = echo_manifest(&["q:1"], &[], "fast-out", "fast");
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("slow", plugins::ECHO, Some(&slow)),
+            ("fast", plugins::ECHO, Some(&fast)),
+        ],
+    )
+    .await?;
+    let mut slow_out = Subscriber::new(&redis, &["slow-out"], &[]).await?;
+    let mut fast_out = Subscriber::new(&redis, &["fast-out"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..BACKLOG {
+        pipe.publish("q:1", format!("before:{i}")).ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+    host.wait_plugin("slow", "holding the backlog", |p| {
+        p["stats"]["accepted"] == BACKLOG
+    })
+    .await?;
+
+    host.remove("slow")?;
+    let draining = host
+        .wait_plugin("slow", "draining", |p| p["state"] == "draining")
+        .await?;
+    assert!(
+        draining["queue_depth"].as_u64().is_some_and(|n| n > 0),
+        "left the queue before its backlog was handled: {draining}"
+    );
+    // Its subscriptions leave Redis after the router stopped routing to it.
+    eventually(PATIENCE, || async {
+        let patterns = redis.pubsub_numpat().await?;
+        let channels = redis.pubsub_channels().await?;
+        if patterns == 0 && !channels.contains("q:slow") && channels.contains("q:1") {
+            Ok(())
+        } else {
+            bail!("{patterns} patterns, channels {channels:?}")
+        }
+    })
+    .await?;
+    let mut pipe = redis::pipe();
+    for i in 0..AFTER {
+        pipe.publish("q:1", format!("after:{i}")).ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    // It stays listed while it drains, and leaves once done.
+    let last_seen = std::cell::RefCell::new(draining);
+    eventually(PATIENCE, || async {
+        match host.plugin("slow").await? {
+            Some(entry) => {
+                let listed = format!("still listed: {entry}");
+                last_seen.replace(entry);
+                bail!(listed)
+            }
+            None => Ok(()),
+        }
+    })
+    .await?;
+    let last_seen = last_seen.into_inner();
+    assert_eq!(last_seen["state"], "draining", "{last_seen}");
+    assert_eq!(last_seen["stats"]["accepted"], BACKLOG, "{last_seen}");
+
+    // Every message it had accepted was handled exactly once, in order; none after.
+    let handled = reports(&slow_out.take(BACKLOG, PATIENCE).await?)?;
+    for (i, (payload, _)) in handled.iter().enumerate() {
+        assert_eq!(*payload, format!("before:{i}"), "slow: message {i}");
+    }
+    let extra = slow_out.drain_for(Duration::from_millis(300)).await;
+    assert!(extra.is_empty(), "slow handled more: {extra:?}");
+    // The plugin that stays saw everything.
+    let seen = reports(&fast_out.take(BACKLOG + AFTER, PATIENCE).await?)?;
+    let expected = (0..BACKLOG)
+        .map(|i| format!("before:{i}"))
+        .chain((0..AFTER).map(|i| format!("after:{i}")));
+    for (i, ((payload, _), expected)) in seen.iter().zip(expected).enumerate() {
+        assert_eq!(*payload, expected, "fast: message {i}");
+    }
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn added_plugin_sees_an_unbroken_run_of_a_flowing_sequence() -> anyhow::Result<()> {
+    const AFTER_ADD: usize = 400 / Sequence::BATCH;
+    let redis = RedisServer::start().await?;
+    let first = echo_manifest(&["seq"], &[], "first-out", "first");
+    let host = TestHost::start(&redis, &[("first", plugins::ECHO, Some(&first))]).await?;
+    let mut first_out = Subscriber::new(&redis, &["first-out"], &[]).await?;
+    let mut added_out = Subscriber::new(&redis, &["added-out"], &[]).await?;
+    let mut sequence = Sequence::new(&redis, "seq").await?;
+    for _ in 0..AFTER_ADD {
+        sequence.batch().await?;
+    }
+
+    host.install(
+        "added",
+        &read_plugin(plugins::ECHO),
+        Some(&echo_manifest(&["seq"], &[], "added-out", "added")),
+    )?;
+    sequence
+        .until("the added plugin gets messages", || async {
+            Ok(host
+                .plugin("added")
+                .await?
+                .is_some_and(|p| p["stats"]["accepted"].as_u64().unwrap_or(0) > 0))
+        })
+        .await?;
+    for _ in 0..AFTER_ADD {
+        sequence.batch().await?;
+    }
+    let sent = sequence.sent;
+
+    let everything = reports(&first_out.take(sent, PATIENCE).await?)?;
+    for (i, (payload, _)) in everything.iter().enumerate() {
+        assert_eq!(*payload, i.to_string(), "first: message {i}");
+    }
+    // The added plugin: from its first message on, every one, once, in order, to the end.
+    let first_report = reports(&[added_out.next(PATIENCE).await?])?;
+    let start: usize = first_report[0].0.parse()?;
+    assert!(start < sent, "{start}");
+    let rest = reports(&added_out.take(sent - 1 - start, PATIENCE).await?)?;
+    for (i, (payload, _)) in rest.iter().enumerate() {
+        assert_eq!(
+            *payload,
+            (start + 1 + i).to_string(),
+            "added: a gap or a double"
+        );
+    }
+    for (name, out) in [("first", &mut first_out), ("added", &mut added_out)] {
+        let extra = out.drain_for(Duration::from_millis(300)).await;
+        assert!(extra.is_empty(), "{name} handled more: {extra:?}");
+    }
+    let added = host.plugin("added").await?.unwrap_or_default();
+    assert_eq!(added["stats"]["handled"], sent - start, "{added}");
+    assert_eq!(added["stats"]["shed"], 0, "{added}");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_removed_and_re_added_within_the_settle_time_is_reloaded_losslessly()
+-> anyhow::Result<()> {
+    const AFTER_SWAP: usize = 400 / Sequence::BATCH;
+    let redis = RedisServer::start().await?;
+    let echo = read_plugin(plugins::ECHO);
+    // A settle time wide enough that the removal and the new file always fall in one window.
+    let host = TestHost::start_configured(
+        &redis,
+        "[plugins]\nsettle_ms = 500\n",
+        &[(
+            "echo",
+            plugins::ECHO,
+            Some(&echo_manifest(&["r"], &[], "seen", "v1")),
+        )],
+    )
+    .await?;
+    let before = host
+        .wait_plugin("echo", "running", |p| p["state"] == "running")
+        .await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut sequence = Sequence::new(&redis, "r").await?;
+    for _ in 0..AFTER_SWAP {
+        sequence.batch().await?;
+    }
+
+    // Deleted, then a new version in place at once (as a careless deploy script might).
+    host.remove("echo")?;
+    host.install(
+        "echo",
+        &rebuilt(&echo, "v2"),
+        Some(&echo_manifest(&["r"], &[], "seen", "v2")),
+    )?;
+    sequence
+        .until("v2 takes over", || async {
+            Ok(hash_of(&host, "echo").await?.as_deref() != before["version"]["hash"].as_str())
+        })
+        .await?;
+    for _ in 0..AFTER_SWAP {
+        sequence.batch().await?;
+    }
+    let sent = sequence.sent;
+
+    // One queue throughout: every message once, in order, v1 then v2.
+    let got = reports(&seen.take(sent, PATIENCE).await?)?;
+    let mut last_tag = "v1";
+    for (i, (payload, tag)) in got.iter().enumerate() {
+        assert_eq!(
+            *payload,
+            i.to_string(),
+            "message {i} lost, doubled or reordered"
+        );
+        assert!(
+            tag.as_str() >= last_tag,
+            "{tag} handled a message after {last_tag}"
+        );
+        last_tag = tag;
+    }
+    assert_eq!(last_tag, "v2");
+    let extra = seen.drain_for(Duration::from_millis(300)).await;
+    assert!(extra.is_empty(), "more reports than messages: {extra:?}");
+    let entry = host.plugin("echo").await?.unwrap_or_default();
+    assert_eq!(entry["reloads"], 1, "not a reload: {entry}");
+    assert_eq!(entry["stats"]["handled"], sent, "{entry}");
+    assert_eq!(entry["stats"]["shed"], 0, "{entry}");
     host.stop().await
 }

@@ -6,6 +6,22 @@
 //! only if the new version passes every check), removed ones unloaded after their queue
 //! drains. The [`watcher`] calls it whenever the folder changes; events only say "look
 //! again", never what to do, so missed or merged events cannot leave the host out of step.
+//!
+//! # Settled files and readiness
+//!
+//! A file is looked at only once it has been unchanged for the settle time (its modification
+//! time says so), and a load counts only if the file did not change while it was read: a file
+//! still being written is neither loaded nor rejected, it is *pending*. The host is ready
+//! ([`Registry::scanned`]) when every `NAME.wasm` in the folder, as it is now, has a version
+//! running or has been rejected. A file that stops changing halfway (a writer that stalled)
+//! is settled, so it is loaded or rejected like any other; a file that keeps changing for
+//! [`MAX_UNSETTLED`] is reported in the log and stops holding readiness back.
+//!
+//! # Removal
+//!
+//! A removed file's plugin leaves the routing table first; then its queue is closed and its
+//! worker handles what was already queued. Meanwhile `/plugins` lists it as draining; it
+//! leaves the list when its worker is done.
 
 pub mod compile_cache;
 pub mod loader;
@@ -16,8 +32,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -34,6 +50,17 @@ use crate::worker::state::{HostState, PluginContext};
 use crate::worker::{self, Inbox, PluginStats, StatsSnapshot};
 use crate::{ContentHash, PluginName};
 use loader::{LoadError, Loaded, Loader};
+
+/// How long a file may keep changing before the host stops waiting for it: long enough for a
+/// slow copy of the largest plugins (tens of MB, Python or JavaScript) over a network volume.
+/// A file changing for longer is being rewritten by something, not deployed; the host logs
+/// an error naming it and no longer counts it against readiness, and loads it if it ever
+/// settles.
+pub const MAX_UNSETTLED: Duration = Duration::from_secs(60);
+
+/// The settle time until [`Registry::set_settle`] says otherwise (`plugins.settle_ms`'s
+/// default).
+const DEFAULT_SETTLE: Duration = Duration::from_millis(50);
 
 /// What a plugin says about itself, checked.
 #[derive(Debug, Clone, Default)]
@@ -144,6 +171,21 @@ impl FileStamp {
             inode: meta.ino(),
         })
     }
+
+    /// Whether the file was last modified at least `settle` ago. A modification time that is
+    /// unknown or in the future (a network volume's clock) cannot tell: the file counts as
+    /// quiet, and the check that it did not change while it was loaded still applies.
+    fn quiet_for(&self, settle: Duration) -> bool {
+        self.modified
+            .and_then(|modified| modified.elapsed().ok())
+            .is_none_or(|age| age >= settle)
+    }
+}
+
+impl Fingerprint {
+    fn quiet_for(&self, settle: Duration) -> bool {
+        self.wasm.quiet_for(settle) && self.manifest.as_ref().is_none_or(|m| m.quiet_for(settle))
+    }
 }
 
 struct Slot {
@@ -172,8 +214,22 @@ struct Inner {
     /// Files that failed to load and have no previous version running.
     failed: BTreeMap<PluginName, LoadFailure>,
     /// Removed plugins whose workers finish their queues; closed once routes no longer
-    /// reach them.
-    retired: Vec<(Inbox, std::thread::JoinHandle<()>)>,
+    /// reach them, dropped once their workers are done.
+    retired: Vec<(PluginName, Slot)>,
+    /// Files still being written, as of the last reconcile.
+    pending: BTreeMap<PluginName, Pending>,
+    /// The routing table in force does not match the slots (a change whose routes could not
+    /// be published yet).
+    routes_stale: bool,
+}
+
+/// A file seen changing, and for how long.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    since: Instant,
+    /// Changing for longer than [`MAX_UNSETTLED`]: logged, and no longer holding readiness
+    /// back.
+    given_up: bool,
 }
 
 /// What one reconcile did.
@@ -187,8 +243,8 @@ pub struct Changes {
     pub removed: Vec<PluginName>,
     /// Plugins whose new file was rejected.
     pub rejected: Vec<PluginName>,
-    /// Plugins whose file changed while it was being loaded (still being written): the next
-    /// reconcile looks again.
+    /// Plugins whose file changed within the settle time or while it was being loaded (still
+    /// being written): the next reconcile looks again.
     pub unsettled: Vec<PluginName>,
 }
 
@@ -218,7 +274,10 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Serialises reconciles; `inner` is only ever held briefly.
     reconciling: tokio::sync::Mutex<()>,
+    /// Whether one reconcile has finished.
     scanned: AtomicBool,
+    /// How long a file must be unchanged to be looked at, in milliseconds.
+    settle_ms: AtomicU64,
 }
 
 impl Registry {
@@ -233,7 +292,19 @@ impl Registry {
             inner: Mutex::new(Inner::default()),
             reconciling: tokio::sync::Mutex::new(()),
             scanned: AtomicBool::new(false),
+            settle_ms: AtomicU64::new(millis(DEFAULT_SETTLE)),
         }
+    }
+
+    /// Makes `settle` the time a file must be unchanged before it is loaded
+    /// (`plugins.settle_ms`). Call it before the first [`Registry::reconcile`]; the watcher
+    /// sets it too.
+    pub fn set_settle(&self, settle: Duration) {
+        self.settle_ms.store(millis(settle), Ordering::Relaxed);
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(self.settle_ms.load(Ordering::Relaxed))
     }
 
     /// The plugins folder.
@@ -241,9 +312,33 @@ impl Registry {
         &self.dir
     }
 
-    /// Whether the folder has been scanned once and every plugin in it loaded or rejected.
+    /// Whether the folder has been scanned and every `NAME.wasm` in it, as it is now, has a
+    /// version running or was rejected: the plugins' part of readiness. False while the
+    /// folder cannot be read.
     pub fn scanned(&self) -> bool {
-        self.scanned.load(Ordering::Acquire)
+        self.scanned.load(Ordering::Acquire) && self.pending().is_ok_and(|p| p.is_empty())
+    }
+
+    /// The plugins readiness waits for: files in the folder whose current content is neither
+    /// running nor rejected (new, still being written, or being loaded), except a running
+    /// plugin's replacement (the running version serves meanwhile) and files that have kept
+    /// changing for longer than [`MAX_UNSETTLED`].
+    pub fn pending(&self) -> anyhow::Result<Vec<PluginName>> {
+        let found = scan(&self.dir)?;
+        let inner = self.lock();
+        Ok(found
+            .into_iter()
+            .filter(|(name, (_, fingerprint))| {
+                let running = inner.slots.contains_key(name);
+                let rejected = inner
+                    .failed
+                    .get(name)
+                    .is_some_and(|f| f.fingerprint == *fingerprint);
+                let given_up = inner.pending.get(name).is_some_and(|p| p.given_up);
+                !(running || rejected || given_up)
+            })
+            .map(|(name, _)| name)
+            .collect())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -254,6 +349,7 @@ impl Registry {
     pub async fn reconcile(&self) -> anyhow::Result<Changes> {
         let _guard = self.reconciling.lock().await;
         let found = scan(&self.dir)?;
+        let settle = self.settle();
         let mut changes = Changes::default();
 
         // Decide what to load without holding the lock across compilation.
@@ -269,7 +365,8 @@ impl Registry {
             for name in gone {
                 if let Some(slot) = inner.slots.remove(&name) {
                     tracing::info!(plugin = %name, "file removed; unloading after its queue drains");
-                    inner.retired.push((slot.inbox, slot.worker));
+                    inner.retired.push((name.clone(), slot));
+                    inner.routes_stale = true;
                     changes.removed.push(name);
                 }
             }
@@ -286,13 +383,21 @@ impl Registry {
                     (None, Some(failure)) => failure.fingerprint == *fingerprint,
                     (None, None) => false,
                 };
-                if !known {
-                    let running = inner.slots.get(name).map(|slot| {
-                        let current = slot.current.load();
-                        (current.hash, current.manifest_hash)
-                    });
-                    to_load.push((name.clone(), path.clone(), fingerprint.clone(), running));
+                if known {
+                    continue;
                 }
+                if !fingerprint.quiet_for(settle) {
+                    // Written to within the settle time: a copy in progress. Loading it now
+                    // would reject a partial file (and log an error about a file that is
+                    // fine); the watcher looks again once it has settled.
+                    changes.unsettled.push(name.clone());
+                    continue;
+                }
+                let running = inner.slots.get(name).map(|slot| {
+                    let current = slot.current.load();
+                    (current.hash, current.manifest_hash)
+                });
+                to_load.push((name.clone(), path.clone(), fingerprint.clone(), running));
             }
         }
 
@@ -308,16 +413,26 @@ impl Registry {
             self.apply(name, fingerprint, result, &mut changes)?;
         }
 
-        if changes.routes_changed() {
+        let stale = {
+            let mut inner = self.lock();
+            inner.note_unsettled(&found, &changes.unsettled, Instant::now());
+            inner.routes_stale |= changes.routes_changed();
+            inner.routes_stale
+        };
+        if stale {
+            // On failure the table stays marked stale: the next reconcile publishes it again.
             self.publish_routes().await?;
             // The table in force no longer reaches removed plugins: close their queues, so
             // their workers drain and stop.
             let mut inner = self.lock();
-            inner.retired.retain(|(inbox, worker)| {
-                inbox.close();
-                !worker.is_finished()
-            });
+            inner.routes_stale = false;
+            for (_, slot) in &inner.retired {
+                slot.inbox.close();
+            }
         }
+        self.lock()
+            .retired
+            .retain(|(_, slot)| !slot.worker.is_finished());
         self.scanned.store(true, Ordering::Release);
         Ok(changes)
     }
@@ -445,9 +560,12 @@ impl Registry {
         let workers: Vec<_> = {
             let mut inner = self.lock();
             let slots = std::mem::take(&mut inner.slots);
-            let mut workers: Vec<_> = std::mem::take(&mut inner.retired);
-            workers.extend(slots.into_values().map(|slot| (slot.inbox, slot.worker)));
-            workers
+            std::mem::take(&mut inner.retired)
+                .into_iter()
+                .map(|(_, slot)| slot)
+                .chain(slots.into_values())
+                .map(|slot| (slot.inbox, slot.worker))
+                .collect()
         };
         if let Err(e) = self
             .source
@@ -467,11 +585,13 @@ impl Registry {
         tokio::time::timeout(deadline, join).await.is_ok()
     }
 
-    /// What the metrics endpoint reads of every running plugin.
+    /// What the metrics endpoint reads of every running or draining plugin.
     pub fn metrics_view(&self) -> Vec<PluginMetrics> {
-        self.lock()
+        let inner = self.lock();
+        inner
             .slots
             .iter()
+            .chain(inner.draining())
             .map(|(name, slot)| PluginMetrics {
                 name: name.clone(),
                 stats: slot.stats.clone(),
@@ -487,44 +607,26 @@ impl Registry {
         self.lock().failed.len()
     }
 
-    /// A report of every plugin in the folder, loaded or not.
+    /// A report of every plugin in the folder, loaded or not, and of removed plugins still
+    /// draining their queues.
     pub fn report(&self) -> Vec<PluginReport> {
         let inner = self.lock();
         let mut reports: Vec<PluginReport> = inner
             .slots
             .iter()
             .map(|(name, slot)| {
-                let current = slot.current.load();
-                let description = &current.description;
-                PluginReport {
-                    name: name.clone(),
-                    state: if slot.stats.parked() {
-                        PluginState::Parked
-                    } else {
-                        PluginState::Running
-                    },
-                    version: Some(VersionReport {
-                        declared_name: description.name.clone(),
-                        version: description.version.clone(),
-                        hash: current.hash,
-                        size: current.size,
-                        file: current.path.clone(),
-                        loaded_at_ms: millis_since_epoch(current.loaded_at),
-                        subscriptions: description
-                            .subscriptions
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect(),
-                        grants: current.grants.config().clone(),
-                        requested: description.requested.clone(),
-                        settings: current.settings.keys().map(str::to_owned).collect(),
-                    }),
-                    stats: Some(slot.stats.snapshot()),
-                    queue_depth: slot.inbox.depth(),
-                    reloads: slot.reloads,
-                    load_error: slot.load_error.clone(),
-                }
+                let state = if slot.stats.parked() {
+                    PluginState::Parked
+                } else {
+                    PluginState::Running
+                };
+                slot_report(name, slot, state)
             })
+            .chain(
+                inner
+                    .draining()
+                    .map(|(name, slot)| slot_report(name, slot, PluginState::Draining)),
+            )
             .collect();
         reports.extend(inner.failed.iter().map(|(name, failure)| PluginReport {
             name: name.clone(),
@@ -537,6 +639,86 @@ impl Registry {
         }));
         reports.sort_by(|a, b| a.name.cmp(&b.name));
         reports
+    }
+}
+
+impl Inner {
+    /// Keeps track of how long each file has been unsettled; logs, once, a file that keeps
+    /// changing for longer than [`MAX_UNSETTLED`].
+    fn note_unsettled(
+        &mut self,
+        found: &BTreeMap<PluginName, (PathBuf, Fingerprint)>,
+        unsettled: &[PluginName],
+        now: Instant,
+    ) {
+        // Every file in the folder was either known, loaded, rejected or unsettled just now:
+        // only the unsettled ones are still pending.
+        self.pending.retain(|name, _| unsettled.contains(name));
+        for name in unsettled {
+            let pending = self.pending.entry(name.clone()).or_insert(Pending {
+                since: now,
+                given_up: false,
+            });
+            if !pending.given_up && now.duration_since(pending.since) >= MAX_UNSETTLED {
+                pending.given_up = true;
+                let file = found.get(name).map(|(path, _)| path.display().to_string());
+                tracing::error!(
+                    plugin = %name,
+                    file = file.as_deref().unwrap_or_default(),
+                    changing_for_s = MAX_UNSETTLED.as_secs(),
+                    "plugin file keeps changing and is not loaded; readiness no longer waits \
+                     for it, and it is loaded once unchanged for plugins.settle_ms \
+                     (deploy by writing a dotfile and renaming it into place)"
+                );
+            }
+        }
+    }
+
+    /// Removed plugins whose workers still have messages to handle, one per name (the most
+    /// recently removed), except where a file of the same name is back in the folder: that
+    /// name is reported for its new file.
+    fn draining(&self) -> impl Iterator<Item = (&PluginName, &Slot)> {
+        let latest: BTreeMap<&PluginName, &Slot> = self
+            .retired
+            .iter()
+            .filter(|(name, slot)| {
+                !slot.worker.is_finished()
+                    && !self.slots.contains_key(name)
+                    && !self.failed.contains_key(name)
+            })
+            .map(|(name, slot)| (name, slot))
+            .collect();
+        latest.into_iter()
+    }
+}
+
+/// How `/plugins` shows a plugin that has a version loaded.
+fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginReport {
+    let current = slot.current.load();
+    let description = &current.description;
+    PluginReport {
+        name: name.clone(),
+        state,
+        version: Some(VersionReport {
+            declared_name: description.name.clone(),
+            version: description.version.clone(),
+            hash: current.hash,
+            size: current.size,
+            file: current.path.clone(),
+            loaded_at_ms: millis_since_epoch(current.loaded_at),
+            subscriptions: description
+                .subscriptions
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            grants: current.grants.config().clone(),
+            requested: description.requested.clone(),
+            settings: current.settings.keys().map(str::to_owned).collect(),
+        }),
+        stats: Some(slot.stats.snapshot()),
+        queue_depth: slot.inbox.depth(),
+        reloads: slot.reloads,
+        load_error: slot.load_error.clone(),
     }
 }
 
@@ -571,6 +753,10 @@ fn scan_one(wasm: &Path) -> Option<Fingerprint> {
     })
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn millis_since_epoch(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -599,6 +785,9 @@ pub enum PluginState {
     /// The circuit breaker parked it after repeated failures; its messages are shed until
     /// the back-off passes.
     Parked,
+    /// Its file was removed: no new message reaches it, and it handles those already queued
+    /// for it, then leaves.
+    Draining,
     /// The file could not be loaded and no earlier version runs.
     Failed,
 }
@@ -608,7 +797,7 @@ pub enum PluginState {
 pub struct PluginReport {
     /// The plugin's name (its file name without `.wasm`).
     pub name: PluginName,
-    /// Running or failed.
+    /// Running, parked, draining or failed.
     pub state: PluginState,
     /// The version running, if any.
     pub version: Option<VersionReport>,
@@ -659,8 +848,74 @@ pub struct VersionReport {
 }
 
 impl Registry {
-    /// Whether every running plugin has finished every message queued for it.
+    /// Whether every running or draining plugin has finished every message queued for it.
     pub fn idle(&self) -> bool {
-        self.lock().slots.values().all(|slot| slot.stats.settled())
+        let inner = self.lock();
+        inner
+            .slots
+            .values()
+            .chain(inner.retired.iter().map(|(_, slot)| slot))
+            .all(|slot| slot.stats.settled())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(modified: Option<SystemTime>) -> FileStamp {
+        FileStamp {
+            len: 1,
+            modified,
+            inode: 1,
+        }
+    }
+
+    #[test]
+    fn a_file_is_quiet_once_unchanged_for_the_settle_time() {
+        let settle = Duration::from_millis(50);
+        let now = SystemTime::now();
+        assert!(!stamp(Some(now)).quiet_for(settle));
+        assert!(stamp(Some(now - Duration::from_secs(1))).quiet_for(settle));
+        // Unknown or future times cannot tell: the check during loading still applies.
+        assert!(stamp(None).quiet_for(settle));
+        assert!(stamp(Some(now + Duration::from_secs(3600))).quiet_for(settle));
+        let fresh_manifest = Fingerprint {
+            wasm: stamp(Some(now - Duration::from_secs(1))),
+            manifest: Some(stamp(Some(now))),
+        };
+        assert!(!fresh_manifest.quiet_for(settle));
+    }
+
+    #[test]
+    fn a_file_that_never_settles_stops_holding_readiness_back() {
+        let name: PluginName = "slow".parse().expect("a valid name");
+        let found = BTreeMap::from([(
+            name.clone(),
+            (
+                PathBuf::from("slow.wasm"),
+                Fingerprint {
+                    wasm: stamp(None),
+                    manifest: None,
+                },
+            ),
+        )]);
+        let mut inner = Inner::default();
+        let start = Instant::now();
+        let unsettled = std::slice::from_ref(&name);
+        inner.note_unsettled(&found, unsettled, start);
+        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED / 2);
+        assert!(
+            !inner.pending[&name].given_up,
+            "waited for while it changes"
+        );
+        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED);
+        assert!(inner.pending[&name].given_up, "given up after the limit");
+        // Once it settles (loaded or rejected), it is no longer pending; if it changes
+        // again, the wait starts over.
+        inner.note_unsettled(&found, &[], start + MAX_UNSETTLED * 2);
+        assert!(inner.pending.is_empty());
+        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED * 3);
+        assert!(!inner.pending[&name].given_up);
     }
 }
