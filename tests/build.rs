@@ -14,6 +14,7 @@ const PLUGINS: &[&str] = &[
     "faulty",
     "trap-describe",
     "not-a-plugin",
+    "output-probe",
 ];
 
 fn main() {

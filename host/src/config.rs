@@ -294,12 +294,92 @@ fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
     }
 }
 
-/// An environment value as TOML when it parses as a TOML value, as text otherwise.
-fn env_value(text: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .and_then(|mut table| table.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+/// How an environment variable's value is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EnvType {
+    /// As text, always: for string-typed keys (URLs, paths, names, secrets), so that a value
+    /// that happens to look like a number (`SWITCHYARD_GATEWAY_HMAC_SECRET=1234567890123456`)
+    /// stays the string it is.
+    Text,
+    /// As a TOML value when it parses as one (numbers, booleans, arrays), as text otherwise.
+    Toml,
+    /// Text, and a secret: its value is never repeated in an error.
+    Secret,
+}
+
+/// An environment value, read as its key's type says.
+fn env_value(text: &str, kind: EnvType) -> toml::Value {
+    let parsed = match kind {
+        EnvType::Text | EnvType::Secret => None,
+        EnvType::Toml => toml::from_str::<toml::Table>(&format!("v = {text}"))
+            .ok()
+            .and_then(|mut table| table.remove("v")),
+    };
+    parsed.unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+/// `problems` with every occurrence of a value in `secrets` replaced by `***`.
+fn redact(problems: Vec<String>, secrets: &[String]) -> Vec<String> {
+    problems
+        .into_iter()
+        .map(|mut problem| {
+            for secret in secrets.iter().filter(|secret| !secret.is_empty()) {
+                problem = problem.replace(secret.as_str(), "***");
+            }
+            problem
+        })
+        .collect()
+}
+
+/// `url` with its credentials replaced by `***`: the password of the userinfo (the whole
+/// userinfo for schemes other than Redis's, where a lone user name is often a token), and
+/// the value of every query-string parameter (webhooks take `?token=`, Redis socket URLs
+/// `?pass=`). Text that is not a URL comes back unchanged.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let redis = url.starts_with("redis");
+    let (before_fragment, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let (before_query, query) = match before_fragment.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (before_fragment, None),
+    };
+    let authority_end = before_query[scheme_end..]
+        .find('/')
+        .map_or(before_query.len(), |i| scheme_end + i);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..scheme_end]);
+    let authority = &before_query[scheme_end..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            match authority[..at].split_once(':') {
+                // A Redis ACL user name says which account, and is no secret.
+                Some((user, _)) if redis => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                _ => out.push_str("***"),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    out.push_str(&before_query[authority_end..]);
+    if let Some(query) = query {
+        out.push('?');
+        let masked: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) => format!("{key}=***"),
+                None if pair.is_empty() => String::new(),
+                None => "***".to_owned(),
+            })
+            .collect();
+        out.push_str(&masked.join("&"));
+    }
+    out.push_str(fragment);
+    out
 }
 
 /// Replaces every `${VAR}` in `text` with the environment variable's value.
@@ -445,7 +525,10 @@ impl RedisConfig {
         use anyhow::Context as _;
 
         let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
-            .use_protocol(redis::ProtocolVersion::RESP3);
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .tcp_settings(crate::source::redis::with_dead_peer_detection(
+                redis::io::tcp::TcpSettings::default(),
+            ));
         if let Some(certificates) = self.tls_certificates()? {
             builder = builder.certs(certificates);
         }
@@ -745,28 +828,9 @@ impl RedisUrl {
         &self.0
     }
 
-    /// The URL with any password replaced by `***`.
+    /// The URL with its credentials replaced by `***` (see [`mask_url`]).
     pub fn masked(&self) -> String {
-        let url = &self.0;
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-            return url.clone();
-        };
-        let authority_end = url[scheme_end..]
-            .find('/')
-            .map_or(url.len(), |i| scheme_end + i);
-        match url[scheme_end..authority_end].rfind('@') {
-            Some(at) => {
-                let userinfo = &url[scheme_end..scheme_end + at];
-                let user = userinfo.split(':').next().unwrap_or_default();
-                let masked = if userinfo.contains(':') {
-                    format!("{user}:***")
-                } else {
-                    "***".to_owned()
-                };
-                format!("{}{masked}{}", &url[..scheme_end], &url[scheme_end + at..])
-            }
-            None => url.clone(),
-        }
+        mask_url(&self.0)
     }
 }
 
@@ -804,64 +868,64 @@ pub const ENV_PREFIX: &str = "SWITCHYARD_";
 /// The keys the environment may set, as `SWITCHYARD_<SECTION>_<KEY>`, by section. Other
 /// `SWITCHYARD_*` variables are left alone: Kubernetes defines `SWITCHYARD_ADMIN_PORT` and the
 /// like for a Service named `switchyard-admin`, and such a name must not stop the host.
-const ENV_KEYS: &[(&str, &[&str])] = &[
+const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
     (
         "redis",
         &[
-            "url",
-            "ca_file",
-            "cert_file",
-            "key_file",
-            "cluster",
-            "cluster_nodes",
-            "sharded_channels",
+            ("url", EnvType::Secret),
+            ("ca_file", EnvType::Text),
+            ("cert_file", EnvType::Text),
+            ("key_file", EnvType::Text),
+            ("cluster", EnvType::Toml),
+            ("cluster_nodes", EnvType::Toml),
+            ("sharded_channels", EnvType::Toml),
         ],
     ),
     (
         "plugins",
         &[
-            "dir",
-            "queue_capacity",
-            "deadline_ms",
-            "memory_mib",
-            "settle_ms",
-            "policy",
-            "when_full",
-            "breaker_failures",
-            "breaker_window",
-            "breaker_backoff_ms",
-            "max_payload_bytes",
-            "max_wasm_mib",
-            "drain_ms",
-            "compile_cache",
+            ("dir", EnvType::Text),
+            ("queue_capacity", EnvType::Toml),
+            ("deadline_ms", EnvType::Toml),
+            ("memory_mib", EnvType::Toml),
+            ("settle_ms", EnvType::Toml),
+            ("policy", EnvType::Text),
+            ("when_full", EnvType::Text),
+            ("breaker_failures", EnvType::Toml),
+            ("breaker_window", EnvType::Toml),
+            ("breaker_backoff_ms", EnvType::Toml),
+            ("max_payload_bytes", EnvType::Toml),
+            ("max_wasm_mib", EnvType::Toml),
+            ("drain_ms", EnvType::Toml),
+            ("compile_cache", EnvType::Text),
         ],
     ),
-    ("admin", &["listen"]),
-    ("invalidation", &["broadcast"]),
+    ("admin", &[("listen", EnvType::Text)]),
+    ("invalidation", &[("broadcast", EnvType::Text)]),
     (
         "gateway",
         &[
-            "listen",
-            "allowed_origins",
-            "hmac_secret",
-            "client_buffer",
-            "slow_clients",
-            "max_message_bytes",
-            "max_messages_per_sec",
-            "max_connections",
-            "pages",
+            ("listen", EnvType::Text),
+            ("allowed_origins", EnvType::Toml),
+            ("hmac_secret", EnvType::Secret),
+            ("client_buffer", EnvType::Toml),
+            ("slow_clients", EnvType::Text),
+            ("max_message_bytes", EnvType::Toml),
+            ("max_messages_per_sec", EnvType::Toml),
+            ("max_connections", EnvType::Toml),
+            ("pages", EnvType::Toml),
         ],
     ),
     (
         "streams",
         &[
-            "consumer",
-            "batch",
-            "block_ms",
-            "max_deliveries",
-            "retry_backoff_ms",
-            "claim_idle_ms",
-            "start",
+            ("consumer", EnvType::Text),
+            ("batch", EnvType::Toml),
+            ("block_ms", EnvType::Toml),
+            ("max_deliveries", EnvType::Toml),
+            ("retry_backoff_ms", EnvType::Toml),
+            ("claim_idle_ms", EnvType::Toml),
+            ("start", EnvType::Text),
         ],
     ),
 ];
@@ -870,8 +934,12 @@ impl Config {
     /// The configuration from `file` (or the defaults), overridden by the environment `env`:
     /// `REDIS_URL`, or `REDIS_HOST` (and `REDIS_PORT`), as Redis deployments set them, then
     /// `SWITCHYARD_<SECTION>_<KEY>` for every key of `[redis]`, `[plugins]`, `[admin]` and
-    /// `[invalidation]` (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`). Values are read as TOML
-    /// when they parse as such (numbers, booleans, arrays) and as text otherwise.
+    /// `[invalidation]` (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`). Values of string-typed
+    /// keys are text as they are; the others are read as TOML when they parse as such
+    /// (numbers, booleans, arrays) and as text otherwise. Errors never repeat the value of a
+    /// secret (`redis.url`, `gateway.hmac_secret`) set this way.
+    ///
+    /// Logs a warning for each [`Config::output_warnings`].
     pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
         let (text, origin) = match file {
             Some(path) => (
@@ -886,6 +954,7 @@ impl Config {
             .map_err(|e| ConfigError::one(format!("{origin}: {}", e.to_string().trim_end())))?;
         let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
         let mut overrides = Vec::new();
+        let mut secrets = Vec::new();
         let conventional = var("REDIS_URL").map(|url| ("REDIS_URL", url)).or_else(|| {
             var("REDIS_HOST").map(|host| {
                 // A Kubernetes Service named `redis` sets REDIS_PORT=tcp://IP:PORT.
@@ -897,6 +966,7 @@ impl Config {
             })
         });
         if let Some((source, url)) = conventional {
+            secrets.push(url.clone());
             set(&mut table, "redis", "url", toml::Value::String(url));
             overrides.push(format!("redis.url from {source}"));
         }
@@ -905,13 +975,17 @@ impl Config {
                 continue;
             };
             let rest = rest.to_lowercase();
-            let Some((section, key)) = ENV_KEYS.iter().find_map(|(section, keys)| {
+            let Some((section, key, kind)) = ENV_KEYS.iter().find_map(|(section, keys)| {
                 let key = rest.strip_prefix(section)?.strip_prefix('_')?;
-                keys.contains(&key).then_some((*section, key))
+                let (key, kind) = keys.iter().find(|(known, _)| *known == key)?;
+                Some((*section, *key, *kind))
             }) else {
                 continue;
             };
-            set(&mut table, section, key, env_value(value));
+            if kind == EnvType::Secret {
+                secrets.push(value.clone());
+            }
+            set(&mut table, section, key, env_value(value, kind));
             overrides.push(format!("{section}.{key} from {name}"));
         }
         let origin = if overrides.is_empty() {
@@ -919,11 +993,65 @@ impl Config {
         } else {
             format!("{origin} with {}", overrides.join(", "))
         };
+        let secret_free = |error: ConfigError| ConfigError {
+            problems: redact(error.problems, &secrets),
+        };
+        let shape = check_output_tables(&table, &origin);
+        if !shape.is_empty() {
+            return Err(secret_free(ConfigError { problems: shape }));
+        }
         let config: Config = table.try_into().map_err(|e: toml::de::Error| {
-            ConfigError::one(format!("{origin}: {}", e.to_string().trim_end()))
+            secret_free(ConfigError::one(format!(
+                "{origin}: {}",
+                e.to_string().trim_end()
+            )))
         })?;
-        config.validate(&origin)?;
+        config.validate(&origin).map_err(secret_free)?;
+        config.warn_about_outputs();
         Ok(config)
+    }
+
+    /// Logs each of [`Config::output_warnings`].
+    fn warn_about_outputs(&self) {
+        for (output, warning) in self.output_warnings() {
+            tracing::warn!(output, "{warning}");
+        }
+    }
+
+    /// Outputs whose settings defeat themselves, by name: an `http` output with `retries`
+    /// whose first backoff alone (`backoff_ms`) is as long as what a plugin's default deadline
+    /// leaves for output calls ([`output_budget`] of `plugins.deadline_ms`), so that no retry is
+    /// ever made, even after an attempt that fails at once. (A slow attempt is cut short by the
+    /// deadline anyway; that is the deadline's job, not a misconfiguration.)
+    ///
+    /// [`output_budget`]: crate::effects::outputs::output_budget
+    pub fn output_warnings(&self) -> Vec<(String, String)> {
+        let budget = crate::effects::outputs::output_budget(self.deadline());
+        let mut warnings = Vec::new();
+        for (name, output) in &self.outputs {
+            let OutputConfig::Http {
+                retries,
+                backoff_ms,
+                ..
+            } = output
+            else {
+                continue;
+            };
+            if *retries > 0 && Duration::from_millis(*backoff_ms) >= budget {
+                warnings.push((
+                    name.clone(),
+                    format!(
+                        "output {name}: retries = {retries} are never made under the default deadline: \
+                         backoff_ms = {backoff_ms} is not shorter than the {} ms that plugins.deadline_ms = {} \
+                         leaves for output calls; raise the deadline of the plugins that call it \
+                         ([limits] deadline_ms in their manifests) or lower backoff_ms",
+                        budget.as_millis(),
+                        self.plugins.deadline_ms
+                    ),
+                ));
+            }
+        }
+        warnings
     }
 
     /// Reads and validates a TOML file.
@@ -935,6 +1063,14 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // Output tables first: serde's messages for a tagged enum name neither the output
+        // nor the key.
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            let shape = check_output_tables(&table, origin);
+            if !shape.is_empty() {
+                return Err(ConfigError { problems: shape });
+            }
+        }
         let config: Config = toml::from_str(text)
             .map_err(|e| ConfigError::one(format!("{origin}: {}", e.to_string().trim_end())))?;
         config.validate(origin)?;
@@ -1070,8 +1206,8 @@ impl Config {
             ));
         }
         for (name, output) in &self.outputs {
-            if let Err(problem) = output.check() {
-                problems.push(format!("{origin}: outputs.{name}: {problem}"));
+            for (key, problem) in output.check() {
+                problems.push(format!("{origin}: outputs.{name}.{key}: {problem}"));
             }
         }
         for (plugin, grants) in &self.grants {
@@ -1110,31 +1246,127 @@ impl Config {
     }
 }
 
-impl OutputConfig {
-    /// Checks URLs and environment references without connecting to anything.
-    fn check(&self) -> Result<(), String> {
-        match self {
-            OutputConfig::Http { url, headers, .. } => {
-                let url = expand_env(url)?;
-                let parsed = reqwest::Url::parse(&url)
-                    .map_err(|e| format!("url {url:?} is not a valid URL: {e}"))?;
-                if !matches!(parsed.scheme(), "http" | "https") {
-                    return Err(format!("url {url:?} must be http:// or https://"));
-                }
-                for (header, value) in headers {
-                    expand_env(value).map_err(|e| format!("headers.{header}: {e}"))?;
-                }
-                Ok(())
+/// The keys each output kind takes, `kind` included.
+const OUTPUT_KEYS: &[(&str, &[&str])] = &[
+    (
+        "http",
+        &[
+            "kind",
+            "url",
+            "method",
+            "headers",
+            "timeout_ms",
+            "retries",
+            "backoff_ms",
+        ],
+    ),
+    ("file", &["kind", "path"]),
+    ("stdout", &["kind"]),
+    ("redis", &["kind", "url", "channel"]),
+];
+
+/// Checks the shape of every `[outputs.NAME]` table before it is deserialised: a known
+/// `kind`, and only the keys that kind takes. Each problem names its key path
+/// (`outputs.x.kind`); types and values are left to serde and [`Config::validate`].
+fn check_output_tables(table: &toml::Table, origin: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(toml::Value::Table(outputs)) = table.get("outputs") else {
+        return problems;
+    };
+    let kinds: Vec<&str> = OUTPUT_KEYS.iter().map(|(kind, _)| *kind).collect();
+    for (name, output) in outputs {
+        let toml::Value::Table(output) = output else {
+            problems.push(format!("{origin}: outputs.{name}: must be a table"));
+            continue;
+        };
+        let kind = match output.get("kind") {
+            None => {
+                problems.push(format!(
+                    "{origin}: outputs.{name}.kind: missing (one of {})",
+                    kinds.join(", ")
+                ));
+                continue;
             }
-            OutputConfig::File { path } => expand_env(path).map(drop),
-            OutputConfig::Stdout {} => Ok(()),
+            Some(toml::Value::String(kind)) => kind.as_str(),
+            Some(other) => {
+                problems.push(format!(
+                    "{origin}: outputs.{name}.kind: must be a string (one of {}), got a {}",
+                    kinds.join(", "),
+                    other.type_str()
+                ));
+                continue;
+            }
+        };
+        let Some((_, keys)) = OUTPUT_KEYS.iter().find(|(known, _)| *known == kind) else {
+            problems.push(format!(
+                "{origin}: outputs.{name}.kind: unknown output kind {kind:?} (one of {})",
+                kinds.join(", ")
+            ));
+            continue;
+        };
+        for key in output.keys().filter(|key| !keys.contains(&key.as_str())) {
+            problems.push(format!(
+                "{origin}: outputs.{name}.{key}: unknown field for a {kind} output (it takes {})",
+                keys.join(", ")
+            ));
+        }
+    }
+    problems
+}
+
+impl OutputConfig {
+    /// Checks values, URLs and environment references without connecting to anything;
+    /// returns each problem with the key it is about. URLs are quoted masked.
+    fn check(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut check = |key: &str, result: Result<(), String>| {
+            if let Err(problem) = result {
+                problems.push((key.to_owned(), problem));
+            }
+        };
+        match self {
+            OutputConfig::Http {
+                url,
+                headers,
+                timeout_ms,
+                ..
+            } => {
+                check(
+                    "url",
+                    expand_env(url).and_then(|expanded| {
+                        let parsed = reqwest::Url::parse(&expanded)
+                            .map_err(|e| format!("{:?} is not a valid URL: {e}", mask_url(url)))?;
+                        if matches!(parsed.scheme(), "http" | "https") {
+                            Ok(())
+                        } else {
+                            Err(format!("{:?} must be http:// or https://", mask_url(url)))
+                        }
+                    }),
+                );
+                for (header, value) in headers {
+                    check(&format!("headers.{header}"), expand_env(value).map(drop));
+                }
+                if *timeout_ms == 0 {
+                    check("timeout_ms", Err("must be at least 1".to_owned()));
+                }
+            }
+            OutputConfig::File { path } => check("path", expand_env(path).map(drop)),
+            OutputConfig::Stdout {} => {}
             OutputConfig::Redis { url, channel } => {
-                let url = expand_env(url)?;
-                redis::Client::open(url.as_str())
-                    .map_err(|e| format!("url is not a usable Redis URL: {e}"))?;
-                expand_env(channel).map(drop)
+                check(
+                    "url",
+                    expand_env(url).and_then(|expanded| {
+                        redis::Client::open(expanded.as_str())
+                            .map(drop)
+                            .map_err(|e| {
+                                format!("{:?} is not a usable Redis URL: {e}", mask_url(url))
+                            })
+                    }),
+                );
+                check("channel", expand_env(channel).map(drop));
             }
         }
+        problems
     }
 }
 
@@ -1401,5 +1633,161 @@ outputs = ["email", "audit"]
             "redis://:***@cache"
         );
         assert_eq!(RedisUrl::new("redis://cache:1").masked(), "redis://cache:1");
+    }
+
+    #[test]
+    fn webhook_urls_are_masked_in_userinfo_and_query() {
+        assert_eq!(
+            mask_url("https://user:pw@hooks.example/send?token=abc&v=1#top"),
+            "https://***@hooks.example/send?token=***&v=***#top"
+        );
+        assert_eq!(
+            mask_url("https://t0ken@hooks.example/"),
+            "https://***@hooks.example/"
+        );
+        assert_eq!(
+            mask_url("http://hooks.example/send?s3cret"),
+            "http://hooks.example/send?***"
+        );
+        assert_eq!(
+            mask_url("http://hooks.example:8080/send"),
+            "http://hooks.example:8080/send"
+        );
+        // A `@` or `/` in the query is not mistaken for userinfo or a path.
+        assert_eq!(
+            mask_url("https://h.example/x?to=a@b/c"),
+            "https://h.example/x?to=***"
+        );
+        // `config check` prints webhook URLs through `RedisUrl::masked`.
+        let hidden = RedisUrl::new("https://bot:hunter2@h.example/?key=s3cret").masked();
+        assert!(
+            !hidden.contains("hunter2") && !hidden.contains("s3cret") && !hidden.contains("bot"),
+            "{hidden}"
+        );
+    }
+
+    #[test]
+    fn string_settings_from_the_environment_stay_strings() {
+        let config = Config::load(
+            None,
+            &env(&[
+                ("SWITCHYARD_GATEWAY_HMAC_SECRET", "1234567890123456"),
+                ("SWITCHYARD_INVALIDATION_BROADCAST", "42"),
+                ("SWITCHYARD_STREAMS_CONSUMER", "7"),
+                ("SWITCHYARD_PLUGINS_DIR", "2024"),
+                ("SWITCHYARD_PLUGINS_DEADLINE_MS", "250"),
+                ("SWITCHYARD_GATEWAY_PAGES", "false"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.gateway.hmac_secret.as_deref(),
+            Some("1234567890123456")
+        );
+        assert_eq!(config.invalidation.broadcast, "42");
+        assert_eq!(config.streams.consumer.as_deref(), Some("7"));
+        assert_eq!(config.plugins.dir, PathBuf::from("2024"));
+        assert_eq!(config.plugins.deadline_ms, 250);
+        assert!(!config.gateway.pages);
+    }
+
+    #[test]
+    fn errors_never_repeat_secrets_from_the_environment() {
+        let err = Config::load(None, &env(&[("SWITCHYARD_GATEWAY_HMAC_SECRET", "98765")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.hmac_secret"), "{err}");
+        assert!(!err.contains("98765"), "{err}");
+        let err = Config::load(
+            None,
+            &env(&[("SWITCHYARD_REDIS_URL", "http://admin:pa55word@cache:6379")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("redis.url"), "{err}");
+        assert!(!err.contains("pa55word"), "{err}");
+        // Whatever quotes a secret's value, it is blanked before anyone sees it.
+        assert_eq!(
+            redact(
+                vec!["invalid type: integer `98765`, expected a string".to_owned()],
+                &["98765".to_owned(), String::new()]
+            ),
+            ["invalid type: integer `***`, expected a string"]
+        );
+    }
+
+    #[test]
+    fn a_zero_timeout_is_rejected_naming_the_field() {
+        let err = Config::from_toml(
+            "[outputs.hook]\nkind = \"http\"\nurl = \"http://h.example/\"\ntimeout_ms = 0\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("t.toml: outputs.hook.timeout_ms: must be at least 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn output_problems_name_their_key_path() {
+        let err = Config::from_toml("[outputs.x]\nkind = \"smtp\"\n", "k.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("k.toml: outputs.x.kind:"), "{err}");
+        assert!(err.contains("\"smtp\""), "{err}");
+
+        let err = Config::from_toml("[outputs.x]\nkind = \"stdout\"\nurl = \"y\"\n", "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("f.toml: outputs.x.url: unknown field"),
+            "{err}"
+        );
+
+        let err = Config::from_toml(
+            "[outputs.m]\nkind = \"redis\"\nurl = \"mysql://u:s3cret@db\"\nchannel = \"c\"\n",
+            "r.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("r.toml: outputs.m.url:"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
+
+        let err = Config::from_toml(
+            "[outputs.h]\nkind = \"http\"\nurl = \"https://u:s3cret@h.example/?key=s3cret\"\nmethod = \"GET\"\n",
+            "h.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("GET"), "{err}");
+
+        // The environment's overrides go through the same check.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.toml");
+        std::fs::write(&path, "[outputs.y]\nkind = \"fax\"\n").unwrap();
+        let err = Config::load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(err.contains("outputs.y.kind"), "{err}");
+    }
+
+    #[test]
+    fn outputs_whose_retries_cannot_fit_the_default_deadline_are_warned_about() {
+        let config = Config::from_toml(
+            "[plugins]\ndeadline_ms = 1000\n\
+             [outputs.fits]\nkind = \"http\"\nurl = \"http://h/\"\ntimeout_ms = 250\nretries = 1\n\
+             [outputs.once]\nkind = \"http\"\nurl = \"http://h/\"\nretries = 0\nbackoff_ms = 5000\n\
+             [outputs.never]\nkind = \"http\"\nurl = \"http://h/\"\nbackoff_ms = 900\n\
+             [outputs.log]\nkind = \"stdout\"\n",
+            "w.toml",
+        )
+        .unwrap();
+        let warnings = config.output_warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].0, "never");
+        assert!(
+            warnings[0].1.contains("output never") && warnings[0].1.contains("900 ms"),
+            "{warnings:?}"
+        );
     }
 }

@@ -11,6 +11,7 @@ mod kubernetes;
 mod languages;
 mod loading;
 mod outage;
+mod outputs;
 mod reload;
 mod routing;
 mod scenarios;

@@ -522,3 +522,28 @@ async fn a_plugin_feeding_its_own_subscription_is_stopped_by_the_loop_guard() ->
     assert_eq!(status, 200);
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_in_the_manifest_replace_what_the_plugin_describes() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // echo describes `described:here`; the operator's manifest points it at `override:here`.
+    let manifest = format!(
+        "{}[subscriptions]\nchannels = [\"override:here\"]\n",
+        echo_manifest(&["described:here"], &[], "echo:out", "")
+    );
+    let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(manifest.as_str()))]).await?;
+    let mut out = Subscriber::new(&redis, &["echo:out"], &[]).await?;
+
+    // Published first on the one connection, so Redis would deliver it first if the host
+    // listened to it.
+    redis.publish("described:here", "ignored").await?;
+    redis.publish("override:here", "seen").await?;
+    let report = json_of(&out.next(PATIENCE).await?);
+    assert_eq!(report["channel"], "override:here", "{report}");
+    assert_eq!(report["subscription"], "channel:override:here", "{report}");
+    assert_eq!(report["seq"], 1, "nothing was handled before it: {report}");
+    assert!(out.drain_for(Duration::from_millis(200)).await.is_empty());
+    let entry = host.plugin("echo").await?.unwrap_or_default();
+    assert_eq!(entry["stats"]["accepted"], 1, "{entry}");
+    host.stop().await
+}

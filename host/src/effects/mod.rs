@@ -256,18 +256,22 @@ impl Effects {
         }
     }
 
-    /// Calls the output `name` with `payload`.
+    /// Calls the output `name` with `payload`, when the calling plugin has `remaining` of
+    /// its deadline left. The call gets [`outputs::output_budget`] of it, so that the plugin
+    /// keeps time to act on the outcome: a slow output ends as a timeout error the plugin
+    /// sees, not as the plugin's own deadline trap.
     pub fn call_output(
         &self,
         from: &PluginName,
         name: &str,
         payload: &[u8],
-        within: Duration,
+        remaining: Duration,
     ) -> Result<Reply, EffectError> {
-        let outputs = self.outputs.clone();
-        self.block_on(within, async move {
-            Ok(outputs.call(name, from.as_str(), payload, within).await?)
-        })
+        let budget = outputs::output_budget(remaining);
+        // `Outputs::call` bounds itself by `budget` and says which limit ended it; a second
+        // timeout here would only race it with a vaguer message.
+        let call = self.outputs.call(name, from.as_str(), payload, budget);
+        Ok(self.runtime.block_on(call)?)
     }
 
     /// Publishes and returns the number of receivers, as `PUBLISH` does. Goes through the

@@ -2,11 +2,19 @@
 //!
 //! Outputs are built once from the configuration (`[outputs.NAME]`) and shared by every
 //! plugin. Each call runs on the host's async runtime and is bounded by the calling plugin's
-//! remaining deadline, so a slow webhook costs that plugin its deadline and nothing else.
+//! remaining deadline, less a reserve the plugin keeps to act on the outcome (see
+//! [`output_budget`]), so a slow webhook costs that plugin its deadline and nothing else, and
+//! the plugin still learns why (a timeout, as an error value) instead of being stopped by its
+//! deadline.
 //!
-//! - `http`: POST or PUT with the configured headers; a connection error or a 5xx answer is
-//!   retried with exponential backoff, as often as configured and as the deadline allows.
-//!   Any answer that is not retried (2xx, 4xx) is returned to the plugin as it is.
+//! - `http`: POST or PUT with the configured headers. A connection error, a timed-out attempt
+//!   or a 5xx answer is retried after `backoff_ms`, doubled for each further retry, as often as
+//!   `retries` says and as the budget allows (a retry whose backoff would end past the budget
+//!   is not started). Any answer is returned to the plugin as it is: 2xx and 4xx at once, a
+//!   5xx once no retry is left. Only when no answer came at all (connection errors,
+//!   timeouts) is the call an error.
+//! - Errors and logs never carry the webhook's URL, which may hold credentials (a token in
+//!   the query string, a password in the userinfo).
 //! - `file` and `stdout`: one JSON line per call, `{"plugin":..., "payload":...}`, where the
 //!   payload is embedded as JSON when it is JSON and as a string otherwise.
 //! - `redis`: PUBLISH on a channel of another server; the reply carries the receivers.
@@ -26,6 +34,24 @@ use crate::config::{HttpMethod, OutputConfig, expand_env};
 
 /// The largest HTTP reply body handed back to a plugin; longer bodies are cut.
 pub const MAX_REPLY_BODY: usize = 1 << 20;
+
+/// The share of a plugin's remaining deadline an output call leaves to the plugin.
+pub const OUTPUT_RESERVE_PERCENT: u32 = 10;
+
+/// The least time an output call leaves to the plugin. The epoch interruption that enforces
+/// deadlines may fire up to one epoch tick (5 ms) before the wall-clock deadline, and the
+/// plugin needs a few milliseconds more to act on the outcome (publish a dead letter, log):
+/// four ticks cover both with room for a busy machine.
+pub const MIN_OUTPUT_RESERVE: Duration = Duration::from_millis(20);
+
+/// How long an output call (all its attempts and backoffs) may take when the calling plugin
+/// has `remaining` of its deadline left: `remaining` less the larger of
+/// [`OUTPUT_RESERVE_PERCENT`] of it and [`MIN_OUTPUT_RESERVE`]. Zero when nothing would be
+/// left: the call then fails at once with a timeout.
+pub fn output_budget(remaining: Duration) -> Duration {
+    let reserve = (remaining * OUTPUT_RESERVE_PERCENT / 100).max(MIN_OUTPUT_RESERVE);
+    remaining.saturating_sub(reserve)
+}
 
 /// What an output answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +278,9 @@ impl Outputs {
             .collect()
     }
 
-    /// Calls output `name` for `plugin`, giving up after `within`.
+    /// Calls output `name` for `plugin`, giving up after `within` (the caller's budget, see
+    /// [`output_budget`]). A reply is returned whatever its status; an `http` reply with a
+    /// 5xx status (every retry spent) still counts as an error of the output.
     pub async fn call(
         &self,
         name: &str,
@@ -274,21 +302,36 @@ impl Outputs {
             };
         };
         output.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let result =
-            match tokio::time::timeout(within, call(&output.kind, name, plugin, payload)).await {
-                Ok(result) => result,
-                Err(_) => Err(format!(
-                    "no answer within the plugin's deadline ({within:?})"
-                )),
-            };
-        result.map_err(|why| {
+        let result = if within.is_zero() {
+            Err(no_time_left(within))
+        } else {
+            // The `http` kind keeps within the budget by itself, attempt by attempt; this
+            // bounds the other kinds (a stuck Redis) and is a safety net for all.
+            tokio::time::timeout(within, call(&output.kind, name, plugin, payload, within))
+                .await
+                .unwrap_or_else(|_| Err(no_time_left(within)))
+        };
+        let gave_up = match (&output.kind, &result) {
+            (_, Err(_)) => true,
+            (Kind::Http(_), Ok(reply)) => reply.status >= 500,
+            (_, Ok(_)) => false,
+        };
+        if gave_up {
             output.counters.errors.fetch_add(1, Ordering::Relaxed);
-            OutputError::Failed {
-                name: name.to_owned(),
-                why,
-            }
+        }
+        result.map_err(|why| OutputError::Failed {
+            name: name.to_owned(),
+            why,
         })
     }
+}
+
+/// Why a call ran out of its budget.
+fn no_time_left(budget: Duration) -> String {
+    format!(
+        "timed out: no answer within the {} ms the plugin's deadline leaves for outputs",
+        budget.as_millis()
+    )
 }
 
 fn build(config: &OutputConfig) -> Result<Kind, String> {
@@ -353,51 +396,15 @@ fn build(config: &OutputConfig) -> Result<Kind, String> {
     })
 }
 
-async fn call(kind: &Kind, name: &str, plugin: &str, payload: &[u8]) -> Result<Reply, String> {
+async fn call(
+    kind: &Kind,
+    name: &str,
+    plugin: &str,
+    payload: &[u8],
+    within: Duration,
+) -> Result<Reply, String> {
     match kind {
-        Kind::Http(http) => {
-            let Http {
-                client,
-                url,
-                method,
-                headers,
-                timeout,
-                retries,
-                backoff,
-            } = http.as_ref();
-            let mut wait = *backoff;
-            let mut attempt = 0;
-            loop {
-                let sent = client
-                    .request(method.clone(), url.clone())
-                    .headers(headers.clone())
-                    .timeout(*timeout)
-                    .body(payload.to_vec())
-                    .send()
-                    .await;
-                let retry_reason = match sent {
-                    Ok(response) if !response.status().is_server_error() => {
-                        let status = response.status().as_u16();
-                        let mut body = response.bytes().await.map_err(|e| e.to_string())?.to_vec();
-                        body.truncate(MAX_REPLY_BODY);
-                        return Ok(Reply { status, body });
-                    }
-                    Ok(response) => format!("HTTP {}", response.status()),
-                    Err(e) => format!("request failed: {e}"),
-                };
-                if attempt >= *retries {
-                    return Err(format!("{retry_reason} (after {} attempts)", attempt + 1));
-                }
-                attempt += 1;
-                tracing::debug!(
-                    output = name,
-                    attempt,
-                    "retrying webhook after {retry_reason}"
-                );
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-        }
+        Kind::Http(http) => call_http(http, name, payload, within).await,
         Kind::File(file) => {
             let line = json_line(plugin, payload);
             let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,6 +446,122 @@ async fn call(kind: &Kind, name: &str, plugin: &str, payload: &[u8]) -> Result<R
     }
 }
 
+/// How one webhook attempt ended, when it is worth another.
+enum Retryable {
+    /// A 5xx answer, kept: it is returned if no retry follows.
+    Answer(Reply),
+    /// No answer: a connection error or a timeout.
+    Failure(String),
+}
+
+/// Calls a webhook: attempts, retries and backoffs all end within `within`.
+async fn call_http(
+    http: &Http,
+    name: &str,
+    payload: &[u8],
+    within: Duration,
+) -> Result<Reply, String> {
+    let Http {
+        client,
+        url,
+        method,
+        headers,
+        timeout,
+        retries,
+        backoff,
+    } = http;
+    let end = tokio::time::Instant::now() + within;
+    let mut wait = *backoff;
+    let mut attempt: u32 = 0;
+    loop {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(no_time_left(within));
+        }
+        // The configured timeout, unless the budget ends first; the error says which.
+        let (limit, cut_by_budget) = if left < *timeout {
+            (left, true)
+        } else {
+            (*timeout, false)
+        };
+        let sent = client
+            .request(method.clone(), url.clone())
+            .headers(headers.clone())
+            .timeout(limit)
+            .body(payload.to_vec())
+            .send()
+            .await;
+        let outcome = match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let mut body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("reading the answer failed: {}", describe(e, url)))?
+                    .to_vec();
+                body.truncate(MAX_REPLY_BODY);
+                let reply = Reply { status, body };
+                if status < 500 {
+                    return Ok(reply);
+                }
+                Retryable::Answer(reply)
+            }
+            Err(e) if e.is_timeout() && cut_by_budget => {
+                return Err(no_time_left(within));
+            }
+            Err(e) if e.is_timeout() => Retryable::Failure(format!(
+                "timed out: no answer within timeout_ms ({} ms)",
+                timeout.as_millis()
+            )),
+            Err(e) => Retryable::Failure(format!("request failed: {}", describe(e, url))),
+        };
+        let attempts = attempt + 1;
+        let out_of_time = tokio::time::Instant::now() + wait >= end;
+        if attempt >= *retries || out_of_time {
+            return match outcome {
+                Retryable::Answer(reply) => Ok(reply),
+                Retryable::Failure(why) if attempt < *retries => Err(format!(
+                    "{why} (after {attempts} of {} attempts: no time left for another within the plugin's deadline)",
+                    retries + 1
+                )),
+                Retryable::Failure(why) if attempts == 1 => Err(format!("{why} (after 1 attempt)")),
+                Retryable::Failure(why) => Err(format!("{why} (after {attempts} attempts)")),
+            };
+        }
+        attempt += 1;
+        let reason = match &outcome {
+            Retryable::Answer(reply) => format!("HTTP status {}", reply.status),
+            Retryable::Failure(why) => why.clone(),
+        };
+        tracing::debug!(
+            output = name,
+            attempt,
+            ?wait,
+            "retrying webhook after {reason}"
+        );
+        tokio::time::sleep(wait).await;
+        wait = wait.saturating_mul(2);
+    }
+}
+
+/// A reqwest error as text without the request's URL (it may carry credentials): the error
+/// and its causes, outermost first.
+fn describe(error: reqwest::Error, url: &reqwest::Url) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    // Causes come from other crates; none should quote the URL, but make sure.
+    text.replace(url.as_str(), "<url>")
+}
+
 /// `{"plugin": ..., "payload": ...}` and a newline; the payload embedded as JSON when it is
 /// JSON, as a string otherwise.
 fn json_line(plugin: &str, payload: &[u8]) -> String {
@@ -464,6 +587,49 @@ mod tests {
             json_line("p", b"plain \"text\""),
             "{\"payload\":\"plain \\\"text\\\"\",\"plugin\":\"p\"}\n"
         );
+    }
+
+    #[test]
+    fn output_calls_leave_the_plugin_a_share_of_its_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(output_budget(ms(1000)), ms(900));
+        assert_eq!(
+            output_budget(ms(100)),
+            ms(80),
+            "at least MIN_OUTPUT_RESERVE is kept"
+        );
+        assert_eq!(output_budget(ms(15)), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn webhook_errors_never_carry_the_url() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .unwrap()
+            .port();
+        let mut config = BTreeMap::new();
+        config.insert(
+            "hook".to_owned(),
+            OutputConfig::Http {
+                url: format!("http://user:pw@127.0.0.1:{port}/x?token=s3cret"),
+                method: HttpMethod::Post,
+                headers: BTreeMap::new(),
+                timeout_ms: 1000,
+                retries: 0,
+                backoff_ms: 1,
+            },
+        );
+        let outputs = Outputs::from_config(&config).unwrap();
+        let err = outputs
+            .call("hook", "p", b"{}", Duration::from_secs(2))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("output hook: request failed: "), "{err}");
+        assert!(err.ends_with("(after 1 attempt)"), "{err}");
+        for secret in ["s3cret", "pw", &port.to_string()] {
+            assert!(!err.contains(secret), "{err}");
+        }
     }
 
     #[tokio::test]
