@@ -2,8 +2,10 @@
 //!
 //! [`Host::start`] resolves everything that can be wrong with the configuration first (the
 //! plugins folder, the Redis URL, the admin address), then starts the source, loads the
-//! folder once, and starts the watcher and the admin endpoint. [`Host::stop`] stops watching,
-//! unloads plugins (their queues drain), then closes the connection.
+//! folder once, and starts the watcher and the admin endpoint. [`Host::stop_by`] stops
+//! watching, unloads plugins (their queues drain), then closes the connection, all before one
+//! deadline: past it, it gives up on what is left and says how much that was, so a stop never
+//! takes longer than the operator allowed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState};
@@ -25,9 +28,10 @@ use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
 use crate::source::cluster::ClusterSource;
 use crate::source::embedded::EmbeddedBroker;
-use crate::source::redis::{COMMAND_TIMEOUT, RedisSource};
+use crate::source::redis::{CLIENT_NAME_PREFIX, COMMAND_TIMEOUT, RedisSource};
 use crate::source::streams::{StreamBackend, StreamReaders};
 use crate::source::{Source, SourceStatus};
+use crate::worker::PluginStats;
 use crate::worker::engine::Runtime;
 
 /// Which broker the host talks to.
@@ -50,10 +54,88 @@ pub struct Host {
     source: Source,
     admin_addr: Option<SocketAddr>,
     gateway_addr: Option<SocketAddr>,
+    client_name: Option<String>,
     stop_watching: CancellationToken,
     stop_source: CancellationToken,
     stop_admin: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// An address from the configuration that the host cannot listen on: taken by another process,
+/// or not this machine's. The operator fixes it by choosing another address, so it counts as
+/// unusable configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {key} {addr}: {error}; {}", listen_hint(.flag, .key, .error))]
+pub struct ListenError {
+    /// The configuration key, e.g. `admin.listen`.
+    pub key: &'static str,
+    /// The command-line flag that overrides it, e.g. `--admin`.
+    pub flag: &'static str,
+    /// The address.
+    pub addr: SocketAddr,
+    /// Why it failed (part of the message, so not a `source` that would print twice).
+    pub error: std::io::Error,
+}
+
+/// What to do about a [`ListenError`].
+fn listen_hint(flag: &str, key: &str, error: &std::io::Error) -> String {
+    let why = if error.kind() == std::io::ErrorKind::AddrInUse {
+        "another process (another switchyard?) is using it: "
+    } else {
+        ""
+    };
+    format!("{why}choose another address with {flag} ADDR or {key}")
+}
+
+/// Binds the listener for the configuration key `key` (overridden by `flag`).
+async fn listen(
+    key: &'static str,
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, ListenError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| ListenError {
+            key,
+            flag,
+            addr,
+            error,
+        })
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every queue drained, stream readers acknowledged what was handled, and everything the
+    /// plugins sent was written.
+    Drained,
+    /// The deadline passed first; the host gave up on the rest.
+    DeadlinePassed {
+        /// Messages accepted into plugin queues and neither handled nor failed (see
+        /// [`Backlog::unhandled`]).
+        unhandled: u64,
+    },
+}
+
+/// The plugins' message counters, read after their queues are gone: what is still owed.
+#[derive(Clone)]
+pub struct Backlog {
+    stats: Vec<Arc<PluginStats>>,
+}
+
+impl Backlog {
+    /// Messages accepted into plugin queues that were neither handled nor failed: waiting,
+    /// being handled, or dropped oldest-first by a full queue or a parked plugin (those were
+    /// counted as shed already, and were not handled either).
+    pub fn unhandled(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|stats| {
+                let s = stats.snapshot();
+                s.accepted.saturating_sub(s.handled + s.failed)
+            })
+            .sum()
+    }
 }
 
 /// Whether the host is ready to route, and why not.
@@ -63,8 +145,10 @@ pub struct Readiness {
     pub ready: bool,
     /// The subscriber connection's state.
     pub source: SourceStatus,
-    /// Whether the plugins folder has been scanned and loaded once.
+    /// Whether every plugin file in the folder has been loaded or rejected.
     pub plugins_scanned: bool,
+    /// Plugin files readiness waits for: new, still being written, or being loaded.
+    pub plugins_pending: Vec<String>,
 }
 
 impl Host {
@@ -93,30 +177,28 @@ impl Host {
             );
         }
         let admin_listener = if admin {
-            let addr = config.admin.listen;
-            Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on admin.listen {addr}"))?,
-            )
+            Some(listen("admin.listen", "--admin", config.admin.listen).await?)
         } else {
             None
         };
 
         let gateway_listener = match config.gateway.listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on gateway.listen {addr}"))?,
-            ),
+            Some(addr) => Some(listen("gateway.listen", "--gateway", addr).await?),
             None => None,
         };
 
         let runtime = Runtime::new().context("cannot start the Wasm engine")?;
-        let router = Arc::new(Router::new(
-            &instance_id(),
-            config.plugins.max_payload_bytes,
-        ));
+        let instance = instance_id();
+        let router = Arc::new(Router::new(&instance, config.plugins.max_payload_bytes));
+        // The name the Redis source gives its subscriber connection (CLIENT SETNAME), derived
+        // from the same instance id: `switchyard status` finds this host's entry by it. The
+        // cluster source names none.
+        let client_name = match &broker {
+            Broker::Redis(redis) if redis.cluster_seeds().is_none() => {
+                Some(format!("{CLIENT_NAME_PREFIX}{instance}"))
+            }
+            Broker::Redis(_) | Broker::Embedded(_) => None,
+        };
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
         let gateway_source = match &broker {
@@ -155,8 +237,13 @@ impl Host {
                     .set_response_timeout(Some(COMMAND_TIMEOUT))
                     .set_number_of_retries(1);
                 // Lazy: the host starts (and reports not ready) while Redis is away.
+                // Keepalive on the publishing connection too: a silent network fails its
+                // writes within seconds instead of the kernel's retransmission minutes.
+                let publishing_client =
+                    crate::source::redis::client_with_dead_peer_detection(&client)
+                        .context("cannot create the publishing connection")?;
                 let publisher =
-                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+                    ConnectionManager::new_lazy_with_config(publishing_client, manager_config)
                         .context("cannot create the publishing connection")?;
                 let (source, task) = RedisSource::start(
                     &client,
@@ -226,6 +313,7 @@ impl Host {
                 breaker: config.breaker(),
             },
         ));
+        registry.set_settle(config.settle());
 
         let stop_admin = CancellationToken::new();
         let gateway = match gateway_listener {
@@ -259,6 +347,7 @@ impl Host {
                     source: source.clone(),
                     router: router.clone(),
                     outputs: outputs.clone(),
+                    client_name: client_name.clone(),
                 });
                 tasks.push(admin::serve(listener, state, stop_admin.clone()));
                 tracing::info!(%addr, "admin endpoint listening");
@@ -268,8 +357,9 @@ impl Host {
         };
 
         let mut changes = registry.reconcile().await?;
-        // A file still being written when the host started was skipped; the watcher, not yet
-        // running, saw none of its writes. Look again until the folder has settled.
+        // Files written just before the start (the demo's, a deployment's) are loaded once
+        // they settle, before `start` returns. One still being written after that stays
+        // pending, and readiness with it, until the watcher sees it settle.
         for _ in 0..MAX_STARTUP_RESCANS {
             if changes.unsettled.is_empty() {
                 break;
@@ -303,6 +393,7 @@ impl Host {
             source,
             admin_addr,
             gateway_addr: gateway.map(|(addr, _)| addr),
+            client_name,
             stop_watching,
             stop_source,
             stop_admin,
@@ -335,37 +426,72 @@ impl Host {
         readiness(&self.source, &self.registry)
     }
 
-    /// Stops watching, unloads every plugin after its queue drains (up to `drain`), then
-    /// closes the connection and the admin endpoint.
+    /// The name of the host's subscriber connection in Redis's `CLIENT LIST`, if it names one.
+    pub fn client_name(&self) -> Option<&str> {
+        self.client_name.as_deref()
+    }
+
+    /// The plugins' counters, to tell later how many messages are still owed.
+    pub fn backlog(&self) -> Backlog {
+        Backlog {
+            stats: self
+                .registry
+                .metrics_view()
+                .into_iter()
+                .map(|plugin| plugin.stats)
+                .collect(),
+        }
+    }
+
+    /// [`Host::stop_by`] with a deadline `drain` from now, for callers that only wait.
     pub async fn stop(self, drain: Duration) -> anyhow::Result<()> {
+        self.stop_by(Instant::now() + drain).await;
+        Ok(())
+    }
+
+    /// Stops watching, unloads every plugin after its queue drains, lets stream readers
+    /// acknowledge what was handled, writes what plugins sent, then closes the connection and
+    /// the admin endpoint: all of it before `deadline`, one budget for every step.
+    ///
+    /// Past the deadline it logs a warning with the number of messages left unhandled, aborts
+    /// the host's tasks and returns. Worker threads still inside a plugin call are not waited
+    /// for, and neither should the caller wait for them: `switchyard run` ends the process
+    /// (see `cli::main`).
+    pub async fn stop_by(self, deadline: Instant) -> Stopped {
+        let backlog = self.backlog();
         self.stop_watching.cancel();
-        let drained = self.registry.shutdown(drain).await;
-        if !drained {
-            tracing::warn!(?drain, "plugin queues did not drain in time");
-        }
-        // Stream readers acknowledge what was handled while draining, then stop.
-        if tokio::time::timeout(drain, self.source.stop_streams())
+        let drain = async {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.registry.shutdown(left).await {
+                return false;
+            }
+            // Stream readers acknowledge what was handled while draining, then stop.
+            self.source.stop_streams().await;
+            // What plugins sent while draining is written before the connections close.
+            self.effects.flush().await;
+            true
+        };
+        let drained = tokio::time::timeout_at(deadline, drain)
             .await
-            .is_err()
-        {
-            tracing::warn!(?drain, "stream readers did not finish in time");
-        }
-        // What plugins sent while draining is written before the connections close.
-        if tokio::time::timeout(drain, self.effects.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?drain,
-                "messages sent by plugins were not all written in time"
-            );
-        }
+            .unwrap_or(false);
         self.stop_source.cancel();
         self.stop_admin.cancel();
-        for task in self.tasks {
-            let _ = task.await;
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
         }
-        Ok(())
+        if drained {
+            Stopped::Drained
+        } else {
+            let unhandled = backlog.unhandled();
+            tracing::warn!(
+                unhandled,
+                "stop deadline passed: {unhandled} queued messages left unhandled \
+                 (plugins.drain_ms sets the deadline)"
+            );
+            Stopped::DeadlinePassed { unhandled }
+        }
     }
 }
 
@@ -373,10 +499,15 @@ impl Host {
 pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
     let source = source.status();
     let plugins_scanned = registry.scanned();
+    let plugins_pending = registry
+        .pending()
+        .map(|names| names.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
     Readiness {
         ready: source.connected && plugins_scanned,
         source,
         plugins_scanned,
+        plugins_pending,
     }
 }
 

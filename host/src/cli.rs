@@ -1,10 +1,16 @@
 //! The command line: `switchyard run`, `demo`, `status`, `config check`, and the plugin
 //! authors' `check`, `test` and `new`.
 //!
-//! Exit status: 0 after a clean stop (SIGINT or SIGTERM, queues drained) or a passing check
-//! or test, 2 when the configuration is unusable (the message names the key and the file),
-//! 130 when a second signal cut the drain short, 1 for any other failure (a file that is not
-//! a plugin, effects that differ from the expected ones).
+//! Exit status: 0 after a stop on SIGINT or SIGTERM (queues drained, or `plugins.drain_ms`
+//! passed first: a warning says how many messages were left unhandled) or a passing check or
+//! test; 2 when the configuration is unusable (the message names the key and where it was set:
+//! an unknown key, a bad value, a plugins folder that does not exist, an admin or gateway
+//! address that cannot be listened on); 130 when a second signal cut the drain short; 1 for any
+//! other failure (a file that is not a plugin, effects that differ from the expected ones).
+//!
+//! Once a command is done the process exits without waiting for work still running: after a
+//! stop whose deadline passed, or a second signal, worker threads may be inside plugin calls,
+//! and waiting for them is exactly what the deadline forbids.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,11 +19,18 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::app::{Broker, Host};
+use crate::app::{Broker, Host, ListenError, Stopped};
 use crate::config::{Config, ConfigError, Policy, RedisUrl};
 
 /// The exit status after a second SIGINT/SIGTERM cut the drain short (128 + SIGINT).
 pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// The exit status when the configuration is unusable.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// How long the async runtime may take to wind down once a command returned: enough for
+/// tasks that are merely finishing, short enough that a stuck one cannot hold the exit.
+const RUNTIME_SHUTDOWN_GRACE: Duration = Duration::from_millis(200);
 
 /// A second stop signal arrived while draining.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +47,8 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-    /// Log level filter (overrides RUST_LOG), e.g. `info` or `switchyard=debug`.
+    /// Log level filter, e.g. `info` or `switchyard=debug`; takes precedence over RUST_LOG,
+    /// which applies when this is not given.
     #[arg(long, global = true)]
     pub log_level: Option<String>,
 }
@@ -237,7 +251,9 @@ pub enum LogFormat {
 }
 
 impl RunArgs {
-    /// The configuration: the file (or defaults), then the flags.
+    /// The configuration: the file (or defaults), then the flags. Beyond the configuration's
+    /// own checks, the plugins folder must exist: a host watching nothing is a mistake, and
+    /// `config check` should say so before a rollout does.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let mut config = Config::load(self.config.as_deref(), &env)?;
@@ -253,8 +269,37 @@ impl RunArgs {
         if let Some(addr) = self.gateway {
             config.gateway.listen = Some(addr);
         }
-        config.validate("command line")?;
-        Ok(config)
+        let mut problems = match config.validate("command line") {
+            Ok(()) => Vec::new(),
+            Err(error) => error.problems,
+        };
+        if !config.plugins.dir.is_dir() {
+            problems.push(format!(
+                "{}: plugins.dir {} is not a folder (create it, or pass --plugins DIR)",
+                self.plugins_dir_origin(&env),
+                config.plugins.dir.display()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems })
+        }
+    }
+
+    /// Where `plugins.dir` came from, for error messages: the flag wins over the environment,
+    /// which wins over the file.
+    fn plugins_dir_origin(&self, env: &[(String, String)]) -> String {
+        const ENV_KEY: &str = "SWITCHYARD_PLUGINS_DIR";
+        if self.plugins.is_some() {
+            "--plugins".to_owned()
+        } else if env.iter().any(|(key, _)| key == ENV_KEY) {
+            ENV_KEY.to_owned()
+        } else if let Some(file) = &self.config {
+            file.display().to_string()
+        } else {
+            "default".to_owned()
+        }
     }
 }
 
@@ -279,9 +324,18 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Whether `run` left work behind: a stop whose deadline passed, or a second signal.
+    let mut abandoned = false;
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => {
+                let stopped = run(args).await;
+                abandoned = match &stopped {
+                    Ok(stopped) => *stopped != Stopped::Drained,
+                    Err(error) => error.is::<Interrupted>(),
+                };
+                stopped.map(|_| ())
+            }
             Command::Demo(args) => crate::demo::run(&mut std::io::stdout(), args.gateway).await,
             Command::Status(args) => status(args).await,
             Command::Check(args) => check(args).await,
@@ -305,19 +359,32 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match result {
+        Ok(()) => 0,
         Err(error) => {
             eprintln!("switchyard: {error:#}");
-            if error.downcast_ref::<ConfigError>().is_some() {
-                ExitCode::from(2)
+            if error.downcast_ref::<ConfigError>().is_some()
+                || error.downcast_ref::<ListenError>().is_some()
+            {
+                EXIT_CONFIG
             } else if error.downcast_ref::<Interrupted>().is_some() {
-                ExitCode::from(EXIT_INTERRUPTED)
+                EXIT_INTERRUPTED
             } else {
-                ExitCode::FAILURE
+                1
             }
         }
+    };
+    if abandoned {
+        // Worker threads may be inside plugin calls that wait on the runtime. Ending the
+        // process here, with the runtime still up, is what makes the exit prompt: shutting
+        // the runtime down first would wait for its blocking tasks (the join of those very
+        // workers), or pull it from under them mid-call. The log is written unbuffered, and
+        // `exit` flushes stdout.
+        std::process::exit(i32::from(code));
     }
+    // Nothing should be left running; if something is, it does not get to hold the exit.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+    ExitCode::from(code)
 }
 
 /// `switchyard gateway token`: a token signed with the configuration's secret.
@@ -341,25 +408,58 @@ pub fn gateway_token(args: &TokenArgs) -> anyhow::Result<String> {
     ))
 }
 
-/// `switchyard run`: starts the host and runs it until SIGINT or SIGTERM.
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// `switchyard run`: starts the host and runs it until SIGINT or SIGTERM, then drains it
+/// until `plugins.drain_ms` has passed ([`Stopped::DeadlinePassed`]: the caller must not wait
+/// for what is left), or until a second signal ([`Interrupted`]).
+pub async fn run(args: RunArgs) -> anyhow::Result<Stopped> {
     let config = args.resolve()?;
+    // Listening before starting: a signal that arrives while plugins compile is kept, and
+    // the stop begins as soon as the host is up.
+    let mut signals = StopSignals::listen();
     tracing::info!(
         redis = %config.redis.url,
         plugins = %config.plugins.dir.display(),
         admin = %config.admin.listen,
         "starting"
     );
-    let host = Host::start(&config, Broker::Redis(config.redis.clone()), true, None).await?;
-    stop_signal().await;
+    let start = Host::start(&config, Broker::Redis(config.redis.clone()), true, None);
+    tokio::pin!(start);
+    let mut signalled = false;
+    let host = loop {
+        tokio::select! {
+            host = &mut start => break host?,
+            () = signals.next() => {
+                if signalled {
+                    return Err(Interrupted.into());
+                }
+                signalled = true;
+                tracing::info!("stop requested while starting: stopping once started (a second signal stops at once)");
+            }
+        }
+    };
+    if !signalled {
+        signals.next().await;
+    }
     let drain = Duration::from_millis(config.plugins.drain_ms);
     tracing::info!(
         ?drain,
         "stopping: draining plugin queues (a second signal stops at once)"
     );
+    let backlog = host.backlog();
     tokio::select! {
-        stopped = host.stop(drain) => stopped,
-        () = stop_signal() => Err(Interrupted.into()),
+        stopped = host.stop_by(tokio::time::Instant::now() + drain) => {
+            // Past the deadline `stop_by` has said how much was left; the stop is still the
+            // one the operator asked for, so it is not an error.
+            if stopped == Stopped::Drained {
+                tracing::info!("stopped: every queue drained");
+            }
+            Ok(stopped)
+        }
+        () = signals.next() => {
+            let unhandled = backlog.unhandled();
+            tracing::warn!(unhandled, "second stop signal: exiting at once with {unhandled} queued messages unhandled");
+            Err(Interrupted.into())
+        }
     }
 }
 
@@ -597,27 +697,63 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
-async fn stop_signal() {
+/// SIGINT and SIGTERM, listened to for the whole run: a listener created only after the first
+/// signal would miss a second one sent right after it.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(signal) => Some(signal),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot listen for {name} ({e}); it will not stop the host gracefully"
+                    );
+                    None
                 }
-            }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM ({e}); stopping on Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            Self {
+                term: listen(SignalKind::terminate(), "SIGTERM"),
+                int: listen(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        if signal.recv().await.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.term) => {}
+                () = recv(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -627,8 +763,12 @@ fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
         Some(level) => EnvFilter::new(level),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
     };
+    // Colours only for a person at a terminal: escape codes in a collected log are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

@@ -2,7 +2,9 @@
 //!
 //! It asks a running host's admin endpoint for its plugins (twice, to compute rates) and
 //! asks Redis for its side of the story: `PUBSUB NUMSUB` for the host's channels,
-//! `PUBSUB NUMPAT`, and the host's own entries in `CLIENT LIST` (found by their name).
+//! `PUBSUB NUMPAT`, and the host's own entry in `CLIENT LIST`, found by the exact name the host
+//! gave its subscriber connection (which the admin endpoint reports): other hosts on the same
+//! Redis name theirs alike, and are not this host's business.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -12,7 +14,6 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use crate::config::RedisConfig;
-use crate::source::redis::CLIENT_NAME_PREFIX;
 
 /// How long to wait for the admin endpoint or Redis.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,7 +69,8 @@ pub async fn gather(
         })
         .filter_map(|s| s.as_str()?.strip_prefix("channel ").map(str::to_owned))
         .collect();
-    let redis_side = match redis_facts(redis, &channels).await {
+    let client_name = second["redis_client_name"].as_str();
+    let redis_side = match redis_facts(redis, &channels, client_name).await {
         Ok(facts) => facts,
         Err(e) => json!({ "error": format!("{e:#}") }),
     };
@@ -83,7 +85,11 @@ pub async fn gather(
     }))
 }
 
-async fn redis_facts(redis: &RedisConfig, channels: &[String]) -> anyhow::Result<Value> {
+async fn redis_facts(
+    redis: &RedisConfig,
+    channels: &[String],
+    client_name: Option<&str>,
+) -> anyhow::Result<Value> {
     let client = redis.client()?;
     let mut connection = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
         .await
@@ -101,22 +107,35 @@ async fn redis_facts(redis: &RedisConfig, channels: &[String]) -> anyhow::Result
             .query_async(&mut connection)
             .await?
     };
-    let clients: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut connection)
-        .await?;
-    let hosts: Vec<&str> = clients
-        .lines()
-        .filter(|line| line.contains(&format!(" name={CLIENT_NAME_PREFIX}")))
-        .collect();
+    let hosts: Vec<String> = match client_name {
+        // A host on a Redis Cluster (or the embedded broker) names no connection.
+        None => Vec::new(),
+        Some(name) => {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut connection)
+                .await?;
+            own_clients(&clients, name)
+        }
+    };
     Ok(json!({
         "url": redis.url.masked(),
         "numpat": numpat,
         "numsub": numsub.into_iter().map(|(c, n)| (c, json!(n))).collect::<serde_json::Map<String, Value>>(),
+        "client_name": client_name,
         "host_clients": hosts,
     }))
+}
+
+/// The lines of `CLIENT LIST` output whose `name` field is exactly `name`.
+fn own_clients(list: &str, name: &str) -> Vec<String> {
+    list.lines()
+        .filter(|line| {
+            line.split_ascii_whitespace()
+                .any(|field| field.strip_prefix("name=") == Some(name))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The status as a table for people.
@@ -177,8 +196,41 @@ pub fn render(status: &Value) -> String {
     for (channel, count) in redis["numsub"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "  PUBSUB NUMSUB {channel}: {count}");
     }
-    for client in redis["host_clients"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "  host connection: {}", client.as_str().unwrap_or("?"));
+    match redis["client_name"].as_str() {
+        None => {
+            let _ = writeln!(
+                out,
+                "  host connection: the host reports no name for it (a Redis Cluster source names none)"
+            );
+        }
+        Some(name) => {
+            let clients = redis["host_clients"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if clients.is_empty() {
+                let _ = writeln!(out, "  host connection: {name} NOT CONNECTED");
+            }
+            for client in clients {
+                let _ = writeln!(out, "  host connection: {}", client.as_str().unwrap_or("?"));
+            }
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_clients;
+
+    #[test]
+    fn own_clients_match_the_whole_name_only() {
+        let list = "id=3 addr=127.0.0.1:1 fd=8 name=switchyard-00ab age=1 cmd=ssubscribe\n\
+                    id=4 addr=127.0.0.1:2 fd=9 name=switchyard-00abcd age=1 cmd=subscribe\n\
+                    id=5 addr=127.0.0.1:3 fd=10 name= age=1 cmd=client|list\n";
+        let own = own_clients(list, "switchyard-00ab");
+        assert_eq!(own.len(), 1);
+        assert!(own[0].starts_with("id=3 "));
+        assert!(own_clients(list, "switchyard-").is_empty());
+    }
 }

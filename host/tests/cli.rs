@@ -1,5 +1,5 @@
-//! The `switchyard` binary as an operator uses it: exit codes, the demo, and `run` against a
-//! real redis-server, stopped with SIGTERM.
+//! The `switchyard` binary as an operator uses it: exit codes, logs, the demo, `status`, and
+//! `run` against a real redis-server, stopped with SIGTERM or SIGINT.
 
 // The same redis-server harness the integration tests use.
 #[path = "../../tests/harness/redis.rs"]
@@ -7,10 +7,14 @@
 mod redis_server;
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_server::{RedisServer, Subscriber};
+use tokio::io::AsyncBufReadExt as _;
 use tokio::process::Command;
+use tokio::sync::watch;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_switchyard");
 const PATIENCE: Duration = Duration::from_secs(15);
@@ -60,6 +64,7 @@ async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow:
     let output = switchyard()
         .args(["config", "check", "--config"])
         .arg(&config)
+        .env("SWITCHYARD_PLUGINS_DIR", dir.path())
         .env("REDIS_URL", "redis://app:s3cret@cache:6379")
         .env("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "8192")
         .output()
@@ -96,23 +101,109 @@ async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_plugins_folder_is_a_clear_error() -> anyhow::Result<()> {
+async fn missing_plugins_folder_is_a_configuration_error_for_run_and_config_check()
+-> anyhow::Result<()> {
+    for command in [&["run"][..], &["config", "check"]] {
+        let output = switchyard()
+            .args(command)
+            .args([
+                "--plugins",
+                "/nonexistent/plugins",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("--plugins: plugins.dir /nonexistent/plugins is not a folder"),
+            "{command:?}: {stderr}"
+        );
+    }
+
+    // Set in the file, the message names the file.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("switchyard.toml");
+    std::fs::write(&config, "[plugins]\ndir = \"/nonexistent/plugins\"\n")?;
     let output = switchyard()
-        .args([
-            "run",
-            "--plugins",
-            "/nonexistent/plugins",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+        .args(["config", "check", "--config"])
+        .arg(&config)
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("/nonexistent/plugins is not a folder"),
+        stderr.contains(&format!(
+            "{}: plugins.dir /nonexistent/plugins is not a folder",
+            config.display()
+        )),
         "{stderr}"
     );
+    Ok(())
+}
+
+/// `switchyard run` on a free plugins folder and an admin address some other socket holds:
+/// it fails while binding, before it would need Redis.
+async fn run_on_a_taken_admin_port(
+    log_args: &[&str],
+    rust_log: &str,
+) -> anyhow::Result<(String, std::process::Output)> {
+    let plugins = tempfile::tempdir()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let admin = taken.local_addr()?.to_string();
+    let output = switchyard()
+        .args(log_args)
+        .args([
+            "run",
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--admin",
+            &admin,
+            "--plugins",
+        ])
+        .arg(plugins.path())
+        .env("RUST_LOG", rust_log)
+        .output()
+        .await?;
+    drop(taken);
+    Ok((admin, output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_port_in_use_is_a_configuration_error_naming_the_address() -> anyhow::Result<()> {
+    let (admin, output) = run_on_a_taken_admin_port(&[], "").await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on admin.listen {admin}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("another process"), "{stderr}");
+    assert!(stderr.contains("--admin ADDR"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_flag_takes_precedence_over_rust_log() -> anyhow::Result<()> {
+    // `starting` is an info line logged before the admin address fails.
+    let (_, output) = run_on_a_taken_admin_port(&["--log-level", "info"], "error").await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("starting"), "{stderr}");
+
+    let (_, output) = run_on_a_taken_admin_port(&["--log-level", "error"], "info").await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("starting"), "{stderr}");
+
+    // Without the flag, RUST_LOG decides.
+    let (_, output) = run_on_a_taken_admin_port(&[], "error").await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("starting"), "{stderr}");
+    let (_, output) = run_on_a_taken_admin_port(&[], "info").await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("starting"), "{stderr}");
     Ok(())
 }
 
@@ -329,48 +420,117 @@ async fn test_prints_effects_and_checks_them_against_expectations() -> anyhow::R
     Ok(())
 }
 
-/// `switchyard run` with `forward` (and its grant) in a fresh plugins folder, once ready.
+/// A plugin file for the plugins folder: name, component, manifest.
+type PluginFile = (&'static str, &'static [u8], Option<String>);
+
+/// `forward` with its grant, as the examples ship it.
+fn forward_plugin() -> PluginFile {
+    (
+        "forward",
+        switchyard::demo::examples::FORWARD,
+        Some(include_str!("../../plugins/forward/forward.toml").to_owned()),
+    )
+}
+
+/// `notify-router` with its grants, as the examples ship it.
+fn notify_router_plugin() -> PluginFile {
+    (
+        "notify-router",
+        switchyard::demo::examples::NOTIFY_ROUTER,
+        Some(include_str!("../../plugins/notify-router/notify-router.toml").to_owned()),
+    )
+}
+
+/// How to start `switchyard run`.
+#[derive(Default)]
+struct Launch {
+    /// What goes into its plugins folder.
+    plugins: Vec<PluginFile>,
+    /// Its configuration file, if any.
+    config: Option<String>,
+    /// Global flags, before `run`.
+    flags: Vec<String>,
+}
+
+/// `switchyard run` in a fresh plugins folder, once ready; its log is read as it comes.
 struct RunningHost {
     child: tokio::process::Child,
     admin: String,
-    _plugins: tempfile::TempDir,
+    log: watch::Receiver<String>,
+    log_reader: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
 }
 
 impl RunningHost {
+    /// With `forward` (and its grant) alone.
     async fn start(redis: &RedisServer) -> anyhow::Result<Self> {
-        let plugins = tempfile::tempdir()?;
-        std::fs::write(
-            plugins.path().join("forward.wasm"),
-            switchyard::demo::examples::FORWARD,
-        )?;
-        std::fs::write(
-            plugins.path().join("forward.toml"),
-            include_str!("../../plugins/forward/forward.toml"),
-        )?;
+        Self::launch(
+            redis,
+            Launch {
+                plugins: vec![forward_plugin()],
+                ..Launch::default()
+            },
+        )
+        .await
+    }
+
+    async fn launch(redis: &RedisServer, launch: Launch) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins)?;
+        for (name, wasm, manifest) in &launch.plugins {
+            std::fs::write(plugins.join(format!("{name}.wasm")), wasm)?;
+            if let Some(manifest) = manifest {
+                std::fs::write(plugins.join(format!("{name}.toml")), manifest)?;
+            }
+        }
         let admin = format!("127.0.0.1:{}", free_port()?);
-        let child = switchyard()
-            .args([
-                "run",
-                "--redis",
-                &redis.url(),
-                "--admin",
-                &admin,
-                "--plugins",
-            ])
-            .arg(plugins.path())
+        let mut command = switchyard();
+        command.args(&launch.flags).args([
+            "run",
+            "--redis",
+            &redis.url(),
+            "--admin",
+            &admin,
+            "--plugins",
+        ]);
+        command.arg(&plugins);
+        if let Some(config) = &launch.config {
+            let file = dir.path().join("switchyard.toml");
+            std::fs::write(&file, config)?;
+            command.arg("--config").arg(file);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let (log_tx, log) = watch::channel(String::new());
+        let log_reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                log_tx.send_modify(|log| {
+                    log.push_str(&line);
+                    log.push('\n');
+                });
+            }
+        });
         let host = Self {
             child,
             admin,
-            _plugins: plugins,
+            log,
+            log_reader,
+            _dir: dir,
         };
         let started = Instant::now();
         while host.get("/readyz").await.map(|(status, _)| status) != Some(200) {
             anyhow::ensure!(
                 started.elapsed() < PATIENCE,
-                "switchyard run never became ready"
+                "switchyard run never became ready:\n{}",
+                host.log.borrow().as_str()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -385,6 +545,44 @@ impl RunningHost {
         Some((status, response.json().await.unwrap_or_default()))
     }
 
+    /// Waits until every plugin queued `n` messages in all: (total queued, of which handled).
+    async fn wait_until_accepted(&self, n: u64) -> anyhow::Result<(u64, u64)> {
+        let started = Instant::now();
+        loop {
+            let (_, listing) = self.get("/plugins").await.unwrap_or_default();
+            let plugins = listing["plugins"].as_array().cloned().unwrap_or_default();
+            let sum = |counter: &str| -> u64 {
+                plugins
+                    .iter()
+                    .map(|p| p["stats"][counter].as_u64().unwrap_or_default())
+                    .sum()
+            };
+            if sum("accepted") >= n {
+                return Ok((sum("accepted"), sum("handled")));
+            }
+            anyhow::ensure!(
+                started.elapsed() < PATIENCE,
+                "messages never all queued: {listing}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until its log holds `text`.
+    async fn wait_for_log(&self, text: &str) -> anyhow::Result<()> {
+        let mut log = self.log.clone();
+        tokio::time::timeout(PATIENCE, log.wait_for(|log| log.contains(text)))
+            .await
+            .map_err(|_| anyhow::anyhow!("{text:?} never logged:\n{}", self.log.borrow().as_str()))?
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the log ended without {text:?}:\n{}",
+                    self.log.borrow().as_str()
+                )
+            })?;
+        Ok(())
+    }
+
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
         let status = std::process::Command::new("kill")
@@ -394,14 +592,112 @@ impl RunningHost {
         Ok(())
     }
 
-    /// Waits for the process to exit: (exit code, its log).
-    async fn exit(self) -> anyhow::Result<(Option<i32>, String)> {
-        let output = tokio::time::timeout(PATIENCE, self.child.wait_with_output()).await??;
-        Ok((
-            output.status.code(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        ))
+    /// Waits (up to `PATIENCE`) for the process to exit: (exit code, its log).
+    async fn exit(mut self) -> anyhow::Result<(Option<i32>, String)> {
+        let status = match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => anyhow::bail!(
+                "switchyard did not exit within {PATIENCE:?}:\n{}",
+                self.log.borrow().as_str()
+            ),
+        };
+        // The pipe closes with the process.
+        let _ = tokio::time::timeout(PATIENCE, &mut self.log_reader).await;
+        let log = self.log.borrow().clone();
+        Ok((status.code(), log))
     }
+}
+
+/// A webhook that answers 200 after `delay`, counting the calls it received.
+struct SlowWebhook {
+    url: String,
+    calls: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowWebhook {
+    async fn start(delay: Duration) -> anyhow::Result<Self> {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(delay).await;
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, calls, task })
+    }
+
+    fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SlowWebhook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The outputs `notify-router` is granted: `email` with the keys given, `sms` and `push` on
+/// stdout.
+fn notify_router_outputs(email: &str) -> String {
+    format!(
+        "[outputs.email]\n{email}\n\n[outputs.sms]\nkind = \"stdout\"\n\n\
+         [outputs.push]\nkind = \"stdout\"\n"
+    )
+}
+
+/// Each call takes this long at the webhook.
+const SLOW_CALL: Duration = Duration::from_millis(250);
+/// Messages queued for the slow webhook: with one worker, about 50 s of work.
+const SLOW_BACKLOG: usize = 200;
+
+/// `notify-router` sending every email to a slow webhook, with `drain_ms`, and
+/// [`SLOW_BACKLOG`] emails queued: (host, webhook).
+async fn slow_host_with_backlog(
+    redis: &RedisServer,
+    drain_ms: u64,
+) -> anyhow::Result<(RunningHost, SlowWebhook)> {
+    let webhook = SlowWebhook::start(SLOW_CALL).await?;
+    let config = format!(
+        "[plugins]\ndrain_ms = {drain_ms}\ndeadline_ms = 5000\n\n{}",
+        notify_router_outputs(&format!(
+            "kind = \"http\"\nurl = \"{}\"\nretries = 0\ntimeout_ms = 2000",
+            webhook.url
+        ))
+    );
+    let host = RunningHost::launch(
+        redis,
+        Launch {
+            plugins: vec![notify_router_plugin()],
+            config: Some(config),
+            ..Launch::default()
+        },
+    )
+    .await?;
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..SLOW_BACKLOG {
+        pipe.publish(
+            "notifications:email",
+            format!(r#"{{"to":"a@example.com","subject":"{i}"}}"#),
+        )
+        .ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+    host.wait_until_accepted(SLOW_BACKLOG as u64).await?;
+    Ok((host, webhook))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,8 +716,9 @@ async fn run_forwards_messages_and_exits_0_on_sigterm() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::Result<()> {
+/// Queues messages for `forward`, sends `signal` while it works through them, and checks
+/// that every one was handled before the host exited 0.
+async fn stop_signal_drains_queued_messages(signal: &str) -> anyhow::Result<()> {
     // Within the default queue of 4,096, so that every message is accepted.
     const N: usize = 4_000;
     let redis = RedisServer::start().await?;
@@ -435,22 +732,12 @@ async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::R
     let () = pipe.query_async(&mut connection).await?;
 
     // Signal once every message is queued, while the plugin is still working through them.
-    let started = Instant::now();
-    let backlog = loop {
-        let (_, listing) = host.get("/plugins").await.unwrap_or_default();
-        let stats = &listing["plugins"][0]["stats"];
-        if stats["accepted"] == N {
-            break N as u64 - stats["handled"].as_u64().unwrap_or_default();
-        }
-        anyhow::ensure!(
-            started.elapsed() < PATIENCE,
-            "messages never all queued: {listing}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    host.signal("-TERM")?;
+    let (accepted, handled) = host.wait_until_accepted(N as u64).await?;
+    let backlog = accepted - handled;
+    host.signal(signal)?;
     let (code, log) = host.exit().await?;
     assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stopped: every queue drained"), "{log}");
     let got = out.take(N, PATIENCE).await?;
     assert_eq!(
         got.last().map(|m| m.payload_str()),
@@ -464,32 +751,178 @@ async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_drains_queued_messages_before_exiting() -> anyhow::Result<()> {
+    stop_signal_drains_queued_messages("-TERM").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_mid_stream_drains_queued_messages_like_sigterm() -> anyhow::Result<()> {
+    stop_signal_drains_queued_messages("-INT").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_exits_130_at_once_leaving_the_backlog() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // A deadline far beyond the test: only the second signal can end the drain early.
+    let (host, webhook) = slow_host_with_backlog(&redis, 600_000).await?;
+    host.signal("-TERM")?;
+    host.wait_for_log("stopping: draining plugin queues")
+        .await?;
+    let signalled = Instant::now();
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    let took = signalled.elapsed();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("stopped at once by a second signal"), "{log}");
+    assert!(log.contains("second stop signal: exiting at once"), "{log}");
+    // The backlog needed about 50 s; the exit, only the time to notice the signal.
+    assert!(took < Duration::from_secs(5), "took {took:?}:\n{log}");
+    let calls = webhook.calls();
+    assert!(calls < SLOW_BACKLOG as u64, "all {calls} handled:\n{log}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_deadline_exits_0_soon_after_it_with_a_warning() -> anyhow::Result<()> {
+    const DRAIN: Duration = Duration::from_millis(1_000);
+    let redis = RedisServer::start().await?;
+    let (host, webhook) = slow_host_with_backlog(&redis, DRAIN.as_millis() as u64).await?;
+    let signalled = Instant::now();
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    let took = signalled.elapsed();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(took >= DRAIN, "took {took:?}:\n{log}");
+    // The backlog needed about 50 s; the exit comes with the deadline.
+    assert!(
+        took < DRAIN + Duration::from_secs(5),
+        "took {took:?}:\n{log}"
+    );
+    let warning = log
+        .lines()
+        .find(|line| line.contains("stop deadline passed"))
+        .ok_or_else(|| anyhow::anyhow!("no warning:\n{log}"))?;
+    assert!(warning.contains("WARN"), "{warning}");
+    let unhandled: u64 = warning
+        .split_once("unhandled=")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no count in {warning}"))?;
+    let calls = webhook.calls();
+    assert!(calls < SLOW_BACKLOG as u64, "all {calls} handled:\n{log}");
+    // Each call the webhook got was handled, or was still in flight at the deadline.
+    assert!(
+        unhandled > 0 && unhandled + calls >= SLOW_BACKLOG as u64,
+        "unhandled {unhandled}, calls {calls}:\n{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_objects_and_plugin_logs_carry_name_and_version() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = RunningHost::launch(
+        &redis,
+        Launch {
+            plugins: vec![notify_router_plugin()],
+            config: Some(notify_router_outputs("kind = \"stdout\"")),
+            flags: vec!["--log-format".to_owned(), "json".to_owned()],
+        },
+    )
+    .await?;
+    let mut dead = Subscriber::new(&redis, &["notifications:dead"], &[]).await?;
+    // An unknown kind is dead-lettered, with an info line from the plugin.
+    redis.publish("notifications:bogus", "{}").await?;
+    host.wait_for_log("dead-lettering").await?;
+    dead.next(PATIENCE).await?;
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    assert_eq!(code, Some(0), "{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{e}: not JSON: {line}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    assert!(lines.len() > 2, "{log}");
+    for line in &lines {
+        assert!(line.is_object(), "{line}");
+        assert!(line["level"].is_string(), "no level: {line}");
+    }
+    let plugin_line = lines
+        .iter()
+        .find(|line| {
+            line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("dead-lettering message on notifications:bogus"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no plugin log line:\n{log}"))?;
+    assert_eq!(plugin_line["level"], "INFO", "{plugin_line}");
+    assert_eq!(
+        plugin_line["fields"]["plugin"], "notify-router",
+        "{plugin_line}"
+    );
+    assert!(
+        plugin_line["fields"]["version"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{plugin_line}"
+    );
+    Ok(())
+}
+
+/// `switchyard status` of `host`: (exit status, stdout, stderr).
+async fn status_of(
+    host: &RunningHost,
+    redis: &RedisServer,
+    json: bool,
+) -> anyhow::Result<(bool, String, String)> {
+    let mut command = switchyard();
+    command.args([
+        "status",
+        "--admin",
+        &host.admin,
+        "--redis",
+        &redis.url(),
+        "--interval",
+        "0.2",
+    ]);
+    if json {
+        command.arg("--json");
+    }
+    let output = command.output().await?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let host = RunningHost::start(&redis).await?;
+    // A second host on the same Redis, its `forward` on an exact channel.
+    let other = RunningHost::launch(
+        &redis,
+        Launch {
+            plugins: vec![(
+                "forward",
+                switchyard::demo::examples::FORWARD,
+                Some(
+                    "[grants]\npublish = [\"fwded:*\"]\n\n\
+                     [subscriptions]\nchannels = [\"fwd:exact\"]\n"
+                        .to_owned(),
+                ),
+            )],
+            ..Launch::default()
+        },
+    )
+    .await?;
     redis.publish("fwd:x", "counted").await?;
-    let args = |json: bool| {
-        let mut args = vec![
-            "status".to_owned(),
-            "--admin".to_owned(),
-            host.admin.clone(),
-            "--redis".to_owned(),
-            redis.url(),
-            "--interval".to_owned(),
-            "0.2".to_owned(),
-        ];
-        if json {
-            args.push("--json".to_owned());
-        }
-        args
-    };
-    let table = switchyard().args(args(false)).output().await?;
-    let text = String::from_utf8_lossy(&table.stdout);
-    assert!(
-        table.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&table.stderr)
-    );
+
+    let (ok, text, stderr) = status_of(&host, &redis, false).await?;
+    assert!(ok, "{text}{stderr}");
     assert!(text.contains("ready; subscriber connected"), "{text}");
     assert!(
         text.lines()
@@ -498,18 +931,58 @@ async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
     );
     assert!(text.contains("PUBSUB NUMPAT: 1"), "{text}");
     assert!(text.contains("name=switchyard-"), "{text}");
+    assert_eq!(text.matches("host connection:").count(), 1, "{text}");
 
-    let json = switchyard().args(args(true)).output().await?;
-    let status: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    let (_, plugins) = host.get("/plugins").await.unwrap_or_default();
+    let own = plugins["redis_client_name"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no client name: {plugins}"))?
+        .to_owned();
+    let (_, plugins) = other.get("/plugins").await.unwrap_or_default();
+    let others = plugins["redis_client_name"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no client name: {plugins}"))?
+        .to_owned();
+    assert_ne!(own, others);
+
+    let (_, json, stderr) = status_of(&host, &redis, true).await?;
+    let status: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("{e}: {json}{stderr}"))?;
     assert_eq!(status["plugins"][0]["name"], "forward");
     assert_eq!(status["plugins"][0]["stats"]["handled"], 1);
     assert_eq!(status["redis"]["numpat"], 1);
+    assert_eq!(status["redis"]["client_name"], own.as_str());
+    let clients = status["redis"]["host_clients"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(clients.len(), 1, "{status}");
+    assert!(
+        clients[0]
+            .as_str()
+            .is_some_and(|c| c.contains(&format!(" name={own} "))),
+        "{status}"
+    );
+
+    // The other host: its exact channel through PUBSUB NUMSUB, and its own connection only.
+    let (ok, text, stderr) = status_of(&other, &redis, false).await?;
+    assert!(ok, "{text}{stderr}");
+    assert!(text.contains("PUBSUB NUMSUB fwd:exact: 1"), "{text}");
+    assert!(text.contains(&format!(" name={others} ")), "{text}");
+    assert!(!text.contains(&format!(" name={own} ")), "{text}");
+    let (_, json, _) = status_of(&other, &redis, true).await?;
+    let status: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(status["redis"]["numsub"]["fwd:exact"], 1, "{status}");
     assert_eq!(
         status["redis"]["host_clients"].as_array().map(Vec::len),
-        Some(1)
+        Some(1),
+        "{status}"
     );
-    host.signal("-TERM")?;
-    let (code, log) = host.exit().await?;
-    assert_eq!(code, Some(0), "{log}");
+
+    for host in [host, other] {
+        host.signal("-TERM")?;
+        let (code, log) = host.exit().await?;
+        assert_eq!(code, Some(0), "{log}");
+    }
     Ok(())
 }

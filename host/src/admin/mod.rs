@@ -30,6 +30,9 @@ pub struct AdminState {
     pub router: Arc<Router>,
     /// The outputs' counters.
     pub outputs: Arc<Outputs>,
+    /// The name of the host's subscriber connection (CLIENT SETNAME), if it names one, so that
+    /// `switchyard status` finds this host's own entry in `CLIENT LIST`.
+    pub client_name: Option<String>,
 }
 
 /// Serves the admin endpoints on `listener` until `stop`.
@@ -91,14 +94,15 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse
     }
 }
 
-/// Every plugin with its version, subscriptions, grants and counters, and every output's
-/// counters.
+/// Every plugin with its version, subscriptions, grants and counters, every output's
+/// counters, and the subscriber connection's state and name in Redis.
 async fn plugins(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     Json(serde_json::json!({
         "received": state.router.received(),
         "unrouted": state.router.unrouted(),
         "oversize": state.router.oversize(),
         "source": state.source.status(),
+        "redis_client_name": state.client_name,
         "plugins": state.registry.report(),
         "outputs": state.outputs.report(),
     }))
