@@ -150,10 +150,66 @@ fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
         containers.len() >= 2,
         "an application container beside the sidecar"
     );
-    check_switchyard_container(switchyard_container(pod)?, None)?;
+    let container = switchyard_container(pod)?;
+    let config = check_switchyard_container(container, None)?;
+    for resource in ["cpu", "memory"] {
+        assert!(
+            !container["resources"]["requests"][resource].is_badvalue(),
+            "the sidecar requests {resource}"
+        );
+    }
+    assert!(
+        !container["resources"]["limits"]["memory"].is_badvalue(),
+        "the sidecar has a memory limit"
+    );
+    let grace = Duration::from_secs(
+        pod["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap_or(30)
+            .try_into()?,
+    );
+    let drain = Duration::from_millis(config.plugins.drain_ms);
+    assert!(
+        grace > drain,
+        "grace period {grace:?} must exceed the drain {drain:?}"
+    );
 
+    // Prometheus finds the sidecars: the ServiceMonitor selects the Service, whose port
+    // reaches the container's admin port, and scrapes /metrics there.
+    let services = of_kind(&documents, "Service");
+    assert_eq!(services.len(), 1);
+    let service = services[0];
+    let pod_labels = &deployments[0]["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in service["spec"]["selector"].as_hash().into_iter().flatten() {
+        assert_eq!(
+            &pod_labels[key.as_str().unwrap_or_default()],
+            value,
+            "the Service selects the pods"
+        );
+    }
+    let service_port = service["spec"]["ports"]
+        .as_vec()
+        .and_then(|ports| ports.iter().find(|p| p["name"].as_str() == Some("admin")))
+        .ok_or_else(|| anyhow::anyhow!("the Service has no port named admin"))?;
+    assert!(
+        service_port["targetPort"].as_str() == Some("admin")
+            || service_port["targetPort"].as_i64() == Some(admin_port()),
+        "the Service's admin port targets the container's"
+    );
     let monitors = of_kind(&documents, "ServiceMonitor");
     assert_eq!(monitors.len(), 1);
+    let service_labels = &service["metadata"]["labels"];
+    for (key, value) in monitors[0]["spec"]["selector"]["matchLabels"]
+        .as_hash()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(
+            &service_labels[key.as_str().unwrap_or_default()],
+            value,
+            "the ServiceMonitor selects the Service"
+        );
+    }
     let endpoint = &monitors[0]["spec"]["endpoints"][0];
     assert_eq!(endpoint["port"].as_str(), Some("admin"));
     assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
@@ -182,6 +238,125 @@ fn kubernetes_manifests_match_the_hosts_defaults() -> anyhow::Result<()> {
         }
     }
     assert!(alerts >= 4, "only {alerts} alerts");
+    for (alert, metric) in [
+        ("SwitchyardRedisDisconnected", "switchyard_redis_connected"),
+        ("SwitchyardNoSubscriptions", "switchyard_subscriptions"),
+        ("SwitchyardPluginParked", "switchyard_plugin_parked"),
+        (
+            "SwitchyardSustainedShedding",
+            "switchyard_plugin_messages_total",
+        ),
+    ] {
+        let expr = alert_rules(&documents)
+            .into_iter()
+            .find_map(|(name, expr)| (name == alert).then_some(expr))
+            .ok_or_else(|| anyhow::anyhow!("no {alert} alert"))?;
+        assert!(expr.contains(metric), "{alert} watches {metric}: {expr}");
+    }
+    Ok(())
+}
+
+/// Every alert of the PrometheusRule documents: its name and expression.
+fn alert_rules(documents: &[(String, Yaml)]) -> Vec<(String, String)> {
+    of_kind(documents, "PrometheusRule")
+        .into_iter()
+        .flat_map(|rule| rule["spec"]["groups"].as_vec().into_iter().flatten())
+        .flat_map(|group| group["rules"].as_vec().into_iter().flatten())
+        .map(|rule| {
+            (
+                rule["alert"].as_str().unwrap_or_default().to_owned(),
+                rule["expr"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The metric selectors of a PromQL expression: each `switchyard_*` name with the
+/// `label="value"` equality matchers in the braces after it.
+fn selectors(expr: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut found = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("switchyard_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = tail[..end].to_owned();
+        let mut matchers = Vec::new();
+        let mut after = &tail[end..];
+        if let Some(braces) = after.strip_prefix('{') {
+            let close = braces.find('}').unwrap_or(braces.len());
+            for matcher in braces[..close].split(',') {
+                if let Some((label, value)) = matcher.split_once('=')
+                    && !label.ends_with(['!', '='])
+                    && !value.starts_with('~')
+                {
+                    matchers.push((
+                        label.trim().to_owned(),
+                        value.trim().trim_matches('"').to_owned(),
+                    ));
+                }
+            }
+            after = &braces[close..];
+        }
+        found.push((name, matchers));
+        rest = after;
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_rules_select_series_a_running_host_serves() -> anyhow::Result<()> {
+    // Every selector in the alert rules names a series a real host exposes, with label values
+    // it really uses: a typo (or a counter's name on a gauge) would make an alert that can
+    // never fire.
+    use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost};
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:x", "x").await?;
+    out.take(1, PATIENCE).await?;
+    let text = reqwest::get(format!("http://{}/metrics", host.admin()))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    host.stop().await?;
+
+    // The label values each family can take are those of its series, and those its HELP
+    // text lists for outcomes no message has had yet (shed, failed).
+    let exposed: Vec<(String, String)> = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, _) = line.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            Some((name.to_owned(), labels.trim_end_matches('}').to_owned()))
+        })
+        .collect();
+    let documents = documents_in(&example_dir(""))?;
+    for (alert, expr) in alert_rules(&documents) {
+        for (name, matchers) in selectors(&expr) {
+            let series: Vec<&String> = exposed
+                .iter()
+                .filter(|(exposed_name, _)| *exposed_name == name)
+                .map(|(_, labels)| labels)
+                .collect();
+            assert!(
+                !series.is_empty(),
+                "{alert}: the host serves no series named {name}"
+            );
+            for (label, value) in matchers {
+                let pair = format!("{label}=\"{value}\"");
+                assert!(
+                    series
+                        .iter()
+                        .any(|labels| labels.split(',').any(|l| l == pair)),
+                    "{alert}: no {name} series has {pair}"
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -228,6 +228,103 @@ async fn metrics_move_with_the_traffic() -> anyhow::Result<()> {
     host.stop().await
 }
 
+/// The value of one series in an OpenMetrics text, by its name and labels as printed.
+fn series(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == name_and_labels).then(|| value.parse().ok())?
+    })
+}
+
+async fn scrape(host: &TestHost) -> anyhow::Result<String> {
+    Ok(reqwest::get(format!("http://{}/metrics", host.admin()))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scraped_mid_stream_show_the_backlog_and_counters_moving() -> anyhow::Result<()> {
+    // A plugin that takes a while per message builds a backlog; scrapes taken while it works
+    // through it see the queue depth, and counters that only ever go up until it is done.
+    const MESSAGES: usize = 60;
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(
+        &redis,
+        &[(
+            "faulty",
+            plugins::FAULTY,
+            Some("[grants]\npublish = [\"faults\"]\n[limits]\ndeadline_ms = 5000\n"),
+        )],
+    )
+    .await?;
+    let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    let mut pipe = redis::pipe();
+    for i in 0..MESSAGES {
+        // Every tenth message fails; the others keep the plugin busy for a few milliseconds.
+        let command = if i % 10 == 9 { "error" } else { "spin:10" };
+        pipe.publish("fault:x", command).ignore();
+    }
+    let () = pipe.query_async(&mut connection).await?;
+
+    let handled = r#"switchyard_plugin_messages_total{plugin="faulty",outcome="handled"}"#;
+    let failed = r#"switchyard_plugin_messages_total{plugin="faulty",outcome="failed"}"#;
+    let depth = r#"switchyard_plugin_queue_depth{plugin="faulty"}"#;
+    let received = r#"switchyard_messages_received_total{source="redis"}"#;
+
+    // Mid-stream: everything received, part of it handled, the rest waiting in the queue.
+    let mid = switchyard_tests::eventually(PATIENCE, || async {
+        let text = scrape(&host).await?;
+        let waiting = series(&text, depth).unwrap_or_default();
+        anyhow::ensure!(
+            series(&text, received) == Some(MESSAGES as f64) && waiting > 0.0,
+            "not yet a backlog: {waiting} queued"
+        );
+        Ok(text)
+    })
+    .await?;
+    let mid_done =
+        series(&mid, handled).unwrap_or_default() + series(&mid, failed).unwrap_or_default();
+    assert!(
+        mid_done + series(&mid, depth).unwrap_or_default() <= MESSAGES as f64,
+        "handled, failed and queued never exceed what arrived: {mid}"
+    );
+
+    // Later scrapes never go backwards, and end with every message counted once.
+    let last = std::cell::Cell::new(mid_done);
+    let end = switchyard_tests::eventually(PATIENCE, || async {
+        let text = scrape(&host).await?;
+        let done =
+            series(&text, handled).unwrap_or_default() + series(&text, failed).unwrap_or_default();
+        assert!(
+            done >= last.get(),
+            "counters went backwards: {done} after {}",
+            last.get()
+        );
+        last.set(done);
+        anyhow::ensure!(done == MESSAGES as f64, "{done} of {MESSAGES} so far");
+        Ok(text)
+    })
+    .await?;
+    assert_eq!(
+        series(&end, handled),
+        Some((MESSAGES - MESSAGES / 10) as f64)
+    );
+    assert_eq!(series(&end, failed), Some((MESSAGES / 10) as f64));
+    assert_eq!(series(&end, depth), Some(0.0));
+    assert_eq!(
+        series(
+            &end,
+            r#"switchyard_plugin_handle_seconds_count{plugin="faulty"}"#
+        ),
+        Some(MESSAGES as f64)
+    );
+    replies.take(MESSAGES - MESSAGES / 10, PATIENCE).await?;
+    host.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_and_publishes_reach_redis_in_the_order_the_plugin_made_them() -> anyhow::Result<()> {
     // Each message makes the plugin send and publish alternately; `send` does not wait and
