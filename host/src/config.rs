@@ -930,11 +930,34 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
     ),
 ];
 
+/// Why a `SWITCHYARD_<SECTION>_<KEY>` variable (lower-cased, prefix removed) that names a
+/// section but no key of it is probably a mistake, or `None` when it names no section or is
+/// one of the variables Kubernetes defines for a Service (`SWITCHYARD_ADMIN_PORT`,
+/// `SWITCHYARD_ADMIN_SERVICE_HOST`, `SWITCHYARD_ADMIN_PORT_9090_TCP_ADDR`, ...).
+fn misspelt_env_key(rest: &str) -> Option<String> {
+    let (section, keys) = ENV_KEYS.iter().find(|(section, _)| {
+        rest.strip_prefix(section)
+            .is_some_and(|r| r.starts_with('_'))
+    })?;
+    let key = &rest[section.len() + 1..];
+    let service_link = key == "port" || key.starts_with("port_") || key.starts_with("service_");
+    if service_link {
+        return None;
+    }
+    let known: Vec<&str> = keys.iter().map(|(key, _)| *key).collect();
+    Some(format!(
+        "[{section}] has no key {key:?} that the environment can set (it can set {})",
+        known.join(", ")
+    ))
+}
+
 impl Config {
     /// The configuration from `file` (or the defaults), overridden by the environment `env`:
     /// `REDIS_URL`, or `REDIS_HOST` (and `REDIS_PORT`), as Redis deployments set them, then
-    /// `SWITCHYARD_<SECTION>_<KEY>` for every key of `[redis]`, `[plugins]`, `[admin]` and
-    /// `[invalidation]` (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`). Values of string-typed
+    /// `SWITCHYARD_<SECTION>_<KEY>` for every key of `[redis]`, `[plugins]`, `[admin]`,
+    /// `[invalidation]`, `[streams]` and `[gateway]` (but its `tokens`)
+    /// (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`); a variable naming one of these sections
+    /// but none of its keys is logged as ignored. Values of string-typed
     /// keys are text as they are; the others are read as TOML when they parse as such
     /// (numbers, booleans, arrays) and as text otherwise. Errors never repeat the value of a
     /// secret (`redis.url`, `gateway.hmac_secret`) set this way.
@@ -980,6 +1003,9 @@ impl Config {
                 let (key, kind) = keys.iter().find(|(known, _)| *known == key)?;
                 Some((*section, *key, *kind))
             }) else {
+                if let Some(near) = misspelt_env_key(&rest) {
+                    tracing::warn!("{name} is ignored: {near}");
+                }
                 continue;
             };
             if kind == EnvType::Secret {
@@ -1769,6 +1795,20 @@ outputs = ["email", "audit"]
         std::fs::write(&path, "[outputs.y]\nkind = \"fax\"\n").unwrap();
         let err = Config::load(Some(&path), &[]).unwrap_err().to_string();
         assert!(err.contains("outputs.y.kind"), "{err}");
+    }
+
+    #[test]
+    fn misspelt_environment_keys_are_told_apart_from_service_links() {
+        let near = misspelt_env_key("plugins_deadline").unwrap();
+        assert!(
+            near.contains("[plugins]") && near.contains("deadline_ms"),
+            "{near}"
+        );
+        assert!(misspelt_env_key("admin_port").is_none());
+        assert!(misspelt_env_key("admin_port_9090_tcp_addr").is_none());
+        assert!(misspelt_env_key("admin_service_host").is_none());
+        assert!(misspelt_env_key("token").is_none(), "no section: not ours");
+        assert!(misspelt_env_key("redisish_url").is_none());
     }
 
     #[test]

@@ -258,6 +258,12 @@ async fn cache_invalidator_deletes_keys_and_broadcasts_the_invalidation() -> any
         })
         .await?;
     assert_eq!(entry["stats"]["denied"], 1);
+    assert!(
+        entry["stats"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(r#"no invalidate grant for key "session:9""#)),
+        "the error names the key outside the grant: {entry}"
+    );
     assert!(exists(&redis, "cache:user:7").await?);
     assert!(exists(&redis, "session:9").await?);
     assert!(
@@ -430,6 +436,9 @@ async fn metrics_rollup_keeps_state_and_paces_its_summaries() -> anyhow::Result<
     assert!((web1["cpu"]["mean"].as_f64().unwrap_or_default() - 0.5).abs() < 1e-9);
     assert_eq!(web1["cpu"]["max"], 0.6);
     assert_eq!(web1["memory"]["mean"], 600.0);
+    assert_eq!(web1["memory"]["max"], 700.0);
+    assert_eq!(web1["requests"]["mean"], 200.0);
+    assert_eq!(web1["requests"]["max"], 300.0);
     assert_eq!(web1["requests"]["samples"], 2);
     assert_eq!(last["sources"]["web-2"]["cpu"]["samples"], 1);
     assert!(
