@@ -986,3 +986,86 @@ async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_stay_out_of_logs_and_the_admin_api() -> anyhow::Result<()> {
+    // A webhook with a token in its URL and its headers, unreachable, so that every call
+    // fails and is logged at debug level; then a Redis URL whose password is wrong.
+    let redis = RedisServer::start().await?;
+    let closed = free_port()?;
+    let config = format!(
+        "[plugins]\ndeadline_ms = 2000\n\n{}",
+        notify_router_outputs(&format!(
+            "kind = \"http\"\nurl = \"http://gw:hunter2-user@127.0.0.1:{closed}/send?token=hunter2-query\"\n\
+             headers = {{ Authorization = \"Bearer hunter2-header\" }}\nretries = 1\nbackoff_ms = 10\n"
+        ))
+    );
+    let host = RunningHost::launch(
+        &redis,
+        Launch {
+            plugins: vec![notify_router_plugin()],
+            config: Some(config),
+            flags: vec!["--log-level".into(), "debug".into()],
+        },
+    )
+    .await?;
+    let mut dead = Subscriber::new(&redis, &["notifications:dead"], &[]).await?;
+    redis
+        .publish(
+            "notifications:email",
+            r#"{"to":"a@example.com","subject":"hi"}"#,
+        )
+        .await?;
+    let letter = dead.take(1, PATIENCE).await?;
+    let (_, plugins) = host.get("/plugins").await.unwrap_or_default();
+    let plugins = plugins.to_string();
+    host.signal("-TERM")?;
+    let (code, log) = host.exit().await?;
+    assert_eq!(code, Some(0), "{log}");
+    let letter = letter[0].payload_str();
+    assert!(
+        letter.contains("email"),
+        "the failed call was dead-lettered: {letter}"
+    );
+    for place in [&log, &plugins, &letter] {
+        assert!(!place.contains("hunter2"), "a secret leaked: {place}");
+    }
+
+    // A wrong password: retried and reported, never printed.
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let dir = tempfile::tempdir()?;
+    let url = redis
+        .url()
+        .replacen("redis://", "redis://app:hunter2-redis@", 1);
+    let mut child = switchyard()
+        .args(["run", "--redis", &url, "--admin", &admin, "--plugins"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let started = Instant::now();
+    let readiness = loop {
+        let body = match reqwest::get(format!("http://{admin}/readyz")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if body.contains("last_error") && !body.contains("\"last_error\":null") {
+            break body;
+        }
+        anyhow::ensure!(started.elapsed() < PATIENCE, "no error reported: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let pid = child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let output = tokio::time::timeout(PATIENCE, child.wait_with_output()).await??;
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        readiness.contains("WRONGPASS") || readiness.contains("AuthenticationFailed"),
+        "the refused password is reported: {readiness}"
+    );
+    assert!(!readiness.contains("hunter2"), "{readiness}");
+    assert!(!log.contains("hunter2"), "{log}");
+    Ok(())
+}
