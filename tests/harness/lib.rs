@@ -62,6 +62,23 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// The manifest `forward` ships with: its publish grant.
 pub const FORWARD_MANIFEST: &str = include_str!("../../plugins/forward/forward.toml");
 
+/// The manifest `notify-router` ships with: its grants.
+pub const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
+
+/// What `notify-router` needs: an `email` output, an `http` webhook at `url` with the extra
+/// `settings` (TOML lines), and `sms` and `push` on standard output.
+pub fn notify_router_outputs(url: &str, settings: &str) -> String {
+    format!(
+        "[outputs.email]\nkind = \"http\"\nurl = \"{url}\"\n{settings}\n\
+         [outputs.sms]\nkind = \"stdout\"\n[outputs.push]\nkind = \"stdout\"\n"
+    )
+}
+
+/// `notify-router`'s manifest with a `deadline_ms` long enough for its output calls.
+pub fn notify_manifest_with_deadline(deadline_ms: u64) -> String {
+    format!("{NOTIFY_MANIFEST}\n[limits]\ndeadline_ms = {deadline_ms}\n")
+}
+
 /// Sends the host's logs to the test output (shown for failing tests), once per process.
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()

@@ -691,7 +691,10 @@ async fn a_host_started_while_redis_is_down_waits_for_it() -> anyhow::Result<()>
 async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyhow::Result<()> {
     const QUEUED: u64 = 30;
     let mut redis = RedisServer::start().await?;
-    let host = TestHost::start(&redis, &[("faulty", plugins::FAULTY, Some(FAULTY))]).await?;
+    // A deadline far longer than anything here should take: a publish that waited for Redis
+    // would end with the deadline's error, not Redis's.
+    let manifest = format!("{FAULTY}[limits]\ndeadline_ms = 5000\n");
+    let host = TestHost::start(&redis, &[("faulty", plugins::FAULTY, Some(&manifest))]).await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
 
     // Each message computes for a while before publishing its answer.
@@ -713,11 +716,14 @@ async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyho
         })
         .await?;
     assert!(stat(&entry, "failed") > 0, "{entry}");
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
     assert!(
-        entry["stats"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("unavailable")),
-        "{entry}"
+        error.starts_with("unavailable: Redis"),
+        "the plugin was not told Redis is unavailable: {entry}"
+    );
+    assert!(
+        !error.contains("deadline"),
+        "the publish waited for its deadline: {entry}"
     );
 
     // Once Redis is back, the plugin's publishes go through again.

@@ -11,9 +11,9 @@ use switchyard_tests::polyglot::{
     NOTIFY_ROUTER_BUILDS, build_plugin, exclusive_build, run_build, target_dir, workspace_root,
 };
 use switchyard_tests::webhook::Webhook;
-use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, compile_cache_dir, plugins};
-
-const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
+use switchyard_tests::{
+    NOTIFY_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, compile_cache_dir, plugins,
+};
 
 /// Every build of notify-router, as (language, component).
 fn notify_router_builds() -> anyhow::Result<Vec<(&'static str, PathBuf)>> {

@@ -10,10 +10,10 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use switchyard_tests::webhook::{Answer, Webhook};
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, eventually, plugins,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, eventually,
+    notify_manifest_with_deadline, notify_router_outputs, plugins,
 };
 
-const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
 const CACHE_MANIFEST: &str = include_str!("../../plugins/cache-invalidator/cache-invalidator.toml");
 
 /// The probe's manifest: may publish its results and call `outputs`, with a deadline roomy
@@ -355,12 +355,8 @@ async fn a_slow_webhook_ends_in_a_timeout_the_plugin_handles_while_other_plugins
     let redis = RedisServer::start().await?;
     // Far slower than the plugin's deadline, and than the attempt's own timeout.
     let gateway = Webhook::slow(Duration::from_secs(60)).await?;
-    let config = format!(
-        "[outputs.email]\nkind = \"http\"\nurl = \"{}\"\ntimeout_ms = 30000\n\
-         [outputs.sms]\nkind = \"stdout\"\n[outputs.push]\nkind = \"stdout\"\n",
-        gateway.url("/email")
-    );
-    let manifest = format!("{NOTIFY_MANIFEST}\n[limits]\ndeadline_ms = 1500\n");
+    let config = notify_router_outputs(&gateway.url("/email"), "timeout_ms = 30000");
+    let manifest = notify_manifest_with_deadline(1500);
     let host = TestHost::start_configured(
         &redis,
         &config,
@@ -438,12 +434,8 @@ async fn notify_router_dead_letters_the_last_5xx_reply_with_its_status() -> anyh
         ..Answer::default()
     })
     .await?;
-    let config = format!(
-        "[outputs.email]\nkind = \"http\"\nurl = \"{}\"\nretries = 1\nbackoff_ms = 10\n\
-         [outputs.sms]\nkind = \"stdout\"\n[outputs.push]\nkind = \"stdout\"\n",
-        gateway.url("/email")
-    );
-    let manifest = format!("{NOTIFY_MANIFEST}\n[limits]\ndeadline_ms = 5000\n");
+    let config = notify_router_outputs(&gateway.url("/email"), "retries = 1\nbackoff_ms = 10");
+    let manifest = notify_manifest_with_deadline(5000);
     let host = TestHost::start_configured(
         &redis,
         &config,

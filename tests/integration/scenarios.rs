@@ -8,11 +8,10 @@ use anyhow::bail;
 use serde_json::{Value, json};
 use switchyard_tests::webhook::Webhook;
 use switchyard_tests::{
-    PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, echo_manifest, eventually,
-    plugins,
+    NOTIFY_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, echo_manifest,
+    eventually, notify_manifest_with_deadline, notify_router_outputs, plugins,
 };
 
-const NOTIFY_MANIFEST: &str = include_str!("../../plugins/notify-router/notify-router.toml");
 const CHAT_MANIFEST: &str = include_str!("../../plugins/chat-moderator/chat-moderator.toml");
 const CACHE_MANIFEST: &str = include_str!("../../plugins/cache-invalidator/cache-invalidator.toml");
 
@@ -144,12 +143,8 @@ channel = "push:outbox"
 async fn webhook_5xx_answers_are_retried_with_backoff() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let gateway = Webhook::failing_first(2).await?;
-    let config = format!(
-        "[outputs.email]\nkind = \"http\"\nurl = \"{}\"\nretries = 3\nbackoff_ms = 20\n\
-         [outputs.sms]\nkind = \"stdout\"\n[outputs.push]\nkind = \"stdout\"\n",
-        gateway.url("/email")
-    );
-    let manifest = format!("{NOTIFY_MANIFEST}\n[limits]\ndeadline_ms = 5000\n");
+    let config = notify_router_outputs(&gateway.url("/email"), "retries = 3\nbackoff_ms = 20");
+    let manifest = notify_manifest_with_deadline(5000);
     let host = TestHost::start_configured(
         &redis,
         &config,
