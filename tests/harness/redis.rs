@@ -230,6 +230,26 @@ impl RedisServer {
             .await
             .with_context(|| format!("PUBLISH to redis-server on port {}", self.port))
     }
+
+    /// Publishes every `(channel, payload)` in order, as one pipeline: they reach the server
+    /// back to back, faster than any plugin handles them.
+    pub async fn publish_all<C, P>(
+        &self,
+        messages: impl IntoIterator<Item = (C, P)>,
+    ) -> anyhow::Result<()>
+    where
+        C: redis::ToSingleRedisArg,
+        P: redis::ToSingleRedisArg,
+    {
+        let mut connection = self.connection().await?;
+        let mut pipe = redis::pipe();
+        for (channel, payload) in messages {
+            pipe.publish(channel, payload).ignore();
+        }
+        pipe.query_async::<()>(&mut connection)
+            .await
+            .with_context(|| format!("PUBLISH pipeline to redis-server on port {}", self.port))
+    }
 }
 
 impl Drop for RedisServer {

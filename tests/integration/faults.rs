@@ -318,14 +318,12 @@ async fn one_stuck_plugin_does_not_slow_another() -> anyhow::Result<()> {
 
     // faulty's first message holds it inside its call until the test lets it go; the other
     // N - 1 queue up behind it. forward's N messages are interleaved with them.
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for i in 0..N {
-        pipe.publish("fault:x", if i == 0 { "hold:gate" } else { "ok" })
-            .ignore();
-        pipe.publish("fwd:x", i.to_string()).ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..N).flat_map(|i| {
+            let fault = if i == 0 { "hold:gate" } else { "ok" };
+            [("fault:x", fault.to_owned()), ("fwd:x", i.to_string())]
+        }))
+        .await?;
 
     let got = forwarded.take(N, PATIENCE).await?;
     for (i, message) in got.iter().enumerate() {
@@ -698,12 +696,9 @@ async fn publishing_during_an_outage_fails_fast_and_recovers_after_it() -> anyho
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
 
     // Each message computes for a while before publishing its answer.
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for _ in 0..QUEUED {
-        pipe.publish("fault:x", "spin:20").ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..QUEUED).map(|_| ("fault:x", "spin:20")))
+        .await?;
     replies.take(1, PATIENCE).await?;
     redis.kill().await;
 

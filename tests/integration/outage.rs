@@ -212,12 +212,9 @@ async fn publishing_into_a_silent_network_ends_within_the_deadline() -> anyhow::
     host.wait_ready().await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
 
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for _ in 0..QUEUED {
-        pipe.publish("fault:x", "spin:20").ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..QUEUED).map(|_| ("fault:x", "spin:20")))
+        .await?;
     replies.take(1, PATIENCE).await?;
     proxy.blackhole();
 

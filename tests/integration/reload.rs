@@ -384,12 +384,9 @@ async fn removed_plugin_handles_its_backlog_once_and_nothing_after() -> anyhow::
     .await?;
     let mut slow_out = Subscriber::new(&redis, &["slow-out"], &[]).await?;
     let mut fast_out = Subscriber::new(&redis, &["fast-out"], &[]).await?;
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for i in 0..BACKLOG {
-        pipe.publish("q:1", format!("before:{i}")).ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..BACKLOG).map(|i| ("q:1", format!("before:{i}"))))
+        .await?;
     host.wait_plugin("slow", "holding the backlog", |p| {
         p["stats"]["accepted"] == BACKLOG
     })
@@ -414,11 +411,9 @@ async fn removed_plugin_handles_its_backlog_once_and_nothing_after() -> anyhow::
         }
     })
     .await?;
-    let mut pipe = redis::pipe();
-    for i in 0..AFTER {
-        pipe.publish("q:1", format!("after:{i}")).ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..AFTER).map(|i| ("q:1", format!("after:{i}"))))
+        .await?;
 
     // It stays listed while it drains, and leaves once done.
     let last_seen = std::cell::RefCell::new(draining);

@@ -126,13 +126,9 @@ async fn a_plugin_sees_messages_in_publish_order_and_keeps_its_state() -> anyhow
     let host = TestHost::start(&redis, &[("echo", plugins::ECHO, Some(&manifest))]).await?;
     let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
 
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for i in 0..N {
-        pipe.publish(format!("seq:{}", i % 7), i.to_string())
-            .ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..N).map(|i| (format!("seq:{}", i % 7), i.to_string())))
+        .await?;
 
     let got = reports(&seen.take(N, PATIENCE).await?);
     for (i, report) in got.iter().enumerate() {
@@ -260,14 +256,12 @@ async fn metrics_scraped_mid_stream_show_the_backlog_and_counters_moving() -> an
     )
     .await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for i in 0..MESSAGES {
-        // Every tenth message fails; the others keep the plugin busy for a few milliseconds.
-        let command = if i % 10 == 9 { "error" } else { "spin:10" };
-        pipe.publish("fault:x", command).ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    // Every tenth message fails; the others keep the plugin busy for a few milliseconds.
+    redis
+        .publish_all(
+            (0..MESSAGES).map(|i| ("fault:x", if i % 10 == 9 { "error" } else { "spin:10" })),
+        )
+        .await?;
 
     let handled = r#"switchyard_plugin_messages_total{plugin="faulty",outcome="handled"}"#;
     let failed = r#"switchyard_plugin_messages_total{plugin="faulty",outcome="failed"}"#;
@@ -342,13 +336,9 @@ async fn sends_and_publishes_reach_redis_in_the_order_the_plugin_made_them() -> 
     )
     .await?;
     let mut replies = Subscriber::new(&redis, &["faults"], &[]).await?;
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for _ in 0..MESSAGES {
-        pipe.publish("fault:x", format!("mixed:{PER_MESSAGE}"))
-            .ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    redis
+        .publish_all((0..MESSAGES).map(|_| ("fault:x", format!("mixed:{PER_MESSAGE}"))))
+        .await?;
 
     let got = replies.take(MESSAGES * (PER_MESSAGE + 1), PATIENCE).await?;
     let mut expected = Vec::new();
