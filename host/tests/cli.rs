@@ -1037,7 +1037,7 @@ async fn secrets_stay_out_of_logs_and_the_admin_api() -> anyhow::Result<()> {
     let url = redis
         .url()
         .replacen("redis://", "redis://app:hunter2-redis@", 1);
-    let mut child = switchyard()
+    let child = switchyard()
         .args(["run", "--redis", &url, "--admin", &admin, "--plugins"])
         .arg(dir.path())
         .stdout(Stdio::null())

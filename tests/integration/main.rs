@@ -4,6 +4,7 @@
 
 mod browser;
 mod cluster;
+mod concurrency;
 mod faults;
 mod gateway;
 mod glob_differential;

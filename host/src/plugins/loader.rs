@@ -25,11 +25,11 @@ use crate::effects::loop_guard::LoopGuard;
 use crate::effects::rate::TokenBucket;
 use crate::router::is_reserved;
 use crate::source::Subscription;
-use crate::worker::PluginStats;
 use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
 use crate::worker::engine::Runtime;
 use crate::worker::instance::{CallError, Instance};
 use crate::worker::state::PluginContext;
+use crate::worker::{MAX_CONCURRENCY, PluginStats};
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
@@ -303,6 +303,7 @@ impl Loader {
             pre: pre.clone(),
             description: Description::default(),
             stream: Arc::default(),
+            concurrency: 1,
             path: path.clone(),
             size,
             manifest_hash,
@@ -329,6 +330,7 @@ impl Loader {
             pre,
             description,
             stream: Arc::new(self.streams.settings_for(name.as_str(), &manifest.stream)),
+            concurrency: manifest.limits.concurrency.unwrap_or(1),
             path,
             size,
             manifest_hash,
@@ -366,6 +368,13 @@ impl Loader {
         }
         if manifest.limits.deadline_ms == Some(0) {
             problems.push("limits.deadline_ms must be at least 1".to_owned());
+        }
+        if let Some(workers) = manifest.limits.concurrency
+            && !(1..=MAX_CONCURRENCY).contains(&workers)
+        {
+            problems.push(format!(
+                "limits.concurrency must be between 1 and {MAX_CONCURRENCY}, got {workers}"
+            ));
         }
         if let Some(mib) = manifest.limits.memory_mib
             && !(1..=MAX_MEMORY_MIB).contains(&mib)

@@ -18,7 +18,8 @@
 //!
 //! [limits]              # overrides the host's defaults for this plugin
 //! deadline_ms = 2000
-//! memory_mib = 32
+//! memory_mib = 32      # per instance
+//! concurrency = 4       # workers, each with its own instance; order is no longer kept
 //!
 //! [config]              # values the plugin reads with `config(key)`
 //! limit = 280
@@ -79,8 +80,15 @@ pub struct LimitsOverride {
     /// Wall-clock limit of one call, in milliseconds.
     pub deadline_ms: Option<u64>,
     /// Linear-memory cap, in MiB: for all the plugin's linear memories together (a
-    /// component may have several), not for each.
+    /// component may have several), not for each. With `concurrency` above 1 each worker's
+    /// instance has this cap.
     pub memory_mib: Option<u64>,
+    /// Workers handling the plugin's messages at once, from 1 (the default: one instance,
+    /// messages in the order Redis delivered them) to
+    /// [`MAX_CONCURRENCY`](crate::worker::MAX_CONCURRENCY). Each worker has its own instance,
+    /// so state a plugin keeps between messages is per worker, and messages are handled in no
+    /// particular order.
+    pub concurrency: Option<usize>,
 }
 
 /// A plugin's settings as its `config` import returns them: text, whatever the TOML type.
@@ -163,5 +171,15 @@ mod tests {
             err.contains("dir/p.toml") && err.contains("grants"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn concurrency_is_a_limit_and_absent_by_default() {
+        let manifest = Manifest::parse("[limits]\nconcurrency = 4\n", Path::new("p.toml")).unwrap();
+        assert_eq!(manifest.limits.concurrency, Some(4));
+        let manifest = Manifest::parse("", Path::new("p.toml")).unwrap();
+        assert_eq!(manifest.limits.concurrency, None);
+        let err = Manifest::parse("[limits]\nconcurrency = -1\n", Path::new("p.toml")).unwrap_err();
+        assert!(err.contains("concurrency"), "{err}");
     }
 }

@@ -1,7 +1,7 @@
 //! Plugins: the folder is the source of truth.
 //!
 //! The [`Registry`] keeps one slot per `NAME.wasm` in the plugins folder: its current version,
-//! its queue and its worker. [`Registry::reconcile`] compares the folder with the slots and
+//! its queue and its workers. [`Registry::reconcile`] compares the folder with the slots and
 //! makes them agree: new files are loaded, changed ones reloaded (and swapped in atomically
 //! only if the new version passes every check), removed ones unloaded after their queue
 //! drains. The [`watcher`] calls it whenever the folder changes; events only say "look
@@ -20,8 +20,8 @@
 //! # Removal
 //!
 //! A removed file's plugin leaves the routing table first; then its queue is closed and its
-//! worker handles what was already queued. Meanwhile `/plugins` lists it as draining; it
-//! leaves the list when its worker is done.
+//! workers handle what was already queued. Meanwhile `/plugins` lists it as draining; it
+//! leaves the list when all its workers are done.
 
 pub mod compile_cache;
 pub mod loader;
@@ -47,7 +47,7 @@ use crate::worker::bindings::PluginPre;
 use crate::worker::breaker::BreakerPolicy;
 use crate::worker::queue::WhenFull;
 use crate::worker::state::{HostState, PluginContext};
-use crate::worker::{self, Inbox, PluginStats, StatsSnapshot};
+use crate::worker::{self, Inbox, PluginStats, StatsSnapshot, Workers};
 use crate::{ContentHash, PluginName};
 use loader::{LoadError, Loaded, Loader};
 
@@ -126,6 +126,9 @@ pub struct LoadedPlugin {
     pub description: Description,
     /// How its streams are read.
     pub stream: Arc<StreamSettings>,
+    /// How many workers handle its messages at once (`limits.concurrency`; 1 keeps them in
+    /// order).
+    pub concurrency: usize,
     /// The file it came from.
     pub path: PathBuf,
     /// The file's size in bytes.
@@ -192,7 +195,7 @@ struct Slot {
     current: Arc<ArcSwap<LoadedPlugin>>,
     inbox: Inbox,
     stats: Arc<PluginStats>,
-    worker: std::thread::JoinHandle<()>,
+    workers: Workers,
     fingerprint: Fingerprint,
     reloads: u64,
     /// New files rejected while this plugin ran.
@@ -432,7 +435,7 @@ impl Registry {
         }
         self.lock()
             .retired
-            .retain(|(_, slot)| !slot.worker.is_finished());
+            .retain(|(_, slot)| !slot.workers.is_finished());
         self.scanned.store(true, Ordering::Release);
         Ok(changes)
     }
@@ -464,6 +467,14 @@ impl Registry {
                 );
                 if let Some(slot) = inner.slots.get_mut(&name) {
                     slot.current.store(version);
+                    // The new version may want more or fewer workers than the old one.
+                    if let Err(e) = slot.workers.staff() {
+                        tracing::error!(
+                            plugin = %name,
+                            running = slot.workers.count(),
+                            "cannot start more workers: {e}"
+                        );
+                    }
                     slot.fingerprint = fingerprint;
                     slot.reloads += 1;
                     slot.load_error = None;
@@ -477,7 +488,7 @@ impl Registry {
                         stats.clone(),
                     );
                     let current = Arc::new(ArcSwap::new(version));
-                    let worker = worker::spawn(
+                    let workers = worker::spawn(
                         name.clone(),
                         current.clone(),
                         &inbox,
@@ -490,7 +501,7 @@ impl Registry {
                             current,
                             inbox,
                             stats,
-                            worker,
+                            workers,
                             fingerprint,
                             reloads: 0,
                             rejects: 0,
@@ -564,7 +575,7 @@ impl Registry {
                 .into_iter()
                 .map(|(_, slot)| slot)
                 .chain(slots.into_values())
-                .map(|slot| (slot.inbox, slot.worker))
+                .map(|slot| (slot.inbox, slot.workers))
                 .collect()
         };
         if let Err(e) = self
@@ -578,8 +589,8 @@ impl Registry {
             inbox.close();
         }
         let join = tokio::task::spawn_blocking(move || {
-            for (_, worker) in workers {
-                let _ = worker.join();
+            for (_, workers) in workers {
+                workers.join();
             }
         });
         tokio::time::timeout(deadline, join).await.is_ok()
@@ -682,7 +693,7 @@ impl Inner {
             .retired
             .iter()
             .filter(|(name, slot)| {
-                !slot.worker.is_finished()
+                !slot.workers.is_finished()
                     && !self.slots.contains_key(name)
                     && !self.failed.contains_key(name)
             })
@@ -714,6 +725,7 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
             grants: current.grants.config().clone(),
             requested: description.requested.clone(),
             settings: current.settings.keys().map(str::to_owned).collect(),
+            concurrency: current.concurrency,
         }),
         stats: Some(slot.stats.snapshot()),
         queue_depth: slot.inbox.depth(),
@@ -845,6 +857,9 @@ pub struct VersionReport {
     /// The names of its settings. Values are never reported: they may hold tokens or
     /// passwords, and the operator who wrote them has the manifest.
     pub settings: Vec<String>,
+    /// How many workers handle its messages at once, each with its own instance
+    /// (`limits.concurrency`; 1, the default, keeps them in order).
+    pub concurrency: usize,
 }
 
 impl Registry {

@@ -6,6 +6,11 @@
 //! success closes the breaker and resets the back-off, a failure parks the plugin again for
 //! twice as long (up to [`MAX_BACKOFF`]). A new version of the plugin starts with a closed
 //! breaker.
+//!
+//! A plugin with several workers has one breaker for all of them (the K of M are the
+//! plugin's messages). Calls already running when it trips finish, and their outcomes are
+//! not counted while it is parked; after the back-off every worker's next message goes
+//! through, and the first outcome recorded is the trial's.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -62,6 +67,11 @@ impl Breaker {
 
     /// Records a message's outcome; returns the parking period if the breaker tripped.
     pub fn record(&mut self, ok: bool, now: Instant) -> Option<Duration> {
+        if self.parked_until.is_some_and(|until| now < until) {
+            // A call that started before another worker's outcome parked the plugin: the
+            // park already answered for it.
+            return None;
+        }
         if self.trial {
             self.trial = false;
             if ok {
@@ -147,5 +157,22 @@ mod tests {
             !b.parked(much_later + Duration::from_secs(1)),
             "back to the first back-off"
         );
+    }
+
+    #[test]
+    fn outcomes_recorded_while_parked_do_not_count() {
+        let mut b = breaker();
+        let t = Instant::now();
+        for _ in 0..3 {
+            b.record(false, t);
+        }
+        // Calls that were running on other workers when it tripped.
+        for _ in 0..5 {
+            assert_eq!(b.record(false, t + Duration::from_millis(10)), None);
+        }
+        let later = t + Duration::from_secs(1);
+        assert!(!b.parked(later));
+        assert_eq!(b.record(true, later), None, "the trial closes it");
+        assert!(!b.parked(later));
     }
 }

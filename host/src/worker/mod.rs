@@ -1,24 +1,30 @@
 //! Workers: where Wasm runs.
 //!
-//! Each plugin has one bounded queue and one worker thread that owns a long-lived `Store` and
-//! instance, so plugin state survives between messages and no message pays for an
-//! instantiation. The worker takes messages in queue order (FIFO per plugin), runs `handle`
-//! under the plugin's deadline and memory cap, and rebuilds the instance after a trap.
+//! Each plugin has one bounded queue and, by default, one worker thread that owns a
+//! long-lived `Store` and instance, so plugin state survives between messages and no message
+//! pays for an instantiation. The worker takes messages in queue order (FIFO per plugin), runs
+//! `handle` under the plugin's deadline and memory cap, and rebuilds the instance after a
+//! trap.
+//!
+//! A plugin whose manifest sets `limits.concurrency = N` gets N worker threads ([`Workers`]),
+//! all taking from its one queue, each with its own instance: per-instance state is not
+//! shared between them, the memory cap applies to each instance, and messages are no longer
+//! handled in order. Its circuit breaker is still one for the plugin.
 //!
 //! Workers are OS threads, not tokio tasks: a call may run until its deadline, and it must not
 //! hold a reactor thread while it does. Host imports that wait (publish) block this thread on
 //! the runtime, bounded by the same deadline.
 //!
-//! Hot reload: before each message the worker checks which version of its plugin is current
+//! Hot reload: before each message a worker checks which version of its plugin is current
 //! and, if it changed, instantiates the new one. A message is handled once, by whichever
-//! version is current when its turn comes; the call in flight during a swap finishes on the
-//! old version. When the plugin is removed its [`queue`] is closed; the worker finishes what
-//! is queued and exits.
+//! version is current when a worker takes it; a call in flight during a swap finishes on the
+//! old version. When the plugin is removed its [`queue`] is closed; the workers finish what
+//! is queued and exit.
 //!
 //! Containment: a trap (a panic, the deadline, the memory cap) fails that message only and
-//! the next one gets a fresh instance; a plugin that keeps failing is parked by its
-//! [`breaker`]. Every message the router offers ends up handled, failed or shed, and failures
-//! and sheds are counted by a fixed set of reasons ([`outcome`]).
+//! that worker's next message gets a fresh instance; a plugin that keeps failing is parked by
+//! its [`breaker`]. Every message the router offers ends up handled, failed or shed, and
+//! failures and sheds are counted by a fixed set of reasons ([`outcome`]).
 
 #[allow(missing_docs)]
 pub mod bindings;
@@ -29,9 +35,9 @@ pub mod outcome;
 pub mod queue;
 pub mod state;
 
-use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -77,7 +83,7 @@ impl Default for HandleTimes {
     }
 }
 
-/// Counters of one plugin, shared by the router (accepted, shed) and its worker.
+/// Counters of one plugin, shared by the router (accepted, shed) and its workers.
 #[derive(Debug, Default)]
 pub struct PluginStats {
     /// Duration of every `handle` call.
@@ -376,52 +382,231 @@ impl Inbox {
         self.queue.try_pop()
     }
 
-    /// Stops accepting messages; the worker drains the rest and exits.
+    /// Stops accepting messages; the workers drain the rest and exit.
     pub fn close(&self) {
         self.queue.close();
     }
 }
 
-/// Starts the worker thread of `plugin`, which runs whichever version `current` holds.
+/// The most workers a plugin may ask for (`limits.concurrency`): each holds its own
+/// instance, up to the plugin's memory cap, and its own OS thread, so the cap bounds what one
+/// manifest can take from the host.
+pub const MAX_CONCURRENCY: usize = 64;
+
+/// The worker threads of one plugin, held by the registry.
+///
+/// As many threads as the current version's `concurrency` take from the plugin's one queue.
+/// When a new version wants fewer, the surplus threads finish the call they are in and stop
+/// before taking another message; when it wants more, [`Workers::staff`] starts them.
+pub struct Workers {
+    plugin: PluginName,
+    current: Arc<ArcSwap<LoadedPlugin>>,
+    queue: Arc<Queue>,
+    stats: Arc<PluginStats>,
+    engine: wasmtime::Engine,
+    policy: BreakerPolicy,
+    crew: Arc<Crew>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Threads started so far, to name the next one.
+    started: usize,
+}
+
+/// What a plugin's workers share.
+#[derive(Debug)]
+struct Crew {
+    roster: Mutex<Roster>,
+    /// `running - wanted` when positive, mirrored out of `roster` so that a worker's check
+    /// before each message is one atomic load, not a lock.
+    surplus: AtomicUsize,
+    /// The plugin's breaker while its version has several workers.
+    breaker: Mutex<SharedBreaker>,
+}
+
+#[derive(Debug, Default)]
+struct Roster {
+    /// Workers the current version asks for.
+    wanted: usize,
+    /// Workers that have not decided to stop for being surplus.
+    running: usize,
+}
+
+#[derive(Debug)]
+struct SharedBreaker {
+    /// The version its record is about; a new one starts with a closed breaker.
+    version: Weak<LoadedPlugin>,
+    breaker: Breaker,
+}
+
+impl Crew {
+    fn set_surplus(&self, roster: &Roster) {
+        self.surplus.store(
+            roster.running.saturating_sub(roster.wanted),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether the calling worker is surplus; if so, it is counted out and must stop.
+    fn leaving(&self) -> bool {
+        if self.surplus.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut roster = self.roster.lock().unwrap_or_else(|e| e.into_inner());
+        if roster.running <= roster.wanted {
+            return false;
+        }
+        roster.running -= 1;
+        self.set_surplus(&roster);
+        true
+    }
+}
+
+/// Starts the workers of `plugin`, which run whichever version `current` holds: as many as
+/// that version's `concurrency`.
 pub fn spawn(
     plugin: PluginName,
     current: Arc<ArcSwap<LoadedPlugin>>,
     inbox: &Inbox,
     breaker: BreakerPolicy,
     engine: wasmtime::Engine,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let queue = inbox.queue.clone();
-    let stats = inbox.stats.clone();
-    std::thread::Builder::new()
-        .name(format!("plugin-{plugin}"))
-        .spawn(move || {
-            Worker {
-                plugin,
-                current,
-                stats,
-                engine,
+) -> std::io::Result<Workers> {
+    let mut workers = Workers {
+        plugin,
+        current,
+        queue: inbox.queue.clone(),
+        stats: inbox.stats.clone(),
+        engine,
+        policy: breaker,
+        crew: Arc::new(Crew {
+            roster: Mutex::new(Roster::default()),
+            surplus: AtomicUsize::new(0),
+            breaker: Mutex::new(SharedBreaker {
+                version: Weak::new(),
                 breaker: Breaker::new(breaker),
-                live: None,
-                version: None,
+            }),
+        }),
+        threads: Vec::new(),
+        started: 0,
+    };
+    workers.staff()?;
+    Ok(workers)
+}
+
+impl Workers {
+    /// Matches the number of threads to the current version's `concurrency`: starts the
+    /// missing ones, or tells the surplus to stop after their call in progress. Call it after
+    /// every swap of the version.
+    pub fn staff(&mut self) -> std::io::Result<()> {
+        let wanted = self.current.load().concurrency.clamp(1, MAX_CONCURRENCY);
+        self.threads.retain(|thread| !thread.is_finished());
+        let mut result = Ok(());
+        let crew = self.crew.clone();
+        let surplus = {
+            let mut roster = crew.roster.lock().unwrap_or_else(|e| e.into_inner());
+            roster.wanted = wanted;
+            while roster.running < roster.wanted {
+                match self.start_one() {
+                    Ok(thread) => {
+                        self.threads.push(thread);
+                        roster.running += 1;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
-            .run(&queue)
-        })
+            crew.set_surplus(&roster);
+            roster.running > roster.wanted
+        };
+        if surplus {
+            // Idle surplus workers sleep in the queue: wake them to leave.
+            self.queue.wake_all();
+        }
+        result
+    }
+
+    fn start_one(&mut self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let name = match self.started {
+            0 => format!("plugin-{}", self.plugin),
+            n => format!("plugin-{}#{n}", self.plugin),
+        };
+        let worker = Worker {
+            plugin: self.plugin.clone(),
+            current: self.current.clone(),
+            queue: self.queue.clone(),
+            stats: self.stats.clone(),
+            engine: self.engine.clone(),
+            crew: self.crew.clone(),
+            seat: Seat::Own(Breaker::new(self.policy)),
+            policy: self.policy,
+            live: None,
+            version: None,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker.run())?;
+        self.started += 1;
+        Ok(thread)
+    }
+
+    /// Whether every thread has stopped (after the queue was closed and drained).
+    pub fn is_finished(&self) -> bool {
+        self.threads
+            .iter()
+            .all(std::thread::JoinHandle::is_finished)
+    }
+
+    /// Threads taking messages now (surplus ones that are still finishing a call included).
+    pub fn count(&self) -> usize {
+        self.threads.iter().filter(|t| !t.is_finished()).count()
+    }
+
+    /// Waits for every thread to stop. Close the queue first.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where a worker keeps its breaker record: its own when its version has one worker (no
+/// lock on the path of an ordered plugin), the plugin's shared one otherwise.
+enum Seat {
+    Own(Breaker),
+    Shared(Arc<Crew>),
+}
+
+impl Seat {
+    fn with<T>(&mut self, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        match self {
+            Seat::Own(breaker) => f(breaker),
+            Seat::Shared(crew) => f(&mut crew
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .breaker),
+        }
+    }
 }
 
 struct Worker {
     plugin: PluginName,
     current: Arc<ArcSwap<LoadedPlugin>>,
+    queue: Arc<Queue>,
     stats: Arc<PluginStats>,
     engine: wasmtime::Engine,
-    breaker: Breaker,
+    crew: Arc<Crew>,
+    seat: Seat,
+    policy: BreakerPolicy,
     live: Option<Instance>,
     /// The version the breaker's record is about.
     version: Option<Arc<LoadedPlugin>>,
 }
 
 impl Worker {
-    fn run(mut self, queue: &Queue) {
-        while let Some(mut envelope) = queue.pop() {
+    fn run(mut self) {
+        let (queue, crew) = (self.queue.clone(), self.crew.clone());
+        while let Some(mut envelope) = queue.pop_unless(|| crew.leaving()) {
             // A stream entry's ticket reports the outcome; dropped unfinished (the plugin
             // parked), it reports the entry as not handled.
             let ticket = envelope.entry.as_mut().map(|e| e.ticket.take());
@@ -433,31 +618,62 @@ impl Worker {
             {
                 // A new version gets a fresh start, and its own instance; the old store is
                 // dropped first so that its memory goes before the new one's arrives.
-                self.breaker.reset();
-                self.stats.parked_until_ms.store(0, Ordering::Relaxed);
                 self.live = None;
+                self.take_seat(&version);
                 self.version = Some(version.clone());
             }
             let now = Instant::now();
-            if self.breaker.parked(now) {
+            let stats = &self.stats;
+            let parked = self.seat.with(|breaker| {
+                let parked = breaker.parked(now);
+                if !parked {
+                    stats.parked_until_ms.store(0, Ordering::Relaxed);
+                }
+                parked
+            });
+            if parked {
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                 self.stats.record_shed(&self.plugin, ShedReason::Parked, "");
                 continue;
             }
-            self.stats.parked_until_ms.store(0, Ordering::Relaxed);
             let (outcome, finished) = self.handle(&version, envelope, now);
             let ok = outcome.is_ok();
             if let Some(ticket) = ticket {
                 ticket.finish(outcome, &version.hash);
             }
-            if let Some(backoff) = self.breaker.record(ok, finished) {
-                self.stats.parks.fetch_add(1, Ordering::Relaxed);
-                let until = millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
-                self.stats.parked_until_ms.store(until, Ordering::Relaxed);
-                tracing::error!(plugin = %self.plugin, ?backoff, "plugin keeps failing; parked");
+            let (stats, plugin) = (&self.stats, &self.plugin);
+            self.seat.with(|breaker| {
+                if let Some(backoff) = breaker.record(ok, finished) {
+                    stats.parks.fetch_add(1, Ordering::Relaxed);
+                    let until =
+                        millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+                    stats.parked_until_ms.store(until, Ordering::Relaxed);
+                    tracing::error!(%plugin, ?backoff, "plugin keeps failing; parked");
+                }
+            });
+        }
+        tracing::debug!(plugin = %self.plugin, "worker done (queue closed and drained, or surplus)");
+    }
+
+    /// Picks where the breaker record of `version` lives, closing the breaker for a version
+    /// seen for the first time.
+    fn take_seat(&mut self, version: &Arc<LoadedPlugin>) {
+        if version.concurrency <= 1 {
+            self.seat = Seat::Own(Breaker::new(self.policy));
+            self.stats.parked_until_ms.store(0, Ordering::Relaxed);
+            return;
+        }
+        {
+            // The first of the plugin's workers to see the version resets the shared breaker;
+            // the others join its record.
+            let mut shared = self.crew.breaker.lock().unwrap_or_else(|e| e.into_inner());
+            if !std::ptr::eq(shared.version.as_ptr(), Arc::as_ptr(version)) {
+                shared.version = Arc::downgrade(version);
+                shared.breaker.reset();
+                self.stats.parked_until_ms.store(0, Ordering::Relaxed);
             }
         }
-        tracing::debug!(plugin = %self.plugin, "queue closed and drained; worker done");
+        self.seat = Seat::Shared(self.crew.clone());
     }
 
     /// Handles one message on a live instance (built if needed), taken from the queue at
