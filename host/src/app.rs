@@ -249,6 +249,7 @@ impl Host {
                     &client,
                     publisher.clone(),
                     router.clone(),
+                    redis.health_timeout(),
                     stop_source.clone(),
                 )?;
                 tasks.push(task);

@@ -335,25 +335,35 @@ fn redact(problems: Vec<String>, secrets: &[String]) -> Vec<String> {
 /// userinfo for schemes other than Redis's, where a lone user name is often a token), and
 /// the value of every query-string parameter (webhooks take `?token=`, Redis socket URLs
 /// `?pass=`). Text that is not a URL comes back unchanged.
+///
+/// Redis passwords are often written unencoded, with `/`, `?`, `#` or `@` in them, so for
+/// Redis URLs the userinfo runs to the last `@`. For other URLs it ends with the authority,
+/// since their query strings often carry an `@` (`?to=ops@example.com`).
 pub fn mask_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+    let Some(scheme_len) = url.find("://") else {
         return url.to_owned();
     };
-    let redis = url.starts_with("redis");
-    let (before_fragment, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
-    let (before_query, query) = match before_fragment.split_once('?') {
-        Some((before, query)) => (before, Some(query)),
-        None => (before_fragment, None),
+    let scheme = &url[..scheme_len];
+    if scheme.is_empty()
+        || !scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        return url.to_owned();
+    }
+    let rest = &url[scheme_len + 3..];
+    let redis = scheme.starts_with("redis");
+    let at = if redis {
+        rest.rfind('@')
+    } else {
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        rest[..authority_end].rfind('@')
     };
-    let authority_end = before_query[scheme_end..]
-        .find('/')
-        .map_or(before_query.len(), |i| scheme_end + i);
     let mut out = String::with_capacity(url.len());
-    out.push_str(&url[..scheme_end]);
-    let authority = &before_query[scheme_end..authority_end];
-    match authority.rfind('@') {
+    out.push_str(&url[..scheme_len + 3]);
+    let location = match at {
         Some(at) => {
-            match authority[..at].split_once(':') {
+            match rest[..at].split_once(':') {
                 // A Redis ACL user name says which account, and is no secret.
                 Some((user, _)) if redis => {
                     out.push_str(user);
@@ -361,22 +371,27 @@ pub fn mask_url(url: &str) -> String {
                 }
                 _ => out.push_str("***"),
             }
-            out.push_str(&authority[at..]);
+            &rest[at..]
         }
-        None => out.push_str(authority),
-    }
-    out.push_str(&before_query[authority_end..]);
-    if let Some(query) = query {
-        out.push('?');
-        let masked: Vec<String> = query
-            .split('&')
-            .map(|pair| match pair.split_once('=') {
-                Some((key, _)) => format!("{key}=***"),
-                None if pair.is_empty() => String::new(),
-                None => "***".to_owned(),
-            })
-            .collect();
-        out.push_str(&masked.join("&"));
+        None => rest,
+    };
+    let (before_fragment, fragment) =
+        location.split_at(location.find('#').unwrap_or(location.len()));
+    match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let masked: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) => format!("{key}=***"),
+                    None if pair.is_empty() => String::new(),
+                    None => "***".to_owned(),
+                })
+                .collect();
+            out.push_str(&masked.join("&"));
+        }
+        None => out.push_str(before_fragment),
     }
     out.push_str(fragment);
     out
@@ -430,9 +445,19 @@ pub struct RedisConfig {
     /// `SPUBLISH`, besides those some loaded plugin subscribes to as sharded.
     #[serde(default)]
     pub sharded_channels: Vec<String>,
+    /// How long a health-check PING of the subscriber connection may go unanswered (with
+    /// nothing else arriving) before the connection is given up and made again. A server
+    /// busy that long (a `SAVE`, a slow script) is treated as gone.
+    #[serde(default = "default_health_timeout_ms")]
+    pub health_timeout_ms: u64,
 }
 
 impl RedisConfig {
+    /// [`RedisConfig::health_timeout_ms`].
+    pub fn health_timeout(&self) -> Duration {
+        Duration::from_millis(self.health_timeout_ms)
+    }
+
     /// Whether any TLS file is set.
     fn has_tls_files(&self) -> bool {
         self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
@@ -717,6 +742,7 @@ impl Default for RedisConfig {
             cluster: false,
             cluster_nodes: Vec::new(),
             sharded_channels: Vec::new(),
+            health_timeout_ms: default_health_timeout_ms(),
         }
     }
 }
@@ -748,6 +774,10 @@ impl Default for AdminConfig {
             listen: default_admin_addr(),
         }
     }
+}
+
+fn default_health_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_redis_url() -> RedisUrl {
@@ -879,6 +909,7 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
             ("cluster", EnvType::Toml),
             ("cluster_nodes", EnvType::Toml),
             ("sharded_channels", EnvType::Toml),
+            ("health_timeout_ms", EnvType::Toml),
         ],
     ),
     (
@@ -1129,6 +1160,11 @@ impl Config {
         if self.redis.has_tls_files() && !tls {
             problems.push(format!(
                 "{origin}: redis.ca_file, cert_file and key_file need a rediss:// redis.url"
+            ));
+        }
+        if self.redis.health_timeout_ms == 0 {
+            problems.push(format!(
+                "{origin}: redis.health_timeout_ms must be at least 1"
             ));
         }
         if self.redis.cert_file.is_some() != self.redis.key_file.is_some() {
@@ -1659,6 +1695,22 @@ outputs = ["email", "audit"]
             "redis://:***@cache"
         );
         assert_eq!(RedisUrl::new("redis://cache:1").masked(), "redis://cache:1");
+    }
+
+    #[test]
+    fn unencoded_redis_passwords_are_masked_whatever_they_hold() {
+        for (url, shown) in [
+            ("redis://:ab/cd@h:6379", "redis://:***@h:6379"),
+            ("redis://:p#ss@h", "redis://:***@h"),
+            ("redis://:p?ss@h/0", "redis://:***@h/0"),
+            ("rediss://app:a@b/c=@h:6380", "rediss://app:***@h:6380"),
+        ] {
+            assert_eq!(mask_url(url), shown, "{url}");
+        }
+        // Not a URL where it looks like one: returned as it is, never a panic.
+        assert_eq!(mask_url("a?b://c"), "a?b://c");
+        assert_eq!(mask_url("#://x"), "#://x");
+        assert_eq!(mask_url("://x"), "://x");
     }
 
     #[test]

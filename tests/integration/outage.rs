@@ -19,6 +19,9 @@ const RECOVERY: Duration = Duration::from_secs(30);
 /// Channels the host reserves for itself (its routing barrier) begin with this.
 const RESERVED_PREFIX: &str = "__switchyard:";
 
+/// A health-check bound short enough for a test to wait out.
+const SHORT_HEALTH_TIMEOUT: &str = "[redis]\nhealth_timeout_ms = 1000\n";
+
 fn stat(entry: &Value, name: &str) -> u64 {
     entry["stats"][name].as_u64().unwrap_or_default()
 }
@@ -97,7 +100,9 @@ async fn wait_subscribed(
 async fn a_silent_network_is_noticed_and_survived() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let proxy = Proxy::start(&redis).await?;
-    let host = TestHost::launch_forward(&proxy.url()).await?;
+    // The proxy keeps acknowledging at the TCP level, as a stalled server would: only the
+    // health check's bound can tell, shortened here from its 10 s default.
+    let host = TestHost::launch_forward_configured(&proxy.url(), SHORT_HEALTH_TIMEOUT).await?;
     host.wait_ready().await?;
 
     // Nothing is closed: only the health check can tell that nothing gets through.
@@ -205,7 +210,7 @@ async fn publishing_into_a_silent_network_ends_within_the_deadline() -> anyhow::
     const MANIFEST: &str = "[grants]\npublish = [\"faults\"]\n";
     let redis = RedisServer::start().await?;
     let proxy = Proxy::start(&redis).await?;
-    let host = TestHost::launch(&proxy.url(), "", |dir| {
+    let host = TestHost::launch(&proxy.url(), SHORT_HEALTH_TIMEOUT, |dir| {
         copy_plugin(dir, "faulty", plugins::FAULTY.as_ref(), Some(MANIFEST))
     })
     .await?;

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::{
-    BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, count_subscriptions, delivery, jittered, names_of,
+    BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, delivery, names_of,
 };
 use super::{ControlHandle, SourceStatus, Subscription, Update};
 use crate::config::RedisConfig;
@@ -253,7 +253,7 @@ impl Control {
         updates: &mut mpsc::Receiver<Update>,
         shutdown: &CancellationToken,
     ) -> Option<ClusterConnection> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let attempt = async {
                 let mut connection = self.client.get_async_connection().await?;
@@ -285,9 +285,8 @@ impl Control {
                 s.connected = false;
                 s.last_error = Some(failure.clone());
             });
-            let wait = jittered(backoff);
+            let wait = backoff.next_wait();
             tracing::warn!(retry_in = ?wait, "cannot subscribe to the Redis Cluster: {failure}");
-            backoff = (backoff * 2).min(BACKOFF_MAX);
             let until = tokio::time::Instant::now() + wait;
             loop {
                 tokio::select! {
@@ -315,7 +314,7 @@ impl Control {
         self.desired = wanted;
         let barrier = self.router.stage(table);
         let started = Instant::now();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let added: BTreeSet<_> = self.desired.difference(&self.active).cloned().collect();
             match subscribe(connection, &added, true).await {
@@ -325,8 +324,7 @@ impl Control {
                 }
                 Err(e) if started.elapsed() < UPDATE_PATIENCE && !shutdown.is_cancelled() => {
                     tracing::warn!("cluster subscribe failed, retrying: {e}");
-                    tokio::time::sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
                 Err(e) => {
                     // The new table still takes over: it routes what does arrive.

@@ -10,8 +10,10 @@
 //! goes silent: a network that drops packets without closing anything would otherwise leave
 //! the host "ready" and receiving nothing, so a health task PINGs the connection whenever it
 //! has been quiet for [`HEALTH_INTERVAL`] and gives it up when neither the reply nor anything
-//! else arrives within [`HEALTH_TIMEOUT`] (TCP keepalive and `TCP_USER_TIMEOUT` back this up
-//! at the kernel's level). After a loss it waits, retries with capped exponential backoff and
+//! else arrives within `redis.health_timeout_ms` (10 s by default: a server stalled by a slow
+//! command or a fork must not make the host drop a live connection). TCP keepalive and
+//! `TCP_USER_TIMEOUT` notice a partitioned network at the kernel's level, within about the
+//! same time, since an unacknowledged PING is what `TCP_USER_TIMEOUT` measures. After a loss it waits, retries with capped exponential backoff and
 //! jitter ([`Backoff`]), then subscribes the current set again. Messages published while it
 //! was down are lost (pub/sub is at-most-once); the outage is logged, counted and shown by
 //! readiness.
@@ -46,11 +48,6 @@ pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// A delivery proves the connection alive as well as a reply does, so a busy connection is
 /// never PINGed.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a health-check PING may wait for its reply, with nothing else arriving either,
-/// before the connection is given up. A reply takes well under a millisecond on a LAN; the
-/// bound leaves room for a server stalled by a slow command or a fork without flapping, and
-/// keeps the time to notice a silent network (at most interval + bound) to a few seconds.
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 /// Idle time before the kernel sends TCP keepalive probes, interval between probes, and
 /// probes unanswered before it declares the peer dead.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
@@ -86,6 +83,7 @@ impl RedisSource {
         client: &redis::Client,
         publisher: ConnectionManager,
         router: Arc<Router>,
+        health_timeout: Duration,
         shutdown: CancellationToken,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let info = client.get_connection_info().clone();
@@ -102,6 +100,7 @@ impl RedisSource {
             router,
             status,
             desired: BTreeSet::new(),
+            health_timeout,
         };
         let task = tokio::spawn(control.run(updates, shutdown));
         Ok((Self { handle }, task))
@@ -177,6 +176,8 @@ struct Control {
     router: Arc<Router>,
     status: Arc<Mutex<SourceStatus>>,
     desired: BTreeSet<Subscription>,
+    /// How long a health-check PING may go unanswered.
+    health_timeout: Duration,
 }
 
 impl Control {
@@ -280,7 +281,12 @@ impl Control {
             .subscribe(self.router.barrier_channel().as_ref())
             .await
             .map_err(|e| format!("SUBSCRIBE failed: {e}"))?;
-        let health = tokio::spawn(watch_health(connection.clone(), received, lost_tx));
+        let health = tokio::spawn(watch_health(
+            connection.clone(),
+            received,
+            self.health_timeout,
+            lost_tx,
+        ));
         let mut session = Session {
             connection,
             lost,
@@ -427,12 +433,13 @@ pub(super) fn names_of<'a>(set: &'a BTreeSet<Subscription>, kind: &str) -> Vec<&
 
 /// Watches a live subscriber connection: whenever [`HEALTH_INTERVAL`] passes with nothing
 /// received, PINGs it, and reports it [`Lost`] when neither the reply nor anything else
-/// arrives within [`HEALTH_TIMEOUT`], or when the PING fails. `received` counts what the
+/// arrives within `timeout`, or when the PING fails. `received` counts what the
 /// connection delivered (messages, confirmations); in RESP3 a subscribed connection answers
 /// PING like any command, so the PING needs no pub/sub form.
 async fn watch_health(
     mut connection: MultiplexedConnection,
     received: Arc<AtomicU64>,
+    timeout: Duration,
     lost: mpsc::UnboundedSender<Lost>,
 ) {
     let mut seen = received.load(Ordering::Relaxed);
@@ -444,14 +451,13 @@ async fn watch_health(
             continue;
         }
         let ping = redis::cmd("PING");
-        let why = match tokio::time::timeout(HEALTH_TIMEOUT, ping.exec_async(&mut connection)).await
-        {
+        let why = match tokio::time::timeout(timeout, ping.exec_async(&mut connection)).await {
             Ok(Ok(())) => continue,
             Ok(Err(error)) => Lost::Failed(format!("health-check PING failed: {error}")),
             // The reply may be queued behind deliveries that are still arriving: those prove
             // the connection alive too.
             Err(_) if received.load(Ordering::Relaxed) != seen => continue,
-            Err(_) => Lost::Silent(HEALTH_TIMEOUT),
+            Err(_) => Lost::Silent(timeout),
         };
         let _ = lost.send(why);
         return;

@@ -31,21 +31,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use rand::Rng;
 use redis::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Subscription;
+use super::redis::{BACKOFF_MAX, BACKOFF_MIN, Backoff, HEALTHY_SESSION};
 use crate::ContentHash;
 use crate::worker::instance::INVALID_PREFIX;
 use crate::worker::{Envelope, Inbox};
 
-/// First wait before a reader reconnects.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest wait between reconnection attempts.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Longest wait before an entry's next retry.
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Extra time a blocking read may take on the wire beyond its `BLOCK` time.
@@ -378,24 +374,23 @@ struct Stopped;
 
 impl Reader {
     async fn run(self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut retries = Vec::new();
         loop {
             let started = Instant::now();
             match self.session(&mut retries).await {
                 Ok(Stopped) => return,
                 Err(e) => {
-                    if started.elapsed() > BACKOFF_MAX {
-                        backoff = BACKOFF_MIN;
+                    if started.elapsed() >= HEALTHY_SESSION {
+                        backoff.reset();
                     }
-                    let wait = backoff.mul_f64(rand::rng().random_range(0.8..1.2));
+                    let wait = backoff.next_wait();
                     tracing::warn!(
                         plugin = %self.target.inbox.plugin(),
                         stream = %self.key_text(),
                         retry_in = ?wait,
                         "stream reader lost Redis: {e}"
                     );
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     tokio::select! {
                         () = self.stop.cancelled() => return,
                         () = tokio::time::sleep(wait) => {}
