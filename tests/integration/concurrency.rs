@@ -432,3 +432,53 @@ async fn the_breaker_counts_the_plugins_failures_across_its_workers() -> anyhow:
     .await?;
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_of_calls_on_a_replaced_version_do_not_count_for_its_replacement()
+-> anyhow::Result<()> {
+    const WORKERS: usize = 2;
+    let redis = RedisServer::start().await?;
+    // Trips at 2 failures of the last 2 messages, and stays parked through the test.
+    let config =
+        "[plugins]\nbreaker_failures = 2\nbreaker_window = 2\nbreaker_backoff_ms = 60000\n";
+    let host = TestHost::start_configured(
+        &redis,
+        config,
+        &[("faulty", plugins::FAULTY, Some(&faulty(WORKERS)))],
+    )
+    .await?;
+    let mut replies = Subscriber::new(&redis, &[REPLY], &[]).await?;
+
+    // One worker inside a call on the first version while the second version takes over.
+    publish_all(&redis, "fault:x", &["announce:gate:1".to_owned()]).await?;
+    assert_eq!(
+        payloads(&mut replies, 1, PATIENCE).await?,
+        ["holding:gate:1"]
+    );
+    let v2 = rebuilt(&read_plugin(plugins::FAULTY), "v2");
+    host.install("faulty", &v2, Some(&faulty(WORKERS)))?;
+    host.wait_plugin("faulty", "replaced", |p| p["reloads"] == 1)
+        .await?;
+
+    // The other worker starts the new version's record with a failure.
+    publish_all(&redis, "fault:x", &["error".to_owned()]).await?;
+    host.wait_plugin("faulty", "failed once", |p| stat(p, "failed") == 1)
+        .await?;
+    // The old version's call then ends well: that says nothing about the new version.
+    let _gate = Subscriber::new(&redis, &["gate:1"], &[]).await?;
+    assert_eq!(payloads(&mut replies, 1, PATIENCE).await?, ["ok:1"]);
+    host.wait_plugin("faulty", "done with the old call", |p| {
+        stat(p, "handled") == 1
+    })
+    .await?;
+
+    // The new version's second failure is its second in a row: parked.
+    publish_all(&redis, "fault:x", &["error".to_owned()]).await?;
+    let entry = host
+        .wait_plugin("faulty", "parked", |p| {
+            p["state"] == "parked" && stat(p, "failed") == 2
+        })
+        .await?;
+    assert_eq!(stat(&entry, "parks"), 1, "{entry:#}");
+    host.stop().await
+}

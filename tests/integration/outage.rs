@@ -252,3 +252,80 @@ async fn publishing_into_a_silent_network_ends_within_the_deadline() -> anyhow::
     }
     host.stop().await
 }
+
+/// Starts a host on the Redis at `redis_url`, configured by `config` (TOML), with the plugins
+/// folder `dir` and no admin endpoint, for a test that needs what
+/// [`switchyard::app::Host::stop_by`] reports; waits until it is ready.
+async fn start_host(
+    redis_url: &str,
+    config: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<switchyard::app::Host> {
+    switchyard_tests::init_logging();
+    let mut config = switchyard::config::Config::from_toml(config, "test config")?;
+    config.redis.url = switchyard::config::RedisUrl::new(redis_url);
+    config.plugins.dir = dir.to_owned();
+    config
+        .plugins
+        .compile_cache
+        .get_or_insert_with(switchyard_tests::compile_cache_dir);
+    let broker = switchyard::app::Broker::Redis(config.redis.clone());
+    let host = switchyard::app::Host::start(&config, broker, false, None).await?;
+    eventually(PATIENCE, || async {
+        let readiness = host.readiness();
+        ensure!(readiness.ready, "not ready: {readiness:?}");
+        Ok(())
+    })
+    .await?;
+    Ok(host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_redis_went_silent_stops_in_time_having_handled_its_queue()
+-> anyhow::Result<()> {
+    const QUEUED: usize = 5;
+    // The breaker stays closed, so that every queued message is taken by the plugin.
+    const CONFIG: &str = "[plugins]\nbreaker_failures = 100\nbreaker_window = 100\n";
+    // The first message keeps the worker busy until its deadline, without Redis, and the
+    // others fail at once, without Redis either: nothing the plugins do waits on the
+    // silence, only the host's own unsubscribing does.
+    const MANIFEST: &str = "[limits]\ndeadline_ms = 3000\n";
+    // Unsubscribing into the silence may take half of it; the rest is ample for the queue.
+    const STOP: Duration = Duration::from_secs(8);
+    let redis = RedisServer::start().await?;
+    let proxy = Proxy::start(&redis).await?;
+    let dir = tempfile::tempdir()?;
+    copy_plugin(
+        dir.path(),
+        "faulty",
+        plugins::FAULTY.as_ref(),
+        Some(MANIFEST),
+    )?;
+    let host = start_host(&proxy.url(), CONFIG, dir.path()).await?;
+
+    redis
+        .publish_all(
+            std::iter::once(("fault:x", "loop"))
+                .chain(std::iter::repeat_n(("fault:x", "error"), QUEUED)),
+        )
+        .await?;
+    // The worker took the first: it is inside that call, the rest wait behind it.
+    eventually(PATIENCE, || async {
+        let depth: usize = host
+            .registry()
+            .metrics_view()
+            .iter()
+            .map(|p| p.queue_depth)
+            .sum();
+        ensure!(depth == QUEUED, "queue depth {depth}");
+        Ok(())
+    })
+    .await?;
+    proxy.blackhole();
+
+    let backlog = host.backlog();
+    let stopped = host.stop_by(tokio::time::Instant::now() + STOP).await;
+    assert_eq!(stopped, switchyard::app::Stopped::Drained);
+    assert_eq!(backlog.unhandled(), 0, "queued messages left unhandled");
+    Ok(())
+}

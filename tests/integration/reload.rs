@@ -574,3 +574,35 @@ async fn a_file_removed_and_re_added_within_the_settle_time_is_reloaded_lossless
     assert_eq!(entry["stats"]["shed"], 0, "{entry}");
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_at_the_folder_after_shutdown_loads_and_subscribes_nothing() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    eventually(PATIENCE, || async {
+        anyhow::ensure!(
+            redis.pubsub_numpat().await? == 1,
+            "forward's fwd:* not subscribed"
+        );
+        Ok(())
+    })
+    .await?;
+    let registry = host.host().registry().clone();
+
+    // A watcher that was already past its cancellation check when the host began to stop
+    // reconciles after the plugins were unloaded, while the source still runs.
+    assert!(registry.shutdown(PATIENCE).await, "workers finished");
+    assert_eq!(redis.pubsub_numpat().await?, 0, "unsubscribed by shutdown");
+    let changes = registry.reconcile().await?;
+
+    assert_eq!(changes, switchyard::plugins::Changes::default());
+    let listed: Vec<String> = registry
+        .report()
+        .iter()
+        .map(|p| p.name.to_string())
+        .collect();
+    assert!(listed.is_empty(), "plugins after shutdown: {listed:?}");
+    assert_eq!(redis.pubsub_numpat().await?, 0, "subscribed again");
+    assert_eq!(redis.publish("fwd:x", "after the stop").await?, 0);
+    host.stop().await
+}

@@ -58,6 +58,10 @@ use loader::{LoadError, Loaded, Loader};
 /// settles.
 pub const MAX_UNSETTLED: Duration = Duration::from_secs(60);
 
+/// The part of [`Registry::shutdown`]'s time that clearing the subscriptions may take; the
+/// rest is the workers' to drain the queues, which are closed once it has passed either way.
+pub const UNSUBSCRIBE_SHARE: f64 = 0.5;
+
 /// The settle time until [`Registry::set_settle`] says otherwise (`plugins.settle_ms`'s
 /// default).
 const DEFAULT_SETTLE: Duration = Duration::from_millis(50);
@@ -277,6 +281,11 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Serialises reconciles; `inner` is only ever held briefly.
     reconciling: tokio::sync::Mutex<()>,
+    /// Set by [`Registry::shutdown`] under `reconciling`: a reconcile that gets the lock
+    /// afterwards (a watcher that was already past its cancellation check) changes nothing.
+    /// Otherwise every file would count as new, since the slots are empty, and its plugin
+    /// would be loaded and subscribed again during the stop, with a queue nobody drains.
+    stopped: AtomicBool,
     /// Whether one reconcile has finished.
     scanned: AtomicBool,
     /// How long a file must be unchanged to be looked at, in milliseconds.
@@ -294,6 +303,7 @@ impl Registry {
             workers,
             inner: Mutex::new(Inner::default()),
             reconciling: tokio::sync::Mutex::new(()),
+            stopped: AtomicBool::new(false),
             scanned: AtomicBool::new(false),
             settle_ms: AtomicU64::new(millis(DEFAULT_SETTLE)),
         }
@@ -348,9 +358,14 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Makes the loaded plugins match the folder. Returns what changed.
+    /// Makes the loaded plugins match the folder. Returns what changed: nothing, once
+    /// [`Registry::shutdown`] has begun.
     pub async fn reconcile(&self) -> anyhow::Result<Changes> {
         let _guard = self.reconciling.lock().await;
+        if self.stopped.load(Ordering::Acquire) {
+            tracing::debug!("plugins folder not looked at: the host is stopping");
+            return Ok(Changes::default());
+        }
         let found = scan(&self.dir)?;
         let settle = self.settle();
         let mut changes = Changes::default();
@@ -564,10 +579,15 @@ impl Registry {
         self.source.update(subscriptions, table).await
     }
 
-    /// Unloads every plugin: routes are cleared, queues drain, workers exit. Waits up to
-    /// `deadline` for the workers; returns whether they all finished.
+    /// Unloads every plugin for good: routes are cleared, queues drain, workers exit, and
+    /// later reconciles change nothing. Everything within `deadline`: clearing the
+    /// subscriptions gets at most [`UNSUBSCRIBE_SHARE`] of it, and the queues are closed
+    /// however that ends, so the workers always get the rest. Returns whether they all
+    /// finished in time.
     pub async fn shutdown(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
         let _guard = self.reconciling.lock().await;
+        self.stopped.store(true, Ordering::Release);
         let workers: Vec<_> = {
             let mut inner = self.lock();
             let slots = std::mem::take(&mut inner.slots);
@@ -578,12 +598,20 @@ impl Registry {
                 .map(|slot| (slot.inbox, slot.workers))
                 .collect()
         };
-        if let Err(e) = self
+        // Unsubscribing first means no message arrives for a closed queue, but it is only a
+        // courtesy: on a network gone silent it would wait for replies that never come.
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let unsubscribe_within = left.mul_f64(UNSUBSCRIBE_SHARE);
+        let cleared = self
             .source
-            .update(Default::default(), RoutingTable::default())
-            .await
-        {
-            tracing::warn!("could not clear subscriptions while stopping: {e:#}");
+            .update(Default::default(), RoutingTable::default());
+        match tokio::time::timeout(unsubscribe_within, cleared).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("could not clear subscriptions while stopping: {e:#}"),
+            Err(_) => tracing::warn!(
+                waited = ?unsubscribe_within,
+                "clearing subscriptions while stopping timed out; draining the queues anyway"
+            ),
         }
         for (inbox, _) in &workers {
             inbox.close();
@@ -593,7 +621,7 @@ impl Registry {
                 workers.join();
             }
         });
-        tokio::time::timeout(deadline, join).await.is_ok()
+        tokio::time::timeout_at(until, join).await.is_ok()
     }
 
     /// What the metrics endpoint reads of every running or draining plugin.

@@ -73,6 +73,9 @@ pub fn spawn(
         let mut look_again = Some(Duration::ZERO);
         loop {
             tokio::select! {
+                // Cancellation first, and always checked first: a pending prompt or a due
+                // look must not start a reconcile once the host is stopping.
+                biased;
                 () = shutdown.cancelled() => break,
                 prompt = prompts.recv() => {
                     if prompt.is_none() {

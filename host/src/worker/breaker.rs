@@ -11,8 +11,13 @@
 //! plugin's messages). Calls already running when it trips finish, and their outcomes are
 //! not counted while it is parked; after the back-off every worker's next message goes
 //! through, and the first outcome recorded is the trial's.
+//!
+//! That shared record is about one version at a time ([`VersionedBreaker`]): a swap does not
+//! wait for calls in flight, and an outcome of a call on a replaced version is not about its
+//! replacement.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// The longest a plugin stays parked.
@@ -102,6 +107,74 @@ impl Breaker {
     }
 }
 
+/// A breaker whose record is about one version of a plugin, for the workers of the plugin to
+/// share.
+///
+/// The first worker to take a message of a new version starts the record over for it, while
+/// other workers may still be inside calls of the old version. Those calls' outcomes are not
+/// recorded, and neither park nor admit on the new version's behalf: a failing old version
+/// must not park its replacement at once, nor a healthy one hide the replacement's failures.
+/// Whose record it is and the record itself change together, under the caller's one lock, so
+/// no outcome slips in between a new start and the comparison.
+pub struct VersionedBreaker<V> {
+    /// The version the record is about; weak, so the record keeps no old version alive.
+    version: Weak<V>,
+    breaker: Breaker,
+}
+
+impl<V> std::fmt::Debug for VersionedBreaker<V> {
+    /// The version's address (a version need not be `Debug`) and the record.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionedBreaker")
+            .field("version", &self.version.as_ptr())
+            .field("breaker", &self.breaker)
+            .finish()
+    }
+}
+
+impl<V> VersionedBreaker<V> {
+    /// A closed breaker about no version yet.
+    pub fn new(policy: BreakerPolicy) -> Self {
+        Self {
+            version: Weak::new(),
+            breaker: Breaker::new(policy),
+        }
+    }
+
+    /// Whether the record is about `version`. The weak handle keeps the allocation, so its
+    /// address cannot be reused by a later version while the record points at it.
+    pub fn is_about(&self, version: &Arc<V>) -> bool {
+        std::ptr::eq(self.version.as_ptr(), Arc::as_ptr(version))
+    }
+
+    /// Makes the record about `version`, with a closed breaker, unless it already is; returns
+    /// whether it started over.
+    pub fn start(&mut self, version: &Arc<V>) -> bool {
+        if self.is_about(version) {
+            return false;
+        }
+        self.version = Arc::downgrade(version);
+        self.breaker.reset();
+        true
+    }
+
+    /// Whether a message about to run on `version` must be shed now (see
+    /// [`Breaker::parked`]); `None` when the record is about another version, which neither
+    /// sheds the message nor spends its trial on it.
+    pub fn parked(&mut self, version: &Arc<V>, now: Instant) -> Option<bool> {
+        self.is_about(version).then(|| self.breaker.parked(now))
+    }
+
+    /// Records the outcome of a call that ran on `version` (see [`Breaker::record`]); an
+    /// outcome of another version is left out.
+    pub fn record(&mut self, version: &Arc<V>, ok: bool, now: Instant) -> Option<Duration> {
+        if !self.is_about(version) {
+            return None;
+        }
+        self.breaker.record(ok, now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +247,72 @@ mod tests {
         assert!(!b.parked(later));
         assert_eq!(b.record(true, later), None, "the trial closes it");
         assert!(!b.parked(later));
+    }
+
+    fn versioned() -> VersionedBreaker<&'static str> {
+        VersionedBreaker::new(BreakerPolicy {
+            failures: 2,
+            window: 2,
+            backoff: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn failures_of_a_replaced_version_do_not_park_its_replacement() {
+        let mut b = versioned();
+        let t = Instant::now();
+        let (old, new) = (Arc::new("v1"), Arc::new("v2"));
+        assert!(b.start(&old));
+        assert_eq!(b.parked(&old, t), Some(false));
+        // Calls on `old` are in flight when a worker takes the first message of `new`.
+        assert!(b.start(&new));
+        assert!(!b.start(&new), "the other workers join the record");
+        assert_eq!(b.record(&old, false, t), None);
+        assert_eq!(b.record(&old, false, t), None);
+        assert_eq!(
+            b.parked(&new, t),
+            Some(false),
+            "the old failures did not count"
+        );
+        assert_eq!(b.record(&new, false, t), None);
+        assert_eq!(b.record(&new, false, t), Some(Duration::from_secs(1)));
+        assert_eq!(b.parked(&new, t), Some(true));
+        assert_eq!(
+            b.parked(&old, t),
+            None,
+            "not shed by the new version's record"
+        );
+    }
+
+    #[test]
+    fn successes_of_a_replaced_version_do_not_hide_the_replacements_failures() {
+        let mut b = versioned();
+        let t = Instant::now();
+        let (old, new) = (Arc::new("v1"), Arc::new("v2"));
+        b.start(&old);
+        b.start(&new);
+        assert_eq!(b.record(&new, false, t), None);
+        assert_eq!(b.record(&old, true, t), None);
+        assert_eq!(
+            b.record(&new, false, t),
+            Some(Duration::from_secs(1)),
+            "two failures of the last two of its own messages"
+        );
+    }
+
+    #[test]
+    fn a_trial_is_spent_only_on_the_version_it_is_for() {
+        let mut b = versioned();
+        let t = Instant::now();
+        let (old, new) = (Arc::new("v1"), Arc::new("v2"));
+        b.start(&new);
+        b.record(&new, false, t);
+        b.record(&new, false, t);
+        let later = t + Duration::from_secs(1);
+        assert_eq!(b.parked(&new, later), Some(false), "the trial goes through");
+        // An old call ends first: it is not the trial.
+        assert_eq!(b.record(&old, false, later), None);
+        assert_eq!(b.record(&new, true, later), None, "the trial closes it");
+        assert_eq!(b.parked(&new, later), Some(false));
     }
 }

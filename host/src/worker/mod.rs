@@ -35,9 +35,9 @@ pub mod outcome;
 pub mod queue;
 pub mod state;
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -47,7 +47,7 @@ use crate::PluginName;
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 use crate::source::streams::{StreamEntry, StreamStats};
-use breaker::{Breaker, BreakerPolicy};
+use breaker::{Breaker, BreakerPolicy, VersionedBreaker};
 use instance::{Failure, Instance};
 use outcome::{
     FailureCounters, FailureCounts, FailureReason, ShedCounters, ShedCounts, ShedReason,
@@ -418,8 +418,11 @@ struct Crew {
     /// `running - wanted` when positive, mirrored out of `roster` so that a worker's check
     /// before each message is one atomic load, not a lock.
     surplus: AtomicUsize,
-    /// The plugin's breaker while its version has several workers.
-    breaker: Mutex<SharedBreaker>,
+    /// The plugin's breaker while its version has several workers. Whichever seat a version
+    /// has, this names the newest version a worker has started, and the plugin's parked
+    /// mark (`parked_until_ms` of its stats) is written under its lock, on behalf of that
+    /// version only.
+    breaker: Mutex<VersionedBreaker<LoadedPlugin>>,
 }
 
 #[derive(Debug, Default)]
@@ -430,14 +433,11 @@ struct Roster {
     running: usize,
 }
 
-#[derive(Debug)]
-struct SharedBreaker {
-    /// The version its record is about; a new one starts with a closed breaker.
-    version: Weak<LoadedPlugin>,
-    breaker: Breaker,
-}
-
 impl Crew {
+    fn breaker(&self) -> std::sync::MutexGuard<'_, VersionedBreaker<LoadedPlugin>> {
+        self.breaker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn set_surplus(&self, roster: &Roster) {
         self.surplus.store(
             roster.running.saturating_sub(roster.wanted),
@@ -479,10 +479,7 @@ pub fn spawn(
         crew: Arc::new(Crew {
             roster: Mutex::new(Roster::default()),
             surplus: AtomicUsize::new(0),
-            breaker: Mutex::new(SharedBreaker {
-                version: Weak::new(),
-                breaker: Breaker::new(breaker),
-            }),
+            breaker: Mutex::new(VersionedBreaker::new(breaker)),
         }),
         threads: Vec::new(),
         started: 0,
@@ -537,7 +534,7 @@ impl Workers {
             stats: self.stats.clone(),
             engine: self.engine.clone(),
             crew: self.crew.clone(),
-            seat: Seat::Own(Breaker::new(self.policy)),
+            seat: Seat::Shared,
             policy: self.policy,
             live: None,
             version: None,
@@ -570,23 +567,90 @@ impl Workers {
 }
 
 /// Where a worker keeps its breaker record: its own when its version has one worker (no
-/// lock on the path of an ordered plugin), the plugin's shared one otherwise.
+/// lock on the path of an ordered plugin), the crew's shared one otherwise.
+///
+/// Either way, an outcome counts for the plugin only while the version it ran on is the one
+/// the crew's record is about: a call that was in flight when a newer version started
+/// neither records into the newer version's breaker nor marks the plugin parked.
 enum Seat {
     Own(Breaker),
-    Shared(Arc<Crew>),
+    Shared,
 }
 
 impl Seat {
-    fn with<T>(&mut self, f: impl FnOnce(&mut Breaker) -> T) -> T {
+    /// Whether a message about to run on `version` must be shed. One that goes through
+    /// clears the plugin's parked mark, if the mark is its version's to clear.
+    fn parked(
+        &mut self,
+        crew: &Crew,
+        version: &Arc<LoadedPlugin>,
+        now: Instant,
+        stats: &PluginStats,
+    ) -> bool {
         match self {
-            Seat::Own(breaker) => f(breaker),
-            Seat::Shared(crew) => f(&mut crew
-                .breaker
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .breaker),
+            Seat::Own(breaker) => {
+                let parked = breaker.parked(now);
+                // The lock only when there is a mark to clear: after a park, not per message.
+                if !parked
+                    && stats.parked_until_ms.load(Ordering::Relaxed) != 0
+                    && crew.breaker().is_about(version)
+                {
+                    stats.parked_until_ms.store(0, Ordering::Relaxed);
+                }
+                parked
+            }
+            Seat::Shared => {
+                let mut shared = crew.breaker();
+                match shared.parked(version, now) {
+                    Some(true) => true,
+                    Some(false) => {
+                        stats.parked_until_ms.store(0, Ordering::Relaxed);
+                        false
+                    }
+                    // A newer version's record: it neither sheds nor admits for this one.
+                    None => false,
+                }
+            }
         }
     }
+
+    /// Records the outcome of a call that ran on `version`; returns the parking period if
+    /// it parked the plugin.
+    fn record(
+        &mut self,
+        crew: &Crew,
+        version: &Arc<LoadedPlugin>,
+        ok: bool,
+        finished: Instant,
+        stats: &PluginStats,
+    ) -> Option<Duration> {
+        let backoff = match self {
+            Seat::Own(breaker) => {
+                let backoff = breaker.record(ok, finished)?;
+                // The same lock as a newer version's start, so the mark cannot land after it.
+                let shared = crew.breaker();
+                if !shared.is_about(version) {
+                    return None;
+                }
+                mark_parked(stats, backoff);
+                backoff
+            }
+            Seat::Shared => {
+                let mut shared = crew.breaker();
+                let backoff = shared.record(version, ok, finished)?;
+                mark_parked(stats, backoff);
+                backoff
+            }
+        };
+        stats.parks.fetch_add(1, Ordering::Relaxed);
+        Some(backoff)
+    }
+}
+
+/// Marks the plugin parked for `backoff` from now. Call it under the crew's breaker lock.
+fn mark_parked(stats: &PluginStats, backoff: Duration) {
+    let until = millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
+    stats.parked_until_ms.store(until, Ordering::Relaxed);
 }
 
 struct Worker {
@@ -623,15 +687,7 @@ impl Worker {
                 self.version = Some(version.clone());
             }
             let now = Instant::now();
-            let stats = &self.stats;
-            let parked = self.seat.with(|breaker| {
-                let parked = breaker.parked(now);
-                if !parked {
-                    stats.parked_until_ms.store(0, Ordering::Relaxed);
-                }
-                parked
-            });
-            if parked {
+            if self.seat.parked(&self.crew, &version, now, &self.stats) {
                 self.stats.discarded.fetch_add(1, Ordering::Relaxed);
                 self.stats.record_shed(&self.plugin, ShedReason::Parked, "");
                 continue;
@@ -641,39 +697,34 @@ impl Worker {
             if let Some(ticket) = ticket {
                 ticket.finish(outcome, &version.hash);
             }
-            let (stats, plugin) = (&self.stats, &self.plugin);
-            self.seat.with(|breaker| {
-                if let Some(backoff) = breaker.record(ok, finished) {
-                    stats.parks.fetch_add(1, Ordering::Relaxed);
-                    let until =
-                        millis_now() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX);
-                    stats.parked_until_ms.store(until, Ordering::Relaxed);
-                    tracing::error!(%plugin, ?backoff, "plugin keeps failing; parked");
-                }
-            });
+            if let Some(backoff) = self
+                .seat
+                .record(&self.crew, &version, ok, finished, &self.stats)
+            {
+                tracing::error!(plugin = %self.plugin, ?backoff, "plugin keeps failing; parked");
+            }
         }
         tracing::debug!(plugin = %self.plugin, "worker done (queue closed and drained, or surplus)");
     }
 
-    /// Picks where the breaker record of `version` lives, closing the breaker for a version
-    /// seen for the first time.
+    /// Picks where the breaker record of `version` lives, and starts the crew's record over
+    /// for a version seen for the first time.
     fn take_seat(&mut self, version: &Arc<LoadedPlugin>) {
-        if version.concurrency <= 1 {
-            self.seat = Seat::Own(Breaker::new(self.policy));
-            self.stats.parked_until_ms.store(0, Ordering::Relaxed);
-            return;
-        }
         {
-            // The first of the plugin's workers to see the version resets the shared breaker;
-            // the others join its record.
-            let mut shared = self.crew.breaker.lock().unwrap_or_else(|e| e.into_inner());
-            if !std::ptr::eq(shared.version.as_ptr(), Arc::as_ptr(version)) {
-                shared.version = Arc::downgrade(version);
-                shared.breaker.reset();
+            let mut shared = self.crew.breaker();
+            // The first of the plugin's workers to see the version starts the record over;
+            // the others join it. Only while the version is still current: a worker that
+            // took its message just before a swap must not take the record back from the
+            // newer version another worker already started.
+            if Arc::ptr_eq(&self.current.load(), version) && shared.start(version) {
                 self.stats.parked_until_ms.store(0, Ordering::Relaxed);
             }
         }
-        self.seat = Seat::Shared(self.crew.clone());
+        self.seat = if version.concurrency <= 1 {
+            Seat::Own(Breaker::new(self.policy))
+        } else {
+            Seat::Shared
+        };
     }
 
     /// Handles one message on a live instance (built if needed), taken from the queue at
