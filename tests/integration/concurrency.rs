@@ -47,17 +47,25 @@ async fn payloads(
     Ok(got)
 }
 
-async fn publish_all(
+/// Publishes `payloads` on `fault:x`, back to back.
+async fn to_faulty(redis: &RedisServer, payloads: &[String]) -> anyhow::Result<()> {
+    redis
+        .publish_all(payloads.iter().map(|payload| ("fault:x", payload.as_str())))
+        .await
+}
+
+/// Holds `workers` calls at once (`announce:gate:1..=N`, each announcing itself on
+/// `replies` before holding) and waits until every one is inside its call.
+async fn hold_every_worker(
     redis: &RedisServer,
-    channel: &str,
-    payloads: &[String],
+    replies: &mut Subscriber,
+    workers: usize,
 ) -> anyhow::Result<()> {
-    let mut connection = redis.connection().await?;
-    let mut pipe = redis::pipe();
-    for payload in payloads {
-        pipe.publish(channel, payload).ignore();
-    }
-    let () = pipe.query_async(&mut connection).await?;
+    let holds: Vec<String> = (1..=workers)
+        .map(|n| format!("announce:gate:{n}"))
+        .collect();
+    to_faulty(redis, &holds).await?;
+    assert_eq!(payloads(replies, workers, PATIENCE).await?.len(), workers);
     Ok(())
 }
 
@@ -70,7 +78,7 @@ async fn three_workers_hold_three_calls_at_once_and_the_fourth_waits() -> anyhow
     let mut replies = Subscriber::new(&redis, &[REPLY], &[]).await?;
 
     let holds: Vec<String> = (1..=4).map(|n| format!("announce:gate:{n}")).collect();
-    publish_all(&redis, "fault:x", &holds).await?;
+    to_faulty(&redis, &holds).await?;
     // The queue hands messages out in order: the first three are inside a call together.
     assert_eq!(
         payloads(&mut replies, 3, PATIENCE).await?,
@@ -112,7 +120,7 @@ async fn four_workers_handle_every_message_exactly_once() -> anyhow::Result<()> 
     // The default queue (4,096) holds them all: nothing may be shed.
     let all: Vec<String> = (0..MESSAGES).map(|i| format!("say:{i}")).collect();
     for batch in all.chunks(BATCH) {
-        publish_all(&redis, "fault:x", batch).await?;
+        to_faulty(&redis, batch).await?;
     }
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for message in replies.take(MESSAGES, LONG).await? {
@@ -241,16 +249,9 @@ async fn a_removed_concurrent_plugin_drains_its_backlog_on_every_worker() -> any
     let mut replies = Subscriber::new(&redis, &[REPLY], &[]).await?;
 
     // Every worker held inside a call, and a backlog behind them.
-    let holds: Vec<String> = (1..=WORKERS)
-        .map(|n| format!("announce:gate:{n}"))
-        .collect();
-    publish_all(&redis, "fault:x", &holds).await?;
-    assert_eq!(
-        payloads(&mut replies, WORKERS, PATIENCE).await?.len(),
-        WORKERS
-    );
+    hold_every_worker(&redis, &mut replies, WORKERS).await?;
     let backlog: Vec<String> = (0..BACKLOG).map(|i| format!("say:b{i}")).collect();
-    publish_all(&redis, "fault:x", &backlog).await?;
+    to_faulty(&redis, &backlog).await?;
     host.wait_plugin("faulty", "holding a backlog", |p| {
         p["queue_depth"] == BACKLOG
     })
@@ -404,15 +405,8 @@ async fn the_breaker_counts_the_plugins_failures_across_its_workers() -> anyhow:
     )
     .await?;
     let mut replies = Subscriber::new(&redis, &[REPLY], &[]).await?;
-    let holds: Vec<String> = (1..=WORKERS)
-        .map(|n| format!("announce:gate:{n}"))
-        .collect();
-    publish_all(&redis, "fault:x", &holds).await?;
     // All three inside a call at once: each worker fails exactly one message.
-    assert_eq!(
-        payloads(&mut replies, WORKERS, PATIENCE).await?.len(),
-        WORKERS
-    );
+    hold_every_worker(&redis, &mut replies, WORKERS).await?;
     let entry = host
         .wait_plugin("faulty", "parked", |p| {
             p["state"] == "parked" && stat(p, "failed") == WORKERS as u64
@@ -425,7 +419,7 @@ async fn the_breaker_counts_the_plugins_failures_across_its_workers() -> anyhow:
     );
 
     // Whichever worker takes the next message finds the plugin parked.
-    publish_all(&redis, "fault:x", &["ok".to_owned()]).await?;
+    to_faulty(&redis, &["ok".to_owned()]).await?;
     host.wait_plugin("faulty", "shedding while parked", |p| {
         p["stats"]["shed_by"]["parked"] == 1
     })
@@ -450,7 +444,7 @@ async fn outcomes_of_calls_on_a_replaced_version_do_not_count_for_its_replacemen
     let mut replies = Subscriber::new(&redis, &[REPLY], &[]).await?;
 
     // One worker inside a call on the first version while the second version takes over.
-    publish_all(&redis, "fault:x", &["announce:gate:1".to_owned()]).await?;
+    to_faulty(&redis, &["announce:gate:1".to_owned()]).await?;
     assert_eq!(
         payloads(&mut replies, 1, PATIENCE).await?,
         ["holding:gate:1"]
@@ -461,7 +455,7 @@ async fn outcomes_of_calls_on_a_replaced_version_do_not_count_for_its_replacemen
         .await?;
 
     // The other worker starts the new version's record with a failure.
-    publish_all(&redis, "fault:x", &["error".to_owned()]).await?;
+    to_faulty(&redis, &["error".to_owned()]).await?;
     host.wait_plugin("faulty", "failed once", |p| stat(p, "failed") == 1)
         .await?;
     // The old version's call then ends well: that says nothing about the new version.
@@ -473,7 +467,7 @@ async fn outcomes_of_calls_on_a_replaced_version_do_not_count_for_its_replacemen
     .await?;
 
     // The new version's second failure is its second in a row: parked.
-    publish_all(&redis, "fault:x", &["error".to_owned()]).await?;
+    to_faulty(&redis, &["error".to_owned()]).await?;
     let entry = host
         .wait_plugin("faulty", "parked", |p| {
             p["state"] == "parked" && stat(p, "failed") == 2
