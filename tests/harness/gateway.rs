@@ -63,12 +63,12 @@ impl Gateway {
         format!("ws://{}{path}", self.addr)
     }
 
-    /// A plain GET of `path` with `headers`: (status, content type, body).
-    pub async fn get(
+    /// Sends a GET of `path` with `headers`: the response, its status and content type.
+    async fn send_get(
         &self,
         path: &str,
         headers: &[(&str, &str)],
-    ) -> anyhow::Result<(u16, String, String)> {
+    ) -> anyhow::Result<(reqwest::Response, u16, String)> {
         let mut request = self.http.get(self.http_url(path));
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -83,6 +83,16 @@ impl Gateway {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
+        Ok((response, status, content_type))
+    }
+
+    /// A plain GET of `path` with `headers`: (status, content type, body).
+    pub async fn get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String, String)> {
+        let (response, status, content_type) = self.send_get(path, headers).await?;
         let body = tokio::time::timeout(PATIENCE, response.text())
             .await
             .with_context(|| format!("GET {path}: no complete body within {PATIENCE:?}"))??;
@@ -139,20 +149,7 @@ impl Gateway {
     /// Opens an SSE stream on `path` with `headers`; fails unless it is answered 200 with
     /// `text/event-stream`.
     pub async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Sse> {
-        let mut request = self.http.get(self.http_url(path));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = tokio::time::timeout(PATIENCE, request.send())
-            .await
-            .with_context(|| format!("GET {path}: no answer within {PATIENCE:?}"))??;
-        let status = response.status().as_u16();
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let (response, status, content_type) = self.send_get(path, headers).await?;
         if status != 200 || !content_type.starts_with("text/event-stream") {
             let body = response.text().await.unwrap_or_default();
             bail!("SSE {path}: {status} {content_type}: {body}");

@@ -213,6 +213,23 @@ impl TestHost {
         .await
     }
 
+    /// Starts a host with only `notify-router`, its `email` output a webhook at `email_url`
+    /// with the extra `settings` ([`notify_router_outputs`]) and its deadline `deadline_ms`.
+    pub async fn with_notify_router(
+        redis: &RedisServer,
+        email_url: &str,
+        settings: &str,
+        deadline_ms: u64,
+    ) -> anyhow::Result<Self> {
+        let manifest = notify_manifest_with_deadline(deadline_ms);
+        Self::start_configured(
+            redis,
+            &notify_router_outputs(email_url, settings),
+            &[("notify-router", plugins::NOTIFY_ROUTER, Some(&manifest))],
+        )
+        .await
+    }
+
     /// The admin endpoint's address.
     pub fn admin(&self) -> SocketAddr {
         self.admin

@@ -434,16 +434,11 @@ async fn notify_router_dead_letters_the_last_5xx_reply_with_its_status() -> anyh
         ..Answer::default()
     })
     .await?;
-    let config = notify_router_outputs(&gateway.url("/email"), "retries = 1\nbackoff_ms = 10");
-    let manifest = notify_manifest_with_deadline(5000);
-    let host = TestHost::start_configured(
+    let host = TestHost::with_notify_router(
         &redis,
-        &config,
-        &[(
-            "notify-router",
-            plugins::NOTIFY_ROUTER,
-            Some(manifest.as_str()),
-        )],
+        &gateway.url("/email"),
+        "retries = 1\nbackoff_ms = 10",
+        5000,
     )
     .await?;
     let mut dead = Subscriber::new(&redis, &["notifications:dead"], &[]).await?;

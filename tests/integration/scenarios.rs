@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use switchyard_tests::webhook::Webhook;
 use switchyard_tests::{
     NOTIFY_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_forwards, echo_manifest,
-    eventually, notify_manifest_with_deadline, notify_router_outputs, plugins,
+    eventually, plugins,
 };
 
 const CHAT_MANIFEST: &str = include_str!("../../plugins/chat-moderator/chat-moderator.toml");
@@ -143,16 +143,11 @@ channel = "push:outbox"
 async fn webhook_5xx_answers_are_retried_with_backoff() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let gateway = Webhook::failing_first(2).await?;
-    let config = notify_router_outputs(&gateway.url("/email"), "retries = 3\nbackoff_ms = 20");
-    let manifest = notify_manifest_with_deadline(5000);
-    let host = TestHost::start_configured(
+    let host = TestHost::with_notify_router(
         &redis,
-        &config,
-        &[(
-            "notify-router",
-            plugins::NOTIFY_ROUTER,
-            Some(manifest.as_str()),
-        )],
+        &gateway.url("/email"),
+        "retries = 3\nbackoff_ms = 20",
+        5000,
     )
     .await?;
     let mut dead = Subscriber::new(&redis, &["notifications:dead"], &[]).await?;
