@@ -179,3 +179,20 @@ async fn a_file_whose_writer_stalls_halfway_is_rejected_and_the_host_stays_ready
     host.wait_ready().await?;
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_ready_every_message_reaches_the_plugins_in_the_folder() -> anyhow::Result<()> {
+    // Readiness means the routing table in force reaches every plugin: a burst published the
+    // moment /readyz says 200 is handled in full, none of it delivered to an older table.
+    const BURST: usize = 200;
+    let redis = RedisServer::start().await?;
+    let host = TestHost::with_forward(&redis).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis
+        .publish_all((0..BURST).map(|i| ("fwd:x", i.to_string())))
+        .await?;
+    assert_eq!(out.take(BURST, PATIENCE).await?.len(), BURST);
+    let (_, listing) = host.get("/plugins").await?;
+    assert_eq!(listing["unrouted"], 0, "{listing}");
+    host.stop().await
+}

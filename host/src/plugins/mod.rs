@@ -28,7 +28,7 @@ pub mod loader;
 pub mod manifest;
 pub mod watcher;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -228,6 +228,9 @@ struct Inner {
     /// The routing table in force does not match the slots (a change whose routes could not
     /// be published yet).
     routes_stale: bool,
+    /// Plugins the routing table in force reaches. A plugin just loaded is not ready until it
+    /// is here: its subscriptions may already deliver, but to the previous table.
+    routed: BTreeSet<PluginName>,
 }
 
 /// A file seen changing, and for how long.
@@ -342,7 +345,8 @@ impl Registry {
         Ok(found
             .into_iter()
             .filter(|(name, (_, fingerprint))| {
-                let running = inner.slots.contains_key(name);
+                // Running means reached by the table in force, not only loaded.
+                let running = inner.routed.contains(name);
                 let rejected = inner
                     .failed
                     .get(name)
@@ -552,9 +556,10 @@ impl Registry {
 
     /// Rebuilds the routing table from the slots and hands it to the source.
     async fn publish_routes(&self) -> anyhow::Result<()> {
-        let table = {
+        let (names, table) = {
             let inner = self.lock();
-            RoutingTable::new(
+            let names: BTreeSet<PluginName> = inner.slots.keys().cloned().collect();
+            let table = RoutingTable::new(
                 inner
                     .slots
                     .values()
@@ -564,7 +569,8 @@ impl Registry {
                             .with_stream_settings(current.stream.clone())
                     })
                     .collect(),
-            )
+            );
+            (names, table)
         };
         let subscriptions = table.subscriptions();
         self.loader.effects().sharded().set_subscribed(
@@ -576,7 +582,9 @@ impl Registry {
                 })
                 .collect(),
         );
-        self.source.update(subscriptions, table).await
+        self.source.update(subscriptions, table).await?;
+        self.lock().routed = names;
+        Ok(())
     }
 
     /// Unloads every plugin for good: routes are cleared, queues drain, workers exit, and
