@@ -33,6 +33,7 @@ use crate::source::streams::{StreamBackend, StreamReaders};
 use crate::source::{Source, SourceStatus};
 use crate::worker::PluginStats;
 use crate::worker::engine::Runtime;
+use crate::worker::queue::HostBudget;
 
 /// Which broker the host talks to.
 pub enum Broker {
@@ -309,7 +310,11 @@ impl Host {
             loader,
             source.clone(),
             WorkerSettings {
+                queue_bytes: config.plugins.queue_bytes,
                 queue_capacity: config.plugins.queue_capacity,
+                budget: HostBudget::new(
+                    usize::try_from(config.queue_bytes_total()).unwrap_or(usize::MAX),
+                ),
                 when_full: config.plugins.when_full,
                 breaker: config.breaker(),
             },

@@ -500,13 +500,21 @@ pub fn effective_settings(config: &Config) -> String {
     out.push('\n');
     let _ = writeln!(
         out,
-        "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_capacity = {}\nwhen_full = {:?}\n\
-         deadline_ms = {}\nmemory_mib = {}\nsettle_ms = {}\nbreaker_failures = {}\n\
+        "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_bytes = {}\nqueue_bytes_total = {}{}\n\
+         {}when_full = {:?}\ndeadline_ms = {}\nmemory_mib = {}\nsettle_ms = {}\nbreaker_failures = {}\n\
          breaker_window = {}\nbreaker_backoff_ms = {}\nmax_payload_bytes = {}\n\
          max_wasm_mib = {}\ndrain_ms = {}",
         p.dir.display(),
         p.policy,
-        p.queue_capacity,
+        p.queue_bytes,
+        config.queue_bytes_total(),
+        if p.queue_bytes_total.is_none() {
+            "  # derived: a quarter of the cgroup's memory limit, else 1 GiB"
+        } else {
+            ""
+        },
+        p.queue_capacity
+            .map_or_else(String::new, |count| format!("queue_capacity = {count}\n")),
         p.when_full,
         p.deadline_ms,
         p.memory_mib,

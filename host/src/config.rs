@@ -21,6 +21,11 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
 /// The plugins folder, relative to the working directory.
 pub const DEFAULT_PLUGINS_DIR: &str = "plugins";
+/// What all plugins' queues may hold together when the host runs without a memory limit it
+/// can read (no cgroup limit): room for sixteen plugins' default budgets.
+pub const DEFAULT_QUEUE_BYTES_TOTAL: u64 = 1 << 30;
+/// The smallest queue budget accepted: a few messages.
+pub const MIN_QUEUE_BYTES: u64 = 4096;
 
 /// The whole configuration of a host.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -573,9 +578,19 @@ pub struct PluginsConfig {
     /// The folder watched for `NAME.wasm` (and optional `NAME.toml`) files.
     #[serde(default = "default_plugins_dir")]
     pub dir: PathBuf,
-    /// Messages waiting per plugin before that plugin sheds new ones.
-    #[serde(default = "default_queue_capacity")]
-    pub queue_capacity: usize,
+    /// Bytes of messages waiting per plugin before that plugin sheds (a message costs its
+    /// payload, channel and subscription plus a fixed overhead of about 180 bytes). A
+    /// manifest's `[limits] queue_bytes` overrides it for its plugin.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: u64,
+    /// Bytes waiting in all plugins' queues together; when spent, the plugin with the
+    /// largest backlog sheds. Default: a quarter of the host's memory limit (its cgroup's),
+    /// or 1 GiB without one.
+    #[serde(default)]
+    pub queue_bytes_total: Option<u64>,
+    /// Messages waiting per plugin, if they should be capped by count as well as by bytes.
+    #[serde(default)]
+    pub queue_capacity: Option<usize>,
     /// Wall-clock limit of one `handle` or `describe` call, in milliseconds.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
@@ -751,7 +766,9 @@ impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
             dir: default_plugins_dir(),
-            queue_capacity: default_queue_capacity(),
+            queue_bytes: default_queue_bytes(),
+            queue_bytes_total: None,
+            queue_capacity: None,
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
             settle_ms: default_settle_ms(),
@@ -788,10 +805,12 @@ fn default_plugins_dir() -> PathBuf {
     PathBuf::from(DEFAULT_PLUGINS_DIR)
 }
 
-/// Enough to absorb a burst of a few milliseconds at full speed without letting one stuck
-/// plugin hold much memory.
-fn default_queue_capacity() -> usize {
-    4096
+/// Of the order of what Redis itself buffers for a subscriber that falls behind (its
+/// `client-output-buffer-limit pubsub` cuts at 32 MiB, about 330,000 messages of 64 bytes): a
+/// burst that a bare client survives is not shed. At 64 bytes a message costs about 250 bytes
+/// here, so this holds about 270,000 of them.
+fn default_queue_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_deadline_ms() -> u64 {
@@ -916,6 +935,8 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
         "plugins",
         &[
             ("dir", EnvType::Text),
+            ("queue_bytes", EnvType::Toml),
+            ("queue_bytes_total", EnvType::Toml),
             ("queue_capacity", EnvType::Toml),
             ("deadline_ms", EnvType::Toml),
             ("memory_mib", EnvType::Toml),
@@ -1184,9 +1205,24 @@ impl Config {
                 ));
             }
         }
-        if self.plugins.queue_capacity == 0 {
+        if self.plugins.queue_capacity == Some(0) {
             problems.push(format!(
-                "{origin}: plugins.queue_capacity must be at least 1"
+                "{origin}: plugins.queue_capacity must be at least 1 (or left out: no count cap)"
+            ));
+        }
+        if self.plugins.queue_bytes < MIN_QUEUE_BYTES {
+            problems.push(format!(
+                "{origin}: plugins.queue_bytes must be at least {MIN_QUEUE_BYTES} (one message), got {}",
+                self.plugins.queue_bytes
+            ));
+        }
+        if let Some(total) = self
+            .plugins
+            .queue_bytes_total
+            .filter(|total| *total < MIN_QUEUE_BYTES)
+        {
+            problems.push(format!(
+                "{origin}: plugins.queue_bytes_total must be at least {MIN_QUEUE_BYTES} (one message), got {total}"
             ));
         }
         if self.plugins.deadline_ms == 0 {
@@ -1302,10 +1338,39 @@ impl Config {
         }
     }
 
+    /// The bytes all plugins' queues may hold together: `plugins.queue_bytes_total`, or a
+    /// quarter of the memory limit of the host's cgroup, or [`DEFAULT_QUEUE_BYTES_TOTAL`].
+    pub fn queue_bytes_total(&self) -> u64 {
+        self.plugins.queue_bytes_total.unwrap_or_else(|| {
+            cgroup_memory_limit()
+                .map_or(DEFAULT_QUEUE_BYTES_TOTAL, |limit| limit / 4)
+                .max(MIN_QUEUE_BYTES)
+        })
+    }
+
     /// How long the plugins folder must be quiet before a reload.
     pub fn settle(&self) -> Duration {
         Duration::from_millis(self.plugins.settle_ms)
     }
+}
+
+/// The memory limit of the host's cgroup (v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`), if it has one: in a container, what it may use before it is
+/// killed.
+fn cgroup_memory_limit() -> Option<u64> {
+    const FILES: [&str; 2] = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ];
+    // v1 reports "no limit" as a number near 2^63; anything above 1 PiB is no limit.
+    const NO_LIMIT: u64 = 1 << 50;
+    FILES.iter().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|limit| *limit < NO_LIMIT)
+    })
 }
 
 /// The keys each output kind takes, `kind` included.
@@ -1653,7 +1718,7 @@ outputs = ["email", "audit"]
         )
         .unwrap();
         assert_eq!(config.redis.url.expose(), "redis://cache:6380");
-        assert_eq!(config.plugins.queue_capacity, 8192);
+        assert_eq!(config.plugins.queue_capacity, Some(8192));
         assert_eq!(config.plugins.dir, PathBuf::from("/plugins"));
         assert_eq!(config.admin.listen.to_string(), "0.0.0.0:9090");
 

@@ -335,7 +335,7 @@ pub async fn test(target: &Target, inputs: &[(usize, InputLine)]) -> anyhow::Res
 
 /// Feeds every message at once and returns how long the plugin took to finish them all,
 /// from the first publish to an empty queue. For benchmarks: the effects are not kept, and
-/// the queue must hold all the messages (`plugins.queue_capacity`) or some are shed.
+/// the queue must hold all the messages (`plugins.queue_bytes`) or some are shed.
 pub async fn time_messages(
     target: &Target,
     messages: &[(Bytes, Bytes)],
@@ -355,7 +355,7 @@ pub async fn time_messages(
     let shed = sandbox.counters().shed;
     sandbox.stop().await?;
     if shed > 0 {
-        bail!("{shed} messages were shed: raise plugins.queue_capacity");
+        bail!("{shed} messages were shed: raise plugins.queue_bytes");
     }
     Ok(elapsed)
 }

@@ -15,16 +15,17 @@ const FAULTY: &str = "[grants]\npublish = [\"faults\"]\n";
 
 /// `faulty` allowed to answer and to probe the `gate` channel (`hold:gate`), with a deadline
 /// long enough that a hold lasts as long as a test needs.
-const HELD: &str = "[grants]\npublish = [\"faults\", \"gate\"]\n[limits]\ndeadline_ms = 60000\n";
+pub(crate) const HELD: &str =
+    "[grants]\npublish = [\"faults\", \"gate\"]\n[limits]\ndeadline_ms = 60000\n";
 
 /// Host settings under which the circuit breaker never trips in a test: whatever a plugin
 /// does, its messages are run (or shed by its queue), never shed for parking.
-const BREAKER_OFF: &str = "breaker_failures = 100000\nbreaker_window = 100000\n";
+pub(crate) const BREAKER_OFF: &str = "breaker_failures = 100000\nbreaker_window = 100000\n";
 
 /// The host's default deadline (`plugins.deadline_ms`).
 const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
 
-fn stat(entry: &Value, name: &str) -> u64 {
+pub(crate) fn stat(entry: &Value, name: &str) -> u64 {
     entry["stats"][name].as_u64().unwrap_or_default()
 }
 
@@ -80,7 +81,7 @@ impl Summary {
 
 /// The value of one series in `/metrics`, e.g.
 /// `switchyard_plugin_shed_total{plugin="faulty",reason="parked"}`.
-async fn metric(host: &TestHost, series: &str) -> anyhow::Result<Option<u64>> {
+pub(crate) async fn metric(host: &TestHost, series: &str) -> anyhow::Result<Option<u64>> {
     let (_, body) = host.get("/metrics").await?;
     let text = body.as_str().unwrap_or_default();
     Ok(text
@@ -90,7 +91,11 @@ async fn metric(host: &TestHost, series: &str) -> anyhow::Result<Option<u64>> {
 
 /// Waits until `plugin` has taken a message from its queue and is still inside the call:
 /// with `hold:gate`, until the test subscribes to `gate`.
-async fn wait_in_flight(host: &TestHost, plugin: &str, accepted: u64) -> anyhow::Result<Value> {
+pub(crate) async fn wait_in_flight(
+    host: &TestHost,
+    plugin: &str,
+    accepted: u64,
+) -> anyhow::Result<Value> {
     host.wait_plugin(plugin, "inside its first call", |p| {
         stat(p, "accepted") == accepted
             && p["queue_depth"] == 0
@@ -198,7 +203,7 @@ async fn traps_deadlines_and_memory_exhaustion_fail_only_their_message() -> anyh
     assert_eq!(entry["stats"]["failed_by"], by_reason, "{entry}");
     assert_eq!(
         entry["stats"]["shed_by"],
-        json!({"queue_full": 0, "parked": 0, "stopped": 0}),
+        json!({"queue_full": 0, "host_budget": 0, "parked": 0, "stopped": 0}),
         "{entry}"
     );
     for (reason, count) in by_reason.as_object().into_iter().flatten() {
@@ -294,7 +299,10 @@ async fn a_plugin_that_keeps_failing_is_parked_then_retried() -> anyhow::Result<
 
 /// A host running `faulty` (on `fault:*`, with the [`HELD`] manifest) and `forward` (on
 /// `fwd:*`), with the circuit breaker off and `plugins` settings added.
-async fn held_beside_forward(redis: &RedisServer, plugins: &str) -> anyhow::Result<TestHost> {
+pub(crate) async fn held_beside_forward(
+    redis: &RedisServer,
+    plugins: &str,
+) -> anyhow::Result<TestHost> {
     TestHost::start_configured(
         redis,
         &format!("[plugins]\n{BREAKER_OFF}{plugins}"),

@@ -3,6 +3,7 @@
 //! One test binary (linked once) with a module per area.
 
 mod browser;
+mod budgets;
 mod cluster;
 mod concurrency;
 mod faults;

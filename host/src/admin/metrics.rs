@@ -191,6 +191,20 @@ impl Collector for SwitchyardCollector {
                 (vec![("kind", "stream")], gauge_value(status.streams)),
             ],
         )?;
+        let (queued, budget) = self.registry.queue_budget();
+        single(
+            &mut encoder,
+            "switchyard_queue_bytes",
+            "Bytes of messages waiting in all plugins' queues together.",
+            ConstGauge::new(gauge_value(queued)),
+        )?;
+        single(
+            &mut encoder,
+            "switchyard_queue_bytes_limit",
+            "The host's total queue budget in bytes: past it, the plugin with the largest \
+             backlog sheds.",
+            ConstGauge::new(gauge_value(budget)),
+        )?;
         single(
             &mut encoder,
             "switchyard_plugins_failed",
@@ -240,8 +254,9 @@ impl Collector for SwitchyardCollector {
         counters(
             &mut encoder,
             "switchyard_plugin_shed",
-            "Shed messages per plugin by reason: queue_full, parked (by the circuit breaker), \
-             stopped (the plugin was being removed). They sum to the shed outcome of \
+            "Shed messages per plugin by reason: queue_full (its queue budget was spent), \
+             host_budget (the host's total queue budget was spent and it had the largest \
+             backlog), parked (by the circuit breaker), stopped (the plugin was being removed). They sum to the shed outcome of \
              switchyard_plugin_messages.",
             snapshots.iter().flat_map(|(plugin, stats)| {
                 ShedReason::ALL.map(|reason| {
@@ -304,6 +319,29 @@ impl Collector for SwitchyardCollector {
                 (
                     vec![("plugin", p.name.as_str())],
                     gauge_value(p.queue_depth),
+                )
+            }),
+        )?;
+        gauges(
+            &mut encoder,
+            "switchyard_plugin_queue_bytes",
+            "Bytes of messages waiting in each plugin's queue (payload, channel, subscription \
+             and a fixed overhead per message).",
+            plugins.iter().map(|p| {
+                (
+                    vec![("plugin", p.name.as_str())],
+                    gauge_value(p.queue_bytes.0),
+                )
+            }),
+        )?;
+        gauges(
+            &mut encoder,
+            "switchyard_plugin_queue_bytes_limit",
+            "Each plugin's queue budget in bytes: past it, the plugin sheds.",
+            plugins.iter().map(|p| {
+                (
+                    vec![("plugin", p.name.as_str())],
+                    gauge_value(p.queue_bytes.1),
                 )
             }),
         )?;

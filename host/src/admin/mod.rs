@@ -97,7 +97,10 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse
 /// Every plugin with its version, subscriptions, grants and counters, every output's
 /// counters, and the subscriber connection's state and name in Redis.
 async fn plugins(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
+    let (queued, budget) = state.registry.queue_budget();
     Json(serde_json::json!({
+        "queue_bytes": queued,
+        "queue_bytes_total": budget,
         "received": state.router.received(),
         "unrouted": state.router.unrouted(),
         "oversize": state.router.oversize(),

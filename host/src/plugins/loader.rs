@@ -18,7 +18,7 @@ use wasmtime::component::Component;
 use super::compile_cache::{CompileCache, Compiled};
 use super::manifest::{Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
-use crate::config::{GrantsConfig, Policy, StreamsConfig};
+use crate::config::{GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig};
 use crate::effects::Effects;
 use crate::effects::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::effects::loop_guard::LoopGuard;
@@ -304,6 +304,7 @@ impl Loader {
             description: Description::default(),
             stream: Arc::default(),
             concurrency: 1,
+            queue_bytes: None,
             path: path.clone(),
             size,
             manifest_hash,
@@ -331,6 +332,7 @@ impl Loader {
             description,
             stream: Arc::new(self.streams.settings_for(name.as_str(), &manifest.stream)),
             concurrency: manifest.limits.concurrency.unwrap_or(1),
+            queue_bytes: manifest.limits.queue_bytes,
             path,
             size,
             manifest_hash,
@@ -374,6 +376,15 @@ impl Loader {
         {
             problems.push(format!(
                 "limits.concurrency must be between 1 and {MAX_CONCURRENCY}, got {workers}"
+            ));
+        }
+        if let Some(bytes) = manifest
+            .limits
+            .queue_bytes
+            .filter(|bytes| *bytes < MIN_QUEUE_BYTES)
+        {
+            problems.push(format!(
+                "limits.queue_bytes must be at least {MIN_QUEUE_BYTES}, got {bytes}"
             ));
         }
         if let Some(mib) = manifest.limits.memory_mib

@@ -20,6 +20,7 @@
 //! deadline_ms = 2000
 //! memory_mib = 32      # per instance
 //! concurrency = 4       # workers, each with its own instance; order is no longer kept
+//! queue_bytes = 8388608 # bytes of messages waiting before the plugin sheds
 //!
 //! [config]              # values the plugin reads with `config(key)`
 //! limit = 280
@@ -89,6 +90,9 @@ pub struct LimitsOverride {
     /// so state a plugin keeps between messages is per worker, and messages are handled in no
     /// particular order.
     pub concurrency: Option<usize>,
+    /// Bytes of messages waiting in the plugin's queue before it sheds (the host's
+    /// `plugins.queue_bytes` otherwise). The host's total budget still applies.
+    pub queue_bytes: Option<u64>,
 }
 
 /// A plugin's settings as its `config` import returns them: text, whatever the TOML type.

@@ -45,7 +45,7 @@ use crate::source::streams::StreamSettings;
 use crate::source::{Source, Subscription};
 use crate::worker::bindings::PluginPre;
 use crate::worker::breaker::BreakerPolicy;
-use crate::worker::queue::WhenFull;
+use crate::worker::queue::{HostBudget, Limits, WhenFull};
 use crate::worker::state::{HostState, PluginContext};
 use crate::worker::{self, Inbox, PluginStats, StatsSnapshot, Workers};
 use crate::{ContentHash, PluginName};
@@ -133,6 +133,8 @@ pub struct LoadedPlugin {
     /// How many workers handle its messages at once (`limits.concurrency`; 1 keeps them in
     /// order).
     pub concurrency: usize,
+    /// Its queue's byte budget, if its manifest sets one (`limits.queue_bytes`).
+    pub queue_bytes: Option<u64>,
     /// The file it came from.
     pub path: PathBuf,
     /// The file's size in bytes.
@@ -265,10 +267,14 @@ impl Changes {
 }
 
 /// How each plugin's queue and worker behave.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Messages a queue holds.
-    pub queue_capacity: usize,
+    /// Bytes a queue holds unless its plugin's manifest says otherwise.
+    pub queue_bytes: u64,
+    /// Messages a queue holds, if capped by count too.
+    pub queue_capacity: Option<usize>,
+    /// What all queues hold together.
+    pub budget: Arc<HostBudget>,
     /// What a full queue sheds.
     pub when_full: WhenFull,
     /// When a failing plugin is parked.
@@ -317,6 +323,12 @@ impl Registry {
     /// sets it too.
     pub fn set_settle(&self, settle: Duration) {
         self.settle_ms.store(millis(settle), Ordering::Relaxed);
+    }
+
+    /// The byte budget of `version`'s queue: its manifest's, else the host's.
+    fn queue_bytes(&self, version: &LoadedPlugin) -> usize {
+        let bytes = version.queue_bytes.unwrap_or(self.workers.queue_bytes);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
     }
 
     fn settle(&self) -> Duration {
@@ -484,7 +496,9 @@ impl Registry {
                     subscriptions = version.description.subscriptions.len(),
                     "plugin loaded"
                 );
+                let queue_bytes = self.queue_bytes(&version);
                 if let Some(slot) = inner.slots.get_mut(&name) {
+                    slot.inbox.set_byte_limit(queue_bytes);
                     slot.current.store(version);
                     // The new version may want more or fewer workers than the old one.
                     if let Err(e) = slot.workers.staff() {
@@ -500,10 +514,15 @@ impl Registry {
                     changes.replaced.push(name);
                 } else {
                     let stats = PluginStats::new();
+                    let limits = Limits {
+                        bytes: queue_bytes,
+                        count: self.workers.queue_capacity,
+                        when_full: self.workers.when_full,
+                    };
                     let inbox = worker::inbox(
                         name.clone(),
-                        self.workers.queue_capacity,
-                        self.workers.when_full,
+                        limits,
+                        self.workers.budget.clone(),
                         stats.clone(),
                     );
                     let current = Arc::new(ArcSwap::new(version));
@@ -643,10 +662,16 @@ impl Registry {
                 name: name.clone(),
                 stats: slot.stats.clone(),
                 queue_depth: slot.inbox.depth(),
+                queue_bytes: slot.inbox.bytes(),
                 reloads: slot.reloads,
                 rejects: slot.rejects,
             })
             .collect()
+    }
+
+    /// Bytes waiting in all plugins' queues, and the host's total budget for them.
+    pub fn queue_budget(&self) -> (usize, usize) {
+        (self.workers.budget.used(), self.workers.budget.limit())
     }
 
     /// How many files in the folder failed to load with no earlier version running.
@@ -681,6 +706,8 @@ impl Registry {
             version: None,
             stats: None,
             queue_depth: 0,
+            queue_bytes: None,
+            queue_bytes_limit: None,
             reloads: 0,
             load_error: Some(failure.clone()),
         }));
@@ -765,6 +792,8 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
         }),
         stats: Some(slot.stats.snapshot()),
         queue_depth: slot.inbox.depth(),
+        queue_bytes: Some(slot.inbox.bytes().0),
+        queue_bytes_limit: Some(slot.inbox.bytes().1),
         reloads: slot.reloads,
         load_error: slot.load_error.clone(),
     }
@@ -818,6 +847,8 @@ pub struct PluginMetrics {
     pub stats: Arc<PluginStats>,
     /// Messages waiting.
     pub queue_depth: usize,
+    /// Bytes waiting, and its queue's budget.
+    pub queue_bytes: (usize, usize),
     /// Versions swapped in.
     pub reloads: u64,
     /// New files rejected.
@@ -853,6 +884,10 @@ pub struct PluginReport {
     pub stats: Option<StatsSnapshot>,
     /// Messages waiting in its queue.
     pub queue_depth: usize,
+    /// Bytes waiting in its queue, if it has one.
+    pub queue_bytes: Option<usize>,
+    /// Its queue's byte budget, if it has a queue.
+    pub queue_bytes_limit: Option<usize>,
     /// Times a new version replaced a running one.
     pub reloads: u64,
     /// Why the newest file was rejected, if it was.

@@ -169,14 +169,19 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::worker::queue::WhenFull;
+    use crate::worker::queue::{HostBudget, Limits, WhenFull};
     use crate::worker::{Inbox, PluginStats, inbox};
 
     fn test_inbox(name: &str) -> Inbox {
+        let limits = Limits {
+            bytes: 1 << 20,
+            count: Some(16),
+            when_full: WhenFull::DropNewest,
+        };
         inbox(
             name.parse().unwrap(),
-            16,
-            WhenFull::DropNewest,
+            limits,
+            HostBudget::new(1 << 20),
             PluginStats::new(),
         )
     }

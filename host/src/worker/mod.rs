@@ -52,7 +52,7 @@ use instance::{Failure, Instance};
 use outcome::{
     FailureCounters, FailureCounts, FailureReason, ShedCounters, ShedCounts, ShedReason,
 };
-use queue::{Queue, Shed, WhenFull};
+use queue::{HostBudget, Limits, Queue};
 
 /// One message waiting in a plugin's queue.
 #[derive(Debug)]
@@ -299,55 +299,47 @@ pub struct Inbox {
     stats: Arc<PluginStats>,
 }
 
-/// Creates a plugin's queue with room for `capacity` messages.
+/// Creates a plugin's queue within `limits`, sharing the host's `budget`.
 pub fn inbox(
     plugin: PluginName,
-    capacity: usize,
-    when_full: WhenFull,
+    limits: Limits,
+    budget: Arc<HostBudget>,
     stats: Arc<PluginStats>,
 ) -> Inbox {
+    let owner = queue::Owner {
+        plugin: plugin.clone(),
+        stats: stats.clone(),
+    };
     Inbox {
         plugin,
-        queue: Arc::new(Queue::new(capacity, when_full)),
+        queue: Queue::new(limits, budget, owner),
         stats,
     }
 }
 
 impl Inbox {
-    /// Queues `envelope` if there is room; otherwise sheds by the queue's policy and counts.
-    /// Never waits: the caller is the reading task, and Redis drops a subscriber that stops
-    /// reading.
+    /// Queues `envelope` if the budgets allow; otherwise sheds by the queue's policy and
+    /// counts. Never waits: the caller is the reading task, and Redis drops a subscriber that
+    /// stops reading.
     pub fn offer(&self, envelope: Envelope) {
-        match self.queue.push(envelope) {
-            Ok(()) => {
-                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(Shed::Oldest) => {
-                // The new message is in; an older accepted one is gone.
-                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                self.stats.discarded.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .record_shed(&self.plugin, ShedReason::QueueFull, ", dropped the oldest");
-            }
-            Err(Shed::Newest) => {
-                self.stats
-                    .record_shed(&self.plugin, ShedReason::QueueFull, ", dropped the newest");
-            }
-            Err(Shed::Closed) => self
-                .stats
-                .record_shed(&self.plugin, ShedReason::Stopped, ""),
-        }
+        self.queue.offer(envelope);
     }
 
-    /// Queues a stream entry, even beyond the queue's capacity (its reader bounds what it
+    /// Queues a stream entry, even beyond the queue's budgets (its reader bounds what it
     /// has in flight). Returns false if the plugin has stopped; the entry's ticket then
     /// reports it as not handled.
     pub fn offer_entry(&self, envelope: Envelope) -> bool {
-        let queued = self.queue.push_beyond_capacity(envelope).is_ok();
-        if queued {
-            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        }
-        queued
+        self.queue.offer_unbounded(envelope)
+    }
+
+    /// Sets the plugin's queue budget in bytes (its current version's).
+    pub fn set_byte_limit(&self, bytes: usize) {
+        self.queue.set_byte_limit(bytes);
+    }
+
+    /// Bytes waiting, and the plugin's queue budget.
+    pub fn bytes(&self) -> (usize, usize) {
+        (self.queue.bytes(), self.queue.byte_limit())
     }
 
     /// The plugin's name.

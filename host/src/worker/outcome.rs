@@ -55,8 +55,11 @@ impl FailureReason {
 /// Why one message was shed: dropped without being handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShedReason {
-    /// The plugin's queue was full (with `drop-oldest`, the message dropped is an older one).
+    /// The plugin's queue was full: its byte budget (or its optional count cap) was spent.
+    /// With `drop-oldest`, the message dropped is an older one.
     QueueFull,
+    /// The host's total queue budget was spent and this plugin had the largest backlog.
+    HostBudget,
     /// The circuit breaker had parked the plugin.
     Parked,
     /// The plugin had been removed or the host was stopping.
@@ -65,12 +68,18 @@ pub enum ShedReason {
 
 impl ShedReason {
     /// Every reason, in the order metrics list them.
-    pub const ALL: [Self; 3] = [Self::QueueFull, Self::Parked, Self::Stopped];
+    pub const ALL: [Self; 4] = [
+        Self::QueueFull,
+        Self::HostBudget,
+        Self::Parked,
+        Self::Stopped,
+    ];
 
     /// The reason as a metric label and JSON key.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::QueueFull => "queue_full",
+            Self::HostBudget => "host_budget",
             Self::Parked => "parked",
             Self::Stopped => "stopped",
         }
@@ -80,6 +89,9 @@ impl ShedReason {
     pub fn describe(self) -> &'static str {
         match self {
             Self::QueueFull => "queue full",
+            Self::HostBudget => {
+                "the host's total queue budget is spent and this plugin has the largest backlog"
+            }
             Self::Parked => "plugin parked by its circuit breaker",
             Self::Stopped => "plugin stopped",
         }
@@ -126,6 +138,7 @@ impl ShedCounters {
         let read = |reason: ShedReason| self.0[reason as usize].load(Ordering::Relaxed);
         ShedCounts {
             queue_full: read(ShedReason::QueueFull),
+            host_budget: read(ShedReason::HostBudget),
             parked: read(ShedReason::Parked),
             stopped: read(ShedReason::Stopped),
         }
@@ -170,6 +183,8 @@ impl FailureCounts {
 pub struct ShedCounts {
     /// Its queue was full.
     pub queue_full: u64,
+    /// The host's total queue budget was spent and it had the largest backlog.
+    pub host_budget: u64,
     /// It was parked by its circuit breaker.
     pub parked: u64,
     /// It had stopped.
@@ -181,6 +196,7 @@ impl ShedCounts {
     pub fn get(&self, reason: ShedReason) -> u64 {
         match reason {
             ShedReason::QueueFull => self.queue_full,
+            ShedReason::HostBudget => self.host_budget,
             ShedReason::Parked => self.parked,
             ShedReason::Stopped => self.stopped,
         }

@@ -1,18 +1,30 @@
 //! A plugin's bounded queue: the router pushes without ever waiting, the plugin's worker
 //! threads pop (one by default; `limits.concurrency` of them when its manifest asks).
 //!
-//! When the queue is full the router sheds, for that plugin only, either the message it is
-//! pushing (`drop-newest`, the default: what was accepted stays accepted) or the oldest
-//! waiting one (`drop-oldest`: a plugin that fell behind catches up on fresh data, as a
-//! dashboard wants). A queue is closed when its plugin is removed; the workers drain what is
-//! left and stop.
+//! Bounds are in bytes. A message costs its payload, channel and matched subscription plus a
+//! fixed [`MESSAGE_OVERHEAD`] ([`Envelope::cost`]). Each queue has a byte budget
+//! (`plugins.queue_bytes`, or the manifest's `[limits] queue_bytes`) and, optionally, a count
+//! cap (`plugins.queue_capacity`); all queues of the host share one total ([`HostBudget`],
+//! `plugins.queue_bytes_total`), so that a hundred plugins cannot hold a hundred budgets.
+//!
+//! When a queue's own budget is spent it sheds, for that plugin only, either the message it is
+//! pushing (`drop-newest`, the default: what was accepted stays accepted) or its oldest waiting
+//! ones (`drop-oldest`: a plugin that fell behind catches up on fresh data, as a dashboard
+//! wants). When the host's total is spent, the plugin with the largest backlog sheds, not
+//! whoever pushes next: a stuck plugin cannot make a healthy one lose messages. Every drop is
+//! counted in the plugin's stats by reason.
+//!
+//! A queue is closed when its plugin is removed; the workers drain what is left and stop.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use serde::{Deserialize, Serialize};
 
-use super::Envelope;
+use super::outcome::ShedReason;
+use super::{Envelope, PluginStats};
+use crate::PluginName;
 
 /// Which message a full queue gives up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -25,15 +37,126 @@ pub enum WhenFull {
     DropOldest,
 }
 
-/// Why a push did not simply queue.
+/// What a queued message costs beyond its payload, channel and subscription bytes: the
+/// envelope itself in the queue's ring, and the heap blocks its payload and channel live in
+/// (an allocator keeps about 16 bytes beside each).
+pub const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Queued>() + 2 * 16;
+
+impl Envelope {
+    /// What this message counts against queue budgets, in bytes. A payload shared by several
+    /// plugins' queues is counted in each: an upper bound of what the host holds.
+    pub fn cost(&self) -> usize {
+        let entry = self.entry.as_ref().map_or(0, |entry| {
+            entry.id.len()
+                + entry
+                    .fields
+                    .iter()
+                    .map(|(name, value)| name.len() + value.len() + 64)
+                    .sum::<usize>()
+        });
+        MESSAGE_OVERHEAD
+            + self.payload.len()
+            + self.channel.len()
+            + self.subscription.name().len()
+            + entry
+    }
+}
+
+/// How much one queue holds before it sheds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shed {
-    /// The queue was full; the new message was dropped.
-    Newest,
-    /// The queue was full; the oldest message was dropped, the new one queued.
-    Oldest,
-    /// The plugin was removed or is stopping.
-    Closed,
+pub struct Limits {
+    /// Bytes of waiting messages ([`Envelope::cost`]).
+    pub bytes: usize,
+    /// Waiting messages, if capped by count too.
+    pub count: Option<usize>,
+    /// What a full queue sheds.
+    pub when_full: WhenFull,
+}
+
+/// The bytes every queue of the host may hold together, and the queues that share them.
+#[derive(Debug)]
+pub struct HostBudget {
+    limit: usize,
+    used: AtomicUsize,
+    queues: Mutex<Vec<Weak<Queue>>>,
+}
+
+impl HostBudget {
+    /// A budget of `limit` bytes for all queues together.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: limit.max(1),
+            used: AtomicUsize::new(0),
+            queues: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The total, in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Bytes held by every queue now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `cost` bytes if they fit.
+    fn try_take(&self, cost: usize) -> bool {
+        // Optimistic: two pushes racing for the last bytes may both back off, never both
+        // overshoot by more than one message each.
+        let before = self.used.fetch_add(cost, Ordering::Relaxed);
+        if before + cost <= self.limit {
+            return true;
+        }
+        self.used.fetch_sub(cost, Ordering::Relaxed);
+        false
+    }
+
+    /// Takes `cost` bytes whether or not they fit (stream entries, which are never shed).
+    fn take(&self, cost: usize) {
+        self.used.fetch_add(cost, Ordering::Relaxed);
+    }
+
+    fn give_back(&self, cost: usize) {
+        self.used.fetch_sub(cost, Ordering::Relaxed);
+    }
+
+    fn join(&self, queue: &Arc<Queue>) {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.retain(|q| q.strong_count() > 0);
+        queues.push(Arc::downgrade(queue));
+    }
+
+    /// The queue holding the most bytes.
+    fn largest(&self) -> Option<Arc<Queue>> {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues
+            .iter()
+            .filter_map(Weak::upgrade)
+            .max_by_key(|queue| queue.bytes())
+    }
+}
+
+/// The plugin a queue belongs to, whose stats count what the queue accepts and sheds.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    /// The plugin's name, for logs.
+    pub plugin: PluginName,
+    /// Its counters.
+    pub stats: Arc<PluginStats>,
+}
+
+impl Owner {
+    fn shed(&self, reason: ShedReason, detail: &str) {
+        self.stats.record_shed(&self.plugin, reason, detail);
+    }
+
+    /// A message accepted earlier is gone unhandled.
+    fn discard(&self, reason: ShedReason, detail: &str) {
+        self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        self.shed(reason, detail);
+    }
 }
 
 /// A bounded FIFO between the router and a plugin's workers.
@@ -46,27 +169,60 @@ pub enum Shed {
 pub struct Queue {
     state: Mutex<State>,
     ready: Condvar,
-    capacity: usize,
+    owner: Owner,
+    budget: Arc<HostBudget>,
     when_full: WhenFull,
+    count_limit: usize,
+    byte_limit: AtomicUsize,
+    /// `state.bytes`, readable without the lock (the host budget's search for the largest
+    /// backlog, metrics).
+    bytes: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Queued {
+    envelope: Envelope,
+    cost: usize,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    items: VecDeque<Envelope>,
+    items: VecDeque<Queued>,
+    bytes: usize,
     closed: bool,
     /// Threads asleep in `pop`.
     waiters: usize,
 }
 
+impl State {
+    fn take_front(&mut self) -> Option<Queued> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.cost;
+        Some(item)
+    }
+
+    fn take_back(&mut self) -> Option<Queued> {
+        let item = self.items.pop_back()?;
+        self.bytes -= item.cost;
+        Some(item)
+    }
+}
+
 impl Queue {
-    /// A queue holding at most `capacity` messages.
-    pub fn new(capacity: usize, when_full: WhenFull) -> Self {
-        Self {
+    /// An empty queue of `owner`'s within `limits`, sharing `budget` with the host's others.
+    pub fn new(limits: Limits, budget: Arc<HostBudget>, owner: Owner) -> Arc<Self> {
+        let queue = Arc::new(Self {
             state: Mutex::new(State::default()),
             ready: Condvar::new(),
-            capacity: capacity.max(1),
-            when_full,
-        }
+            owner,
+            when_full: limits.when_full,
+            count_limit: limits.count.unwrap_or(usize::MAX).max(1),
+            byte_limit: AtomicUsize::new(limits.bytes.max(1)),
+            bytes: AtomicUsize::new(0),
+            budget: budget.clone(),
+        });
+        budget.join(&queue);
+        queue
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -75,33 +231,143 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `envelope`, or sheds according to the policy. Never blocks beyond the lock.
-    pub fn push(&self, envelope: Envelope) -> Result<(), Shed> {
-        self.push_inner(envelope, true)
+    /// Sets the byte budget (a new version's manifest may change it). Messages already
+    /// queued stay; pushes see the new budget.
+    pub fn set_byte_limit(&self, bytes: usize) {
+        self.byte_limit.store(bytes.max(1), Ordering::Relaxed);
     }
 
-    /// Queues `envelope` even when the queue is full: for stream entries, whose reader
-    /// bounds what it has in flight itself and must not lose what it read.
-    pub fn push_beyond_capacity(&self, envelope: Envelope) -> Result<(), Shed> {
-        self.push_inner(envelope, false)
+    /// The byte budget.
+    pub fn byte_limit(&self) -> usize {
+        self.byte_limit.load(Ordering::Relaxed)
     }
 
-    fn push_inner(&self, envelope: Envelope, bounded: bool) -> Result<(), Shed> {
+    /// Bytes of the messages waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Queues `envelope`, or sheds according to the budgets and the policy, counting what it
+    /// accepts and drops in the owner's stats. Never blocks beyond the locks of a push (this
+    /// queue's, and another's when the host budget makes that one shed). Returns whether
+    /// `envelope` was queued.
+    pub fn offer(&self, envelope: Envelope) -> bool {
+        let cost = envelope.cost();
+        if cost > self.byte_limit().min(self.budget.limit()) {
+            // No amount of waiting makes room for it.
+            self.owner.shed(
+                ShedReason::QueueFull,
+                ", larger than the plugin's whole queue budget",
+            );
+            return false;
+        }
+        if !self.reserve(cost) {
+            return false;
+        }
         let mut state = self.lock();
         if state.closed {
-            return Err(Shed::Closed);
+            drop(state);
+            self.budget.give_back(cost);
+            self.owner.shed(ShedReason::Stopped, "");
+            return false;
         }
-        let mut outcome = Ok(());
-        if bounded && state.items.len() >= self.capacity {
+        let byte_limit = self.byte_limit();
+        let mut dropped = 0usize;
+        while state.items.len() >= self.count_limit || state.bytes + cost > byte_limit {
             match self.when_full {
-                WhenFull::DropNewest => return Err(Shed::Newest),
+                WhenFull::DropNewest => {
+                    self.bytes.store(state.bytes, Ordering::Relaxed);
+                    drop(state);
+                    self.budget.give_back(cost);
+                    self.owner
+                        .shed(ShedReason::QueueFull, ", dropped the newest");
+                    return false;
+                }
                 WhenFull::DropOldest => {
-                    state.items.pop_front();
-                    outcome = Err(Shed::Oldest);
+                    let Some(old) = state.take_front() else { break };
+                    self.budget.give_back(old.cost);
+                    dropped += 1;
                 }
             }
         }
-        state.items.push_back(envelope);
+        self.push_locked(state, envelope, cost);
+        for _ in 0..dropped {
+            self.owner
+                .discard(ShedReason::QueueFull, ", dropped the oldest");
+        }
+        true
+    }
+
+    /// Takes `cost` bytes of the host's budget; when it is spent, the largest backlog sheds
+    /// until they fit. False if this queue's new message is the one to shed.
+    fn reserve(&self, cost: usize) -> bool {
+        loop {
+            if self.budget.try_take(cost) {
+                return true;
+            }
+            let largest = self.budget.largest();
+            let victim = match &largest {
+                // Another queue holds more than this one would with the new message.
+                Some(other)
+                    if !std::ptr::eq(Arc::as_ptr(other), self)
+                        && other.bytes() > self.bytes() + cost =>
+                {
+                    other
+                }
+                _ => {
+                    // This plugin has the largest backlog: it sheds by its own policy.
+                    if self.when_full == WhenFull::DropOldest && self.evict() {
+                        continue;
+                    }
+                    self.owner.shed(ShedReason::HostBudget, "");
+                    return false;
+                }
+            };
+            // Nothing evicted means it emptied meanwhile: look again.
+            victim.evict();
+        }
+    }
+
+    /// Drops one waiting message to free host budget: the oldest with `drop-oldest`, the
+    /// newest with `drop-newest` (the last accepted is the first given up). Whether one was.
+    fn evict(&self) -> bool {
+        let mut state = self.lock();
+        let item = match self.when_full {
+            WhenFull::DropOldest => state.take_front(),
+            WhenFull::DropNewest => state.take_back(),
+        };
+        self.bytes.store(state.bytes, Ordering::Relaxed);
+        drop(state);
+        let Some(item) = item else { return false };
+        self.budget.give_back(item.cost);
+        // A stream entry's ticket, dropped here, reports it as not handled: it is retried.
+        drop(item);
+        self.owner.discard(
+            ShedReason::HostBudget,
+            ", to make room in the host's total queue budget",
+        );
+        true
+    }
+
+    /// Queues a stream entry whatever the budgets say: its reader bounds what it has in
+    /// flight itself and must not lose what it read. Its bytes count all the same. Returns
+    /// false if the queue is closed.
+    pub fn offer_unbounded(&self, envelope: Envelope) -> bool {
+        let cost = envelope.cost();
+        let state = self.lock();
+        if state.closed {
+            return false;
+        }
+        self.budget.take(cost);
+        self.push_locked(state, envelope, cost);
+        true
+    }
+
+    fn push_locked(&self, mut state: MutexGuard<'_, State>, envelope: Envelope, cost: usize) {
+        state.items.push_back(Queued { envelope, cost });
+        state.bytes += cost;
+        self.bytes.store(state.bytes, Ordering::Relaxed);
+        self.owner.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Waking costs a system call: only when a worker is asleep on an empty queue. The
         // count includes sleepers already woken but not yet running; a `notify_one` then
         // reaches another sleeper or nobody, and never loses a message: a thread checks the
@@ -111,7 +377,6 @@ impl Queue {
         if wake {
             self.ready.notify_one();
         }
-        outcome
     }
 
     /// The next message, waiting for one; `None` once the queue is closed and empty.
@@ -129,8 +394,11 @@ impl Queue {
             if leave() {
                 return None;
             }
-            if let Some(envelope) = state.items.pop_front() {
-                return Some(envelope);
+            if let Some(item) = state.take_front() {
+                self.bytes.store(state.bytes, Ordering::Relaxed);
+                drop(state);
+                self.budget.give_back(item.cost);
+                return Some(item.envelope);
             }
             if state.closed {
                 return None;
@@ -157,7 +425,12 @@ impl Queue {
 
     /// The next message if one is waiting.
     pub fn try_pop(&self) -> Option<Envelope> {
-        self.lock().items.pop_front()
+        let mut state = self.lock();
+        let item = state.take_front()?;
+        self.bytes.store(state.bytes, Ordering::Relaxed);
+        drop(state);
+        self.budget.give_back(item.cost);
+        Some(item.envelope)
     }
 
     /// Refuses further pushes; the workers drain what is queued, then stop.
@@ -192,13 +465,56 @@ mod tests {
     use crate::source::Subscription;
 
     fn envelope(n: u8) -> Envelope {
+        sized(n, 1)
+    }
+
+    /// Message `n` with a payload of `len` bytes.
+    fn sized(n: u8, len: usize) -> Envelope {
         Envelope {
             channel: Bytes::from_static(b"c"),
             subscription: Subscription::Channel(Bytes::from_static(b"c")),
             entry: None,
-            payload: Bytes::from(vec![n]),
+            payload: Bytes::from(vec![n; len]),
             received_at: SystemTime::now(),
         }
+    }
+
+    const LARGE: usize = 1 << 30;
+
+    fn owner(name: &str) -> Owner {
+        Owner {
+            plugin: name.parse().unwrap(),
+            stats: PluginStats::new(),
+        }
+    }
+
+    /// A queue capped at `count` messages, with ample byte budgets.
+    fn counted(count: usize, when_full: WhenFull) -> Arc<Queue> {
+        let limits = Limits {
+            bytes: LARGE,
+            count: Some(count),
+            when_full,
+        };
+        Queue::new(limits, HostBudget::new(LARGE), owner("p"))
+    }
+
+    /// A queue of `bytes` in a host budget of `total`.
+    fn budgeted(
+        name: &str,
+        bytes: usize,
+        when_full: WhenFull,
+        budget: &Arc<HostBudget>,
+    ) -> Arc<Queue> {
+        let limits = Limits {
+            bytes,
+            count: None,
+            when_full,
+        };
+        Queue::new(limits, budget.clone(), owner(name))
+    }
+
+    fn shed(queue: &Queue) -> crate::worker::outcome::ShedCounts {
+        queue.owner.stats.snapshot().shed_by
     }
 
     fn drain(queue: &Queue) -> Vec<u8> {
@@ -210,40 +526,44 @@ mod tests {
 
     #[test]
     fn drop_newest_keeps_what_was_accepted() {
-        let queue = Queue::new(2, WhenFull::DropNewest);
-        assert_eq!(queue.push(envelope(1)), Ok(()));
-        assert_eq!(queue.push(envelope(2)), Ok(()));
-        assert_eq!(queue.push(envelope(3)), Err(Shed::Newest));
+        let queue = counted(2, WhenFull::DropNewest);
+        assert!(queue.offer(envelope(1)));
+        assert!(queue.offer(envelope(2)));
+        assert!(!queue.offer(envelope(3)));
         assert_eq!(drain(&queue), [1, 2]);
+        assert_eq!(shed(&queue).queue_full, 1);
     }
 
     #[test]
     fn drop_oldest_keeps_the_freshest() {
-        let queue = Queue::new(2, WhenFull::DropOldest);
+        let queue = counted(2, WhenFull::DropOldest);
         for n in 1..=4 {
-            let _ = queue.push(envelope(n));
+            assert!(queue.offer(envelope(n)));
         }
         assert_eq!(drain(&queue), [3, 4]);
+        assert_eq!(shed(&queue).queue_full, 2);
+        assert_eq!(queue.owner.stats.snapshot().accepted, 4);
     }
 
     #[test]
     fn a_closed_queue_drains_then_ends_and_refuses_more() {
-        let queue = Queue::new(4, WhenFull::DropNewest);
-        let _ = queue.push(envelope(1));
+        let queue = counted(4, WhenFull::DropNewest);
+        assert!(queue.offer(envelope(1)));
         queue.close();
-        assert_eq!(queue.push(envelope(2)), Err(Shed::Closed));
+        assert!(!queue.offer(envelope(2)));
+        assert_eq!(shed(&queue).stopped, 1);
         assert_eq!(queue.pop().map(|e| e.payload[0]), Some(1));
         assert!(queue.pop().is_none());
     }
 
     #[test]
     fn pop_waits_for_a_push_from_another_thread() {
-        let queue = std::sync::Arc::new(Queue::new(4, WhenFull::DropNewest));
+        let queue = counted(4, WhenFull::DropNewest);
         let worker = {
             let queue = queue.clone();
             std::thread::spawn(move || queue.pop().map(|e| e.payload[0]))
         };
-        let _ = queue.push(envelope(7));
+        assert!(queue.offer(envelope(7)));
         assert_eq!(worker.join().unwrap(), Some(7));
     }
 
@@ -263,7 +583,7 @@ mod tests {
     #[test]
     fn quick_pushes_wake_as_many_sleeping_workers() {
         const WORKERS: usize = 4;
-        let queue = std::sync::Arc::new(Queue::new(16, WhenFull::DropNewest));
+        let queue = counted(16, WhenFull::DropNewest);
         // Each worker takes one message and then waits at the barrier, so a message can only
         // be taken by a worker that a push woke: a lost wakeup leaves one stranded.
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(WORKERS + 1));
@@ -280,7 +600,7 @@ mod tests {
             .collect();
         until_sleeping(&queue, WORKERS);
         for n in 0..WORKERS {
-            assert_eq!(queue.push(envelope(n as u8)), Ok(()));
+            assert!(queue.offer(envelope(n as u8)));
         }
         let mut got: Vec<u8> = (0..WORKERS)
             .map(|_| {
@@ -300,7 +620,7 @@ mod tests {
 
     #[test]
     fn close_wakes_every_sleeper() {
-        let queue = std::sync::Arc::new(Queue::new(4, WhenFull::DropNewest));
+        let queue = counted(4, WhenFull::DropNewest);
         let workers: Vec<_> = (0..3)
             .map(|_| {
                 let queue = queue.clone();
@@ -316,7 +636,7 @@ mod tests {
 
     #[test]
     fn a_woken_sleeper_leaves_when_told_and_leaves_the_messages() {
-        let queue = std::sync::Arc::new(Queue::new(4, WhenFull::DropNewest));
+        let queue = counted(4, WhenFull::DropNewest);
         let leave = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker = {
             let (queue, leave) = (queue.clone(), leave.clone());
@@ -330,7 +650,127 @@ mod tests {
         leave.store(true, std::sync::atomic::Ordering::Relaxed);
         queue.wake_all();
         assert!(worker.join().unwrap(), "left without a message");
-        let _ = queue.push(envelope(5));
+        assert!(queue.offer(envelope(5)));
         assert_eq!(drain(&queue), [5], "the message stays for the others");
+    }
+
+    #[test]
+    fn a_small_message_costs_what_the_defaults_promise() {
+        // plugins.queue_bytes's documentation: a 64-byte message on `fwd:x` matched by
+        // `fwd:*` costs about 250 bytes, so 64 MiB hold more than 250,000 of them.
+        let message = Envelope {
+            channel: Bytes::from_static(b"fwd:x"),
+            subscription: Subscription::Pattern(Bytes::from_static(b"fwd:*")),
+            entry: None,
+            payload: Bytes::from(vec![0; 64]),
+            received_at: SystemTime::now(),
+        };
+        let cost = message.cost();
+        assert!((200..=300).contains(&cost), "{cost}");
+        assert!((64 << 20) / cost > 220_000);
+    }
+
+    #[test]
+    fn a_queue_holds_as_many_bytes_as_its_budget_whatever_the_count() {
+        let budget = HostBudget::new(LARGE);
+        let cost = sized(0, 1000).cost();
+        let queue = budgeted("p", 10 * cost, WhenFull::DropNewest, &budget);
+        for n in 0..10 {
+            assert!(queue.offer(sized(n, 1000)), "message {n} fits");
+        }
+        assert!(!queue.offer(sized(10, 1000)), "the eleventh does not");
+        assert_eq!(queue.bytes(), 10 * cost);
+        assert_eq!(budget.used(), 10 * cost);
+        // Small messages still fit beside them in what is left.
+        let _ = queue.pop();
+        assert!(queue.offer(sized(11, 10)));
+        assert!(queue.offer(sized(12, 10)));
+        assert_eq!(shed(&queue).queue_full, 1);
+        while queue.try_pop().is_some() {}
+        assert_eq!(
+            (queue.bytes(), budget.used()),
+            (0, 0),
+            "popping gives bytes back"
+        );
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_by_bytes() {
+        let budget = HostBudget::new(LARGE);
+        let small = sized(0, 10).cost();
+        let queue = budgeted("p", 3 * small + 5, WhenFull::DropOldest, &budget);
+        for n in 1..=3 {
+            assert!(queue.offer(sized(n, 10)));
+        }
+        // A message twice as big pushes the two oldest out.
+        assert!(queue.offer(sized(4, 10 + small - MESSAGE_OVERHEAD)));
+        assert_eq!(drain(&queue), [3, 4]);
+        assert_eq!(shed(&queue).queue_full, 2);
+    }
+
+    #[test]
+    fn a_message_larger_than_the_budget_is_shed_at_once() {
+        let budget = HostBudget::new(LARGE);
+        let queue = budgeted("p", 1000, WhenFull::DropOldest, &budget);
+        assert!(queue.offer(sized(1, 10)));
+        assert!(!queue.offer(sized(2, 2000)));
+        assert_eq!(drain(&queue), [1], "what was queued stays");
+    }
+
+    #[test]
+    fn a_spent_host_budget_sheds_from_the_largest_backlog() {
+        let cost = sized(0, 100).cost();
+        let budget = HostBudget::new(10 * cost);
+        let stuck = budgeted("stuck", LARGE, WhenFull::DropNewest, &budget);
+        let healthy = budgeted("healthy", LARGE, WhenFull::DropNewest, &budget);
+        for n in 0..8 {
+            assert!(stuck.offer(sized(n, 100)));
+        }
+        for n in 0..2 {
+            assert!(healthy.offer(sized(n, 100)));
+        }
+        assert_eq!(budget.used(), 10 * cost);
+        // The healthy plugin's next messages are taken; the stuck one gives up its newest.
+        assert!(healthy.offer(sized(2, 100)));
+        assert!(healthy.offer(sized(3, 100)));
+        assert_eq!(shed(&healthy).total(), 0);
+        assert_eq!(shed(&stuck).host_budget, 2);
+        assert_eq!(drain(&stuck), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(drain(&healthy), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_largest_backlog_sheds_its_own_new_message() {
+        let cost = sized(0, 100).cost();
+        let budget = HostBudget::new(4 * cost);
+        let stuck = budgeted("stuck", LARGE, WhenFull::DropNewest, &budget);
+        let other = budgeted("other", LARGE, WhenFull::DropNewest, &budget);
+        assert!(other.offer(sized(9, 100)));
+        for n in 0..3 {
+            assert!(stuck.offer(sized(n, 100)));
+        }
+        assert!(!stuck.offer(sized(3, 100)));
+        assert_eq!(shed(&stuck).host_budget, 1);
+        assert_eq!(shed(&other).total(), 0);
+        // With drop-oldest, the largest backlog gives up its oldest for its newest.
+        let fresh = budgeted("fresh", LARGE, WhenFull::DropOldest, &budget);
+        drop(drain(&stuck));
+        for n in 0..4 {
+            assert!(fresh.offer(sized(n, 100)));
+        }
+        assert_eq!(drain(&fresh), [1, 2, 3]);
+        assert_eq!(shed(&fresh).host_budget, 1);
+    }
+
+    #[test]
+    fn stream_entries_are_queued_beyond_every_budget_and_counted() {
+        let cost = sized(0, 100).cost();
+        let budget = HostBudget::new(cost);
+        let queue = budgeted("p", cost, WhenFull::DropNewest, &budget);
+        for n in 0..3 {
+            assert!(queue.offer_unbounded(sized(n, 100)));
+        }
+        assert_eq!((queue.bytes(), budget.used()), (3 * cost, 3 * cost));
+        assert_eq!(drain(&queue), [0, 1, 2]);
     }
 }
