@@ -606,3 +606,47 @@ async fn a_look_at_the_folder_after_shutdown_loads_and_subscribes_nothing() -> a
     assert_eq!(redis.publish("fwd:x", "after the stop").await?, 0);
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_renamed_into_place_is_loaded_without_the_settle_wait() -> anyhow::Result<()> {
+    // A settle time no test waits out: a file written in place stays pending for all of it,
+    // while one renamed into place (complete when it appears) loads at once, and so does
+    // each later version deployed the same way.
+    let redis = RedisServer::start().await?;
+    let host =
+        TestHost::launch(&redis.url(), "[plugins]\nsettle_ms = 600000\n", |_| Ok(())).await?;
+    host.wait_ready().await?;
+    let forward = read_plugin(plugins::FORWARD);
+
+    std::fs::write(host.dir().join("copied.toml"), FORWARD_MANIFEST)?;
+    std::fs::write(host.dir().join("copied.wasm"), &forward)?;
+    // The manifest first, then the component: each renamed into place.
+    switchyard_tests::atomic_write(
+        &host.dir().join("forward.toml"),
+        FORWARD_MANIFEST.as_bytes(),
+    )?;
+    switchyard_tests::atomic_write(&host.dir().join("forward.wasm"), &forward)?;
+    host.wait_plugin("forward", "loaded", |p| p["state"] == "running")
+        .await?;
+    switchyard_tests::assert_forwards(&redis, "renamed").await?;
+
+    let v2 = rebuilt(&forward, "v2");
+    switchyard_tests::atomic_write(&host.dir().join("forward.wasm"), &v2)?;
+    let expected = switchyard::ContentHash::of(&v2).to_string();
+    host.wait_plugin("forward", "swapped", |p| {
+        p["version"]["hash"] == expected.as_str()
+    })
+    .await?;
+
+    let body = host.wait_readiness(503).await?;
+    assert_eq!(
+        body["plugins_pending"],
+        serde_json::json!(["copied"]),
+        "{body}"
+    );
+    assert!(
+        host.plugin("copied").await?.is_none(),
+        "written in place: still settling"
+    );
+    host.stop().await
+}

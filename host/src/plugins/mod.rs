@@ -11,7 +11,10 @@
 //!
 //! A file is looked at only once it has been unchanged for the settle time (its modification
 //! time says so), and a load counts only if the file did not change while it was read: a file
-//! still being written is neither loaded nor rejected, it is *pending*. The host is ready
+//! still being written is neither loaded nor rejected, it is *pending*. A file renamed into
+//! the folder (the documented way to deploy) is complete the moment it appears: the watcher
+//! reports it ([`Registry::arrived_whole`]) and it is loaded at once, without the settle wait,
+//! for as long as it is the file that arrived (same inode, size and modification time). The host is ready
 //! ([`Registry::scanned`]) when every `NAME.wasm` in the folder, as it is now, has a version
 //! running or has been rejected. A file that stops changing halfway (a writer that stalled)
 //! is settled, so it is loaded or rejected like any other; a file that keeps changing for
@@ -28,7 +31,7 @@ pub mod loader;
 pub mod manifest;
 pub mod watcher;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -192,8 +195,17 @@ impl FileStamp {
 }
 
 impl Fingerprint {
-    fn quiet_for(&self, settle: Duration) -> bool {
-        self.wasm.quiet_for(settle) && self.manifest.as_ref().is_none_or(|m| m.quiet_for(settle))
+    /// Whether the plugin's files are complete: each unchanged for `settle`, or renamed into
+    /// the folder as it is now (`whole`, by path).
+    fn settled(&self, wasm: &Path, settle: Duration, whole: &HashMap<PathBuf, FileStamp>) -> bool {
+        let settled = |path: &Path, stamp: &FileStamp| {
+            stamp.quiet_for(settle) || whole.get(path) == Some(stamp)
+        };
+        settled(wasm, &self.wasm)
+            && self
+                .manifest
+                .as_ref()
+                .is_none_or(|m| settled(&wasm.with_extension("toml"), m))
     }
 }
 
@@ -233,6 +245,9 @@ struct Inner {
     /// Plugins the routing table in force reaches. A plugin just loaded is not ready until it
     /// is here: its subscriptions may already deliver, but to the previous table.
     routed: BTreeSet<PluginName>,
+    /// Files renamed into the folder, as they were when they arrived: complete, so loaded
+    /// without waiting for them to settle while they stay so.
+    whole: HashMap<PathBuf, FileStamp>,
 }
 
 /// A file seen changing, and for how long.
@@ -315,6 +330,15 @@ impl Registry {
             stopped: AtomicBool::new(false),
             scanned: AtomicBool::new(false),
             settle_ms: AtomicU64::new(millis(DEFAULT_SETTLE)),
+        }
+    }
+
+    /// Notes that `path` was just renamed into the folder: whatever is there now is complete
+    /// (a rename is atomic), so the next reconcile loads it without the settle wait. A later
+    /// write in place changes its stamp and brings the wait back.
+    pub fn arrived_whole(&self, path: &Path) {
+        if let Some(stamp) = FileStamp::of(path) {
+            self.lock().whole.insert(path.to_owned(), stamp);
         }
     }
 
@@ -420,7 +444,7 @@ impl Registry {
                 if known {
                     continue;
                 }
-                if !fingerprint.quiet_for(settle) {
+                if !fingerprint.settled(path, settle, &inner.whole) {
                     // Written to within the settle time: a copy in progress. Loading it now
                     // would reject a partial file (and log an error about a file that is
                     // fine); the watcher looks again once it has settled.
@@ -450,6 +474,11 @@ impl Registry {
         let stale = {
             let mut inner = self.lock();
             inner.note_unsettled(&found, &changes.unsettled, Instant::now());
+            // A renamed file's note is needed until it is loaded; a note about a file that is
+            // gone or has changed since is stale either way.
+            inner
+                .whole
+                .retain(|path, stamp| FileStamp::of(path).as_ref() == Some(stamp));
             inner.routes_stale |= changes.routes_changed();
             inner.routes_stale
         };
@@ -970,7 +999,17 @@ mod tests {
             wasm: stamp(Some(now - Duration::from_secs(1))),
             manifest: Some(stamp(Some(now))),
         };
-        assert!(!fresh_manifest.quiet_for(settle));
+        let wasm = Path::new("p.wasm");
+        let mut whole = HashMap::new();
+        assert!(!fresh_manifest.settled(wasm, settle, &whole));
+        // A manifest renamed into place is complete as it arrived, and only as it arrived.
+        whole.insert(PathBuf::from("p.toml"), stamp(Some(now)));
+        assert!(fresh_manifest.settled(wasm, settle, &whole));
+        whole.insert(
+            PathBuf::from("p.toml"),
+            stamp(Some(now - Duration::from_millis(1))),
+        );
+        assert!(!fresh_manifest.settled(wasm, settle, &whole));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Watches the plugins folder and asks the registry to reconcile when it changes.
 //!
-//! Events are only a prompt to look again: the registry compares the folder with what runs.
-//! The debouncer passes each event on once it is the settle time old, and the registry loads
-//! only files unchanged for that long, so a file copied in chunks is looked at once it is
-//! complete; deploying by atomic rename (write a dotfile, then `mv` it into place) is the
-//! documented way and never shows a partial file. Access events are ignored: the loader's
-//! own reads would otherwise trigger reloads forever.
+//! Events are only a prompt to look again: the registry compares the folder with what runs,
+//! and loads only files unchanged for the settle time, so a file copied in chunks is looked at
+//! once it is complete. One kind of event says more: a file renamed into the folder (write a
+//! dotfile, then `mv` it into place: the documented way to deploy) is whole the moment it
+//! appears, so the watcher tells the registry ([`Registry::arrived_whole`]) and the new
+//! version is loaded at once instead of a settle time later. Access events are ignored: the
+//! loader's own reads would otherwise trigger reloads forever.
 //!
 //! A look can end with files still unsettled, and a file's last write may already have been
 //! reported: while any are, the watcher looks again every settle time, without waiting for an
@@ -15,15 +16,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, event::AccessKind, event::AccessMode};
-use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::{Event, EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::Registry;
-
-/// The shortest interval at which the debouncer checks for settled changes.
-const MIN_TICK: Duration = Duration::from_millis(2);
 
 /// How long after a failed reconcile the watcher tries again: often enough to recover soon
 /// after the cause is gone, seldom enough not to flood the log while it lasts.
@@ -36,26 +34,23 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     registry.set_settle(settle);
-    // Capacity 1: a pending "look again" already covers any later change.
+    // Capacity 1: a pending "look again" already covers any later change, so a copy written
+    // in many chunks costs a few looks, not one per chunk.
     let (prompt, mut prompts) = mpsc::channel::<()>(1);
-    // The debouncer looks for settled events once per tick (a quarter of the settle time by
-    // default): a finer tick lets a change take effect closer to the settle time itself.
-    let tick = (settle / 10).max(MIN_TICK);
-    let mut debouncer = new_debouncer(settle, Some(tick), move |result: DebounceEventResult| {
-        let relevant = match result {
-            Ok(events) => events.iter().any(|event| !is_read(&event.kind)),
-            Err(errors) => {
-                for error in errors {
-                    tracing::warn!("plugins folder watcher: {error}; rescanning");
+    let arrivals = registry.clone();
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<Event>| {
+        match result {
+            Ok(event) if is_read(&event.kind) => return,
+            Ok(event) => {
+                if let Some(path) = renamed_to(&event) {
+                    arrivals.arrived_whole(path);
                 }
-                true
             }
-        };
-        if relevant {
-            let _ = prompt.try_send(());
+            Err(error) => tracing::warn!("plugins folder watcher: {error}; rescanning"),
         }
+        let _ = prompt.try_send(());
     })?;
-    debouncer
+    watcher
         .watch(registry.dir(), RecursiveMode::NonRecursive)
         .map_err(|e| {
             anyhow::anyhow!(
@@ -65,8 +60,8 @@ pub fn spawn(
         })?;
 
     Ok(tokio::spawn(async move {
-        // The debouncer stops watching when dropped: keep it for the task's lifetime.
-        let _debouncer = debouncer;
+        // The watcher stops when dropped: keep it for the task's lifetime.
+        let _watcher = watcher;
         // When to look again without an event: files were unsettled, or the last look failed.
         // The first look is at once: a file whose last write came before the watcher started
         // sends no event, and it may have been too fresh to load at start-up.
@@ -107,4 +102,15 @@ async fn sleep_or_never(wait: Option<Duration>) {
 /// Reads and opens change nothing; a close after writing does.
 fn is_read(kind: &EventKind) -> bool {
     matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
+/// Where a file was renamed to, if `event` is such a rename: within the folder (both paths,
+/// the new one last) or into it from elsewhere.
+fn renamed_to(event: &Event) -> Option<&std::path::Path> {
+    match event.kind {
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => {
+            event.paths.last().map(std::path::PathBuf::as_path)
+        }
+        _ => None,
+    }
 }
