@@ -79,6 +79,8 @@ pub async fn gather(
         "ready": ready["ready"],
         "source": second["source"],
         "received": second["received"],
+        "queue_bytes": second["queue_bytes"],
+        "queue_bytes_total": second["queue_bytes_total"],
         "plugins": plugins,
         "outputs": second["outputs"],
         "redis": redis_side,
@@ -127,6 +129,14 @@ async fn redis_facts(
     }))
 }
 
+/// Bytes as MiB with one decimal, or `-` when not known.
+fn mebibytes(bytes: &Value) -> String {
+    bytes.as_u64().map_or_else(
+        || "-".to_owned(),
+        |bytes| format!("{:.1}", bytes as f64 / f64::from(1 << 20)),
+    )
+}
+
 /// The lines of `CLIENT LIST` output whose `name` field is exactly `name`.
 fn own_clients(list: &str, name: &str) -> Vec<String> {
     list.lines()
@@ -165,14 +175,28 @@ pub fn render(status: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>9}",
-        "PLUGIN", "STATE", "VERSION", "HANDLED", "FAILED", "SHED", "QUEUE", "HANDLED/s"
+        "queues: {} MiB of {} MiB held by all plugins",
+        mebibytes(&status["queue_bytes"]),
+        mebibytes(&status["queue_bytes_total"]),
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>10} {:>9}",
+        "PLUGIN",
+        "STATE",
+        "VERSION",
+        "HANDLED",
+        "FAILED",
+        "SHED",
+        "QUEUE",
+        "QUEUE MiB",
+        "HANDLED/s"
     );
     for plugin in status["plugins"].as_array().into_iter().flatten() {
         let stats = &plugin["stats"];
         let _ = writeln!(
             out,
-            "{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>9.1}",
+            "{:<20} {:<8} {:<10} {:>10} {:>8} {:>8} {:>6} {:>10} {:>9.1}",
             plugin["name"].as_str().unwrap_or("?"),
             plugin["state"].as_str().unwrap_or("?"),
             plugin["version"]["version"].as_str().unwrap_or("-"),
@@ -180,6 +204,7 @@ pub fn render(status: &Value) -> String {
             stats["failed"].as_u64().unwrap_or(0),
             stats["shed"].as_u64().unwrap_or(0),
             plugin["queue_depth"].as_u64().unwrap_or(0),
+            mebibytes(&plugin["queue_bytes"]),
             plugin["handled_per_second"].as_f64().unwrap_or(0.0),
         );
         if let Some(error) = plugin["load_error"]["message"].as_str() {

@@ -66,7 +66,7 @@ async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow:
         .arg(&config)
         .env("SWITCHYARD_PLUGINS_DIR", dir.path())
         .env("REDIS_URL", "redis://app:s3cret@cache:6379")
-        .env("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "8192")
+        .env("SWITCHYARD_PLUGINS_QUEUE_BYTES", "16777216")
         .output()
         .await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -79,7 +79,11 @@ async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow:
         stdout.contains("url = \"redis://app:***@cache:6379\""),
         "{stdout}"
     );
-    assert!(stdout.contains("queue_capacity = 8192"), "{stdout}");
+    assert!(stdout.contains("queue_bytes = 16777216\n"), "{stdout}");
+    assert!(
+        !stdout.contains("queue_capacity"),
+        "no count cap unless asked: {stdout}"
+    );
     assert!(stdout.contains("Authorization = ***"), "{stdout}");
     assert!(
         !stdout.contains("s3cret") && !stdout.contains("hunter2"),
@@ -88,13 +92,13 @@ async fn config_check_prints_effective_settings_with_secrets_masked() -> anyhow:
 
     let bad = switchyard()
         .args(["config", "check"])
-        .env("SWITCHYARD_PLUGINS_QUEUE_CAPACITY", "lots")
+        .env("SWITCHYARD_PLUGINS_QUEUE_BYTES", "lots")
         .output()
         .await?;
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("SWITCHYARD_PLUGINS_QUEUE_CAPACITY"),
+        stderr.contains("SWITCHYARD_PLUGINS_QUEUE_BYTES"),
         "{stderr}"
     );
     Ok(())
@@ -930,6 +934,7 @@ async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(text.contains("PUBSUB NUMPAT: 1"), "{text}");
+    assert!(text.contains("queues: 0.0 MiB of "), "{text}");
     assert!(text.contains("name=switchyard-"), "{text}");
     assert_eq!(text.matches("host connection:").count(), 1, "{text}");
 
@@ -950,6 +955,7 @@ async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
         serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("{e}: {json}{stderr}"))?;
     assert_eq!(status["plugins"][0]["name"], "forward");
     assert_eq!(status["plugins"][0]["stats"]["handled"], 1);
+    assert_eq!(status["plugins"][0]["queue_bytes_limit"], 64 << 20);
     assert_eq!(status["redis"]["numpat"], 1);
     assert_eq!(status["redis"]["client_name"], own.as_str());
     let clients = status["redis"]["host_clients"]
