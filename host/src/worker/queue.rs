@@ -128,13 +128,13 @@ impl HostBudget {
         queues.push(Arc::downgrade(queue));
     }
 
-    /// The queue holding the most bytes.
+    /// The queue holding the most bytes that may be shed.
     fn largest(&self) -> Option<Arc<Queue>> {
         let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         queues
             .iter()
             .filter_map(Weak::upgrade)
-            .max_by_key(|queue| queue.bytes())
+            .max_by_key(|queue| queue.sheddable())
     }
 }
 
@@ -174,9 +174,11 @@ pub struct Queue {
     when_full: WhenFull,
     count_limit: usize,
     byte_limit: AtomicUsize,
-    /// `state.bytes`, readable without the lock (the host budget's search for the largest
-    /// backlog, metrics).
+    /// `state.bytes`, readable without the lock (metrics, reports).
     bytes: AtomicUsize,
+    /// `state.sheddable()`, readable without the lock: the host budget's measure of the
+    /// largest backlog.
+    sheddable: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -185,26 +187,61 @@ struct Queued {
     cost: usize,
 }
 
+impl Queued {
+    /// Stream entries are never shed: their reader awaits each one's outcome and bounds
+    /// what it has in flight itself.
+    fn sheddable(&self) -> bool {
+        self.envelope.entry.is_none()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<Queued>,
+    /// Cost of everything waiting.
     bytes: usize,
+    /// Cost of the stream entries waiting.
+    entry_bytes: usize,
     closed: bool,
     /// Threads asleep in `pop`.
     waiters: usize,
 }
 
 impl State {
-    fn take_front(&mut self) -> Option<Queued> {
-        let item = self.items.pop_front()?;
+    fn sheddable(&self) -> usize {
+        self.bytes - self.entry_bytes
+    }
+
+    fn push(&mut self, item: Queued) {
+        self.bytes += item.cost;
+        if !item.sheddable() {
+            self.entry_bytes += item.cost;
+        }
+        self.items.push_back(item);
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Queued> {
+        let item = self.items.remove(index)?;
         self.bytes -= item.cost;
+        if !item.sheddable() {
+            self.entry_bytes -= item.cost;
+        }
         Some(item)
     }
 
-    fn take_back(&mut self) -> Option<Queued> {
-        let item = self.items.pop_back()?;
-        self.bytes -= item.cost;
-        Some(item)
+    fn take_front(&mut self) -> Option<Queued> {
+        self.remove(0)
+    }
+
+    /// Removes the oldest (or newest) message that may be shed. Pub/sub messages all may,
+    /// so the search only walks past stream entries.
+    fn take_sheddable(&mut self, oldest: bool) -> Option<Queued> {
+        let index = if oldest {
+            self.items.iter().position(Queued::sheddable)?
+        } else {
+            self.items.iter().rposition(Queued::sheddable)?
+        };
+        self.remove(index)
     }
 }
 
@@ -219,6 +256,7 @@ impl Queue {
             count_limit: limits.count.unwrap_or(usize::MAX).max(1),
             byte_limit: AtomicUsize::new(limits.bytes.max(1)),
             bytes: AtomicUsize::new(0),
+            sheddable: AtomicUsize::new(0),
             budget: budget.clone(),
         });
         budget.join(&queue);
@@ -245,6 +283,17 @@ impl Queue {
     /// Bytes of the messages waiting.
     pub fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the messages waiting that may be shed (all but stream entries).
+    fn sheddable(&self) -> usize {
+        self.sheddable.load(Ordering::Relaxed)
+    }
+
+    /// Mirrors `state`'s sizes for readers that do not take the lock.
+    fn publish_sizes(&self, state: &State) {
+        self.bytes.store(state.bytes, Ordering::Relaxed);
+        self.sheddable.store(state.sheddable(), Ordering::Relaxed);
     }
 
     /// Queues `envelope`, or sheds according to the budgets and the policy, counting what it
@@ -275,18 +324,22 @@ impl Queue {
         let mut dropped = 0usize;
         while state.items.len() >= self.count_limit || state.bytes + cost > byte_limit {
             match self.when_full {
-                WhenFull::DropNewest => {
-                    self.bytes.store(state.bytes, Ordering::Relaxed);
+                WhenFull::DropOldest if let Some(old) = state.take_sheddable(true) => {
+                    self.budget.give_back(old.cost);
+                    dropped += 1;
+                }
+                // drop-newest, or nothing older may be shed (stream entries fill the queue).
+                _ => {
+                    self.publish_sizes(&state);
                     drop(state);
                     self.budget.give_back(cost);
+                    for _ in 0..dropped {
+                        self.owner
+                            .discard(ShedReason::QueueFull, ", dropped the oldest");
+                    }
                     self.owner
                         .shed(ShedReason::QueueFull, ", dropped the newest");
                     return false;
-                }
-                WhenFull::DropOldest => {
-                    let Some(old) = state.take_front() else { break };
-                    self.budget.give_back(old.cost);
-                    dropped += 1;
                 }
             }
         }
@@ -310,7 +363,7 @@ impl Queue {
                 // Another queue holds more than this one would with the new message.
                 Some(other)
                     if !std::ptr::eq(Arc::as_ptr(other), self)
-                        && other.bytes() > self.bytes() + cost =>
+                        && other.sheddable() > self.sheddable() + cost =>
                 {
                     other
                 }
@@ -323,25 +376,21 @@ impl Queue {
                     return false;
                 }
             };
-            // Nothing evicted means it emptied meanwhile: look again.
+            // Nothing evicted means it emptied meanwhile: its sizes say so now, look again.
             victim.evict();
         }
     }
 
     /// Drops one waiting message to free host budget: the oldest with `drop-oldest`, the
-    /// newest with `drop-newest` (the last accepted is the first given up). Whether one was.
+    /// newest with `drop-newest` (the last accepted is the first given up); never a stream
+    /// entry. Whether one was.
     fn evict(&self) -> bool {
         let mut state = self.lock();
-        let item = match self.when_full {
-            WhenFull::DropOldest => state.take_front(),
-            WhenFull::DropNewest => state.take_back(),
-        };
-        self.bytes.store(state.bytes, Ordering::Relaxed);
+        let item = state.take_sheddable(self.when_full == WhenFull::DropOldest);
+        self.publish_sizes(&state);
         drop(state);
         let Some(item) = item else { return false };
         self.budget.give_back(item.cost);
-        // A stream entry's ticket, dropped here, reports it as not handled: it is retried.
-        drop(item);
         self.owner.discard(
             ShedReason::HostBudget,
             ", to make room in the host's total queue budget",
@@ -364,9 +413,8 @@ impl Queue {
     }
 
     fn push_locked(&self, mut state: MutexGuard<'_, State>, envelope: Envelope, cost: usize) {
-        state.items.push_back(Queued { envelope, cost });
-        state.bytes += cost;
-        self.bytes.store(state.bytes, Ordering::Relaxed);
+        state.push(Queued { envelope, cost });
+        self.publish_sizes(&state);
         self.owner.stats.accepted.fetch_add(1, Ordering::Relaxed);
         // Waking costs a system call: only when a worker is asleep on an empty queue. The
         // count includes sleepers already woken but not yet running; a `notify_one` then
@@ -395,7 +443,7 @@ impl Queue {
                 return None;
             }
             if let Some(item) = state.take_front() {
-                self.bytes.store(state.bytes, Ordering::Relaxed);
+                self.publish_sizes(&state);
                 drop(state);
                 self.budget.give_back(item.cost);
                 return Some(item.envelope);
@@ -427,7 +475,7 @@ impl Queue {
     pub fn try_pop(&self) -> Option<Envelope> {
         let mut state = self.lock();
         let item = state.take_front()?;
-        self.bytes.store(state.bytes, Ordering::Relaxed);
+        self.publish_sizes(&state);
         drop(state);
         self.budget.give_back(item.cost);
         Some(item.envelope)
@@ -760,6 +808,35 @@ mod tests {
         }
         assert_eq!(drain(&fresh), [1, 2, 3]);
         assert_eq!(shed(&fresh).host_budget, 1);
+    }
+
+    fn entry(n: u8, len: usize) -> Envelope {
+        let mut envelope = sized(n, len);
+        envelope.entry = Some(crate::source::streams::StreamEntry {
+            id: format!("{n}-0"),
+            fields: Vec::new(),
+            ticket: Default::default(),
+        });
+        envelope
+    }
+
+    #[test]
+    fn stream_entries_are_never_shed_for_a_budget() {
+        let cost = entry(0, 100).cost();
+        let budget = HostBudget::new(4 * cost);
+        let reader = budgeted("reader", 2 * cost, WhenFull::DropOldest, &budget);
+        for n in 0..3 {
+            assert!(reader.offer_unbounded(entry(n, 100)));
+        }
+        // Its own budget is spent by entries: a pub/sub message is refused, no entry dropped.
+        assert!(!reader.offer(sized(9, 10)));
+        // The host's total is nearly spent and the reader's backlog is the largest, but all
+        // entries: another plugin's message sheds itself rather than an entry.
+        let other = budgeted("other", LARGE, WhenFull::DropNewest, &budget);
+        assert!(other.offer(sized(1, 10)));
+        assert!(!other.offer(sized(2, 100)));
+        assert_eq!(shed(&other).host_budget, 1);
+        assert_eq!(drain(&reader), [0, 1, 2]);
     }
 
     #[test]
