@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod watcher;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -196,10 +197,13 @@ impl FileStamp {
 
 impl Fingerprint {
     /// Whether the plugin's files are complete: each unchanged for `settle`, or renamed into
-    /// the folder as it is now (`whole`, by path).
-    fn settled(&self, wasm: &Path, settle: Duration, whole: &HashMap<PathBuf, FileStamp>) -> bool {
+    /// the folder as it is now (`whole`, by file name).
+    fn settled(&self, wasm: &Path, settle: Duration, whole: &HashMap<OsString, FileStamp>) -> bool {
         let settled = |path: &Path, stamp: &FileStamp| {
-            stamp.quiet_for(settle) || whole.get(path) == Some(stamp)
+            stamp.quiet_for(settle)
+                || path
+                    .file_name()
+                    .is_some_and(|name| whole.get(name) == Some(stamp))
         };
         settled(wasm, &self.wasm)
             && self
@@ -245,9 +249,10 @@ struct Inner {
     /// Plugins the routing table in force reaches. A plugin just loaded is not ready until it
     /// is here: its subscriptions may already deliver, but to the previous table.
     routed: BTreeSet<PluginName>,
-    /// Files renamed into the folder, as they were when they arrived: complete, so loaded
-    /// without waiting for them to settle while they stay so.
-    whole: HashMap<PathBuf, FileStamp>,
+    /// Files renamed into the folder (by file name: the folder may be named relatively or
+    /// through a link, so full paths can differ), as they were when they arrived: complete,
+    /// so loaded without waiting for them to settle while they stay so.
+    whole: HashMap<OsString, FileStamp>,
 }
 
 /// A file seen changing, and for how long.
@@ -337,8 +342,8 @@ impl Registry {
     /// (a rename is atomic), so the next reconcile loads it without the settle wait. A later
     /// write in place changes its stamp and brings the wait back.
     pub fn arrived_whole(&self, path: &Path) {
-        if let Some(stamp) = FileStamp::of(path) {
-            self.lock().whole.insert(path.to_owned(), stamp);
+        if let (Some(name), Some(stamp)) = (path.file_name(), FileStamp::of(path)) {
+            self.lock().whole.insert(name.to_owned(), stamp);
         }
     }
 
@@ -476,9 +481,10 @@ impl Registry {
             inner.note_unsettled(&found, &changes.unsettled, Instant::now());
             // A renamed file's note is needed until it is loaded; a note about a file that is
             // gone or has changed since is stale either way.
+            let dir = &self.dir;
             inner
                 .whole
-                .retain(|path, stamp| FileStamp::of(path).as_ref() == Some(stamp));
+                .retain(|name, stamp| FileStamp::of(&dir.join(name)).as_ref() == Some(stamp));
             inner.routes_stale |= changes.routes_changed();
             inner.routes_stale
         };
@@ -1003,10 +1009,10 @@ mod tests {
         let mut whole = HashMap::new();
         assert!(!fresh_manifest.settled(wasm, settle, &whole));
         // A manifest renamed into place is complete as it arrived, and only as it arrived.
-        whole.insert(PathBuf::from("p.toml"), stamp(Some(now)));
+        whole.insert(OsString::from("p.toml"), stamp(Some(now)));
         assert!(fresh_manifest.settled(wasm, settle, &whole));
         whole.insert(
-            PathBuf::from("p.toml"),
+            OsString::from("p.toml"),
             stamp(Some(now - Duration::from_millis(1))),
         );
         assert!(!fresh_manifest.settled(wasm, settle, &whole));
