@@ -4,13 +4,20 @@
 //! host imports and an empty WASI) is shared by every instance, and one background thread
 //! advances the engine's epoch so that a plugin call past its deadline traps instead of
 //! holding its worker forever.
+//!
+//! The engine keeps the machine code of every function it compiled ([`FunctionCache`]), so
+//! a new version of a plugin compiles only the functions that changed: most of a component
+//! (its language's runtime, its libraries) is the same from one version to the next, and a
+//! hot swap costs a fraction of a first compile.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine};
+use wasmtime::{CacheStore, Config, Engine};
 
 use super::bindings::Plugin;
 use super::state::HostState;
@@ -35,6 +42,9 @@ impl Runtime {
         // Deadlines: a call traps once the epoch passes the store's deadline.
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        config
+            .enable_incremental_compilation(Arc::new(FunctionCache::new(FUNCTION_CACHE_BYTES)))
+            .map_err(anyhow::Error::from)?;
         let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
 
         let mut linker = Linker::new(&engine);
@@ -69,6 +79,61 @@ pub fn deadline_ticks(deadline: Duration) -> u64 {
     u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
 }
 
+/// What the engine keeps of compiled functions: enough for the machine code of a few dozen
+/// plugins the size of the examples, or one interpreter-sized component (a Python plugin's
+/// runtime compiles to tens of megabytes).
+pub const FUNCTION_CACHE_BYTES: usize = 64 << 20;
+
+/// Compiled functions by Cranelift's key (a hash of the function's code and the compiler's
+/// settings), kept in memory within a byte limit. When an insert would pass the limit the
+/// cache starts over: the functions compiled since are the ones the next version will most
+/// likely share.
+#[derive(Debug)]
+pub struct FunctionCache {
+    limit: usize,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    code: HashMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of keys and code held.
+    bytes: usize,
+}
+
+impl FunctionCache {
+    /// An empty cache holding at most `limit` bytes of keys and code.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl CacheStore for FunctionCache {
+    fn get(&self, key: &[u8]) -> Option<Cow<'_, [u8]>> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.code.get(key).map(|code| Cow::Owned(code.clone()))
+    }
+
+    fn insert(&self, key: &[u8], value: Vec<u8>) -> bool {
+        let size = key.len() + value.len();
+        if size > self.limit {
+            return false;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.bytes + size > self.limit {
+            *entries = Entries::default();
+        }
+        if let Some(old) = entries.code.insert(key.to_vec(), value) {
+            entries.bytes -= key.len() + old.len();
+        }
+        entries.bytes += size;
+        true
+    }
+}
+
 /// The thread that advances the epoch; stops when the last `Runtime` clone is dropped.
 struct Ticker {
     stop: Arc<AtomicBool>,
@@ -99,6 +164,26 @@ impl Drop for Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_function_cache_stays_within_its_limit() {
+        let cache = FunctionCache::new(100);
+        assert!(cache.insert(b"a", vec![1; 40]));
+        assert!(cache.insert(b"b", vec![2; 40]));
+        assert_eq!(cache.get(b"a").as_deref(), Some(&[1; 40][..]));
+        // A third entry would pass the limit: the cache starts over with it.
+        assert!(cache.insert(b"c", vec![3; 40]));
+        assert!(cache.get(b"a").is_none() && cache.get(b"b").is_none());
+        assert_eq!(cache.get(b"c").map(|code| code.len()), Some(40));
+        assert!(
+            !cache.insert(b"d", vec![4; 200]),
+            "larger than the whole cache"
+        );
+        // Replacing an entry counts its new size only.
+        assert!(cache.insert(b"c", vec![5; 50]));
+        assert!(cache.insert(b"e", vec![6; 40]));
+        assert!(cache.get(b"c").is_some());
+    }
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {
