@@ -239,9 +239,11 @@ fn print_machine(quick: bool) {
         harness::QUEUE_CAPACITY
     );
     println!(
-        "relay:   PSUBSCRIBE fwd:* on one connection, PUBLISH fwded:REST on a multiplexed \
-         connection with up to {} replies outstanding (in order)",
-        relay::IN_FLIGHT
+        "relay:   PSUBSCRIBE fwd:* on one connection; a writer task fed through a channel \
+         ({} messages) sends what has accumulated, up to {} PUBLISH fwded:REST, as one \
+         pipeline per round trip, as switchyard's outgoing queue does",
+        relay::QUEUE,
+        relay::MAX_BATCH
     );
 }
 
