@@ -23,6 +23,8 @@ mod fanout;
 mod harness;
 #[path = "pipeline/relay.rs"]
 mod relay;
+#[path = "pipeline/throughput.rs"]
+mod throughput;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -205,6 +207,7 @@ async fn run(scale: Scale, quick: bool, wanted: &[u8]) -> anyhow::Result<()> {
     let started = Instant::now();
     print_machine(quick);
     let redis = RedisServer::start().await?;
+    print_setup(&redis.output_buffer_limit().await?);
     let bench = Bench::new(redis, scale)?;
     let result = bench.sections(wanted).await;
     bench.redis.stop().await;
@@ -233,10 +236,15 @@ fn print_machine(quick: bool) {
         kernel.trim()
     );
     println!("redis:   {}", harness::redis_version());
+}
+
+/// What runs against what, with the Redis settings in force.
+fn print_setup(output_buffer_limit: &str) {
     println!(
         "setup:   publisher, redis-server, receiver and the process under test on this machine; \
-         redis without persistence, pubsub output-buffer limit off; switchyard queue_capacity {}",
-        harness::QUEUE_CAPACITY
+         redis without persistence, otherwise its defaults (client-output-buffer-limit \
+         {output_buffer_limit}); switchyard with its default [plugins] settings (the bench \
+         sets dir and compile_cache)"
     );
     println!(
         "relay:   PSUBSCRIBE fwd:* on one connection; a writer task fed through a channel \
@@ -333,7 +341,8 @@ impl Bench {
         }
     }
 
-    /// One windowed run through a fresh Switchyard on `plugins`.
+    /// One windowed run through a fresh Switchyard on `plugins`, the publisher keeping at most
+    /// `window` copies in flight.
     async fn switchyard_run(
         &self,
         url: &str,
@@ -341,153 +350,42 @@ impl Bench {
         count: u64,
         size: usize,
         copies: u64,
+        window: u64,
     ) -> anyhow::Result<HostRun> {
         let host = Switchyard::start(url, &self.setup(plugins)).await?;
         let cpu = harness::cpu_time(host.pid())?;
-        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies).await;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies, window).await;
         let cpu = harness::cpu_time(host.pid())? - cpu;
-        let stats = host.shed_and_failed().await;
+        let losses = host.losses().await;
         let handle = host.mean_handle().await;
         let tail = host.log_tail();
         host.stop().await;
         let mut transfer = transfer.with_context(|| format!("switchyard log:\n{tail}"))?;
         transfer.cpu_us = per_message(cpu, (count + harness::WARM_UP) * copies);
-        let (shed, failed) = stats?;
         Ok(HostRun {
             transfer,
-            shed,
-            failed,
+            losses: losses?,
             mean_handle: handle?,
         })
     }
 
-    /// One windowed run through a fresh relay.
-    async fn relay_run(&self, url: &str, count: u64, size: usize) -> anyhow::Result<Transfer> {
+    /// One windowed run through a fresh relay, the publisher keeping at most `window`
+    /// messages in flight.
+    async fn relay_run(
+        &self,
+        url: &str,
+        count: u64,
+        size: usize,
+        window: u64,
+    ) -> anyhow::Result<Transfer> {
         let relay = Relay::start(url).await?;
         let cpu = harness::cpu_time(relay.pid())?;
-        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1).await;
-        let cpu = harness::cpu_time(relay.pid())? - cpu;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1, window).await;
+        let cpu = harness::cpu_time(relay.pid()).context("the relay exited during the run")? - cpu;
         relay.stop().await;
         let mut transfer = transfer?;
         transfer.cpu_us = per_message(cpu, count + harness::WARM_UP);
         Ok(transfer)
-    }
-
-    /// Section 1.
-    async fn throughput(&self) -> anyhow::Result<()> {
-        let count = self.scale.messages;
-        let rounds = self.scale.rounds;
-        println!(
-            "\n## 1. Throughput: {count} messages per run on {INPUT_CHANNEL}, counted on \
-             {OUTPUT_PATTERN}; median of {rounds} rounds, relay and switchyard alternating"
-        );
-        println!(
-            "   rate = messages / (first publish .. last arrival); publisher pipelined, at most \
-             {} (64 B) / {} (1 KiB) messages in flight",
-            harness::window(64),
-            harness::window(1024)
-        );
-        let rtt = self.serial_publish_rtt().await?;
-        println!(
-            "   context: one PUBLISH awaited at a time from this process: {:.1} µs per round \
-             trip ({:.0} msg/s)",
-            rtt.as_secs_f64() * 1e6,
-            1.0 / rtt.as_secs_f64()
-        );
-        let mut table = Table::new(&[
-            "payload",
-            "ceiling msg/s",
-            "relay msg/s",
-            "switchyard msg/s",
-            "b/a",
-            "relay range",
-            "switchyard range",
-            "lost a/b",
-            "shed",
-            "handle µs",
-            "CPU µs/msg a/b",
-        ]);
-        let plugins = self.forwards(1, false)?;
-        for size in [64usize, 1024] {
-            let ceiling = harness::transfer(self.url(), "fwd:*", count, size, 1).await?;
-            let mut relay = Vec::new();
-            let mut host = Vec::new();
-            for round in 0..rounds {
-                if round % 2 == 0 {
-                    relay.push(self.relay_run(self.url(), count, size).await?);
-                    host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
-                            .await?,
-                    );
-                } else {
-                    host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
-                            .await?,
-                    );
-                    relay.push(self.relay_run(self.url(), count, size).await?);
-                }
-            }
-            let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
-            let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
-            let handles: Vec<f64> = host
-                .iter()
-                .filter_map(|r| r.mean_handle)
-                .map(|d| d.as_secs_f64() * 1e6)
-                .collect();
-            table.row(vec![
-                bytes(size),
-                rate(ceiling.output_rate),
-                rate(median(&a)),
-                rate(median(&b)),
-                format!("{:.2}", median(&b) / median(&a)),
-                range(&a),
-                range(&b),
-                format!(
-                    "{}/{}",
-                    relay.iter().map(|t| t.lost + t.duplicated).sum::<u64>(),
-                    host.iter()
-                        .map(|r| r.transfer.lost + r.transfer.duplicated)
-                        .sum::<u64>()
-                ),
-                host.iter()
-                    .map(|r| r.shed + r.failed)
-                    .sum::<u64>()
-                    .to_string(),
-                format!("{:.1}", median(&handles)),
-                format!(
-                    "{:.1}/{:.1}",
-                    median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
-                    median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
-                ),
-            ]);
-        }
-        table.print();
-        println!(
-            "   ceiling: the receiver subscribed to fwd:* directly (no relay): what publisher, \
-             redis and receiver manage on this machine. a = relay, b = switchyard. lost counts \
-             missing and duplicated copies over all rounds; shed counts shed and failed \
-             messages in switchyard's /plugins. handle µs: mean duration of forward's handle \
-             call (switchyard_plugin_handle_seconds sum/count, PUBLISH round trip included). CPU \
-             µs/msg: CPU time of the relay / switchyard process (all threads) per message"
-        );
-        Ok(())
-    }
-
-    /// Mean round trip of one awaited PUBLISH (no subscriber) from this process.
-    async fn serial_publish_rtt(&self) -> anyhow::Result<Duration> {
-        let client = redis::Client::open(self.url())?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        let payload = vec![b'x'; 64];
-        let n = 5_000;
-        let started = Instant::now();
-        for _ in 0..n {
-            redis::cmd("PUBLISH")
-                .arg("bench:nobody")
-                .arg(&payload)
-                .query_async::<i64>(&mut connection)
-                .await?;
-        }
-        Ok(started.elapsed() / n)
     }
 
     /// Section 2.
@@ -605,8 +503,10 @@ impl Bench {
         let outputs = self.scale.fanout_outputs;
         println!(
             "\n## 3. Fan-out: one stream on {INPUT_CHANNEL} to N forward copies (all on fwd:*), \
-             about {outputs} output messages per run, 64 B, best of {} runs",
-            self.scale.fanout_rounds
+             about {outputs} output messages per run, 64 B, best of {} runs; publisher \
+             throttled to {} copies in flight",
+            self.scale.fanout_rounds,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "plugins",
@@ -626,10 +526,17 @@ impl Bench {
             let mut shed = 0;
             for _ in 0..self.scale.fanout_rounds {
                 let run = self
-                    .switchyard_run(self.url(), &plugins, count, 64, copies as u64)
+                    .switchyard_run(
+                        self.url(),
+                        &plugins,
+                        count,
+                        64,
+                        copies as u64,
+                        harness::window(64),
+                    )
                     .await?;
                 lost += run.transfer.lost + run.transfer.duplicated;
-                shed += run.shed + run.failed;
+                shed += run.losses.shed() + run.losses.failed;
                 if best
                     .as_ref()
                     .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
@@ -658,8 +565,10 @@ impl Bench {
         let count = self.scale.pattern_messages;
         println!(
             "\n## 4. Pattern scaling: one forward plugin matches {INPUT_CHANNEL}, the other \
-             patterns never match; {count} messages of 64 B per run, best of {}",
-            self.scale.pattern_rounds
+             patterns never match; {count} messages of 64 B per run, best of {}; publisher \
+             throttled to {} messages in flight",
+            self.scale.pattern_rounds,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "patterns",
@@ -742,8 +651,10 @@ impl Bench {
             let mut relay_best: Option<Transfer> = None;
             let mut lost = (0, 0);
             for _ in 0..self.scale.pattern_rounds {
-                let run = self.switchyard_run(url, dir, count, 64, 1).await?;
-                lost.1 += run.transfer.lost + run.transfer.duplicated + run.shed;
+                let run = self
+                    .switchyard_run(url, dir, count, 64, 1, harness::window(64))
+                    .await?;
+                lost.1 += run.transfer.lost + run.transfer.duplicated + run.losses.shed();
                 if host_best
                     .as_ref()
                     .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
@@ -757,7 +668,7 @@ impl Bench {
                 for chunk in idle_patterns.chunks(1000) {
                     holder.psubscribe(chunk).await?;
                 }
-                let run = self.relay_run(url, count, 64).await?;
+                let run = self.relay_run(url, count, 64, harness::window(64)).await?;
                 for chunk in idle_patterns.chunks(1000) {
                     holder.punsubscribe(chunk).await?;
                 }
@@ -782,9 +693,11 @@ impl Bench {
         let rounds = self.scale.payload_rounds;
         println!(
             "\n## 5. Payload sizes through forward vs the relay: about {} MB per run (at most \
-             {} messages), median of {rounds} rounds, alternating",
+             {} messages), median of {rounds} rounds, alternating; publisher throttled to about \
+             16 MiB in flight (at most {} messages)",
             budget / 1_000_000,
-            self.scale.payload_messages
+            self.scale.payload_messages,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "payload",
@@ -800,23 +713,24 @@ impl Bench {
         let plugins = self.forwards(1, false)?;
         for size in [64usize, 1024, 16 * 1024, 256 * 1024] {
             let count = (budget / size as u64).clamp(300, self.scale.payload_messages);
+            let window = harness::window(size);
             let mut relay = Vec::new();
             let mut host = Vec::new();
             for round in 0..rounds {
                 if round % 2 == 0 {
-                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    relay.push(self.relay_run(self.url(), count, size, window).await?);
                     host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                        self.switchyard_run(self.url(), &plugins, count, size, 1, window)
                             .await?
                             .transfer,
                     );
                 } else {
                     host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                        self.switchyard_run(self.url(), &plugins, count, size, 1, window)
                             .await?
                             .transfer,
                     );
-                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    relay.push(self.relay_run(self.url(), count, size, window).await?);
                 }
             }
             let pick = |runs: &[Transfer], f: fn(&Transfer) -> f64| {
@@ -1439,7 +1353,8 @@ impl Bench {
         let mut table = Table::new(&["process", "plugins", "ready MiB", "after traffic MiB"]);
         let relay = Relay::start(self.url()).await?;
         let ready = harness::rss_kib(relay.pid())?;
-        let traffic = harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1).await;
+        let traffic =
+            harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1, harness::UNTHROTTLED).await;
         let after = harness::rss_kib(relay.pid())?;
         relay.stop().await;
         traffic?;
@@ -1453,8 +1368,16 @@ impl Bench {
             let dir = self.forwards(count, true)?;
             let host = Switchyard::start(self.url(), &self.setup(&dir)).await?;
             let ready = harness::rss_kib(host.pid())?;
-            let traffic =
-                harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, count as u64).await;
+            let copies = count as u64;
+            let traffic = harness::transfer(
+                self.url(),
+                OUTPUT_PATTERN,
+                500,
+                64,
+                copies,
+                harness::UNTHROTTLED,
+            )
+            .await;
             let after = harness::rss_kib(host.pid())?;
             host.stop().await;
             traffic?;
@@ -1789,8 +1712,7 @@ struct StreamTiming {
 /// A Switchyard run with the host's own counters.
 struct HostRun {
     transfer: Transfer,
-    shed: u64,
-    failed: u64,
+    losses: harness::HostLosses,
     mean_handle: Option<Duration>,
 }
 
