@@ -6,7 +6,8 @@
 //!    plugins, 4. pattern scaling (1/100/10,000 patterns), 5. payload sizes, 6. hot swap under
 //!    traffic, 7. start-up (cold and warm compile cache), 8. memory, 9. streams (1 and 2 hosts
 //!    sharing a consumer group, against a bare consumer), 10. gateway fan-out (1,000 WebSocket
-//!    clients on one channel, against a bare WebSocket fan-out relay).
+//!    clients on one channel, against a bare WebSocket fan-out relay), 11. a burst from
+//!    `redis-benchmark` against Switchyard as shipped (`pipeline/burst.rs`).
 //!
 //! ```sh
 //! cargo bench -p switchyard --bench pipeline                      # everything, ~9 min on 2 cores
@@ -17,6 +18,8 @@
 //! Publisher, Redis, receiver and the process under test share the machine, so absolute rates
 //! depend on it; compare within one run (the relay and Switchyard alternate round by round).
 
+#[path = "pipeline/burst.rs"]
+mod burst;
 #[path = "pipeline/fanout.rs"]
 mod fanout;
 #[path = "pipeline/harness.rs"]
@@ -53,6 +56,7 @@ const SECTIONS: &[(u8, &str)] = &[
     (8, "memory"),
     (9, "streams"),
     (10, "gateway"),
+    (11, "burst"),
 ];
 
 /// Benchmarks Switchyard's whole pipeline against a bare relay.
@@ -63,7 +67,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
-    /// hotswap, startup, memory, streams, gateway), comma-separated. Default: all.
+    /// hotswap, startup, memory, streams, gateway, burst), comma-separated. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per throughput run (overrides the mode's default).
@@ -299,6 +303,7 @@ impl Bench {
                 8 => self.memory().await,
                 9 => self.streams().await,
                 10 => self.gateway().await,
+                11 => self.bursts().await,
                 _ => Ok(()),
             }
             .with_context(|| format!("section {section}"))?;
@@ -1348,22 +1353,35 @@ impl Bench {
     async fn memory(&self) -> anyhow::Result<()> {
         println!(
             "\n## 8. Memory: VmRSS after /readyz (or the relay's ready line), and after 500 \
-             messages through every plugin (instances are created at the first message)"
+             messages through every plugin (instances are created at the first message); peak: \
+             VmHWM; queue budget: queue_bytes_limit per plugin in /plugins"
         );
-        let mut table = Table::new(&["process", "plugins", "ready MiB", "after traffic MiB"]);
+        let mut table = Table::new(&[
+            "process",
+            "plugins",
+            "ready MiB",
+            "after traffic MiB",
+            "peak MiB",
+            "queue budget",
+        ]);
         let relay = Relay::start(self.url()).await?;
         let ready = harness::rss_kib(relay.pid())?;
         let traffic =
             harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1, harness::UNTHROTTLED).await;
         let after = harness::rss_kib(relay.pid())?;
+        let peak = harness::peak_rss_kib(relay.pid())?;
         relay.stop().await;
         traffic?;
-        table.row(vec![
-            "relay".to_owned(),
+        let row = |process: &str, plugins: String, kib: [u64; 3], budget: String| {
+            let [ready, after, peak] = kib.map(mib);
+            vec![process.to_owned(), plugins, ready, after, peak, budget]
+        };
+        table.row(row(
+            "relay",
             "-".to_owned(),
-            mib(ready),
-            mib(after),
-        ]);
+            [ready, after, peak],
+            "-".to_owned(),
+        ));
         for count in [1usize, 100] {
             let dir = self.forwards(count, true)?;
             let host = Switchyard::start(self.url(), &self.setup(&dir)).await?;
@@ -1379,16 +1397,23 @@ impl Bench {
             )
             .await;
             let after = harness::rss_kib(host.pid())?;
+            let peak = harness::peak_rss_kib(host.pid())?;
+            let budget = host.queue_budget().await;
             host.stop().await;
             traffic?;
-            table.row(vec![
-                "switchyard".to_owned(),
+            let budget =
+                budget?.map_or_else(|| "n/a".to_owned(), |b| format!("{} MiB", mib(b / 1024)));
+            table.row(row(
+                "switchyard",
                 count.to_string(),
-                mib(ready),
-                mib(after),
-            ]);
+                [ready, after, peak],
+                budget,
+            ));
         }
+        let (burst_row, note) = self.slow_burst_memory().await?;
+        table.row(burst_row);
         table.print();
+        println!("{note}");
         Ok(())
     }
 

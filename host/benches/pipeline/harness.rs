@@ -60,6 +60,11 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     proc_status_kib(pid, "VmRSS:")
 }
 
+/// `VmHWM` of a process (the most its resident set has been), in KiB.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -226,6 +231,11 @@ impl Relay {
         Ok(Self { proc })
     }
 
+    /// Whether it has exited (it does when Redis closes its subscriber connection).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.proc.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
@@ -329,6 +339,20 @@ impl Switchyard {
         Self::spawn_with(redis_url, setup, Some("warn"))
     }
 
+    /// Spawns it as a user would run it: a configuration that names only the Redis, the
+    /// plugins folder and the admin listener (the bench reads `/plugins` there), and the
+    /// default log level; waits until `/readyz` answers 200.
+    pub async fn start_as_shipped(redis_url: &str, plugins: &Path) -> anyhow::Result<Self> {
+        let setup = HostSetup {
+            plugins,
+            compile_cache: None,
+            extra: "",
+        };
+        let mut host = Self::spawn_with(redis_url, &setup, None)?;
+        host.wait_ready().await?;
+        Ok(host)
+    }
+
     fn spawn_with(
         redis_url: &str,
         setup: &HostSetup<'_>,
@@ -426,6 +450,16 @@ impl Switchyard {
     pub async fn metrics(&self) -> anyhow::Result<String> {
         let url = format!("http://{}/metrics", self.admin);
         Ok(self.http.get(&url).send().await?.text().await?)
+    }
+
+    /// The queue budget of its first plugin in bytes, if `/plugins` reports one
+    /// (`queue_bytes_limit`).
+    pub async fn queue_budget(&self) -> anyhow::Result<Option<u64>> {
+        let report = self.plugins().await?;
+        Ok(report["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.first())
+            .and_then(queue_bytes_limit))
     }
 
     /// The content hash `/plugins` reports for `plugin`'s running version.
@@ -575,6 +609,13 @@ pub fn plugin_entry<'a>(
         .as_array()?
         .iter()
         .find(|p| p["name"].as_str() == Some(plugin))
+}
+
+/// A plugin's queue budget in bytes from its `/plugins` entry, if the host reports one.
+pub fn queue_bytes_limit(plugin: &serde_json::Value) -> Option<u64> {
+    plugin["queue_bytes_limit"]
+        .as_u64()
+        .or_else(|| plugin["stats"]["queue_bytes_limit"].as_u64())
 }
 
 /// `bytes` with a custom section appended: a byte-different component (new content hash)
