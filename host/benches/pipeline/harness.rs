@@ -930,11 +930,24 @@ impl Publisher {
             .context("PUBLISH pipeline failed")
     }
 
-    /// Sends [`WARM_UP`] warm-up messages and waits until `copies` of each came back.
+    /// Sends [`WARM_UP`] warm-up messages, at most the throttled [`window`] of copies in
+    /// flight, and waits until `copies` of each came back.
     pub async fn warm_up(&mut self, receiver: &Receiver, copies: u64) -> anyhow::Result<()> {
+        // The warm-up is not measured: it must not flood a process that has just started
+        // (500 messages of 256 KiB sent at once made Redis cut a fresh subscriber at its
+        // 32 MiB output-buffer limit).
+        let window = window(self.payload.len());
+        let most = self.batch.min((window / copies.max(1)).max(1));
         let mut sent = 0;
         while sent < WARM_UP {
-            let count = self.batch.min(WARM_UP - sent);
+            let count = most.min(WARM_UP - sent);
+            let allowed = (sent + count) * copies;
+            if allowed > window {
+                // On no progress, send on: the check below reports what came back.
+                receiver
+                    .wait(&receiver.progress.warm, allowed - window)
+                    .await;
+            }
             self.send(sent, count, KIND_WARM).await?;
             sent += count;
         }
