@@ -383,13 +383,15 @@ impl Bench {
         size: usize,
         window: u64,
     ) -> anyhow::Result<Transfer> {
-        let relay = Relay::start(url).await?;
+        let mut relay = Relay::start(url).await?;
         let cpu = harness::cpu_time(relay.pid())?;
         let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1, window).await;
-        let cpu = harness::cpu_time(relay.pid()).context("the relay exited during the run")? - cpu;
+        let cpu = harness::cpu_time(relay.pid())? - cpu;
+        let cut = relay.has_exited();
         relay.stop().await;
         let mut transfer = transfer?;
         transfer.cpu_us = per_message(cpu, count + harness::WARM_UP);
+        transfer.cut = cut;
         Ok(transfer)
     }
 

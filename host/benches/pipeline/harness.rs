@@ -1046,6 +1046,9 @@ pub struct Transfer {
     /// CPU time of the process under test per message handled (warm-up included), in µs;
     /// filled in by the caller, who knows the process.
     pub cpu_us: f64,
+    /// Whether Redis closed the subscriber connection of the process under test during the
+    /// run (past its output-buffer limit); filled in by the caller.
+    pub cut: bool,
 }
 
 /// Sends `count` messages of `size` bytes on [`INPUT_CHANNEL`], with at most `window` copies
@@ -1075,6 +1078,7 @@ pub async fn transfer(
         lost,
         duplicated,
         cpu_us: f64::NAN,
+        cut: false,
     })
 }
 

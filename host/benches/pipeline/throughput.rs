@@ -94,8 +94,12 @@ impl Bench {
                     range(&a),
                     range(&b),
                     format!(
-                        "{}/{}",
+                        "{}{}/{}",
                         sum(&mut relay.iter().map(|t| t.lost)),
+                        match relay.iter().filter(|t| t.cut).count() {
+                            0 => String::new(),
+                            cuts => format!(" ({cuts} cut)"),
+                        },
                         sum(&mut host.iter().map(|r| r.transfer.lost))
                     ),
                     format!(
@@ -118,8 +122,10 @@ impl Bench {
             "   ceiling: the receiver subscribed to fwd:* directly (no relay): what publisher, \
              redis and receiver manage on this machine. a = relay, b = switchyard. lost: \
              copies that never arrived, dup: copies that arrived twice, over all {rounds} \
-             rounds of {count}. switchyard shed: its /plugins counters over all rounds, by \
-             reason (shed messages are among the lost). handle µs: mean duration of forward's \
+             rounds of {count}; (N cut): runs in which redis closed the relay's subscriber \
+             connection at its output-buffer limit. switchyard shed: its /plugins counters \
+             over all rounds, by reason, with subscriber reconnects if any (shed messages are \
+             among the lost). handle µs: mean duration of forward's \
              handle call (switchyard_plugin_handle_seconds sum/count). CPU µs/msg: CPU time \
              of the relay / switchyard process (all threads) per message"
         );
