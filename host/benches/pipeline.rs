@@ -6,7 +6,8 @@
 //!    plugins, 4. pattern scaling (1/100/10,000 patterns), 5. payload sizes, 6. hot swap under
 //!    traffic, 7. start-up (cold and warm compile cache), 8. memory, 9. streams (1 and 2 hosts
 //!    sharing a consumer group, against a bare consumer), 10. gateway fan-out (1,000 WebSocket
-//!    clients on one channel, against a bare WebSocket fan-out relay).
+//!    clients on one channel, against a bare WebSocket fan-out relay), 11. a burst from
+//!    `redis-benchmark` against Switchyard as shipped (`pipeline/burst.rs`).
 //!
 //! ```sh
 //! cargo bench -p switchyard --bench pipeline                      # everything, ~9 min on 2 cores
@@ -17,12 +18,16 @@
 //! Publisher, Redis, receiver and the process under test share the machine, so absolute rates
 //! depend on it; compare within one run (the relay and Switchyard alternate round by round).
 
+#[path = "pipeline/burst.rs"]
+mod burst;
 #[path = "pipeline/fanout.rs"]
 mod fanout;
 #[path = "pipeline/harness.rs"]
 mod harness;
 #[path = "pipeline/relay.rs"]
 mod relay;
+#[path = "pipeline/throughput.rs"]
+mod throughput;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -51,6 +56,7 @@ const SECTIONS: &[(u8, &str)] = &[
     (8, "memory"),
     (9, "streams"),
     (10, "gateway"),
+    (11, "burst"),
 ];
 
 /// Benchmarks Switchyard's whole pipeline against a bare relay.
@@ -61,7 +67,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
-    /// hotswap, startup, memory, streams, gateway), comma-separated. Default: all.
+    /// hotswap, startup, memory, streams, gateway, burst), comma-separated. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per throughput run (overrides the mode's default).
@@ -205,6 +211,7 @@ async fn run(scale: Scale, quick: bool, wanted: &[u8]) -> anyhow::Result<()> {
     let started = Instant::now();
     print_machine(quick);
     let redis = RedisServer::start().await?;
+    print_setup(&redis.output_buffer_limit().await?);
     let bench = Bench::new(redis, scale)?;
     let result = bench.sections(wanted).await;
     bench.redis.stop().await;
@@ -233,15 +240,22 @@ fn print_machine(quick: bool) {
         kernel.trim()
     );
     println!("redis:   {}", harness::redis_version());
+}
+
+/// What runs against what, with the Redis settings in force.
+fn print_setup(output_buffer_limit: &str) {
     println!(
         "setup:   publisher, redis-server, receiver and the process under test on this machine; \
-         redis without persistence, pubsub output-buffer limit off; switchyard queue_capacity {}",
-        harness::QUEUE_CAPACITY
+         redis without persistence, otherwise its defaults (client-output-buffer-limit \
+         {output_buffer_limit}); switchyard with its default [plugins] settings (the bench \
+         sets dir and compile_cache)"
     );
     println!(
-        "relay:   PSUBSCRIBE fwd:* on one connection, PUBLISH fwded:REST on a multiplexed \
-         connection with up to {} replies outstanding (in order)",
-        relay::IN_FLIGHT
+        "relay:   PSUBSCRIBE fwd:* on one connection; a writer task fed through a channel \
+         ({} messages) sends what has accumulated, up to {} PUBLISH fwded:REST, as one \
+         pipeline per round trip, as switchyard's outgoing queue does",
+        relay::QUEUE,
+        relay::MAX_BATCH
     );
 }
 
@@ -289,6 +303,7 @@ impl Bench {
                 8 => self.memory().await,
                 9 => self.streams().await,
                 10 => self.gateway().await,
+                11 => self.bursts().await,
                 _ => Ok(()),
             }
             .with_context(|| format!("section {section}"))?;
@@ -331,7 +346,8 @@ impl Bench {
         }
     }
 
-    /// One windowed run through a fresh Switchyard on `plugins`.
+    /// One windowed run through a fresh Switchyard on `plugins`, the publisher keeping at most
+    /// `window` copies in flight.
     async fn switchyard_run(
         &self,
         url: &str,
@@ -339,153 +355,44 @@ impl Bench {
         count: u64,
         size: usize,
         copies: u64,
+        window: u64,
     ) -> anyhow::Result<HostRun> {
         let host = Switchyard::start(url, &self.setup(plugins)).await?;
         let cpu = harness::cpu_time(host.pid())?;
-        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies).await;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies, window).await;
         let cpu = harness::cpu_time(host.pid())? - cpu;
-        let stats = host.shed_and_failed().await;
+        let losses = host.losses().await;
         let handle = host.mean_handle().await;
         let tail = host.log_tail();
         host.stop().await;
         let mut transfer = transfer.with_context(|| format!("switchyard log:\n{tail}"))?;
         transfer.cpu_us = per_message(cpu, (count + harness::WARM_UP) * copies);
-        let (shed, failed) = stats?;
         Ok(HostRun {
             transfer,
-            shed,
-            failed,
+            losses: losses?,
             mean_handle: handle?,
         })
     }
 
-    /// One windowed run through a fresh relay.
-    async fn relay_run(&self, url: &str, count: u64, size: usize) -> anyhow::Result<Transfer> {
-        let relay = Relay::start(url).await?;
+    /// One windowed run through a fresh relay, the publisher keeping at most `window`
+    /// messages in flight.
+    async fn relay_run(
+        &self,
+        url: &str,
+        count: u64,
+        size: usize,
+        window: u64,
+    ) -> anyhow::Result<Transfer> {
+        let mut relay = Relay::start(url).await?;
         let cpu = harness::cpu_time(relay.pid())?;
-        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1).await;
+        let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, 1, window).await;
         let cpu = harness::cpu_time(relay.pid())? - cpu;
+        let cut = relay.has_exited();
         relay.stop().await;
         let mut transfer = transfer?;
         transfer.cpu_us = per_message(cpu, count + harness::WARM_UP);
+        transfer.cut = cut;
         Ok(transfer)
-    }
-
-    /// Section 1.
-    async fn throughput(&self) -> anyhow::Result<()> {
-        let count = self.scale.messages;
-        let rounds = self.scale.rounds;
-        println!(
-            "\n## 1. Throughput: {count} messages per run on {INPUT_CHANNEL}, counted on \
-             {OUTPUT_PATTERN}; median of {rounds} rounds, relay and switchyard alternating"
-        );
-        println!(
-            "   rate = messages / (first publish .. last arrival); publisher pipelined, at most \
-             {} (64 B) / {} (1 KiB) messages in flight",
-            harness::window(64),
-            harness::window(1024)
-        );
-        let rtt = self.serial_publish_rtt().await?;
-        println!(
-            "   context: one PUBLISH awaited at a time from this process: {:.1} µs per round \
-             trip ({:.0} msg/s)",
-            rtt.as_secs_f64() * 1e6,
-            1.0 / rtt.as_secs_f64()
-        );
-        let mut table = Table::new(&[
-            "payload",
-            "ceiling msg/s",
-            "relay msg/s",
-            "switchyard msg/s",
-            "b/a",
-            "relay range",
-            "switchyard range",
-            "lost a/b",
-            "shed",
-            "handle µs",
-            "CPU µs/msg a/b",
-        ]);
-        let plugins = self.forwards(1, false)?;
-        for size in [64usize, 1024] {
-            let ceiling = harness::transfer(self.url(), "fwd:*", count, size, 1).await?;
-            let mut relay = Vec::new();
-            let mut host = Vec::new();
-            for round in 0..rounds {
-                if round % 2 == 0 {
-                    relay.push(self.relay_run(self.url(), count, size).await?);
-                    host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
-                            .await?,
-                    );
-                } else {
-                    host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
-                            .await?,
-                    );
-                    relay.push(self.relay_run(self.url(), count, size).await?);
-                }
-            }
-            let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
-            let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
-            let handles: Vec<f64> = host
-                .iter()
-                .filter_map(|r| r.mean_handle)
-                .map(|d| d.as_secs_f64() * 1e6)
-                .collect();
-            table.row(vec![
-                bytes(size),
-                rate(ceiling.output_rate),
-                rate(median(&a)),
-                rate(median(&b)),
-                format!("{:.2}", median(&b) / median(&a)),
-                range(&a),
-                range(&b),
-                format!(
-                    "{}/{}",
-                    relay.iter().map(|t| t.lost + t.duplicated).sum::<u64>(),
-                    host.iter()
-                        .map(|r| r.transfer.lost + r.transfer.duplicated)
-                        .sum::<u64>()
-                ),
-                host.iter()
-                    .map(|r| r.shed + r.failed)
-                    .sum::<u64>()
-                    .to_string(),
-                format!("{:.1}", median(&handles)),
-                format!(
-                    "{:.1}/{:.1}",
-                    median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
-                    median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
-                ),
-            ]);
-        }
-        table.print();
-        println!(
-            "   ceiling: the receiver subscribed to fwd:* directly (no relay): what publisher, \
-             redis and receiver manage on this machine. a = relay, b = switchyard. lost counts \
-             missing and duplicated copies over all rounds; shed counts shed and failed \
-             messages in switchyard's /plugins. handle µs: mean duration of forward's handle \
-             call (switchyard_plugin_handle_seconds sum/count, PUBLISH round trip included). CPU \
-             µs/msg: CPU time of the relay / switchyard process (all threads) per message"
-        );
-        Ok(())
-    }
-
-    /// Mean round trip of one awaited PUBLISH (no subscriber) from this process.
-    async fn serial_publish_rtt(&self) -> anyhow::Result<Duration> {
-        let client = redis::Client::open(self.url())?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        let payload = vec![b'x'; 64];
-        let n = 5_000;
-        let started = Instant::now();
-        for _ in 0..n {
-            redis::cmd("PUBLISH")
-                .arg("bench:nobody")
-                .arg(&payload)
-                .query_async::<i64>(&mut connection)
-                .await?;
-        }
-        Ok(started.elapsed() / n)
     }
 
     /// Section 2.
@@ -603,8 +510,10 @@ impl Bench {
         let outputs = self.scale.fanout_outputs;
         println!(
             "\n## 3. Fan-out: one stream on {INPUT_CHANNEL} to N forward copies (all on fwd:*), \
-             about {outputs} output messages per run, 64 B, best of {} runs",
-            self.scale.fanout_rounds
+             about {outputs} output messages per run, 64 B, best of {} runs; publisher \
+             throttled to {} copies in flight",
+            self.scale.fanout_rounds,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "plugins",
@@ -624,10 +533,17 @@ impl Bench {
             let mut shed = 0;
             for _ in 0..self.scale.fanout_rounds {
                 let run = self
-                    .switchyard_run(self.url(), &plugins, count, 64, copies as u64)
+                    .switchyard_run(
+                        self.url(),
+                        &plugins,
+                        count,
+                        64,
+                        copies as u64,
+                        harness::window(64),
+                    )
                     .await?;
                 lost += run.transfer.lost + run.transfer.duplicated;
-                shed += run.shed + run.failed;
+                shed += run.losses.shed() + run.losses.failed;
                 if best
                     .as_ref()
                     .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
@@ -656,8 +572,10 @@ impl Bench {
         let count = self.scale.pattern_messages;
         println!(
             "\n## 4. Pattern scaling: one forward plugin matches {INPUT_CHANNEL}, the other \
-             patterns never match; {count} messages of 64 B per run, best of {}",
-            self.scale.pattern_rounds
+             patterns never match; {count} messages of 64 B per run, best of {}; publisher \
+             throttled to {} messages in flight",
+            self.scale.pattern_rounds,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "patterns",
@@ -740,8 +658,10 @@ impl Bench {
             let mut relay_best: Option<Transfer> = None;
             let mut lost = (0, 0);
             for _ in 0..self.scale.pattern_rounds {
-                let run = self.switchyard_run(url, dir, count, 64, 1).await?;
-                lost.1 += run.transfer.lost + run.transfer.duplicated + run.shed;
+                let run = self
+                    .switchyard_run(url, dir, count, 64, 1, harness::window(64))
+                    .await?;
+                lost.1 += run.transfer.lost + run.transfer.duplicated + run.losses.shed();
                 if host_best
                     .as_ref()
                     .is_none_or(|b| run.transfer.output_rate > b.transfer.output_rate)
@@ -755,7 +675,7 @@ impl Bench {
                 for chunk in idle_patterns.chunks(1000) {
                     holder.psubscribe(chunk).await?;
                 }
-                let run = self.relay_run(url, count, 64).await?;
+                let run = self.relay_run(url, count, 64, harness::window(64)).await?;
                 for chunk in idle_patterns.chunks(1000) {
                     holder.punsubscribe(chunk).await?;
                 }
@@ -780,9 +700,11 @@ impl Bench {
         let rounds = self.scale.payload_rounds;
         println!(
             "\n## 5. Payload sizes through forward vs the relay: about {} MB per run (at most \
-             {} messages), median of {rounds} rounds, alternating",
+             {} messages), median of {rounds} rounds, alternating; publisher throttled to about \
+             16 MiB in flight (at most {} messages)",
             budget / 1_000_000,
-            self.scale.payload_messages
+            self.scale.payload_messages,
+            harness::window(64)
         );
         let mut table = Table::new(&[
             "payload",
@@ -798,23 +720,24 @@ impl Bench {
         let plugins = self.forwards(1, false)?;
         for size in [64usize, 1024, 16 * 1024, 256 * 1024] {
             let count = (budget / size as u64).clamp(300, self.scale.payload_messages);
+            let window = harness::window(size);
             let mut relay = Vec::new();
             let mut host = Vec::new();
             for round in 0..rounds {
                 if round % 2 == 0 {
-                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    relay.push(self.relay_run(self.url(), count, size, window).await?);
                     host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                        self.switchyard_run(self.url(), &plugins, count, size, 1, window)
                             .await?
                             .transfer,
                     );
                 } else {
                     host.push(
-                        self.switchyard_run(self.url(), &plugins, count, size, 1)
+                        self.switchyard_run(self.url(), &plugins, count, size, 1, window)
                             .await?
                             .transfer,
                     );
-                    relay.push(self.relay_run(self.url(), count, size).await?);
+                    relay.push(self.relay_run(self.url(), count, size, window).await?);
                 }
             }
             let pick = |runs: &[Transfer], f: fn(&Transfer) -> f64| {
@@ -1432,38 +1355,67 @@ impl Bench {
     async fn memory(&self) -> anyhow::Result<()> {
         println!(
             "\n## 8. Memory: VmRSS after /readyz (or the relay's ready line), and after 500 \
-             messages through every plugin (instances are created at the first message)"
+             messages through every plugin (instances are created at the first message); peak: \
+             VmHWM; queue budget: queue_bytes_limit per plugin in /plugins"
         );
-        let mut table = Table::new(&["process", "plugins", "ready MiB", "after traffic MiB"]);
+        let mut table = Table::new(&[
+            "process",
+            "plugins",
+            "ready MiB",
+            "after traffic MiB",
+            "peak MiB",
+            "queue budget",
+        ]);
         let relay = Relay::start(self.url()).await?;
         let ready = harness::rss_kib(relay.pid())?;
-        let traffic = harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1).await;
+        let traffic =
+            harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, 1, harness::UNTHROTTLED).await;
         let after = harness::rss_kib(relay.pid())?;
+        let peak = harness::peak_rss_kib(relay.pid())?;
         relay.stop().await;
         traffic?;
-        table.row(vec![
-            "relay".to_owned(),
+        let row = |process: &str, plugins: String, kib: [u64; 3], budget: String| {
+            let [ready, after, peak] = kib.map(mib);
+            vec![process.to_owned(), plugins, ready, after, peak, budget]
+        };
+        table.row(row(
+            "relay",
             "-".to_owned(),
-            mib(ready),
-            mib(after),
-        ]);
+            [ready, after, peak],
+            "-".to_owned(),
+        ));
         for count in [1usize, 100] {
             let dir = self.forwards(count, true)?;
             let host = Switchyard::start(self.url(), &self.setup(&dir)).await?;
             let ready = harness::rss_kib(host.pid())?;
-            let traffic =
-                harness::transfer(self.url(), OUTPUT_PATTERN, 500, 64, count as u64).await;
+            let copies = count as u64;
+            let traffic = harness::transfer(
+                self.url(),
+                OUTPUT_PATTERN,
+                500,
+                64,
+                copies,
+                harness::UNTHROTTLED,
+            )
+            .await;
             let after = harness::rss_kib(host.pid())?;
+            let peak = harness::peak_rss_kib(host.pid())?;
+            let budget = host.queue_budget().await;
             host.stop().await;
             traffic?;
-            table.row(vec![
-                "switchyard".to_owned(),
+            let budget =
+                budget?.map_or_else(|| "n/a".to_owned(), |b| format!("{} MiB", mib(b / 1024)));
+            table.row(row(
+                "switchyard",
                 count.to_string(),
-                mib(ready),
-                mib(after),
-            ]);
+                [ready, after, peak],
+                budget,
+            ));
         }
+        let (burst_row, note) = self.slow_burst_memory().await?;
+        table.row(burst_row);
         table.print();
+        println!("{note}");
         Ok(())
     }
 
@@ -1787,8 +1739,7 @@ struct StreamTiming {
 /// A Switchyard run with the host's own counters.
 struct HostRun {
     transfer: Transfer,
-    shed: u64,
-    failed: u64,
+    losses: harness::HostLosses,
     mean_handle: Option<Duration>,
 }
 

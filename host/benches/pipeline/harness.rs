@@ -57,12 +57,21 @@ pub fn wall_nanos() -> u64 {
 
 /// `VmRSS` of a process, in KiB.
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// `VmHWM` of a process (the most its resident set has been), in KiB.
+pub fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/PID/status")
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
 /// CPU time a process has used so far, all its threads together (from each thread's
@@ -103,8 +112,9 @@ impl Proc {
     }
 }
 
-/// A private `redis-server` on a free port, without persistence, and without the pub/sub
-/// output-buffer limit (the publishers pace themselves in bounded windows anyway).
+/// A private `redis-server` on a free port, without persistence, otherwise with Redis's
+/// defaults: a subscriber that falls behind is cut at its `client-output-buffer-limit pubsub`
+/// (32 MiB, or 8 MiB for 60 s), as it would be on a user's server.
 pub struct RedisServer {
     proc: Proc,
     /// `redis://127.0.0.1:PORT`.
@@ -121,7 +131,6 @@ impl RedisServer {
             Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
-                .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdin(Stdio::null())
@@ -155,6 +164,18 @@ impl RedisServer {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// Its `client-output-buffer-limit` setting, as `CONFIG GET` reports it.
+    pub async fn output_buffer_limit(&self) -> anyhow::Result<String> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let (_, value): (String, String) = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("client-output-buffer-limit")
+            .query_async(&mut connection)
+            .await?;
+        Ok(value)
     }
 
     /// Stops it.
@@ -208,6 +229,11 @@ impl Relay {
     pub async fn start(url: &str) -> anyhow::Result<Self> {
         let proc = start_baseline(&["--relay", url], "the relay").await?;
         Ok(Self { proc })
+    }
+
+    /// Whether it has exited (it does when Redis closes its subscriber connection).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.proc.child.try_wait(), Ok(Some(_)))
     }
 
     /// Its process id.
@@ -306,16 +332,36 @@ pub struct Switchyard {
     _dir: tempfile::TempDir,
 }
 
-/// Messages per plugin queue: far more than any window in flight, so nothing is shed.
-pub const QUEUE_CAPACITY: usize = 1_000_000;
-
 impl Switchyard {
-    /// Spawns it without waiting for readiness.
+    /// Spawns it without waiting for readiness, logging warnings and errors only. Every
+    /// `[plugins]` setting but `dir` and `compile_cache` keeps the host's default.
     pub fn spawn(redis_url: &str, setup: &HostSetup<'_>) -> anyhow::Result<Self> {
+        Self::spawn_with(redis_url, setup, Some("warn"))
+    }
+
+    /// Spawns it as a user would run it: a configuration that names only the Redis, the
+    /// plugins folder and the admin listener (the bench reads `/plugins` there), and the
+    /// default log level; waits until `/readyz` answers 200.
+    pub async fn start_as_shipped(redis_url: &str, plugins: &Path) -> anyhow::Result<Self> {
+        let setup = HostSetup {
+            plugins,
+            compile_cache: None,
+            extra: "",
+        };
+        let mut host = Self::spawn_with(redis_url, &setup, None)?;
+        host.wait_ready().await?;
+        Ok(host)
+    }
+
+    fn spawn_with(
+        redis_url: &str,
+        setup: &HostSetup<'_>,
+        log_level: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let admin = format!("127.0.0.1:{}", free_port()?);
         let mut config = format!(
-            "[redis]\nurl = {url:?}\n\n[plugins]\ndir = {dir:?}\nqueue_capacity = {QUEUE_CAPACITY}\n",
+            "[redis]\nurl = {url:?}\n\n[plugins]\ndir = {dir:?}\n",
             url = redis_url,
             dir = setup.plugins.display().to_string(),
         );
@@ -332,8 +378,11 @@ impl Switchyard {
         let log = dir.path().join("switchyard.log");
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        if let Some(level) = log_level {
+            command.args(["--log-level", level]);
+        }
         command
-            .args(["--log-level", "warn", "run", "--config"])
+            .args(["run", "--config"])
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -403,6 +452,16 @@ impl Switchyard {
         Ok(self.http.get(&url).send().await?.text().await?)
     }
 
+    /// The queue budget of its first plugin in bytes, if `/plugins` reports one
+    /// (`queue_bytes_limit`).
+    pub async fn queue_budget(&self) -> anyhow::Result<Option<u64>> {
+        let report = self.plugins().await?;
+        Ok(report["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.first())
+            .and_then(queue_bytes_limit))
+    }
+
     /// The content hash `/plugins` reports for `plugin`'s running version.
     pub async fn version_hash(&self, plugin: &str) -> anyhow::Result<Option<String>> {
         let report = self.plugins().await?;
@@ -421,6 +480,24 @@ impl Switchyard {
             failed += plugin["stats"]["failed"].as_u64().unwrap_or(0);
         }
         Ok((shed, failed))
+    }
+
+    /// What `/plugins` counts against delivery, summed over every plugin.
+    pub async fn losses(&self) -> anyhow::Result<HostLosses> {
+        let report = self.plugins().await?;
+        let mut losses = HostLosses {
+            reconnects: report["source"]["reconnects"].as_u64().unwrap_or(0),
+            ..HostLosses::default()
+        };
+        for plugin in report["plugins"].as_array().into_iter().flatten() {
+            let stats = &plugin["stats"];
+            for (reason, count) in stats["shed_by"].as_object().into_iter().flatten() {
+                *losses.shed_by.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+            losses.failed += stats["failed"].as_u64().unwrap_or(0);
+            losses.send_failed += stats["send_failed"].as_u64().unwrap_or(0);
+        }
+        Ok(losses)
     }
 
     /// Stream entries acknowledged and messages failed, summed over every plugin.
@@ -467,6 +544,62 @@ impl Switchyard {
     }
 }
 
+/// Messages a Switchyard run dropped by its own counters (`/plugins`), summed over plugins.
+#[derive(Debug, Clone, Default)]
+pub struct HostLosses {
+    /// Shed messages by reason (`stats.shed_by`: every reason the host reports).
+    pub shed_by: std::collections::BTreeMap<String, u64>,
+    /// Failed `handle` calls.
+    pub failed: u64,
+    /// Messages queued by `send` and then not written to Redis.
+    pub send_failed: u64,
+    /// Times the subscriber connection was re-established (Redis cuts a subscriber that
+    /// falls past its output-buffer limit).
+    pub reconnects: u64,
+}
+
+impl HostLosses {
+    /// Every shed message.
+    pub fn shed(&self) -> u64 {
+        self.shed_by.values().sum()
+    }
+
+    /// Adds another run's counters.
+    pub fn add(&mut self, other: &HostLosses) {
+        for (reason, count) in &other.shed_by {
+            *self.shed_by.entry(reason.clone()).or_default() += count;
+        }
+        self.failed += other.failed;
+        self.send_failed += other.send_failed;
+        self.reconnects += other.reconnects;
+    }
+
+    /// The nonzero reasons, `queue_full 1234, parked 5`, then failed calls, lost sends and
+    /// reconnects if any; `0` when nothing was dropped.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .shed_by
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(reason, count)| format!("{reason} {count}"))
+            .collect();
+        for (what, count) in [
+            ("failed", self.failed),
+            ("send_failed", self.send_failed),
+            ("reconnects", self.reconnects),
+        ] {
+            if count > 0 {
+                parts.push(format!("{what} {count}"));
+            }
+        }
+        if parts.is_empty() {
+            "0".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// The entry of `plugin` in a `/plugins` report.
 pub fn plugin_entry<'a>(
     report: &'a serde_json::Value,
@@ -476,6 +609,13 @@ pub fn plugin_entry<'a>(
         .as_array()?
         .iter()
         .find(|p| p["name"].as_str() == Some(plugin))
+}
+
+/// A plugin's queue budget in bytes from its `/plugins` entry, if the host reports one.
+pub fn queue_bytes_limit(plugin: &serde_json::Value) -> Option<u64> {
+    plugin["queue_bytes_limit"]
+        .as_u64()
+        .or_else(|| plugin["stats"]["queue_bytes_limit"].as_u64())
 }
 
 /// `bytes` with a custom section appended: a byte-different component (new content hash)
@@ -736,6 +876,10 @@ async fn receive(
     seen
 }
 
+/// The most PUBLISH commands the publisher sends as one pipeline (fewer for payloads above
+/// 1 KiB: about 256 KiB per pipeline).
+pub const PIPELINE: u64 = 256;
+
 /// Publishes numbered messages on [`INPUT_CHANNEL`] in pipelines.
 pub struct Publisher {
     connection: redis::aio::MultiplexedConnection,
@@ -760,8 +904,8 @@ impl Publisher {
         let connection = client.get_multiplexed_async_connection().await?;
         let mut payload = vec![b'x'; size.max(HEADER)];
         payload[16] = KIND_MEASURED;
-        // About 256 KiB per pipeline, at most 256 commands.
-        let batch = (256 * 1024 / payload.len()).clamp(1, 256) as u64;
+        // About 256 KiB per pipeline, at most PIPELINE commands.
+        let batch = (256 * 1024 / payload.len()).clamp(1, PIPELINE as usize) as u64;
         Ok(Self {
             connection,
             payload,
@@ -786,11 +930,24 @@ impl Publisher {
             .context("PUBLISH pipeline failed")
     }
 
-    /// Sends [`WARM_UP`] warm-up messages and waits until `copies` of each came back.
+    /// Sends [`WARM_UP`] warm-up messages, at most the throttled [`window`] of copies in
+    /// flight, and waits until `copies` of each came back.
     pub async fn warm_up(&mut self, receiver: &Receiver, copies: u64) -> anyhow::Result<()> {
+        // The warm-up is not measured: it must not flood a process that has just started
+        // (500 messages of 256 KiB sent at once made Redis cut a fresh subscriber at its
+        // 32 MiB output-buffer limit).
+        let window = window(self.payload.len());
+        let most = self.batch.min((window / copies.max(1)).max(1));
         let mut sent = 0;
         while sent < WARM_UP {
-            let count = self.batch.min(WARM_UP - sent);
+            let count = most.min(WARM_UP - sent);
+            let allowed = (sent + count) * copies;
+            if allowed > window {
+                // On no progress, send on: the check below reports what came back.
+                receiver
+                    .wait(&receiver.progress.warm, allowed - window)
+                    .await;
+            }
             self.send(sent, count, KIND_WARM).await?;
             sent += count;
         }
@@ -889,23 +1046,25 @@ pub struct Transfer {
     /// CPU time of the process under test per message handled (warm-up included), in µs;
     /// filled in by the caller, who knows the process.
     pub cpu_us: f64,
+    /// Whether Redis closed the subscriber connection of the process under test during the
+    /// run (past its output-buffer limit); filled in by the caller.
+    pub cut: bool,
 }
 
-/// Sends `count` messages of `size` bytes on [`INPUT_CHANNEL`] and counts `copies` of each on
-/// `receive_pattern`.
+/// Sends `count` messages of `size` bytes on [`INPUT_CHANNEL`], with at most `window` copies
+/// outstanding ([`UNTHROTTLED`]: no limit), and counts `copies` of each on `receive_pattern`.
 pub async fn transfer(
     url: &str,
     receive_pattern: &str,
     count: u64,
     size: usize,
     copies: u64,
+    window: u64,
 ) -> anyhow::Result<Transfer> {
     let receiver = Receiver::start(url, receive_pattern).await?;
     let mut publisher = Publisher::new(url, size).await?;
     publisher.warm_up(&receiver, copies).await?;
-    let started = publisher
-        .windowed(count, copies, window(size), &receiver)
-        .await?;
+    let started = publisher.windowed(count, copies, window, &receiver).await?;
     receiver.wait_measured(count * copies).await;
     let seen = receiver.finish().await?;
     let elapsed = seen.last.map_or(Duration::ZERO, |last| last - started);
@@ -919,10 +1078,16 @@ pub async fn transfer(
         lost,
         duplicated,
         cpu_us: f64::NAN,
+        cut: false,
     })
 }
 
-/// Messages allowed in flight for a payload size: about 16 MiB, between 64 and 20,000.
+/// A publisher window that never holds the publisher back: it sends its pipelines one after
+/// another, each as soon as Redis answered the previous one.
+pub const UNTHROTTLED: u64 = u64::MAX;
+
+/// The throttled publisher's window for a payload size: about 16 MiB of messages allowed in
+/// flight (published, not yet received back), between 64 and 20,000.
 pub fn window(size: usize) -> u64 {
     (16 * 1024 * 1024 / size.max(1)).clamp(64, 20_000) as u64
 }

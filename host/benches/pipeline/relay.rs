@@ -2,11 +2,14 @@
 //! its own process so that it pays for the same process boundary and sockets as Switchyard: a
 //! bare relay (`pipeline --relay URL`) and a bare stream consumer.
 //!
-//! One connection PSUBSCRIBEs `fwd:*`; each message is republished on `fwded:REST` through a
-//! multiplexed connection. The relay does not wait for each PUBLISH reply before reading the
-//! next message: up to [`IN_FLIGHT`] publishes are outstanding (`StreamExt::buffered`), which
-//! keeps replies, and therefore publishes, in arrival order. This is the one non-naive choice;
-//! a relay awaiting each reply would be bound by the round trip, as Switchyard's worker is.
+//! One connection PSUBSCRIBEs `fwd:*`; a reader task turns each message into a PUBLISH of its
+//! payload on `fwded:REST` and hands it to a writer task through a bounded channel. The writer
+//! sends whatever has accumulated since its last write, up to [`MAX_BATCH`] commands, as one
+//! pipeline on its own connection, with one pipeline in flight: the way Switchyard's own
+//! outgoing queue writes (`host/src/effects/mod.rs`), so that under load one round trip carries
+//! hundreds of messages, in arrival order. A full channel makes the reader wait; meanwhile the
+//! crate keeps what Redis delivers in its own unbounded buffer, so the relay never makes Redis
+//! hold messages for it, and its memory has no bound.
 //!
 //! The stream consumer (`pipeline --stream-consumer URL --stream-group NAME`) is the baseline
 //! of the streams section, written the same plain way: one multiplexed connection,
@@ -23,8 +26,14 @@ use futures::StreamExt as _;
 use redis::AsyncCommands as _;
 use redis::streams::{StreamReadOptions, StreamReadReply};
 
-/// PUBLISH commands the relay keeps outstanding on its publishing connection.
-pub const IN_FLIGHT: usize = 256;
+/// The most PUBLISH commands the relay writes as one pipeline (Switchyard's `MAX_BATCH`).
+pub const MAX_BATCH: usize = 512;
+/// Messages waiting between the relay's reader and its writer (Switchyard's outgoing queue
+/// holds as many).
+pub const QUEUE: usize = 16_384;
+/// How long the relay's writer waits for a pipeline's replies (the crate's default, 500 ms,
+/// is too short for a pipeline of hundreds on a busy machine).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Entries the stream consumer reads per `XREADGROUP` (and acknowledges per `XACK`): the
 /// host's default `streams.batch`, which the bench also sets for Switchyard.
@@ -46,38 +55,60 @@ fn exit_with_stdin() {
     });
 }
 
-/// Runs the relay until the bench closes our standard input.
+/// Runs the relay until the bench closes our standard input. Exits with status 1 if Redis
+/// closes the subscriber connection (as it does to a client past its output-buffer limit).
 pub fn main(url: &str) -> anyhow::Result<()> {
     exit_with_stdin();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let client = redis::Client::open(url)?;
-        let publisher = client.get_multiplexed_async_connection().await?;
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(WRITE_TIMEOUT));
+        let publisher = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let mut subscriber = client.get_async_pubsub().await?;
         subscriber.psubscribe("fwd:*").await?;
+        let (queue, outgoing) = tokio::sync::mpsc::channel(QUEUE);
+        let writer = tokio::spawn(write(publisher, outgoing));
         println!("ready");
         std::io::stdout().flush()?;
-        subscriber
-            .into_on_message()
-            .map(|message| {
-                let channel = message.get_channel_name();
-                let rest = channel.strip_prefix("fwd:").unwrap_or(channel);
-                let mut command = redis::cmd("PUBLISH");
-                command
-                    .arg(format!("fwded:{rest}"))
-                    .arg(message.get_payload_bytes());
-                let mut connection = publisher.clone();
-                async move { command.query_async::<i64>(&mut connection).await }
-            })
-            .buffered(IN_FLIGHT)
-            .for_each(|published| async move {
-                if let Err(e) = published {
-                    eprintln!("relay: PUBLISH failed: {e}");
-                }
-            })
-            .await;
-        anyhow::Ok(())
+        let mut messages = subscriber.into_on_message();
+        while let Some(message) = messages.next().await {
+            let channel = message.get_channel_name();
+            let rest = channel.strip_prefix("fwd:").unwrap_or(channel);
+            let publish = (
+                format!("fwded:{rest}"),
+                message.get_payload_bytes().to_vec(),
+            );
+            if queue.send(publish).await.is_err() {
+                break;
+            }
+        }
+        drop(queue);
+        let _ = writer.await;
+        // One line for the bench's output, which shows the relay's standard error.
+        eprintln!("relay: redis closed the subscriber connection; exiting");
+        std::process::exit(1)
     })
+}
+
+/// Writes what the reader queued: everything that accumulated, up to [`MAX_BATCH`], as one
+/// pipeline, one pipeline in flight.
+async fn write(
+    mut connection: redis::aio::MultiplexedConnection,
+    mut queue: tokio::sync::mpsc::Receiver<(String, Vec<u8>)>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut pipe = redis::pipe();
+        for (channel, payload) in &batch {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut connection).await {
+            eprintln!("relay: {} PUBLISHes failed: {e}", batch.len());
+        }
+        batch.clear();
+    }
 }
 
 /// Runs the bare stream consumer on `key` through `group` (which the bench has created),
