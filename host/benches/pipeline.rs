@@ -1103,9 +1103,10 @@ impl Bench {
         let preloaded = preload_stream(&mut connection, entries).await?;
         println!(
             "   rate = entries / (start signal .. XINFO GROUPS shows the last entry delivered and \
-             none pending, polled every {} ms); every consumer: XREADGROUP COUNT {STREAM_BATCH} \
-             BLOCK {STREAM_BLOCK_MS}, one XACK per batch; baseline: each XACK in one pipeline \
-             with the next read; switchyard: one batch in flight, XACK, then the next read",
+             none pending, polled every {} ms); every consumer reads XREADGROUP COUNT \
+             {STREAM_BATCH} (BLOCK {STREAM_BLOCK_MS} when waiting) and sends each batch's XACK \
+             in one pipeline with a following read; baseline: one read at a time; switchyard: \
+             the next batch is read while the plugin handles one (at most two per reader)",
             STREAM_POLL.as_millis()
         );
         println!(
