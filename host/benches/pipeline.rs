@@ -1026,8 +1026,10 @@ impl Bench {
         let preloaded = preload_stream(&mut connection, entries).await?;
         println!(
             "   rate = entries / (start signal .. XINFO GROUPS shows the last entry delivered and \
-             none pending, polled every {} ms); every consumer: XREADGROUP COUNT {STREAM_BATCH} \
-             BLOCK {STREAM_BLOCK_MS}, one XACK per batch, one batch in flight",
+             none pending, polled every {} ms); every consumer reads XREADGROUP COUNT \
+             {STREAM_BATCH} (BLOCK {STREAM_BLOCK_MS} when waiting) and sends each batch's XACK \
+             in one pipeline with a following read; baseline: one read at a time; switchyard: \
+             the next batch is read while the plugin handles one (at most two per reader)",
             STREAM_POLL.as_millis()
         );
         println!(
@@ -1145,8 +1147,8 @@ impl Bench {
              reads (so {} entries per run). baseline: the bench binary re-executed as a bare \
              consumer (same redis crate). switchyard: forward, whose manifest replaces its \
              subscriptions with {STREAM_KEY}; it republishes each entry on fwded:orders with \
-             send (no subscriber). baseline + PUBLISH does that too: the batch's PUBLISHes and \
-             its XACK in one pipeline. CPU µs/entry: the consumer processes (both hosts \
+             send (no subscriber). baseline + PUBLISH does that too: the batch's PUBLISHes, \
+             its XACK and the next XREADGROUP in one pipeline. CPU µs/entry: the consumer processes (both hosts \
              together); redis µs/entry: redis-server. cores busy: CPU time of the consumers and \
              redis-server over the run's wall time. acked by host: stream_acked in /plugins, the \
              larger host's share first (median of rounds). dup/failed: acknowledgements beyond \

@@ -7,32 +7,45 @@
 //!    delivery);
 //! 2. every so often, entries another consumer left idle for longer than `claim_idle` are
 //!    taken over (`XAUTOCLAIM`), so a replica that died does not strand its work;
-//! 3. otherwise new entries are read in batches (`XREADGROUP ... >`, blocking).
+//! 3. otherwise new entries are read in batches (`XREADGROUP ... >`).
 //!
-//! A batch goes into the plugin's queue (beyond its capacity: the batch size bounds what is in
-//! flight, and nothing read is shed), each entry with a [`Ticket`] the worker finishes. The
-//! reader waits for every ticket, then acknowledges what succeeded (`XACK`). A failed entry
+//! A batch goes into the plugin's queue (beyond its capacity: the reader bounds what is in
+//! flight, and nothing read is shed), each entry with a [`Ticket`] the worker finishes.
+//! The reader keeps up to two batches there: while the plugin handles one, the reader reads
+//! the next, so the plugin does not wait a round trip between batches. That read ahead does
+//! not block: when it finds nothing new, the reader lets the batches in flight finish, then
+//! blocks in `XREADGROUP`. Batches are queued in the order they were read, so a plugin with
+//! one worker sees the stream in order (retried entries come again later).
+//!
+//! Once every ticket of the oldest batch is in, the reader acknowledges what succeeded
+//! (`XACK`), in one pipeline with the next read ahead, or on its own when no such read
+//! follows. An entry is acknowledged only after its `handle` succeeded. A failed entry
 //! is retried after a backoff that doubles per delivery; once it has been delivered
 //! `max_deliveries` times and fails again, it is added to `<stream>:dead` with the plugin,
 //! version and error, and acknowledged. An entry the plugin rejects as `invalid` (retrying
-//! the same input will fail again) goes to the dead-letter stream at once. An entry the plugin could not take (parked, stopping)
-//! is retried without counting against it.
+//! the same input will fail again) goes to the dead-letter stream at once. An entry the
+//! plugin could not take (parked, stopping) is retried without counting against it. A
+//! claim waits until no batch is in flight, so that it never takes this consumer's own
+//! queued entries.
 //!
-//! After a lost connection the reader starts over with the entries still pending for its own
-//! consumer name, so a restart with the same name (a Kubernetes pod keeps its name across a
-//! container restart) resumes where it stopped. Delivery is at least once: an entry can be
-//! handled again after a crash between `handle` and `XACK`, or when it was claimed from a
-//! consumer that was only slow. Plugins use the entry id as their idempotency key.
+//! After a lost connection the reader reconnects, waits for the batches it had in flight and
+//! acknowledges what they handled, then starts over with the entries still pending for its
+//! own consumer name, so a restart with the same name (a Kubernetes pod keeps its name across
+//! a container restart) resumes where it stopped. Delivery is at least once: an entry can be
+//! handled again after a crash between `handle` and `XACK` (at most the two batches in
+//! flight), or when it was claimed from a consumer that was only slow: an entry can wait in
+//! the queue for two batches' handling time, and `claim_idle` must stay above that. Plugins
+//! use the entry id as their idempotency key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use redis::Value;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +59,14 @@ use crate::worker::{Envelope, Inbox};
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Extra time a blocking read may take on the wire beyond its `BLOCK` time.
 const READ_MARGIN: Duration = Duration::from_secs(5);
+/// Batches a reader keeps in its plugin's queue. Two are enough to keep the plugin busy:
+/// the next batch is read while the plugin handles the current one, so it is queued before
+/// the plugin runs out, whenever one read takes less time than handling one batch. A third
+/// would help only a reader whose round trip to Redis outlasts a whole batch (a larger
+/// `batch` is the remedy there), and every batch queued ahead adds to what a crash makes
+/// handled again and to how long an entry waits, pending, before its turn (`claim_idle`
+/// must stay above that wait, or another consumer claims the entry meanwhile).
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Where a new group starts reading.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -66,7 +87,7 @@ pub struct StreamSettings {
     pub group: String,
     /// This host's name within the group (default: the host name).
     pub consumer: String,
-    /// Entries read per `XREADGROUP`, and at most in flight.
+    /// Entries read per `XREADGROUP`; a reader has at most two such batches in flight.
     pub batch: usize,
     /// How long one read waits for new entries.
     pub block: Duration,
@@ -156,7 +177,7 @@ enum Outcome {
 /// unfinished (the entry was not handled).
 #[derive(Debug, Default)]
 pub struct Ticket {
-    report: Option<(usize, mpsc::UnboundedSender<(usize, Outcome)>)>,
+    report: Option<(usize, Arc<Tally>)>,
 }
 
 impl Ticket {
@@ -167,7 +188,7 @@ impl Ticket {
 
     /// Reports how `handle` went, by `version`.
     pub fn finish(mut self, result: Result<(), String>, version: &ContentHash) {
-        if let Some((index, report)) = self.report.take() {
+        if let Some((index, tally)) = self.report.take() {
             let outcome = match result {
                 Ok(()) => Outcome::Handled,
                 Err(error) => Outcome::Failed {
@@ -175,16 +196,65 @@ impl Ticket {
                     version: *version,
                 },
             };
-            let _ = report.send((index, outcome));
+            tally.report(index, outcome);
         }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if let Some((index, report)) = self.report.take() {
-            let _ = report.send((index, Outcome::Skipped));
+        if let Some((index, tally)) = self.report.take() {
+            tally.report(index, Outcome::Skipped);
         }
+    }
+}
+
+/// The outcomes of one batch, filled in by its tickets. Only the last report wakes the
+/// reader: one wake-up per batch, not one per entry, since every wake-up of the reader's
+/// task from a worker thread is a cross-thread hand-off.
+#[derive(Debug)]
+struct Tally {
+    /// By the entry's index in its batch.
+    outcomes: Mutex<Vec<Option<Outcome>>>,
+    /// Tickets that have not reported yet.
+    open: AtomicUsize,
+    settled: Notify,
+}
+
+impl Tally {
+    fn new(entries: usize) -> Self {
+        Self {
+            outcomes: Mutex::new((0..entries).map(|_| None).collect()),
+            open: AtomicUsize::new(entries),
+            settled: Notify::new(),
+        }
+    }
+
+    fn report(&self, index: usize, outcome: Outcome) {
+        if let Some(slot) = self
+            .outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(index)
+        {
+            *slot = Some(outcome);
+        }
+        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Keeps a permit if the reader is not waiting yet.
+            self.settled.notify_one();
+        }
+    }
+
+    /// Waits until every ticket has reported (each does, when finished or dropped), then
+    /// gives the outcomes in entry order.
+    async fn settled(&self) -> Vec<Outcome> {
+        while self.open.load(Ordering::Acquire) > 0 {
+            self.settled.notified().await;
+        }
+        std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or(Outcome::Skipped))
+            .collect()
     }
 }
 
@@ -224,6 +294,14 @@ impl Connection {
             Connection::Cluster(c) => cmd.query_async(c.as_mut()).await,
         }
     }
+
+    /// Sends `pipe` as one write; the replies of the commands not ignored, in order.
+    async fn query_pipe(&mut self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Connection::Single(c) => pipe.query_async(c).await,
+            Connection::Cluster(c) => pipe.query_async(c.as_mut()).await,
+        }
+    }
 }
 
 impl StreamBackend {
@@ -257,7 +335,7 @@ pub struct StreamReaders {
     backend: StreamBackend,
     shutdown: CancellationToken,
     running: Mutex<Vec<Running>>,
-    /// Readers told to stop, still acknowledging their last batch.
+    /// Readers told to stop, still acknowledging their last batches.
     stopping: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -279,7 +357,7 @@ impl StreamReaders {
     }
 
     /// Runs exactly one reader per target: starts the new, stops the gone. A reader being
-    /// stopped finishes its batch (acknowledging what was handled) first.
+    /// stopped finishes its batches in flight (acknowledging what was handled) first.
     pub fn update(&self, targets: Vec<StreamTarget>) {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let (keep, stop): (Vec<_>, Vec<_>) = std::mem::take(&mut *running)
@@ -362,6 +440,29 @@ struct Retry {
     deliveries: u64,
 }
 
+/// A batch in the plugin's queue, its outcomes still coming in.
+struct Batch {
+    /// Its entries' ids, in the order queued (a ticket's index).
+    ids: Vec<String>,
+    /// Deliveries so far, by id, where Redis said (an entry read for the first time: 1).
+    counts: HashMap<String, u64>,
+    tally: Arc<Tally>,
+    /// When it was queued: its retries are scheduled from here.
+    queued: Instant,
+}
+
+/// What a reader has handed to the plugin and not yet acknowledged. It outlives a session:
+/// after a lost connection, the next session first waits for these batches and
+/// acknowledges what they handled, then reads again what is still pending.
+#[derive(Default)]
+struct InFlight {
+    /// Batches in the plugin's queue, oldest first; at most [`BATCHES_IN_FLIGHT`].
+    batches: VecDeque<Batch>,
+    /// Entries done with (handled, dead-lettered, deleted meanwhile) whose `XACK` is still
+    /// to be sent.
+    done: Vec<String>,
+}
+
 struct Reader {
     target: StreamTarget,
     backend: StreamBackend,
@@ -376,9 +477,10 @@ impl Reader {
     async fn run(self) {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let mut retries = Vec::new();
+        let mut in_flight = InFlight::default();
         loop {
             let started = Instant::now();
-            match self.session(&mut retries).await {
+            match self.session(&mut retries, &mut in_flight).await {
                 Ok(Stopped) => return,
                 Err(e) => {
                     if started.elapsed() >= HEALTHY_SESSION {
@@ -409,10 +511,17 @@ impl Reader {
     }
 
     /// One connection's worth of reading; returns `Ok` only when told to stop.
-    async fn session(&self, retries: &mut Vec<Retry>) -> redis::RedisResult<Stopped> {
+    async fn session(
+        &self,
+        retries: &mut Vec<Retry>,
+        in_flight: &mut InFlight,
+    ) -> redis::RedisResult<Stopped> {
         let settings = self.settings();
         let mut conn = self.backend.connect(settings.block).await?;
         self.create_group(&mut conn).await?;
+        // What the last session queued is acknowledged as far as it was handled; what
+        // failed is read again below, like everything else this consumer never acked.
+        self.finish_all(&mut conn, in_flight, retries).await?;
 
         // What this consumer read before (a restart, a lost connection) and never acked.
         retries.clear();
@@ -422,7 +531,9 @@ impl Reader {
             let Some(last) = entries.last() else { break };
             after = last.id.clone();
             let counts = self.delivery_counts(&mut conn, &entries).await?;
-            if self.process(&mut conn, entries, &counts, retries).await? {
+            self.queue(entries, counts, in_flight);
+            self.finish_all(&mut conn, in_flight, retries).await?;
+            if self.stop.is_cancelled() {
                 return Ok(Stopped);
             }
         }
@@ -430,29 +541,41 @@ impl Reader {
         let claim_every = (settings.claim_idle / 2).max(Duration::from_millis(100));
         let mut next_claim = Instant::now();
         let mut claim_cursor = "0-0".to_owned();
+        // The last read ahead found nothing waiting: no more reads until the batches in
+        // flight are done, then a blocking one.
+        let mut caught_up = false;
         loop {
             if self.stop.is_cancelled() || self.target.inbox.is_closed() {
+                self.finish_all(&mut conn, in_flight, retries).await?;
                 return Ok(Stopped);
             }
             let now = Instant::now();
-            let due: Vec<Retry> = {
-                let (due, later) = std::mem::take(retries)
-                    .into_iter()
-                    .partition::<Vec<_>, _>(|r| r.due <= now);
-                *retries = later;
-                due
-            };
-            let stopped = if !due.is_empty() {
-                self.retry(&mut conn, due, retries).await?
-            } else if now >= next_claim {
+            let busy = !in_flight.batches.is_empty();
+            let room = in_flight.batches.len() < BATCHES_IN_FLIGHT;
+            let claim_due = now >= next_claim;
+            if room && retries.iter().any(|r| r.due <= now) {
+                let due: Vec<Retry> = {
+                    let (due, later) = std::mem::take(retries)
+                        .into_iter()
+                        .partition::<Vec<_>, _>(|r| r.due <= now);
+                    *retries = later;
+                    due
+                };
+                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.retry(&mut conn, due, in_flight).await?;
+            } else if busy && (!room || caught_up || claim_due) {
+                // A claim waits for the batches in flight too: `XAUTOCLAIM` would take this
+                // consumer's own queued entries once they idled past `claim_idle`.
+                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.settle_oldest(&mut conn, in_flight, retries).await?;
+            } else if claim_due {
+                self.flush(&mut conn, &mut in_flight.done).await?;
                 let (entries, cursor) = self.auto_claim(&mut conn, &claim_cursor).await?;
                 if cursor == "0-0" {
                     next_claim = now + claim_every;
                 }
                 claim_cursor = cursor;
-                if entries.is_empty() {
-                    false
-                } else {
+                if !entries.is_empty() {
                     self.stats
                         .claimed
                         .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -463,9 +586,20 @@ impl Reader {
                         "claimed entries left idle by another consumer"
                     );
                     let counts = self.delivery_counts(&mut conn, &entries).await?;
-                    self.process(&mut conn, entries, &counts, retries).await?
+                    self.queue(entries, counts, in_flight);
                 }
+            } else if busy {
+                // Read ahead while the plugin works, without blocking (a blocking read
+                // would hold up retries falling due meanwhile); the acknowledgement of the
+                // batch just done goes in the same round trip.
+                let entries = self
+                    .ack_and_read_ahead(&mut conn, &mut in_flight.done)
+                    .await?;
+                caught_up = entries.is_empty();
+                self.queue(entries, HashMap::new(), in_flight);
             } else {
+                self.flush(&mut conn, &mut in_flight.done).await?;
+                caught_up = false;
                 let wake = retries
                     .iter()
                     .map(|r| r.due)
@@ -482,11 +616,7 @@ impl Reader {
                     () = self.stop.cancelled() => return Ok(Stopped),
                     entries = self.read_group(&mut conn, ">", Some(block)) => entries?,
                 };
-                let counts = HashMap::new();
-                self.process(&mut conn, entries, &counts, retries).await?
-            };
-            if stopped {
-                return Ok(Stopped);
+                self.queue(entries, HashMap::new(), in_flight);
             }
         }
     }
@@ -519,12 +649,7 @@ impl Reader {
     }
 
     /// `XREADGROUP GROUP g c COUNT n [BLOCK ms] STREAMS key id`.
-    async fn read_group(
-        &self,
-        conn: &mut Connection,
-        id: &str,
-        block: Option<Duration>,
-    ) -> redis::RedisResult<Vec<RawEntry>> {
+    fn read_cmd(&self, id: &str, block: Option<Duration>) -> redis::Cmd {
         let settings = self.settings();
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -536,8 +661,39 @@ impl Reader {
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
         }
         cmd.arg("STREAMS").arg(self.target.key.as_ref()).arg(id);
-        let reply = conn.query(&cmd).await?;
+        cmd
+    }
+
+    /// Reads after `id` (`>`: new entries; `0`: this consumer's pending ones).
+    async fn read_group(
+        &self,
+        conn: &mut Connection,
+        id: &str,
+        block: Option<Duration>,
+    ) -> redis::RedisResult<Vec<RawEntry>> {
+        let reply = conn.query(&self.read_cmd(id, block)).await?;
         Ok(read_reply_entries(reply))
+    }
+
+    /// Acknowledges `done` and reads new entries without blocking, in one pipeline: one
+    /// write and one round trip for both.
+    async fn ack_and_read_ahead(
+        &self,
+        conn: &mut Connection,
+        done: &mut Vec<String>,
+    ) -> redis::RedisResult<Vec<RawEntry>> {
+        if done.is_empty() {
+            return self.read_group(conn, ">", None).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.ack_cmd(done))
+            .ignore()
+            .add_command(self.read_cmd(">", None));
+        // An error reply to either command fails the whole pipeline.
+        let reply = conn.query_pipe(&pipe).await?.into_iter().next();
+        self.count_acked(done.len());
+        done.clear();
+        Ok(reply.map(read_reply_entries).unwrap_or_default())
     }
 
     /// `XAUTOCLAIM key group consumer min-idle cursor COUNT n`: entries and the next cursor.
@@ -598,13 +754,13 @@ impl Reader {
     }
 
     /// Claims due retries again for this consumer (`XCLAIM`, which counts a delivery) and
-    /// handles them. Entries deleted meanwhile are acknowledged away.
+    /// queues them. Entries deleted meanwhile are acknowledged away.
     async fn retry(
         &self,
         conn: &mut Connection,
         due: Vec<Retry>,
-        retries: &mut Vec<Retry>,
-    ) -> redis::RedisResult<bool> {
+        in_flight: &mut InFlight,
+    ) -> redis::RedisResult<()> {
         let settings = self.settings();
         let mut cmd = redis::cmd("XCLAIM");
         cmd.arg(self.target.key.as_ref())
@@ -615,41 +771,33 @@ impl Reader {
             cmd.arg(&retry.id);
         }
         let entries = entries_of(conn.query(&cmd).await?);
-        let counts: HashMap<String, u64> = due
-            .iter()
-            .map(|r| (r.id.clone(), r.deliveries + 1))
-            .collect();
-        let gone: Vec<&str> = due
+        let gone = due
             .iter()
             .filter(|r| !entries.iter().any(|e| e.id == r.id))
-            .map(|r| r.id.as_str())
-            .collect();
-        if !gone.is_empty() {
-            self.ack(conn, &gone).await?;
-        }
-        self.process(conn, entries, &counts, retries).await
+            .map(|r| r.id.clone());
+        in_flight.done.extend(gone);
+        let counts: HashMap<String, u64> =
+            due.into_iter().map(|r| (r.id, r.deliveries + 1)).collect();
+        self.queue(entries, counts, in_flight);
+        Ok(())
     }
 
-    /// Hands `entries` to the plugin, waits for every outcome, then acknowledges, schedules
-    /// retries and dead-letters. Returns whether the reader was told to stop meanwhile.
-    async fn process(
+    /// Hands `entries` to the plugin as one batch, after those in flight (a plugin with one
+    /// worker takes them in that order). Entries deleted meanwhile are only acknowledged.
+    fn queue(
         &self,
-        conn: &mut Connection,
         entries: Vec<RawEntry>,
-        counts: &HashMap<String, u64>,
-        retries: &mut Vec<Retry>,
-    ) -> redis::RedisResult<bool> {
-        if entries.is_empty() {
-            return Ok(self.stop.is_cancelled());
-        }
-        let (report, mut outcomes) = mpsc::unbounded_channel();
-        let received_at = SystemTime::now();
+        counts: HashMap<String, u64>,
+        in_flight: &mut InFlight,
+    ) {
         let (gone, entries): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| e.deleted);
-        if !gone.is_empty() {
-            // Nothing left to handle: only the pending record remains.
-            let gone: Vec<&str> = gone.iter().map(|e| e.id.as_str()).collect();
-            self.ack(conn, &gone).await?;
+        // Nothing left to handle: only the pending record remains.
+        in_flight.done.extend(gone.into_iter().map(|e| e.id));
+        if entries.is_empty() {
+            return;
         }
+        let tally = Arc::new(Tally::new(entries.len()));
+        let received_at = SystemTime::now();
         let mut ids = Vec::with_capacity(entries.len());
         for (index, entry) in entries.into_iter().enumerate() {
             ids.push(entry.id.clone());
@@ -669,30 +817,44 @@ impl Reader {
                     id: entry.id,
                     fields: entry.fields,
                     ticket: Ticket {
-                        report: Some((index, report.clone())),
+                        report: Some((index, tally.clone())),
                     },
                 }),
             });
         }
-        drop(report);
+        in_flight.batches.push_back(Batch {
+            ids,
+            counts,
+            tally,
+            queued: Instant::now(),
+        });
+    }
 
-        let mut acked = Vec::new();
-        let now = Instant::now();
+    /// Waits for every outcome of the oldest batch in flight, then marks what succeeded as
+    /// done, dead-letters what failed for good and schedules retries for the rest.
+    async fn settle_oldest(
+        &self,
+        conn: &mut Connection,
+        in_flight: &mut InFlight,
+        retries: &mut Vec<Retry>,
+    ) -> redis::RedisResult<()> {
+        let Some(batch) = in_flight.batches.pop_front() else {
+            return Ok(());
+        };
+        let outcomes = batch.tally.settled().await;
         let settings = self.settings();
-        // Every ticket reports exactly once, when handled or dropped: this ends.
-        while let Some((index, outcome)) = outcomes.recv().await {
-            let id = &ids[index];
-            let deliveries = counts.get(id).copied().unwrap_or(1);
+        for (id, outcome) in batch.ids.into_iter().zip(outcomes) {
+            let deliveries = batch.counts.get(&id).copied().unwrap_or(1);
             match outcome {
-                Outcome::Handled => acked.push(id.as_str()),
+                Outcome::Handled => in_flight.done.push(id),
                 // `invalid` says retrying the same input will fail again: no point waiting.
                 Outcome::Failed { error, version }
                     if deliveries >= settings.max_deliveries
                         || error.starts_with(INVALID_PREFIX) =>
                 {
-                    self.dead_letter(conn, id, deliveries, &error, &version)
+                    self.dead_letter(conn, &id, deliveries, &error, &version)
                         .await?;
-                    acked.push(id.as_str());
+                    in_flight.done.push(id);
                 }
                 Outcome::Failed { .. } | Outcome::Skipped => {
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
@@ -702,31 +864,55 @@ impl Reader {
                         .saturating_mul(1 << exponent)
                         .min(RETRY_MAX);
                     retries.push(Retry {
-                        id: id.clone(),
-                        due: now + wait,
+                        id,
+                        due: batch.queued + wait,
                         deliveries,
                     });
                 }
             }
         }
-        if !acked.is_empty() {
-            self.ack(conn, &acked).await?;
-        }
-        Ok(self.stop.is_cancelled())
+        Ok(())
     }
 
-    async fn ack(&self, conn: &mut Connection, ids: &[&str]) -> redis::RedisResult<()> {
+    /// Settles every batch in flight and acknowledges what is done.
+    async fn finish_all(
+        &self,
+        conn: &mut Connection,
+        in_flight: &mut InFlight,
+        retries: &mut Vec<Retry>,
+    ) -> redis::RedisResult<()> {
+        while !in_flight.batches.is_empty() {
+            self.settle_oldest(conn, in_flight, retries).await?;
+        }
+        self.flush(conn, &mut in_flight.done).await
+    }
+
+    /// Acknowledges `done` now, if anything is.
+    async fn flush(&self, conn: &mut Connection, done: &mut Vec<String>) -> redis::RedisResult<()> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        conn.query(&self.ack_cmd(done)).await?;
+        self.count_acked(done.len());
+        done.clear();
+        Ok(())
+    }
+
+    /// `XACK key group id...`.
+    fn ack_cmd(&self, ids: &[String]) -> redis::Cmd {
         let mut cmd = redis::cmd("XACK");
         cmd.arg(self.target.key.as_ref())
             .arg(&self.settings().group);
         for id in ids {
-            cmd.arg(*id);
+            cmd.arg(id);
         }
-        conn.query(&cmd).await?;
+        cmd
+    }
+
+    fn count_acked(&self, entries: usize) {
         self.stats
             .acked
-            .fetch_add(ids.len() as u64, Ordering::Relaxed);
-        Ok(())
+            .fetch_add(entries as u64, Ordering::Relaxed);
     }
 
     /// Adds the entry to `<stream>:dead`: `dead.*` fields saying where it came from and why
@@ -903,16 +1089,42 @@ mod tests {
 
     #[test]
     fn a_dropped_ticket_reports_the_entry_skipped() {
-        let (report, mut outcomes) = mpsc::unbounded_channel();
+        let tally = Arc::new(Tally::new(2));
         drop(Ticket {
-            report: Some((3, report.clone())),
+            report: Some((0, tally.clone())),
         });
         Ticket {
-            report: Some((4, report)),
+            report: Some((1, tally.clone())),
         }
         .finish(Ok(()), &ContentHash::of(b""));
-        assert!(matches!(outcomes.try_recv(), Ok((3, Outcome::Skipped))));
-        assert!(matches!(outcomes.try_recv(), Ok((4, Outcome::Handled))));
-        assert!(outcomes.try_recv().is_err(), "one report per ticket");
+        let outcomes = futures::executor::block_on(tally.settled());
+        assert!(matches!(
+            outcomes.as_slice(),
+            [Outcome::Skipped, Outcome::Handled]
+        ));
+    }
+
+    #[test]
+    fn a_batch_is_settled_only_when_its_last_ticket_reports() {
+        use futures::FutureExt as _;
+        let tally = Arc::new(Tally::new(3));
+        let mut tickets: Vec<Ticket> = (0..3)
+            .map(|index| Ticket {
+                report: Some((index, tally.clone())),
+            })
+            .collect();
+        let mut settled = Box::pin(tally.settled());
+        // Out of order, as workers of a plugin with concurrency > 1 finish them.
+        tickets
+            .remove(2)
+            .finish(Err("no".into()), &ContentHash::of(b""));
+        tickets.remove(0).finish(Ok(()), &ContentHash::of(b""));
+        assert!(settled.as_mut().now_or_never().is_none(), "one still open");
+        drop(tickets);
+        let outcomes = settled.now_or_never().expect("every ticket reported");
+        assert!(matches!(
+            outcomes.as_slice(),
+            [Outcome::Handled, Outcome::Skipped, Outcome::Failed { .. }]
+        ));
     }
 }
