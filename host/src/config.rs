@@ -579,7 +579,7 @@ pub struct PluginsConfig {
     #[serde(default = "default_plugins_dir")]
     pub dir: PathBuf,
     /// Bytes of messages waiting per plugin before that plugin sheds (a message costs its
-    /// payload, channel and subscription plus a fixed overhead of about 180 bytes). A
+    /// payload, channel and subscription plus a fixed overhead of about 170 bytes). A
     /// manifest's `[limits] queue_bytes` overrides it for its plugin.
     #[serde(default = "default_queue_bytes")]
     pub queue_bytes: u64,
@@ -807,8 +807,8 @@ fn default_plugins_dir() -> PathBuf {
 
 /// Of the order of what Redis itself buffers for a subscriber that falls behind (its
 /// `client-output-buffer-limit pubsub` cuts at 32 MiB, about 330,000 messages of 64 bytes): a
-/// burst that a bare client survives is not shed. At 64 bytes a message costs about 250 bytes
-/// here, so this holds about 270,000 of them.
+/// burst that a bare client survives is not shed. At 64 bytes a message costs about 240 bytes
+/// here, so this holds about 275,000 of them.
 fn default_queue_bytes() -> u64 {
     64 << 20
 }

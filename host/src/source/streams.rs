@@ -813,13 +813,13 @@ impl Reader {
                 subscription: Subscription::Stream(self.target.key.clone()),
                 payload,
                 received_at,
-                entry: Some(StreamEntry {
+                entry: Some(Box::new(StreamEntry {
                     id: entry.id,
                     fields: entry.fields,
                     ticket: Ticket {
                         report: Some((index, tally.clone())),
                     },
-                }),
+                })),
             });
         }
         in_flight.batches.push_back(Batch {

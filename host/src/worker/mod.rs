@@ -65,8 +65,10 @@ pub struct Envelope {
     pub payload: Bytes,
     /// When the source read it.
     pub received_at: SystemTime,
-    /// For a stream entry: its id, its fields, and the ticket its reader awaits.
-    pub entry: Option<StreamEntry>,
+    /// For a stream entry: its id, its fields, and the ticket its reader awaits. Boxed: most
+    /// messages are pub/sub ones, and every byte of an envelope counts against the queue
+    /// budgets (about 60 bytes less per message than inline).
+    pub entry: Option<Box<StreamEntry>>,
 }
 
 /// How long `handle` calls take, for `switchyard_plugin_handle_seconds`.
