@@ -641,7 +641,8 @@ pub struct StreamsConfig {
     /// `HOSTNAME` environment variable (a Kubernetes pod's name), else the host name.
     #[serde(default)]
     pub consumer: Option<String>,
-    /// Entries read at once, and at most in flight per plugin and stream.
+    /// Entries read at once; a reader has at most two such batches in flight per plugin and
+    /// stream (it reads the next while the plugin handles one).
     #[serde(default = "default_stream_batch")]
     pub batch: usize,
     /// How long one read waits for new entries, in milliseconds.

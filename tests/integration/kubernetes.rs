@@ -480,9 +480,10 @@ fn kubernetes_workers_share_one_consumer_group() -> anyhow::Result<()> {
         );
     }
 
-    // A batch is acknowledged when all of it is done: an entry can wait batch x deadline in
-    // a live replica, which must stay below claim_idle (or another replica takes it) and
-    // within the drain, which must stay below the grace period.
+    // A batch is acknowledged when all of it is done, and a reader queues the next batch
+    // behind it meanwhile: an entry can wait two batches at the deadline in a live replica,
+    // which must stay below claim_idle (or another replica takes it) and within the drain,
+    // which must stay below the grace period.
     let settings = config.streams.settings_for("orders", &manifest.stream);
     let deadline = Duration::from_millis(
         manifest
@@ -490,16 +491,16 @@ fn kubernetes_workers_share_one_consumer_group() -> anyhow::Result<()> {
             .deadline_ms
             .unwrap_or(config.plugins.deadline_ms),
     );
-    let batch_time = deadline * settings.batch as u32;
+    let batch_time = deadline * (2 * settings.batch) as u32;
     assert!(
         settings.claim_idle > batch_time,
-        "claim_idle {:?} must exceed a batch at the deadline, {batch_time:?}",
+        "claim_idle {:?} must exceed two batches at the deadline, {batch_time:?}",
         settings.claim_idle
     );
     let drain = Duration::from_millis(config.plugins.drain_ms);
     assert!(
         drain >= batch_time,
-        "drain {drain:?} leaves no time for a batch"
+        "drain {drain:?} leaves no time for two batches"
     );
     let grace = Duration::from_secs(
         pod["terminationGracePeriodSeconds"]
