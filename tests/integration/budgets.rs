@@ -20,6 +20,17 @@ fn queue_bytes(entry: &Value) -> (u64, u64) {
     (read("queue_bytes"), read("queue_bytes_limit"))
 }
 
+/// Takes `count` messages from `forwarded`: forward's copies of `0`, `1`, ... in order.
+async fn assert_forwarded_in_order(forwarded: &mut Subscriber, count: u64) -> anyhow::Result<()> {
+    let got = forwarded.take(count as usize, PATIENCE).await?;
+    let in_order = got
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.payload_str() == i.to_string());
+    anyhow::ensure!(in_order, "forward delivered every message, in order");
+    Ok(())
+}
+
 /// `say:PREFIX:i` padded to about a kibibyte, so that budgets fill after a few dozen.
 fn padded(prefix: &str, i: u64) -> String {
     format!("say:{prefix}:{i}:{}", "x".repeat(1000))
@@ -54,13 +65,7 @@ async fn a_burst_far_larger_than_the_old_count_cap_is_queued_whole_with_the_defa
             (0..BURST).flat_map(|i| [("fault:x", format!("say:{i}")), ("fwd:x", i.to_string())]),
         )
         .await?;
-    let got = forwarded.take(BURST as usize, PATIENCE).await?;
-    assert!(
-        got.iter()
-            .enumerate()
-            .all(|(i, m)| m.payload_str() == i.to_string()),
-        "forward delivered every message in order"
-    );
+    assert_forwarded_in_order(&mut forwarded, BURST).await?;
     let full = host
         .wait_plugin("faulty", "holding the whole burst", |p| {
             stat(p, "accepted") == BURST + 1
@@ -124,13 +129,7 @@ async fn a_plugin_that_cannot_keep_up_sheds_at_its_byte_budget_while_forward_del
             (0..SENT).flat_map(|i| [("fault:x", padded("f", i)), ("fwd:x", i.to_string())]),
         )
         .await?;
-    let got = forwarded.take(SENT as usize, PATIENCE).await?;
-    assert!(
-        got.iter()
-            .enumerate()
-            .all(|(i, m)| m.payload_str() == i.to_string()),
-        "forward delivered every message in order"
-    );
+    assert_forwarded_in_order(&mut forwarded, SENT).await?;
     let full = host
         .wait_plugin("faulty", "shedding", |p| {
             stat(p, "accepted") + stat(p, "shed") == SENT + 1
@@ -198,13 +197,7 @@ async fn when_the_total_budget_is_spent_the_largest_backlog_sheds() -> anyhow::R
     redis
         .publish_all((0..FORWARDED).map(|i| ("fwd:x", i.to_string())))
         .await?;
-    let got = forwarded.take(FORWARDED as usize, PATIENCE).await?;
-    assert!(
-        got.iter()
-            .enumerate()
-            .all(|(i, m)| m.payload_str() == i.to_string()),
-        "forward delivered every message in order"
-    );
+    assert_forwarded_in_order(&mut forwarded, FORWARDED).await?;
 
     let small = host
         .wait_plugin("small", "holding its backlog", |p| {

@@ -195,23 +195,7 @@ impl Receiver {
 
     /// Waits until `counter` reaches `target`, or nothing moved for `idle`; true if reached.
     async fn wait(&self, counter: &AtomicU64, target: u64, idle: Duration) -> bool {
-        let mut seen = counter.load(Ordering::Acquire);
-        let mut moved = Instant::now();
-        loop {
-            let notified = self.progress.changed.notified();
-            let now = counter.load(Ordering::Acquire);
-            if now >= target {
-                return true;
-            }
-            if now != seen {
-                seen = now;
-                moved = Instant::now();
-            }
-            if moved.elapsed() > idle {
-                return false;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        }
+        harness::wait_for_count(counter, &self.progress.changed, target, idle).await
     }
 
     async fn finish(self) -> anyhow::Result<Arrivals> {

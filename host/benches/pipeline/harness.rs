@@ -769,23 +769,7 @@ impl Receiver {
     }
 
     async fn wait(&self, counter: &AtomicU64, target: u64) -> bool {
-        let mut seen = counter.load(Ordering::Acquire);
-        let mut moved = Instant::now();
-        loop {
-            let notified = self.progress.changed.notified();
-            let now = counter.load(Ordering::Acquire);
-            if now >= target {
-                return true;
-            }
-            if now != seen {
-                seen = now;
-                moved = Instant::now();
-            }
-            if moved.elapsed() > IDLE {
-                return false;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        }
+        wait_for_count(counter, &self.progress.changed, target, IDLE).await
     }
 
     /// Waits until the measured count is at least `target`, with no idle limit (used for
@@ -1090,4 +1074,31 @@ pub const UNTHROTTLED: u64 = u64::MAX;
 /// flight (published, not yet received back), between 64 and 20,000.
 pub fn window(size: usize) -> u64 {
     (16 * 1024 * 1024 / size.max(1)).clamp(64, 20_000) as u64
+}
+
+/// Waits until `counter` reaches `target` (`changed` is notified whenever it moves), or until
+/// it stayed still for `idle`; true if reached.
+pub async fn wait_for_count(
+    counter: &AtomicU64,
+    changed: &tokio::sync::Notify,
+    target: u64,
+    idle: Duration,
+) -> bool {
+    let mut seen = counter.load(Ordering::Acquire);
+    let mut moved = Instant::now();
+    loop {
+        let notified = changed.notified();
+        let now = counter.load(Ordering::Acquire);
+        if now >= target {
+            return true;
+        }
+        if now != seen {
+            seen = now;
+            moved = Instant::now();
+        }
+        if moved.elapsed() > idle {
+            return false;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
 }
