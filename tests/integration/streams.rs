@@ -24,6 +24,28 @@ fn host_config(consumer: &str) -> String {
 }
 
 /// Pending entries of `group` on `stream` (XPENDING summary).
+/// After `echo` reported `acked` entries of `stream` on `reports`: no report follows (nothing
+/// was handled twice), nothing stays pending in its group, and it counts every entry
+/// acknowledged. Returns its stats.
+async fn assert_settled_once(
+    host: &TestHost,
+    redis: &RedisServer,
+    reports: &mut Subscriber,
+    stream: &str,
+    acked: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let again = reports.drain_for(Duration::from_millis(300)).await;
+    anyhow::ensure!(again.is_empty(), "handled twice: {} reports", again.len());
+    eventually(WAIT, || async {
+        anyhow::ensure!(pending(redis, stream, "echo").await? == 0);
+        Ok(())
+    })
+    .await?;
+    let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
+    assert_eq!(stats["stream_acked"], acked, "{stats}");
+    Ok(stats)
+}
+
 async fn pending(redis: &RedisServer, stream: &str, group: &str) -> anyhow::Result<u64> {
     let mut connection = redis.connection().await?;
     let summary: redis::Value = redis::cmd("XPENDING")
@@ -467,20 +489,7 @@ async fn one_worker_handles_a_stream_in_order_across_many_small_batches() -> any
             n + 1
         );
     }
-    assert!(
-        reports
-            .drain_for(Duration::from_millis(300))
-            .await
-            .is_empty(),
-        "nothing handled twice"
-    );
-    eventually(WAIT, || async {
-        anyhow::ensure!(pending(&redis, "ledger", "echo").await? == 0);
-        Ok(())
-    })
-    .await?;
-    let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
-    assert_eq!(stats["stream_acked"], added.len());
+    let stats = assert_settled_once(&host, &redis, &mut reports, "ledger", added.len()).await?;
     assert_eq!(stats["stream_retried"], 0);
     host.stop().await?;
     Ok(())
@@ -591,20 +600,7 @@ async fn a_lost_connection_mid_batch_handles_no_entry_twice() -> anyhow::Result<
         .map(|r| r["entry_id"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(ids, added, "every entry once, in order");
-    assert!(
-        reports
-            .drain_for(Duration::from_millis(300))
-            .await
-            .is_empty(),
-        "nothing handled twice"
-    );
-    eventually(WAIT, || async {
-        anyhow::ensure!(pending(&redis, "tasks", "echo").await? == 0);
-        Ok(())
-    })
-    .await?;
-    let stats = host.plugin("echo").await?.expect("echo loaded")["stats"].clone();
-    assert_eq!(stats["stream_acked"], added.len());
+    assert_settled_once(&host, &redis, &mut reports, "tasks", added.len()).await?;
     host.stop().await?;
     Ok(())
 }
