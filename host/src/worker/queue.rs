@@ -310,6 +310,11 @@ impl Queue {
             );
             return false;
         }
+        // The plugin's own budget first: a message it must shed anyway never takes room from
+        // the host's total (which could make another plugin shed for it).
+        if !self.make_room(cost) {
+            return false;
+        }
         if !self.reserve(cost) {
             return false;
         }
@@ -349,6 +354,41 @@ impl Queue {
                 .discard(ShedReason::QueueFull, ", dropped the oldest");
         }
         true
+    }
+
+    /// Makes room for `cost` more bytes within this queue's own limits, by its policy:
+    /// `drop-oldest` sheds older messages, `drop-newest` sheds the new one (false). The
+    /// common case, room to spare and no count cap, takes no lock.
+    fn make_room(&self, cost: usize) -> bool {
+        let byte_limit = self.byte_limit();
+        if self.count_limit == usize::MAX && self.bytes() + cost <= byte_limit {
+            return true;
+        }
+        let mut state = self.lock();
+        let mut dropped = 0usize;
+        let fits = loop {
+            if state.items.len() < self.count_limit && state.bytes + cost <= byte_limit {
+                break true;
+            }
+            match self.when_full {
+                WhenFull::DropOldest if let Some(old) = state.take_sheddable(true) => {
+                    self.budget.give_back(old.cost);
+                    dropped += 1;
+                }
+                _ => break false,
+            }
+        };
+        self.publish_sizes(&state);
+        drop(state);
+        for _ in 0..dropped {
+            self.owner
+                .discard(ShedReason::QueueFull, ", dropped the oldest");
+        }
+        if !fits {
+            self.owner
+                .shed(ShedReason::QueueFull, ", dropped the newest");
+        }
+        fits
     }
 
     /// Takes `cost` bytes of the host's budget; when it is spent, the largest backlog sheds
@@ -818,6 +858,25 @@ mod tests {
             ticket: Default::default(),
         }));
         envelope
+    }
+
+    #[test]
+    fn a_plugin_over_its_own_budget_never_makes_another_shed() {
+        let cost = sized(0, 100).cost();
+        let budget = HostBudget::new(6 * cost);
+        let big = budgeted("big", LARGE, WhenFull::DropNewest, &budget);
+        let capped = budgeted("capped", 2 * cost, WhenFull::DropNewest, &budget);
+        for n in 0..4 {
+            assert!(big.offer(sized(n, 100)));
+        }
+        assert!(capped.offer(sized(0, 100)));
+        assert!(capped.offer(sized(1, 100)));
+        // The total is spent and big has the largest backlog, but capped's own budget is
+        // full: its message is refused before it takes anything from big.
+        assert!(!capped.offer(sized(2, 100)));
+        assert_eq!(shed(&capped).queue_full, 1);
+        assert_eq!(shed(&big).total(), 0);
+        assert_eq!(drain(&big), [0, 1, 2, 3]);
     }
 
     #[test]
