@@ -12,6 +12,7 @@ const PLUGINS: &[&str] = &[
     "metrics-rollup",
     "echo",
     "faulty",
+    "attack",
     "trap-describe",
     "not-a-plugin",
     "output-probe",
