@@ -124,7 +124,7 @@ impl Router {
             }
             return;
         }
-        if self.table.load().dispatch(&delivery) == 0 {
+        if self.table.load().dispatch(delivery) == 0 {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
         }
     }

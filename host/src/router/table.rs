@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -139,28 +140,59 @@ impl RoutingTable {
 
     /// Offers `delivery` to every plugin whose first matching subscription delivered it.
     /// Returns how many plugins it was offered to.
-    pub fn dispatch(&self, delivery: &Delivery) -> usize {
+    ///
+    /// The last plugin takes the delivery's buffers themselves; only the others get shared
+    /// references. With one plugin per message (the usual case) the payload then reaches the
+    /// plugin as the very buffer Redis's reply was parsed into, never shared, so that it
+    /// moves into the call without a copy and without a reference count.
+    pub fn dispatch(&self, delivery: Delivery) -> usize {
         let targets = match &delivery.via {
             Via::Channel => self.by_channel.get(&delivery.channel),
             Via::Pattern(pattern) => self.by_pattern.get(pattern),
             Via::Sharded => self.by_sharded.get(&delivery.channel),
         };
-        let mut offered = 0;
-        for &(r, s) in targets.into_iter().flatten() {
-            let route = &self.routes[r];
-            if s > 0 && route.earlier_match(s, &delivery.channel) {
-                continue;
-            }
-            route.inbox.offer(Envelope {
-                channel: delivery.channel.clone(),
-                subscription: route.subscriptions[s].clone(),
-                payload: delivery.payload.clone(),
-                received_at: delivery.received_at,
-                entry: None,
-            });
+        let mut chosen = targets
+            .into_iter()
+            .flatten()
+            .filter(|&&(r, s)| s == 0 || !self.routes[r].earlier_match(s, &delivery.channel));
+        let Some(mut current) = chosen.next() else {
+            return 0;
+        };
+        let mut offered = 1;
+        for next in chosen {
+            self.offer(
+                current,
+                delivery.channel.clone(),
+                delivery.payload.clone(),
+                delivery.received_at,
+            );
+            current = next;
             offered += 1;
         }
+        self.offer(
+            current,
+            delivery.channel,
+            delivery.payload,
+            delivery.received_at,
+        );
         offered
+    }
+
+    fn offer(
+        &self,
+        &(r, s): &(usize, usize),
+        channel: Bytes,
+        payload: Bytes,
+        received_at: SystemTime,
+    ) {
+        let route = &self.routes[r];
+        route.inbox.offer(Envelope {
+            channel,
+            subscription: route.subscriptions[s].clone(),
+            payload,
+            received_at,
+            entry: None,
+        });
     }
 }
 
@@ -217,7 +249,7 @@ mod tests {
                 Subscription::Sharded(_) | Subscription::Stream(_) => false,
             };
             if matches {
-                table.dispatch(&delivery(ch, s));
+                table.dispatch(delivery(ch, s));
             }
         }
     }

@@ -87,7 +87,7 @@ impl Instance {
     /// the instance must be dropped.
     pub fn handle(&mut self, envelope: Envelope) -> Result<(), Failure> {
         let message = Message {
-            channel: String::from_utf8_lossy(&envelope.channel).into_owned(),
+            channel: text(envelope.channel),
             subscription: {
                 let name = String::from_utf8_lossy(envelope.subscription.name()).into_owned();
                 match &envelope.subscription {
@@ -98,7 +98,7 @@ impl Instance {
                 }
             },
             // Without a copy when this plugin holds the only reference to Redis's buffer (the
-            // usual case once the router has moved on); copied when another plugin shares it.
+            // router hands the last plugin the buffer itself); copied when another shares it.
             payload: Vec::from(envelope.payload),
             received_at: envelope
                 .received_at
@@ -139,6 +139,13 @@ impl Instance {
             .set_epoch_deadline(deadline_ticks(self.version.context.deadline));
         self.store.data_mut().begin_call();
     }
+}
+
+/// A channel name as the plugin's text: the buffer itself when it is UTF-8 and held by this
+/// plugin alone (the usual case), a lossy copy when it is not UTF-8.
+fn text(bytes: bytes::Bytes) -> String {
+    String::from_utf8(Vec::from(bytes))
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// How an `error::invalid` returned by `handle` begins once rendered: the input is bad, and
