@@ -1030,8 +1030,19 @@ fn bytes(value: Value) -> Option<Bytes> {
     }
 }
 
+/// A field name or id as text: the reply's own buffer when it is UTF-8 (Redis ids and the
+/// usual field names are), a lossy copy otherwise.
 fn text(value: Value) -> Option<String> {
-    bytes(value).map(|b| String::from_utf8_lossy(&b).into_owned())
+    let data = match value {
+        Value::BulkString(data) => data,
+        Value::SimpleString(text) => return Some(text),
+        Value::VerbatimString { text, .. } => return Some(text),
+        _ => return None,
+    };
+    Some(
+        String::from_utf8(data)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 fn integer(value: Value) -> Option<u64> {
