@@ -628,7 +628,9 @@ pub struct PluginsConfig {
     #[serde(default = "default_drain_ms")]
     pub drain_ms: u64,
     /// A folder for compiled components, so that restarts and reloads of files seen before
-    /// skip compilation (seconds for Python and JavaScript plugins). Off when unset.
+    /// skip compilation (seconds for Python and JavaScript plugins). Off when unset. The host
+    /// creates it with mode 0700; an existing folder that others may write to, or that another
+    /// user owns, is refused with a warning and the host runs without the cache.
     #[serde(default)]
     pub compile_cache: Option<PathBuf>,
 }
