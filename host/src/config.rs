@@ -620,14 +620,17 @@ pub struct PluginsConfig {
     /// Messages with a larger payload are dropped before reaching any plugin (and counted).
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
-    /// Larger `.wasm` files are rejected without being read.
+    /// Larger `.wasm` files are rejected without being read (and no more than this is read
+    /// of a file that grows meanwhile). From 1 to [`MAX_WASM_MIB`].
     #[serde(default = "default_max_wasm_mib")]
     pub max_wasm_mib: u64,
     /// On SIGTERM, how long queued messages may take to drain before the host exits anyway.
     #[serde(default = "default_drain_ms")]
     pub drain_ms: u64,
     /// A folder for compiled components, so that restarts and reloads of files seen before
-    /// skip compilation (seconds for Python and JavaScript plugins). Off when unset.
+    /// skip compilation (seconds for Python and JavaScript plugins). Off when unset. The host
+    /// creates it with mode 0700; an existing folder that others may write to, or that another
+    /// user owns, is refused with a warning and the host runs without the cache.
     #[serde(default)]
     pub compile_cache: Option<PathBuf>,
 }
@@ -850,6 +853,10 @@ fn default_max_payload_bytes() -> usize {
 fn default_max_wasm_mib() -> u64 {
     128
 }
+
+/// The largest `plugins.max_wasm_mib`: a component is read whole into memory and compiled, and
+/// one of gigabytes is a mistake, not a plugin.
+pub const MAX_WASM_MIB: u64 = 4096;
 
 /// Kubernetes' default grace period is 30 s; draining in 10 leaves room for the rest.
 fn default_drain_ms() -> u64 {
@@ -1304,6 +1311,12 @@ impl Config {
                 "{origin}: plugins.max_payload_bytes must be at least 1"
             ));
         }
+        if !(1..=MAX_WASM_MIB).contains(&plugins.max_wasm_mib) {
+            problems.push(format!(
+                "{origin}: plugins.max_wasm_mib must be between 1 and {MAX_WASM_MIB}, got {}",
+                plugins.max_wasm_mib
+            ));
+        }
         for (name, output) in &self.outputs {
             for (key, problem) in output.check() {
                 problems.push(format!("{origin}: outputs.{name}.{key}: {problem}"));
@@ -1580,6 +1593,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 3, "{err}");
+    }
+
+    #[test]
+    fn the_component_size_limit_is_checked() {
+        for bad in ["0", "4097", "9223372036854775807"] {
+            let err = Config::from_toml(&format!("[plugins]\nmax_wasm_mib = {bad}\n"), "w.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("w.toml")
+                    && err.contains("plugins.max_wasm_mib must be between 1 and 4096"),
+                "{err}"
+            );
+        }
+        let config = Config::from_toml("[plugins]\nmax_wasm_mib = 4096\n", "w.toml").unwrap();
+        assert_eq!(config.plugins.max_wasm_mib, MAX_WASM_MIB);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! (its imports link, its exports have the right types), must instantiate, and its `describe`
 //! must answer with a sane description. Compilation runs on the blocking pool, never on a
 //! reactor thread.
+//!
+//! The folder's files are read as [`files`](super::files) reads anything the host did not
+//! write: regular files only (a FIFO or `/dev/zero` under a plugin's name is refused at once,
+//! without blocking the load of the others), each within its size limit.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +20,8 @@ use bytes::Bytes;
 use wasmtime::component::Component;
 
 use super::compile_cache::{CompileCache, Compiled};
-use super::manifest::{Manifest, Settings};
+use super::files::{self, BoundedFile, FileError};
+use super::manifest::{Disclosure, MAX_MANIFEST_BYTES, Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
 use crate::config::{GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig};
 use crate::effects::Effects;
@@ -54,13 +59,25 @@ pub enum LoadError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is over the size limit; it was not read.
-    #[error("{size} bytes is over the limit of {limit} bytes (plugins.max_wasm_mib)")]
+    /// The file (or its manifest) is not a regular file; it was not read.
+    #[error("{path} is {what}, not a regular file: only regular files are loaded")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// The file (or its manifest) is over its size limit; it was not read.
+    #[error("{path} has {size} bytes, over the limit of {limit} bytes ({setting})")]
     TooLarge {
+        /// The file.
+        path: PathBuf,
         /// Its size.
         size: u64,
         /// The limit.
         limit: u64,
+        /// Where the limit comes from.
+        setting: &'static str,
     },
     /// The manifest beside it is malformed.
     #[error("bad manifest {0}")]
@@ -91,7 +108,7 @@ impl LoadError {
     /// A short label for metrics and `/plugins`.
     pub fn kind(&self) -> &'static str {
         match self {
-            LoadError::Read { .. } => "read",
+            LoadError::Read { .. } | LoadError::NotRegular { .. } => "read",
             LoadError::TooLarge { .. } => "size",
             LoadError::Manifest(_) => "manifest",
             LoadError::NotWasm | LoadError::CoreModule | LoadError::Compile(_) => "compile",
@@ -189,39 +206,32 @@ impl Loader {
         wasm: &Path,
         running: Option<(ContentHash, ContentHash)>,
     ) -> Result<Loaded, LoadError> {
-        let read_error = |source| LoadError::Read {
-            path: wasm.to_owned(),
-            source,
+        let PluginFiles { bytes, manifest } = {
+            let path = wasm.to_owned();
+            let max_size = self.max_size;
+            tokio::task::spawn_blocking(move || PluginFiles::read(&path, max_size))
+                .await
+                .map_err(|e| LoadError::Read {
+                    path: wasm.to_owned(),
+                    source: std::io::Error::other(format!("read task failed: {e}")),
+                })??
         };
-        let size = tokio::fs::metadata(wasm).await.map_err(read_error)?.len();
-        if size > self.max_size {
-            return Err(LoadError::TooLarge {
-                size,
-                limit: self.max_size,
-            });
-        }
-        let bytes = tokio::fs::read(wasm).await.map_err(read_error)?;
         let manifest_path = wasm.with_extension("toml");
-        let manifest_text = match tokio::fs::read_to_string(&manifest_path).await {
-            Ok(text) => Some(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(source) => {
-                return Err(LoadError::Read {
-                    path: manifest_path,
-                    source,
-                });
-            }
-        };
         let hash = ContentHash::of(&bytes);
-        let manifest_hash = ContentHash::of(manifest_text.as_deref().unwrap_or("").as_bytes());
+        let manifest_hash =
+            ContentHash::of(manifest.as_ref().map_or(&b""[..], |m| m.text.as_bytes()));
         if running == Some((hash, manifest_hash)) {
             return Ok(Loaded::Unchanged);
         }
-        let manifest = match &manifest_text {
-            Some(text) => Manifest::parse(text, &manifest_path).map_err(LoadError::Manifest)?,
-            None => Manifest::default(),
+        let (manifest, disclosure) = match &manifest {
+            Some(file) => (
+                Manifest::parse_disclosing(&file.text, &manifest_path, file.disclosure)
+                    .map_err(LoadError::Manifest)?,
+                file.disclosure,
+            ),
+            None => (Manifest::default(), Disclosure::Quote),
         };
-        self.check_manifest(&manifest, &manifest_path)?;
+        self.check_manifest(&manifest, &manifest_path, disclosure)?;
         let loader = self.clone();
         let name = name.clone();
         let path = wasm.to_owned();
@@ -358,24 +368,40 @@ impl Loader {
         }
     }
 
-    /// What types cannot check in a manifest: outputs that exist, sane limits.
-    fn check_manifest(&self, manifest: &Manifest, path: &Path) -> Result<(), LoadError> {
-        let mut problems = Vec::new();
+    /// What types cannot check in a manifest: outputs that exist, sane limits. Without
+    /// `Disclosure::Quote` the error names the keys at fault but not their values.
+    fn check_manifest(
+        &self,
+        manifest: &Manifest,
+        path: &Path,
+        disclosure: Disclosure,
+    ) -> Result<(), LoadError> {
+        // (key, what is wrong with its value)
+        let mut problems: Vec<(&str, String)> = Vec::new();
         for output in &manifest.grants.outputs {
             if !self.effects.outputs().contains(output) {
-                problems.push(format!(
-                    "grants.outputs: output {output:?} is not defined in the host configuration"
+                problems.push((
+                    "grants.outputs",
+                    format!(
+                        "grants.outputs: output {output:?} is not defined in the host configuration"
+                    ),
                 ));
             }
         }
         if manifest.limits.deadline_ms == Some(0) {
-            problems.push("limits.deadline_ms must be at least 1".to_owned());
+            problems.push((
+                "limits.deadline_ms",
+                "limits.deadline_ms must be at least 1".to_owned(),
+            ));
         }
         if let Some(workers) = manifest.limits.concurrency
             && !(1..=MAX_CONCURRENCY).contains(&workers)
         {
-            problems.push(format!(
-                "limits.concurrency must be between 1 and {MAX_CONCURRENCY}, got {workers}"
+            problems.push((
+                "limits.concurrency",
+                format!(
+                    "limits.concurrency must be between 1 and {MAX_CONCURRENCY}, got {workers}"
+                ),
             ));
         }
         if let Some(bytes) = manifest
@@ -383,26 +409,38 @@ impl Loader {
             .queue_bytes
             .filter(|bytes| *bytes < MIN_QUEUE_BYTES)
         {
-            problems.push(format!(
-                "limits.queue_bytes must be at least {MIN_QUEUE_BYTES}, got {bytes}"
+            problems.push((
+                "limits.queue_bytes",
+                format!("limits.queue_bytes must be at least {MIN_QUEUE_BYTES}, got {bytes}"),
             ));
         }
         if let Some(mib) = manifest.limits.memory_mib
             && !(1..=MAX_MEMORY_MIB).contains(&mib)
         {
-            problems.push(format!(
-                "limits.memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {mib}"
+            problems.push((
+                "limits.memory_mib",
+                format!("limits.memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {mib}"),
             ));
         }
         if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(LoadError::Manifest(format!(
-                "{}: {}",
-                path.display(),
-                problems.join("; ")
-            )))
+            return Ok(());
         }
+        let detail = match disclosure {
+            Disclosure::Quote => problems
+                .iter()
+                .map(|(_, problem)| problem.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            Disclosure::PositionOnly => {
+                let mut keys: Vec<&str> = problems.iter().map(|(key, _)| *key).collect();
+                keys.dedup();
+                format!(
+                    "invalid values for {} (not quoted: the file lies outside the plugins folder)",
+                    keys.join(", ")
+                )
+            }
+        };
+        Err(LoadError::Manifest(format!("{}: {detail}", path.display())))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -428,6 +466,83 @@ impl Loader {
             deadline: limits.deadline,
             memory_limit: limits.memory,
         })
+    }
+}
+
+/// A plugin's files as read from the folder.
+struct PluginFiles {
+    /// The component.
+    bytes: Vec<u8>,
+    /// `NAME.toml` beside it, if there is one.
+    manifest: Option<ManifestFile>,
+}
+
+/// A manifest's text, and what errors about it may show.
+struct ManifestFile {
+    text: String,
+    disclosure: Disclosure,
+}
+
+impl PluginFiles {
+    /// Reads `wasm` (at most `max_size` bytes) and the manifest beside it; blocks, but never
+    /// on a FIFO or a device.
+    fn read(wasm: &Path, max_size: u64) -> Result<Self, LoadError> {
+        let bytes = files::read_bounded(wasm, max_size)
+            .map_err(|e| file_error(wasm, e, "plugins.max_wasm_mib"))?;
+        let path = wasm.with_extension("toml");
+        let manifest_limit = "a manifest's fixed limit";
+        let manifest = match BoundedFile::open(&path, MAX_MANIFEST_BYTES) {
+            // A dangling symlink counts as absent, as a missing file does.
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(file_error(&path, e, manifest_limit)),
+            Ok(file) => {
+                let disclosure = disclosure(&file, wasm);
+                let bytes = file
+                    .read()
+                    .map_err(|e| file_error(&path, e, manifest_limit))?;
+                // The UTF-8 error gives a byte offset, never the bytes.
+                let text = String::from_utf8(bytes).map_err(|e| {
+                    LoadError::Manifest(format!(
+                        "{}: not UTF-8 text ({})",
+                        path.display(),
+                        e.utf8_error()
+                    ))
+                })?;
+                Some(ManifestFile { text, disclosure })
+            }
+        };
+        Ok(Self { bytes, manifest })
+    }
+}
+
+/// May errors about `manifest` quote it? Only if the opened file lies in the folder of `wasm`
+/// (as it is, or by symlinks that stay inside the folder, like a ConfigMap's `..data`). A
+/// symlink may point anywhere the host can read, and `load_error` is served over HTTP; a hard
+/// link cannot lead out of the folder without write access to (or ownership of) its target
+/// where the kernel protects hard links (Linux's `fs.protected_hardlinks`, on by default).
+fn disclosure(manifest: &BoundedFile, wasm: &Path) -> Disclosure {
+    let folder = wasm
+        .parent()
+        .filter(|folder| !folder.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (manifest.real_path(), std::fs::canonicalize(folder)) {
+        (Some(real), Ok(folder)) if real.starts_with(&folder) => Disclosure::Quote,
+        _ => Disclosure::PositionOnly,
+    }
+}
+
+/// The load error for a file that could not be read; `setting` names the size limit.
+fn file_error(path: &Path, error: FileError, setting: &'static str) -> LoadError {
+    let path = path.to_owned();
+    match error {
+        FileError::Io(source) => LoadError::Read { path, source },
+        FileError::NotRegular(what) => LoadError::NotRegular { path, what },
+        FileError::TooLarge { size, limit } => LoadError::TooLarge {
+            path,
+            size,
+            limit,
+            setting,
+        },
     }
 }
 

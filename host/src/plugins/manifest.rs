@@ -28,6 +28,12 @@
 //! ```
 //!
 //! Unknown keys are errors naming the file, like everywhere in the host's configuration.
+//!
+//! A manifest is a few dozen lines; one over [`MAX_MANIFEST_BYTES`] is refused unread. Errors
+//! about a manifest quote it (TOML errors show the offending line) only when the file lies in
+//! the plugins folder: one reached through a symlink out of the folder may be any file the
+//! host can read, and its errors are shown in `/plugins` and the gateway's `/api/plugins`
+//! (see [`Disclosure`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,6 +41,24 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::{GrantsConfig, StreamOverride};
+
+/// The largest manifest the host reads, in bytes: a manifest is grants, subscriptions, limits
+/// and a few settings, a few hundred bytes to a few KiB. Settings too large for this belong in
+/// a file or a store the plugin's outputs reach, not in the manifest.
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+
+/// What errors about a manifest may show of its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disclosure {
+    /// The file is in the plugins folder (directly, or through symlinks that stay inside it,
+    /// as a Kubernetes ConfigMap's `..data` links do): it is the operator's manifest, and an
+    /// error may quote the line at fault.
+    Quote,
+    /// The file lies outside the plugins folder (or where it lies is unknown): it may be any
+    /// file the host can read, a secret included, so errors say where the problem is (line
+    /// and column, the keys at fault) but quote nothing.
+    PositionOnly,
+}
 
 /// A parsed manifest.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -112,10 +136,33 @@ impl Settings {
 }
 
 impl Manifest {
-    /// Parses manifest text; `path` names the file in errors.
+    /// Parses manifest text; `path` names the file in errors, which may quote the text.
     pub fn parse(text: &str, path: &Path) -> Result<Self, String> {
-        toml::from_str(text)
-            .map_err(|e| format!("{}: {}", path.display(), e.to_string().trim_end()))
+        Self::parse_disclosing(text, path, Disclosure::Quote)
+    }
+
+    /// Parses manifest text; `path` names the file in errors, which quote the text only if
+    /// `disclosure` allows it. Serde's messages quote values too ("invalid type: string
+    /// \"...\""), so without it an error gives only the position.
+    pub fn parse_disclosing(
+        text: &str,
+        path: &Path,
+        disclosure: Disclosure,
+    ) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| match disclosure {
+            Disclosure::Quote => format!("{}: {}", path.display(), e.to_string().trim_end()),
+            Disclosure::PositionOnly => {
+                let position = e.span().map_or_else(String::new, |span| {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!(" at line {line}, column {column}")
+                });
+                format!(
+                    "{}: not a valid manifest{position} (the file lies outside the plugins \
+                     folder, so its content is not quoted)",
+                    path.display()
+                )
+            }
+        })
     }
 
     /// The settings as the plugin sees them: strings stay as they are, numbers, booleans and
@@ -137,6 +184,16 @@ impl Manifest {
                 .collect(),
         )
     }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    (
+        before.matches('\n').count() + 1,
+        before[line_start..].chars().count() + 1,
+    )
 }
 
 #[cfg(test)]
@@ -185,5 +242,33 @@ mod tests {
         assert_eq!(manifest.limits.concurrency, None);
         let err = Manifest::parse("[limits]\nconcurrency = -1\n", Path::new("p.toml")).unwrap_err();
         assert!(err.contains("concurrency"), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_from_outside_the_folder_is_never_quoted() {
+        let secret = "password = \"hunter2\"\n";
+        let err = Manifest::parse_disclosing(secret, Path::new("p.toml"), Disclosure::PositionOnly)
+            .unwrap_err();
+        assert!(
+            !err.contains("hunter2") && !err.contains("password"),
+            "{err}"
+        );
+        assert!(err.contains("p.toml") && err.contains("line 1"), "{err}");
+
+        let typed = "[limits]\ndeadline_ms = \"s3cr3t\"\n";
+        let err = Manifest::parse_disclosing(typed, Path::new("p.toml"), Disclosure::PositionOnly)
+            .unwrap_err();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(err.contains("line 2, column 15"), "{err}");
+
+        let not_toml = "root:$6$salt$hash:19000:0:99999:7:::\n";
+        let err =
+            Manifest::parse_disclosing(not_toml, Path::new("p.toml"), Disclosure::PositionOnly)
+                .unwrap_err();
+        assert!(!err.contains("salt") && !err.contains("root"), "{err}");
+
+        // In the folder the line at fault is shown, as operators need it.
+        let err = Manifest::parse(typed, Path::new("p.toml")).unwrap_err();
+        assert!(err.contains("s3cr3t"), "{err}");
     }
 }

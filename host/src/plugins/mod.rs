@@ -27,6 +27,7 @@
 //! leaves the list when all its workers are done.
 
 pub mod compile_cache;
+pub mod files;
 pub mod loader;
 pub mod manifest;
 pub mod watcher;
