@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
+use switchyard_tests::gateway::metric;
 use switchyard_tests::{
     FORWARD_MANIFEST, PATIENCE, RedisServer, TestHost, assert_forwards, copy_plugin, echo_manifest,
     eventually, plugins,
@@ -253,6 +254,12 @@ async fn an_artefact_copied_over_another_plugins_is_rejected() -> anyhow::Result
     assert_eq!(
         after, y_artefact.1,
         "forward's artefact was not written again"
+    );
+    let rejected = metric(&host, "switchyard_compile_cache_rejected_total").await?;
+    assert_eq!(rejected, 1.0, "rejections counted on /metrics");
+    assert_eq!(
+        metric(&host, "switchyard_compile_cache_enabled").await?,
+        1.0
     );
     host.stop().await
 }

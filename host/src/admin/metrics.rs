@@ -212,6 +212,23 @@ impl Collector for SwitchyardCollector {
             ConstGauge::new(gauge_value(self.registry.failed_count())),
         )?;
 
+        if let Some(cache) = self.registry.compile_cache() {
+            single(
+                &mut encoder,
+                "switchyard_compile_cache_enabled",
+                "1 while the compile cache is in use; 0 when its folder was refused at start \
+                 (writable by others or owned by another user).",
+                ConstGauge::new(i64::from(cache.enabled())),
+            )?;
+            single(
+                &mut encoder,
+                "switchyard_compile_cache_rejected",
+                "Compiled artefacts discarded because their tag did not match (altered or \
+                 copied over another's); each was compiled again.",
+                ConstCounter::new(cache.rejected()),
+            )?;
+        }
+
         let plugins = self.registry.metrics_view();
         let snapshots: Vec<_> = plugins.iter().map(|p| (p, p.stats.snapshot())).collect();
         counters(

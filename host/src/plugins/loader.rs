@@ -182,6 +182,11 @@ impl Loader {
         self
     }
 
+    /// The compile cache, if one is in use (a refused folder gives one that is off).
+    pub fn compile_cache(&self) -> Option<&CompileCache> {
+        self.compile_cache.as_deref()
+    }
+
     /// Rejects `.wasm` files larger than `bytes` without reading them.
     pub fn with_max_size(mut self, bytes: u64) -> Self {
         self.max_size = bytes;

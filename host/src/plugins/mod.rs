@@ -710,6 +710,11 @@ impl Registry {
         (self.workers.budget.used(), self.workers.budget.limit())
     }
 
+    /// The loader's compile cache, if one is configured.
+    pub fn compile_cache(&self) -> Option<&compile_cache::CompileCache> {
+        self.loader.compile_cache()
+    }
+
     /// How many files in the folder failed to load with no earlier version running.
     pub fn failed_count(&self) -> usize {
         self.lock().failed.len()
