@@ -87,9 +87,18 @@ pub struct GatewayConfig {
     /// Requests (publish, subscribe) per second one connection may make; bursts of twice that.
     #[serde(default = "default_gateway_rate")]
     pub max_messages_per_sec: f64,
-    /// Connections served at once; more are refused with 503.
+    /// WebSocket and SSE streams served at once; more are refused with 503.
     #[serde(default = "default_gateway_max_connections")]
     pub max_connections: usize,
+    /// Connections that are not (yet) a stream at once: opened but no request yet, between
+    /// requests, fetching a page. More are refused as they connect.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// Time a connection that is not a stream gets to send a complete request head (from
+    /// opening, or from its previous response) and may leave a response unread; then it is
+    /// closed.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
     /// Whether `/`, the dashboard and the chat pages are served.
     #[serde(default = "default_true")]
     pub pages: bool,
@@ -132,6 +141,8 @@ impl Default for GatewayConfig {
             max_message_bytes: default_gateway_max_message_bytes(),
             max_messages_per_sec: default_gateway_rate(),
             max_connections: default_gateway_max_connections(),
+            max_pending_connections: default_max_pending_connections(),
+            request_timeout_ms: default_request_timeout_ms(),
             pages: true,
         }
     }
@@ -150,6 +161,18 @@ fn default_gateway_rate() -> f64 {
 }
 
 fn default_gateway_max_connections() -> usize {
+    10_000
+}
+
+/// Room for a burst of page loads (a browser opens up to six connections per page), small
+/// enough that clients that never send a request hold few descriptors.
+fn default_max_pending_connections() -> usize {
+    1024
+}
+
+/// A browser sends its request at once; a client that has not within 10 s is not a browser
+/// on a working network (nginx's `client_header_timeout` is 60 s; Go advises a few seconds).
+fn default_request_timeout_ms() -> u64 {
     10_000
 }
 
@@ -966,6 +989,8 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
             ("max_message_bytes", EnvType::Toml),
             ("max_messages_per_sec", EnvType::Toml),
             ("max_connections", EnvType::Toml),
+            ("max_pending_connections", EnvType::Toml),
+            ("request_timeout_ms", EnvType::Toml),
             ("pages", EnvType::Toml),
         ],
     ),
@@ -1264,15 +1289,16 @@ impl Config {
                 Err(e) => problems.push(format!("{origin}: gateway.tokens.{name}.token: {e}")),
             }
         }
-        if gateway.client_buffer == 0 {
-            problems.push(format!(
-                "{origin}: gateway.client_buffer must be at least 1"
-            ));
-        }
-        if gateway.max_message_bytes == 0 {
-            problems.push(format!(
-                "{origin}: gateway.max_message_bytes must be at least 1"
-            ));
+        for (key, value) in [
+            ("client_buffer", gateway.client_buffer),
+            ("max_message_bytes", gateway.max_message_bytes),
+            ("max_connections", gateway.max_connections),
+            ("max_pending_connections", gateway.max_pending_connections),
+            ("request_timeout_ms", gateway.request_timeout_ms as usize),
+        ] {
+            if value == 0 {
+                problems.push(format!("{origin}: gateway.{key} must be at least 1"));
+            }
         }
         if gateway.max_messages_per_sec.is_nan() || gateway.max_messages_per_sec <= 0.0 {
             problems.push(format!(

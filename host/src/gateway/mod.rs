@@ -13,9 +13,13 @@
 //! pattern, shared by every client watching it, and a ring per subscription that each client
 //! reads at its own pace. A client that falls `client_buffer` messages behind loses the
 //! oldest it had not read, is told how many, and nobody else waits for it.
+//!
+//! What a browser can make the gateway hold is bounded: sockets ([`serve`]: pending ones
+//! capped and timed out, all of them within a share of the open-file limit).
 
 pub mod auth;
 pub mod hub;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -23,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -30,7 +35,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use bytes::Bytes;
 use futures::{SinkExt as _, Stream, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -48,6 +52,7 @@ use crate::source::Subscription;
 use crate::source::embedded::EmbeddedBroker;
 use auth::{Access, Authority, origin_allowed};
 use hub::{Backend, Dispatcher, Event, Hub};
+use serve::{ServeLimits, Streaming, Ticket};
 
 /// The pseudo-channel a token must be able to read for `/api/plugins`.
 pub const PLUGINS_CHANNEL: &str = "switchyard:plugins";
@@ -98,6 +103,15 @@ pub struct GatewayStats {
     pub denied_size: AtomicU64,
     /// Refusals: too many connections.
     pub denied_capacity: AtomicU64,
+    /// Refusals: too many connections waiting for a request (`max_pending_connections`).
+    pub denied_pending: AtomicU64,
+    /// Refusals: as many sockets as the gateway may hold (its connection caps within the
+    /// open-file limit).
+    pub denied_sockets: AtomicU64,
+    /// Sockets open that are not a stream (see [`serve`]).
+    pub pending_connections: AtomicU64,
+    /// Connections closed by `request_timeout_ms`.
+    pub timeouts: AtomicU64,
 }
 
 /// Where the gateway's messages come from.
@@ -188,23 +202,38 @@ pub fn start(
     }
     let app = app.with_state(shared);
     let addr = listener.local_addr()?;
-    // Messages are small and each is sent as soon as it arrives: without TCP_NODELAY, every
-    // message after the first of a burst waits for the client's delayed ACK (up to 40 ms).
-    let listener = listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("gateway: cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("gateway stopped: {e}");
-        }
-    });
-    tracing::info!(%addr, "gateway listening");
+    let limits = serve_limits(config, serve::open_file_limit());
+    let task = serve::spawn(listener, app, limits, stats.clone(), shutdown);
+    tracing::info!(
+        %addr,
+        max_sockets = limits.max_sockets,
+        max_pending = limits.max_pending,
+        "gateway listening"
+    );
     Ok(Gateway { addr, stats, task })
+}
+
+/// How many sockets the gateway may hold, given the open-file `limit` of the process; warns
+/// when that limit leaves fewer than the configuration asks for.
+fn serve_limits(config: &GatewayConfig, limit: Option<u64>) -> ServeLimits {
+    let wanted = config
+        .max_connections
+        .saturating_add(config.max_pending_connections);
+    let max_sockets = serve::socket_budget(wanted, limit);
+    if max_sockets < wanted {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_sockets,
+            "gateway: the open-file limit leaves room for {max_sockets} browser connections, \
+             fewer than gateway.max_connections + gateway.max_pending_connections ({wanted}); \
+             raise it (ulimit -n, LimitNOFILE=) to serve more"
+        );
+    }
+    ServeLimits {
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        max_pending: config.max_pending_connections.min(max_sockets),
+        max_sockets,
+    }
 }
 
 /// The pages, embedded in the binary.
@@ -326,8 +355,12 @@ impl Shared {
         Ok((access, subscriptions))
     }
 
-    /// Counts a new connection, or refuses it when the gateway is full.
-    fn connect(self: &Arc<Self>, gauge: fn(&GatewayStats) -> &AtomicU64) -> Result<Slot, Refusal> {
+    /// Counts a new stream on the socket of `ticket`, or refuses it when the gateway is full.
+    fn connect(
+        self: &Arc<Self>,
+        ticket: &Arc<Ticket>,
+        gauge: fn(&GatewayStats) -> &AtomicU64,
+    ) -> Result<Slot, Refusal> {
         let open = self.connections.fetch_add(1, Ordering::AcqRel);
         if open >= self.config.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
@@ -342,15 +375,18 @@ impl Shared {
             shared: self.clone(),
             gauge,
             subscriptions: Vec::new(),
+            _streaming: ticket.streaming(),
         })
     }
 }
 
-/// One open connection: counted while it lives, its subscriptions left when it goes.
+/// One open stream: counted while it lives (its socket no longer pending), its
+/// subscriptions left when it goes.
 struct Slot {
     shared: Arc<Shared>,
     gauge: fn(&GatewayStats) -> &AtomicU64,
     subscriptions: Vec<Subscription>,
+    _streaming: Streaming,
 }
 
 impl Slot {
@@ -432,6 +468,7 @@ type Events = Pin<Box<dyn Stream<Item = Result<SseEvent, std::convert::Infallibl
 /// `GET /sse`: the requested channels as Server-Sent Events.
 async fn server_sent_events(
     State(shared): State<Arc<Shared>>,
+    Extension(ticket): Extension<Arc<Ticket>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
@@ -442,7 +479,7 @@ async fn server_sent_events(
     if subscriptions.is_empty() {
         return refuse(StatusCode::BAD_REQUEST, "channel= is required").into_response();
     }
-    let mut slot = match shared.connect(|s| &s.sse_connections) {
+    let mut slot = match shared.connect(&ticket, |s| &s.sse_connections) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
@@ -509,6 +546,7 @@ async fn server_sent_events(
 /// `GET /ws`: the requested channels, further (un)subscriptions and publishing.
 async fn websocket(
     State(shared): State<Arc<Shared>>,
+    Extension(ticket): Extension<Arc<Ticket>>,
     headers: HeaderMap,
     Query(params): Params,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -522,7 +560,7 @@ async fn websocket(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let mut slot = match shared.connect(|s| &s.ws_connections) {
+    let mut slot = match shared.connect(&ticket, |s| &s.ws_connections) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
