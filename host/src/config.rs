@@ -74,9 +74,21 @@ pub struct GatewayConfig {
     /// Static tokens by name.
     #[serde(default)]
     pub tokens: BTreeMap<String, GatewayToken>,
-    /// Messages waiting for one client before it counts as slow.
+    /// Messages one subscription keeps for clients that have not read them yet; a client
+    /// further behind loses the oldest.
     #[serde(default = "default_client_buffer")]
     pub client_buffer: usize,
+    /// Bytes (of rendered messages) one subscription keeps for clients that have not read
+    /// them yet; a client further behind loses the oldest.
+    #[serde(default = "default_client_buffer_bytes")]
+    pub client_buffer_bytes: usize,
+    /// Bytes all subscriptions together keep for clients that have not read them; beyond it,
+    /// a subscription receiving a message gives up its own oldest first.
+    #[serde(default = "default_buffer_bytes_total")]
+    pub buffer_bytes_total: usize,
+    /// Larger payloads from Redis are not sent to browsers (counted and logged).
+    #[serde(default = "default_gateway_max_payload_bytes")]
+    pub max_payload_bytes: usize,
     /// What a slow client gets: `drop` (the messages it cannot take, counted and announced)
     /// or `disconnect`.
     #[serde(default)]
@@ -99,6 +111,13 @@ pub struct GatewayConfig {
     /// closed.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Channels and patterns one connection may watch at once.
+    #[serde(default = "default_max_subscriptions_per_connection")]
+    pub max_subscriptions_per_connection: usize,
+    /// Redis subscriptions (distinct channels and patterns) the gateway holds for all
+    /// browsers together.
+    #[serde(default = "default_gateway_max_subscriptions")]
+    pub max_subscriptions: usize,
     /// Whether `/`, the dashboard and the chat pages are served.
     #[serde(default = "default_true")]
     pub pages: bool,
@@ -137,12 +156,17 @@ impl Default for GatewayConfig {
             hmac_secret: None,
             tokens: BTreeMap::new(),
             client_buffer: default_client_buffer(),
+            client_buffer_bytes: default_client_buffer_bytes(),
+            buffer_bytes_total: default_buffer_bytes_total(),
+            max_payload_bytes: default_gateway_max_payload_bytes(),
             slow_clients: SlowClients::default(),
             max_message_bytes: default_gateway_max_message_bytes(),
             max_messages_per_sec: default_gateway_rate(),
             max_connections: default_gateway_max_connections(),
             max_pending_connections: default_max_pending_connections(),
             request_timeout_ms: default_request_timeout_ms(),
+            max_subscriptions_per_connection: default_max_subscriptions_per_connection(),
+            max_subscriptions: default_gateway_max_subscriptions(),
             pages: true,
         }
     }
@@ -164,6 +188,21 @@ fn default_gateway_max_connections() -> usize {
     10_000
 }
 
+/// A ring of 256 messages of up to 16 KiB each; a larger message takes the room of several.
+fn default_client_buffer_bytes() -> usize {
+    4 << 20
+}
+
+/// What stalled clients may make the gateway hold, whatever the number of subscriptions.
+fn default_buffer_bytes_total() -> usize {
+    256 << 20
+}
+
+/// The same as `plugins.max_payload_bytes`.
+fn default_gateway_max_payload_bytes() -> usize {
+    1 << 20
+}
+
 /// Room for a burst of page loads (a browser opens up to six connections per page), small
 /// enough that clients that never send a request hold few descriptors.
 fn default_max_pending_connections() -> usize {
@@ -173,6 +212,15 @@ fn default_max_pending_connections() -> usize {
 /// A browser sends its request at once; a client that has not within 10 s is not a browser
 /// on a working network (nginx's `client_header_timeout` is 60 s; Go advises a few seconds).
 fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A dashboard or chat page watches a handful of channels.
+fn default_max_subscriptions_per_connection() -> usize {
+    100
+}
+
+fn default_gateway_max_subscriptions() -> usize {
     10_000
 }
 
@@ -985,12 +1033,17 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
             ("allowed_origins", EnvType::Toml),
             ("hmac_secret", EnvType::Secret),
             ("client_buffer", EnvType::Toml),
+            ("client_buffer_bytes", EnvType::Toml),
+            ("buffer_bytes_total", EnvType::Toml),
+            ("max_payload_bytes", EnvType::Toml),
             ("slow_clients", EnvType::Text),
             ("max_message_bytes", EnvType::Toml),
             ("max_messages_per_sec", EnvType::Toml),
             ("max_connections", EnvType::Toml),
             ("max_pending_connections", EnvType::Toml),
             ("request_timeout_ms", EnvType::Toml),
+            ("max_subscriptions_per_connection", EnvType::Toml),
+            ("max_subscriptions", EnvType::Toml),
             ("pages", EnvType::Toml),
         ],
     ),
@@ -1291,14 +1344,28 @@ impl Config {
         }
         for (key, value) in [
             ("client_buffer", gateway.client_buffer),
+            ("client_buffer_bytes", gateway.client_buffer_bytes),
+            ("buffer_bytes_total", gateway.buffer_bytes_total),
+            ("max_payload_bytes", gateway.max_payload_bytes),
             ("max_message_bytes", gateway.max_message_bytes),
             ("max_connections", gateway.max_connections),
             ("max_pending_connections", gateway.max_pending_connections),
             ("request_timeout_ms", gateway.request_timeout_ms as usize),
+            (
+                "max_subscriptions_per_connection",
+                gateway.max_subscriptions_per_connection,
+            ),
+            ("max_subscriptions", gateway.max_subscriptions),
         ] {
             if value == 0 {
                 problems.push(format!("{origin}: gateway.{key} must be at least 1"));
             }
+        }
+        if gateway.client_buffer_bytes > gateway.buffer_bytes_total {
+            problems.push(format!(
+                "{origin}: gateway.client_buffer_bytes ({}) must not exceed gateway.buffer_bytes_total ({})",
+                gateway.client_buffer_bytes, gateway.buffer_bytes_total
+            ));
         }
         if gateway.max_messages_per_sec.is_nan() || gateway.max_messages_per_sec <= 0.0 {
             problems.push(format!(

@@ -10,17 +10,21 @@
 //! over `max_message_bytes`), 4001 (the token expired).
 //!
 //! Messages reach browsers through the [`hub`]: one Redis subscription per channel or
-//! pattern, shared by every client watching it, and a ring per subscription that each client
-//! reads at its own pace. A client that falls `client_buffer` messages behind loses the
-//! oldest it had not read, is told how many, and nobody else waits for it.
+//! pattern, shared by every client watching it, and a [`ring`] per subscription that each
+//! client reads at its own pace. A client that falls `client_buffer` messages (or
+//! `client_buffer_bytes`) behind loses the oldest it had not read, is told how many, and
+//! nobody else waits for it.
 //!
 //! What a browser can make the gateway hold is bounded: sockets ([`serve`]: pending ones
-//! capped and timed out, all of them within a share of the open-file limit).
+//! capped and timed out, all of them within a share of the open-file limit), subscriptions
+//! (per connection and in total), and the bytes its rings keep for slow clients.
 
 pub mod auth;
 pub mod hub;
+pub mod ring;
 pub mod serve;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,12 +40,11 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{SinkExt as _, Stream, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamMap;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, SlowClients};
@@ -51,7 +54,8 @@ use crate::router::is_reserved;
 use crate::source::Subscription;
 use crate::source::embedded::EmbeddedBroker;
 use auth::{Access, Authority, origin_allowed};
-use hub::{Backend, Dispatcher, Event, Hub};
+use hub::{Backend, Dispatcher, Event, Hub, HubLimits, JoinError};
+use ring::{Budget, Lagged, Limits};
 use serve::{ServeLimits, Streaming, Ticket};
 
 /// The pseudo-channel a token must be able to read for `/api/plugins`.
@@ -108,10 +112,18 @@ pub struct GatewayStats {
     /// Refusals: as many sockets as the gateway may hold (its connection caps within the
     /// open-file limit).
     pub denied_sockets: AtomicU64,
+    /// Refusals: more subscriptions than one connection may hold.
+    pub denied_subscriptions: AtomicU64,
+    /// Refusals: the gateway holds `max_subscriptions` Redis subscriptions.
+    pub denied_subscriptions_total: AtomicU64,
     /// Sockets open that are not a stream (see [`serve`]).
     pub pending_connections: AtomicU64,
     /// Connections closed by `request_timeout_ms`.
     pub timeouts: AtomicU64,
+    /// Messages not sent to browsers because their payload is over `max_payload_bytes`.
+    pub oversize: AtomicU64,
+    /// Bytes the subscriptions' rings hold for clients that have not read them.
+    pub buffered_bytes: AtomicU64,
 }
 
 /// Where the gateway's messages come from.
@@ -152,7 +164,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Gateway> {
     let stats = Arc::new(GatewayStats::default());
-    let dispatcher = Dispatcher::new(stats.clone());
+    let dispatcher = Dispatcher::new(stats.clone(), config.max_payload_bytes);
     let backend = match source {
         GatewaySource::Redis(client) => {
             let info = client.get_connection_info().clone();
@@ -183,8 +195,16 @@ pub fn start(
             Backend::Embedded(broker)
         }
     };
+    let hub_limits = HubLimits {
+        ring: Limits {
+            messages: config.client_buffer,
+            bytes: config.client_buffer_bytes,
+        },
+        max_subscriptions: config.max_subscriptions,
+    };
+    let budget = Arc::new(Budget::new(stats.clone(), config.buffer_bytes_total));
     let shared = Arc::new(Shared {
-        hub: Arc::new(Hub::new(backend, dispatcher, config.client_buffer)),
+        hub: Arc::new(Hub::new(backend, dispatcher, hub_limits, budget)),
         authority: Authority::from_config(config)?,
         config: config.clone(),
         stats: stats.clone(),
@@ -338,6 +358,8 @@ impl Shared {
             refuse(StatusCode::UNAUTHORIZED, refused.to_string())
         })?;
         let mut subscriptions = Vec::new();
+        let mut seen = HashSet::new();
+        let most = self.config.max_subscriptions_per_connection;
         for (_, name) in params.iter().filter(|(k, _)| k == "channel") {
             let subscription =
                 subscription_of(name).map_err(|why| refuse(StatusCode::BAD_REQUEST, why))?;
@@ -348,7 +370,16 @@ impl Shared {
                     format!("not allowed to read {name}"),
                 ));
             }
-            if !subscriptions.contains(&subscription) {
+            if seen.insert(subscription.clone()) {
+                if subscriptions.len() == most {
+                    self.stats
+                        .denied_subscriptions
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(refuse(
+                        StatusCode::BAD_REQUEST,
+                        too_many_subscriptions(most),
+                    ));
+                }
                 subscriptions.push(subscription);
             }
         }
@@ -374,53 +405,72 @@ impl Shared {
         Ok(Slot {
             shared: self.clone(),
             gauge,
-            subscriptions: Vec::new(),
+            subscriptions: HashSet::new(),
             _streaming: ticket.streaming(),
         })
     }
 }
 
+/// The refusal of a subscription beyond `most` for one connection.
+fn too_many_subscriptions(most: usize) -> String {
+    format!(
+        "too many subscriptions: at most {most} channels and patterns per connection \
+         (gateway.max_subscriptions_per_connection)"
+    )
+}
+
+/// A client's stream of one subscription's messages.
+type Messages = BoxStream<'static, Result<Event, Lagged>>;
+
 /// One open stream: counted while it lives (its socket no longer pending), its
-/// subscriptions left when it goes.
+/// subscriptions left together when it goes.
 struct Slot {
     shared: Arc<Shared>,
     gauge: fn(&GatewayStats) -> &AtomicU64,
-    subscriptions: Vec<Subscription>,
+    subscriptions: HashSet<Subscription>,
     _streaming: Streaming,
 }
 
 impl Slot {
+    /// Joins `subscriptions` (distinct, none of them joined yet): a stream of messages each.
     async fn join(
         &mut self,
-        subscription: &Subscription,
-    ) -> anyhow::Result<BroadcastStream<Event>> {
-        let receiver = self.shared.hub.join(subscription).await?;
-        self.subscriptions.push(subscription.clone());
-        Ok(BroadcastStream::new(receiver))
+        subscriptions: &[Subscription],
+    ) -> Result<Vec<(Subscription, Messages)>, JoinError> {
+        let readers = self.shared.hub.join(subscriptions).await.inspect_err(|e| {
+            if matches!(e, JoinError::Full { .. }) {
+                self.shared
+                    .stats
+                    .denied_subscriptions_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
+        self.subscriptions.extend(subscriptions.iter().cloned());
+        Ok(subscriptions
+            .iter()
+            .cloned()
+            .zip(readers.into_iter().map(ring::Reader::into_stream))
+            .collect())
     }
 
     /// Joins every one of `subscriptions`, or refuses the connection.
     async fn join_all(
         &mut self,
         subscriptions: &[Subscription],
-    ) -> Result<StreamMap<Subscription, BroadcastStream<Event>>, Refusal> {
-        let mut streams = StreamMap::new();
-        for subscription in subscriptions {
-            let stream = self.join(subscription).await.map_err(|e| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot subscribe: {e}"),
-                )
-            })?;
-            streams.insert(subscription.clone(), stream);
-        }
-        Ok(streams)
+    ) -> Result<StreamMap<Subscription, Messages>, Refusal> {
+        let joined = self
+            .join(subscriptions)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        Ok(joined.into_iter().collect())
     }
 
     async fn leave(&mut self, subscription: &Subscription) {
-        if let Some(at) = self.subscriptions.iter().position(|s| s == subscription) {
-            self.subscriptions.swap_remove(at);
-            self.shared.hub.leave(subscription).await;
+        if self.subscriptions.remove(subscription) {
+            self.shared
+                .hub
+                .leave(std::slice::from_ref(subscription))
+                .await;
         }
     }
 }
@@ -429,14 +479,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
         (self.gauge)(&self.shared.stats).fetch_sub(1, Ordering::Relaxed);
-        let subscriptions = std::mem::take(&mut self.subscriptions);
+        let subscriptions: Vec<Subscription> = self.subscriptions.drain().collect();
         if !subscriptions.is_empty() {
             let hub = self.shared.hub.clone();
-            tokio::spawn(async move {
-                for subscription in &subscriptions {
-                    hub.leave(subscription).await;
-                }
-            });
+            tokio::spawn(async move { hub.leave(&subscriptions).await });
         }
     }
 }
@@ -509,7 +555,7 @@ async fn server_sent_events(
                             let (_, item) = next?;
                             let event = match item {
                                 Ok(event) => SseEvent::default().event("message").data(event.as_str()),
-                                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                                Err(Lagged(missed)) => {
                                     stats.dropped.fetch_add(missed, Ordering::Relaxed);
                                     if disconnect_slow {
                                         stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -625,7 +671,7 @@ struct Session {
     shared: Arc<Shared>,
     access: Access,
     slot: Slot,
-    streams: StreamMap<Subscription, BroadcastStream<Event>>,
+    streams: StreamMap<Subscription, Messages>,
     bucket: TokenBucket,
     refusals: u32,
 }
@@ -640,7 +686,7 @@ impl Session {
                 () = self.shared.shutdown.cancelled() => close(CLOSE_GOING_AWAY, "the host is stopping"),
                 Some((_, item)) = self.streams.next(), if !self.streams.is_empty() => match item {
                     Ok(event) => Message::Text(event),
-                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    Err(Lagged(missed)) => {
                         stats.dropped.fetch_add(missed, Ordering::Relaxed);
                         if self.shared.config.slow_clients == SlowClients::Disconnect {
                             stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -678,9 +724,7 @@ impl Session {
                 break;
             }
         }
-        for subscription in self.streams.keys().cloned().collect::<Vec<_>>() {
-            self.slot.leave(&subscription).await;
-        }
+        // Dropping the slot leaves every subscription, in one batch.
     }
 
     /// Carries out one client frame; the frame to send back.
@@ -754,12 +798,17 @@ impl Session {
                 if self.streams.contains_key(&subscription) {
                     return Answer::Ok(id);
                 }
-                match self.slot.join(&subscription).await {
-                    Ok(stream) => {
-                        self.streams.insert(subscription, stream);
+                let most = self.shared.config.max_subscriptions_per_connection;
+                if self.streams.len() >= most {
+                    stats.denied_subscriptions.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Refused(too_many_subscriptions(most), id);
+                }
+                match self.slot.join(std::slice::from_ref(&subscription)).await {
+                    Ok(joined) => {
+                        self.streams.extend(joined);
                         Answer::Ok(id)
                     }
-                    Err(e) => Answer::Refused(format!("cannot subscribe: {e}"), id),
+                    Err(e) => Answer::Refused(e.to_string(), id),
                 }
             }
             Request::Unsubscribe { channel, id } => {
