@@ -6,8 +6,8 @@
 //! write. A browser page from an origin that is neither the gateway's own nor listed in
 //! `allowed_origins` is refused before any upgrade. Refusals before the upgrade are plain
 //! HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008 (policy: too
-//! many refused requests, a slow client with `slow_clients = "disconnect"`), 1009 (a message
-//! over `max_message_bytes`), 4001 (the token expired).
+//! many refused requests, a slow client with `slow_clients = "disconnect"`), 1009 (a frame or
+//! message over `max_message_bytes`), 4001 (the token expired).
 //!
 //! Messages reach browsers through the [`hub`]: one Redis subscription per channel or
 //! pattern, shared by every client watching it, and a [`ring`] per subscription that each
@@ -17,7 +17,8 @@
 //!
 //! What a browser can make the gateway hold is bounded: sockets ([`serve`]: pending ones
 //! capped and timed out, all of them within a share of the open-file limit), subscriptions
-//! (per connection and in total), and the bytes its rings keep for slow clients.
+//! (per connection and in total), frames (never more than `max_message_bytes` read), and
+//! the bytes its rings keep for slow clients.
 
 pub mod auth;
 pub mod hub;
@@ -615,11 +616,13 @@ async fn websocket(
         Ok(streams) => streams,
         Err(refusal) => return refusal.into_response(),
     };
-    // Frames up to twice the limit are read and answered with 1009; larger ones fail the
-    // read, and are answered with 1009 too (see `over_hard_limit`).
+    // A frame whose header announces more than the limit fails the read before any of its
+    // payload is buffered, as does a message whose fragments add up to more; either is
+    // answered with 1009 (see `over_hard_limit`).
     let limit = shared.config.max_message_bytes;
     upgrade
-        .max_message_size(limit.saturating_mul(2).max(1024))
+        .max_frame_size(limit)
+        .max_message_size(limit)
         // Browsers send little: a small read buffer saves clearing 128 KiB on every read,
         // which was most of the fan-out's CPU.
         .read_buffer_size(READ_BUFFER)
