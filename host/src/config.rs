@@ -67,6 +67,12 @@ pub struct GatewayConfig {
     /// Origins (`https://app.example.com`) whose pages may connect, besides the gateway's own.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// The gateway's own origins: where browsers load its pages from (`https://gw.example.com`
+    /// behind an Ingress). When unset, a page's origin counts as the gateway's own only if it
+    /// names the request's `Host` by IP address or as `localhost`, which DNS rebinding cannot
+    /// forge; a DNS name must be listed here (or in `allowed_origins`).
+    #[serde(default)]
+    pub public_origins: Vec<String>,
     /// Secret for signed tokens (`${VAR}` reads the environment); signed tokens are refused
     /// when unset.
     #[serde(default)]
@@ -153,6 +159,7 @@ impl Default for GatewayConfig {
         Self {
             listen: None,
             allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
             hmac_secret: None,
             tokens: BTreeMap::new(),
             client_buffer: default_client_buffer(),
@@ -1031,6 +1038,7 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
         &[
             ("listen", EnvType::Text),
             ("allowed_origins", EnvType::Toml),
+            ("public_origins", EnvType::Toml),
             ("hmac_secret", EnvType::Secret),
             ("client_buffer", EnvType::Toml),
             ("client_buffer_bytes", EnvType::Toml),
@@ -1372,13 +1380,18 @@ impl Config {
                 "{origin}: gateway.max_messages_per_sec must be more than 0"
             ));
         }
-        for allowed in &gateway.allowed_origins {
-            if !(allowed.starts_with("http://") || allowed.starts_with("https://"))
-                || allowed.trim_end_matches('/').matches('/').count() != 2
-            {
-                problems.push(format!(
-                    "{origin}: gateway.allowed_origins: {allowed:?} is not an origin (scheme://host[:port])"
-                ));
+        for (key, origins) in [
+            ("allowed_origins", &gateway.allowed_origins),
+            ("public_origins", &gateway.public_origins),
+        ] {
+            for allowed in origins {
+                if !(allowed.starts_with("http://") || allowed.starts_with("https://"))
+                    || allowed.trim_end_matches('/').matches('/').count() != 2
+                {
+                    problems.push(format!(
+                        "{origin}: gateway.{key}: {allowed:?} is not an origin (scheme://host[:port])"
+                    ));
+                }
             }
         }
         if self.streams.batch == 0 {

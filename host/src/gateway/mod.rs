@@ -3,11 +3,11 @@
 //!
 //! No token, no data: every data endpoint wants a token (`token=` or `Authorization:
 //! Bearer`), static or signed (see [`auth`]), whose grants name the channels it may read and
-//! write. A browser page from an origin that is neither the gateway's own nor listed in
-//! `allowed_origins` is refused before any upgrade. Refusals before the upgrade are plain
-//! HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008 (policy: too
-//! many refused requests, a slow client with `slow_clients = "disconnect"`), 1009 (a frame or
-//! message over `max_message_bytes`), 4001 (the token expired).
+//! write. A browser page from an origin that is neither the gateway's own (`public_origins`)
+//! nor listed in `allowed_origins` is refused before any upgrade. Refusals before the upgrade
+//! are plain HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008
+//! (policy: too many refused requests, a slow client with `slow_clients = "disconnect"`), 1009
+//! (a frame or message over `max_message_bytes`), 4001 (the token expired).
 //!
 //! Messages reach browsers through the [`hub`]: one Redis subscription per channel or
 //! pattern, shared by every client watching it, and a [`ring`] per subscription that each
@@ -54,7 +54,7 @@ use crate::plugins::Registry;
 use crate::router::is_reserved;
 use crate::source::Subscription;
 use crate::source::embedded::EmbeddedBroker;
-use auth::{Access, Authority, origin_allowed};
+use auth::{Access, Authority, bearer, origin_allowed};
 use hub::{Backend, Dispatcher, Event, Hub, HubLimits, JoinError};
 use ring::{Budget, Lagged, Limits};
 use serve::{ServeLimits, Streaming, Ticket};
@@ -345,6 +345,7 @@ impl Shared {
             header(header::ORIGIN),
             header(header::HOST),
             &self.config.allowed_origins,
+            &self.config.public_origins,
         ) {
             self.stats.denied_origin.fetch_add(1, Ordering::Relaxed);
             return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
@@ -353,7 +354,7 @@ impl Shared {
             .iter()
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.as_str())
-            .or_else(|| header(header::AUTHORIZATION)?.strip_prefix("Bearer "));
+            .or_else(|| bearer(header(header::AUTHORIZATION)?));
         let access = self.authority.check(token).map_err(|refused| {
             self.stats.denied_token.fetch_add(1, Ordering::Relaxed);
             refuse(StatusCode::UNAUTHORIZED, refused.to_string())
