@@ -1967,6 +1967,41 @@ outputs = ["email", "audit"]
     }
 
     #[test]
+    fn gateway_limits_are_validated_together_naming_each_key() {
+        let err = Config::from_toml(
+            "[gateway]\nmax_pending_connections = 0\nrequest_timeout_ms = 0\n\
+             max_subscriptions_per_connection = 0\nclient_buffer_bytes = 2048\n\
+             buffer_bytes_total = 1024\npublic_origins = [\"gw.example.com\"]\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "gateway.max_pending_connections must be at least 1",
+            "gateway.request_timeout_ms must be at least 1",
+            "gateway.max_subscriptions_per_connection must be at least 1",
+            "gateway.client_buffer_bytes (2048) must not exceed gateway.buffer_bytes_total (1024)",
+            "gateway.public_origins: \"gw.example.com\" is not an origin",
+        ] {
+            assert!(err.contains(expected), "{expected:?} missing from {err}");
+        }
+        let config = Config::load(
+            None,
+            &env(&[
+                ("SWITCHYARD_GATEWAY_MAX_PENDING_CONNECTIONS", "64"),
+                (
+                    "SWITCHYARD_GATEWAY_PUBLIC_ORIGINS",
+                    r#"["https://gw.example.com"]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.gateway.max_pending_connections, 64);
+        assert_eq!(config.gateway.public_origins, ["https://gw.example.com"]);
+        assert_eq!(config.gateway.request_timeout_ms, 10_000);
+    }
+
+    #[test]
     fn a_zero_timeout_is_rejected_naming_the_field() {
         let err = Config::from_toml(
             "[outputs.hook]\nkind = \"http\"\nurl = \"http://h.example/\"\ntimeout_ms = 0\n",
