@@ -539,20 +539,31 @@ pub fn effective_settings(config: &Config) -> String {
         Some(listen) => {
             let _ = writeln!(
                 out,
-                "[gateway]\nlisten = \"{listen}\"\nallowed_origins = {:?}\nhmac_secret = {}\n\
-                 client_buffer = {}\nslow_clients = {:?}\nmax_message_bytes = {}\n\
-                 max_messages_per_sec = {}\nmax_connections = {}\npages = {}",
+                "[gateway]\nlisten = \"{listen}\"\nallowed_origins = {:?}\npublic_origins = {:?}\n\
+                 hmac_secret = {}\nclient_buffer = {}\nclient_buffer_bytes = {}\n\
+                 buffer_bytes_total = {}\nmax_payload_bytes = {}\nslow_clients = {:?}\n\
+                 max_message_bytes = {}\nmax_messages_per_sec = {}\nmax_connections = {}\n\
+                 max_pending_connections = {}\nrequest_timeout_ms = {}\n\
+                 max_subscriptions_per_connection = {}\nmax_subscriptions = {}\npages = {}",
                 gw.allowed_origins,
+                gw.public_origins,
                 if gw.hmac_secret.is_some() {
                     "\"***\""
                 } else {
                     "\"\" # signed tokens off"
                 },
                 gw.client_buffer,
+                gw.client_buffer_bytes,
+                gw.buffer_bytes_total,
+                gw.max_payload_bytes,
                 gw.slow_clients,
                 gw.max_message_bytes,
                 gw.max_messages_per_sec,
                 gw.max_connections,
+                gw.max_pending_connections,
+                gw.request_timeout_ms,
+                gw.max_subscriptions_per_connection,
+                gw.max_subscriptions,
                 gw.pages,
             );
             for (name, token) in &gw.tokens {

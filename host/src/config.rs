@@ -67,6 +67,12 @@ pub struct GatewayConfig {
     /// Origins (`https://app.example.com`) whose pages may connect, besides the gateway's own.
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// The gateway's own origins: where browsers load its pages from (`https://gw.example.com`
+    /// behind an Ingress). When unset, a page's origin counts as the gateway's own only if it
+    /// names the request's `Host` by IP address or as `localhost`, which DNS rebinding cannot
+    /// forge; a DNS name must be listed here (or in `allowed_origins`).
+    #[serde(default)]
+    pub public_origins: Vec<String>,
     /// Secret for signed tokens (`${VAR}` reads the environment); signed tokens are refused
     /// when unset.
     #[serde(default)]
@@ -74,9 +80,21 @@ pub struct GatewayConfig {
     /// Static tokens by name.
     #[serde(default)]
     pub tokens: BTreeMap<String, GatewayToken>,
-    /// Messages waiting for one client before it counts as slow.
+    /// Messages one subscription keeps for clients that have not read them yet; a client
+    /// further behind loses the oldest.
     #[serde(default = "default_client_buffer")]
     pub client_buffer: usize,
+    /// Bytes (of rendered messages) one subscription keeps for clients that have not read
+    /// them yet; a client further behind loses the oldest.
+    #[serde(default = "default_client_buffer_bytes")]
+    pub client_buffer_bytes: usize,
+    /// Bytes all subscriptions together keep for clients that have not read them; beyond it,
+    /// a subscription receiving a message gives up its own oldest first.
+    #[serde(default = "default_buffer_bytes_total")]
+    pub buffer_bytes_total: usize,
+    /// Larger payloads from Redis are not sent to browsers (counted and logged).
+    #[serde(default = "default_gateway_max_payload_bytes")]
+    pub max_payload_bytes: usize,
     /// What a slow client gets: `drop` (the messages it cannot take, counted and announced)
     /// or `disconnect`.
     #[serde(default)]
@@ -87,9 +105,25 @@ pub struct GatewayConfig {
     /// Requests (publish, subscribe) per second one connection may make; bursts of twice that.
     #[serde(default = "default_gateway_rate")]
     pub max_messages_per_sec: f64,
-    /// Connections served at once; more are refused with 503.
+    /// WebSocket and SSE streams served at once; more are refused with 503.
     #[serde(default = "default_gateway_max_connections")]
     pub max_connections: usize,
+    /// Connections that are not (yet) a stream at once: opened but no request yet, between
+    /// requests, fetching a page. More are refused as they connect.
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// Time a connection that is not a stream gets to send a complete request head (from
+    /// opening, or from its previous response) and may leave a response unread; then it is
+    /// closed.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Channels and patterns one connection may watch at once.
+    #[serde(default = "default_max_subscriptions_per_connection")]
+    pub max_subscriptions_per_connection: usize,
+    /// Redis subscriptions (distinct channels and patterns) the gateway holds for all
+    /// browsers together.
+    #[serde(default = "default_gateway_max_subscriptions")]
+    pub max_subscriptions: usize,
     /// Whether `/`, the dashboard and the chat pages are served.
     #[serde(default = "default_true")]
     pub pages: bool,
@@ -125,13 +159,21 @@ impl Default for GatewayConfig {
         Self {
             listen: None,
             allowed_origins: Vec::new(),
+            public_origins: Vec::new(),
             hmac_secret: None,
             tokens: BTreeMap::new(),
             client_buffer: default_client_buffer(),
+            client_buffer_bytes: default_client_buffer_bytes(),
+            buffer_bytes_total: default_buffer_bytes_total(),
+            max_payload_bytes: default_gateway_max_payload_bytes(),
             slow_clients: SlowClients::default(),
             max_message_bytes: default_gateway_max_message_bytes(),
             max_messages_per_sec: default_gateway_rate(),
             max_connections: default_gateway_max_connections(),
+            max_pending_connections: default_max_pending_connections(),
+            request_timeout_ms: default_request_timeout_ms(),
+            max_subscriptions_per_connection: default_max_subscriptions_per_connection(),
+            max_subscriptions: default_gateway_max_subscriptions(),
             pages: true,
         }
     }
@@ -150,6 +192,42 @@ fn default_gateway_rate() -> f64 {
 }
 
 fn default_gateway_max_connections() -> usize {
+    10_000
+}
+
+/// A ring of 256 messages of up to 16 KiB each; a larger message takes the room of several.
+fn default_client_buffer_bytes() -> usize {
+    4 << 20
+}
+
+/// What stalled clients may make the gateway hold, whatever the number of subscriptions.
+fn default_buffer_bytes_total() -> usize {
+    256 << 20
+}
+
+/// The same as `plugins.max_payload_bytes`.
+fn default_gateway_max_payload_bytes() -> usize {
+    1 << 20
+}
+
+/// Room for a burst of page loads (a browser opens up to six connections per page), small
+/// enough that clients that never send a request hold few descriptors.
+fn default_max_pending_connections() -> usize {
+    1024
+}
+
+/// A browser sends its request at once; a client that has not within 10 s is not a browser
+/// on a working network (nginx's `client_header_timeout` is 60 s; Go advises a few seconds).
+fn default_request_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A dashboard or chat page watches a handful of channels.
+fn default_max_subscriptions_per_connection() -> usize {
+    100
+}
+
+fn default_gateway_max_subscriptions() -> usize {
     10_000
 }
 
@@ -967,12 +1045,20 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
         &[
             ("listen", EnvType::Text),
             ("allowed_origins", EnvType::Toml),
+            ("public_origins", EnvType::Toml),
             ("hmac_secret", EnvType::Secret),
             ("client_buffer", EnvType::Toml),
+            ("client_buffer_bytes", EnvType::Toml),
+            ("buffer_bytes_total", EnvType::Toml),
+            ("max_payload_bytes", EnvType::Toml),
             ("slow_clients", EnvType::Text),
             ("max_message_bytes", EnvType::Toml),
             ("max_messages_per_sec", EnvType::Toml),
             ("max_connections", EnvType::Toml),
+            ("max_pending_connections", EnvType::Toml),
+            ("request_timeout_ms", EnvType::Toml),
+            ("max_subscriptions_per_connection", EnvType::Toml),
+            ("max_subscriptions", EnvType::Toml),
             ("pages", EnvType::Toml),
         ],
     ),
@@ -1271,14 +1357,29 @@ impl Config {
                 Err(e) => problems.push(format!("{origin}: gateway.tokens.{name}.token: {e}")),
             }
         }
-        if gateway.client_buffer == 0 {
-            problems.push(format!(
-                "{origin}: gateway.client_buffer must be at least 1"
-            ));
+        for (key, value) in [
+            ("client_buffer", gateway.client_buffer),
+            ("client_buffer_bytes", gateway.client_buffer_bytes),
+            ("buffer_bytes_total", gateway.buffer_bytes_total),
+            ("max_payload_bytes", gateway.max_payload_bytes),
+            ("max_message_bytes", gateway.max_message_bytes),
+            ("max_connections", gateway.max_connections),
+            ("max_pending_connections", gateway.max_pending_connections),
+            ("request_timeout_ms", gateway.request_timeout_ms as usize),
+            (
+                "max_subscriptions_per_connection",
+                gateway.max_subscriptions_per_connection,
+            ),
+            ("max_subscriptions", gateway.max_subscriptions),
+        ] {
+            if value == 0 {
+                problems.push(format!("{origin}: gateway.{key} must be at least 1"));
+            }
         }
-        if gateway.max_message_bytes == 0 {
+        if gateway.client_buffer_bytes > gateway.buffer_bytes_total {
             problems.push(format!(
-                "{origin}: gateway.max_message_bytes must be at least 1"
+                "{origin}: gateway.client_buffer_bytes ({}) must not exceed gateway.buffer_bytes_total ({})",
+                gateway.client_buffer_bytes, gateway.buffer_bytes_total
             ));
         }
         if gateway.max_messages_per_sec.is_nan() || gateway.max_messages_per_sec <= 0.0 {
@@ -1286,13 +1387,18 @@ impl Config {
                 "{origin}: gateway.max_messages_per_sec must be more than 0"
             ));
         }
-        for allowed in &gateway.allowed_origins {
-            if !(allowed.starts_with("http://") || allowed.starts_with("https://"))
-                || allowed.trim_end_matches('/').matches('/').count() != 2
-            {
-                problems.push(format!(
-                    "{origin}: gateway.allowed_origins: {allowed:?} is not an origin (scheme://host[:port])"
-                ));
+        for (key, origins) in [
+            ("allowed_origins", &gateway.allowed_origins),
+            ("public_origins", &gateway.public_origins),
+        ] {
+            for allowed in origins {
+                if !(allowed.starts_with("http://") || allowed.starts_with("https://"))
+                    || allowed.trim_end_matches('/').matches('/').count() != 2
+                {
+                    problems.push(format!(
+                        "{origin}: gateway.{key}: {allowed:?} is not an origin (scheme://host[:port])"
+                    ));
+                }
             }
         }
         if self.streams.batch == 0 {
@@ -1887,6 +1993,41 @@ outputs = ["email", "audit"]
             ),
             ["invalid type: integer `***`, expected a string"]
         );
+    }
+
+    #[test]
+    fn gateway_limits_are_validated_together_naming_each_key() {
+        let err = Config::from_toml(
+            "[gateway]\nmax_pending_connections = 0\nrequest_timeout_ms = 0\n\
+             max_subscriptions_per_connection = 0\nclient_buffer_bytes = 2048\n\
+             buffer_bytes_total = 1024\npublic_origins = [\"gw.example.com\"]\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "gateway.max_pending_connections must be at least 1",
+            "gateway.request_timeout_ms must be at least 1",
+            "gateway.max_subscriptions_per_connection must be at least 1",
+            "gateway.client_buffer_bytes (2048) must not exceed gateway.buffer_bytes_total (1024)",
+            "gateway.public_origins: \"gw.example.com\" is not an origin",
+        ] {
+            assert!(err.contains(expected), "{expected:?} missing from {err}");
+        }
+        let config = Config::load(
+            None,
+            &env(&[
+                ("SWITCHYARD_GATEWAY_MAX_PENDING_CONNECTIONS", "64"),
+                (
+                    "SWITCHYARD_GATEWAY_PUBLIC_ORIGINS",
+                    r#"["https://gw.example.com"]"#,
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.gateway.max_pending_connections, 64);
+        assert_eq!(config.gateway.public_origins, ["https://gw.example.com"]);
+        assert_eq!(config.gateway.request_timeout_ms, 10_000);
     }
 
     #[test]

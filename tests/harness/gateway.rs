@@ -1,14 +1,20 @@
 //! Clients of the browser gateway: a WebSocket client speaking its JSON frames, a
-//! Server-Sent Events reader, and the gateway's series on the admin `/metrics`.
+//! Server-Sent Events reader, raw sockets for clients that misbehave (idle, forged headers,
+//! oversized frames), the gateway's series on the admin `/metrics`, and the process's
+//! resident memory for tests that bound it.
 //!
-//! Every read takes a deadline and fails with what it was waiting for; nothing here sleeps.
+//! Every read takes a deadline and fails with what it was waiting for; nothing here sleeps,
+//! but the memory sampler, which looks every few milliseconds.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -121,16 +127,39 @@ impl Gateway {
         }
     }
 
+    /// Attempts a WebSocket handshake on `path` with `headers` added to (or replacing those
+    /// of) the client's request: the socket, or the refusal.
+    pub async fn ws_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Result<Ws, Refused>> {
+        Ok(self
+            .handshake_with(path, headers)
+            .await?
+            .map(|stream| Ws { stream }))
+    }
+
     async fn handshake(
         &self,
         path: &str,
         origin: Option<&str>,
     ) -> anyhow::Result<Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Refused>> {
+        let origin: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+        self.handshake_with(path, &origin).await
+    }
+
+    async fn handshake_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Result<WebSocketStream<MaybeTlsStream<TcpStream>>, Refused>> {
         let mut request = self.ws_url(path).into_client_request()?;
-        if let Some(origin) = origin {
-            request
-                .headers_mut()
-                .insert("Origin", HeaderValue::from_str(origin)?);
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes())?,
+                HeaderValue::from_str(value)?,
+            );
         }
         let connected = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
             .await
@@ -144,6 +173,48 @@ impl Gateway {
             })),
             Err(e) => Err(e).with_context(|| format!("WebSocket handshake on {path}")),
         }
+    }
+
+    /// Opens a TCP connection to the gateway and sends nothing.
+    pub async fn socket(&self) -> anyhow::Result<TcpStream> {
+        tokio::time::timeout(PATIENCE, TcpStream::connect(self.addr))
+            .await
+            .context("connecting to the gateway: no answer")?
+            .context("connecting to the gateway")
+    }
+
+    /// Sends `GET path` with exactly `headers` (a `Host` among them, or none at all) over a
+    /// connection of its own, and reads the answer until the server closes it: (status,
+    /// body). For requests a regular client would not send as they are.
+    pub async fn raw_get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String)> {
+        let mut socket = self.socket().await?;
+        let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        socket.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        tokio::time::timeout(PATIENCE, socket.read_to_end(&mut response))
+            .await
+            .with_context(|| {
+                format!("GET {path}: the server did not close within {PATIENCE:?}")
+            })??;
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("GET {path}: not an HTTP response: {response:?}"))?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
     }
 
     /// Opens an SSE stream on `path` with `headers`; fails unless it is answered 200 with
@@ -160,6 +231,119 @@ impl Gateway {
         })
     }
 }
+
+/// How a raw socket ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// What the server sent before it closed (a refusal, say).
+    pub received: String,
+    /// How long after the call it closed.
+    pub after: Duration,
+}
+
+/// Reads `socket` until the server closes it (end of stream or reset); fails if it is still
+/// open after `within`.
+pub async fn until_closed(socket: &mut TcpStream, within: Duration) -> anyhow::Result<Ended> {
+    let started = tokio::time::Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout_at(started + within, socket.read(&mut buffer))
+            .await
+            .with_context(|| format!("the socket is still open after {within:?}"))?;
+        match read {
+            Ok(0) | Err(_) => {
+                return Ok(Ended {
+                    received: String::from_utf8_lossy(&received).into_owned(),
+                    after: started.elapsed(),
+                });
+            }
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+}
+
+/// The header of a masked binary WebSocket frame from a client announcing `len` bytes of
+/// payload (with a zero mask, so the payload goes as it is).
+pub fn client_frame_header(len: u64) -> Vec<u8> {
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+/// The process's resident memory (`VmRSS` in `/proc/self/status`), in bytes: the host runs
+/// in the test process, so this is what it holds (with the test's own clients).
+pub fn resident_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no VmRSS in /proc/self/status")?
+        .parse()?;
+    Ok(kib * 1024)
+}
+
+/// Samples [`resident_bytes`] every few milliseconds on a thread of its own until stopped:
+/// the peak shows what a test made the process hold, even for a moment.
+pub struct ResidentPeak {
+    baseline: u64,
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ResidentPeak {
+    /// Interval between samples.
+    const EVERY: Duration = Duration::from_millis(2);
+
+    /// Starts sampling; the baseline is the memory now.
+    pub fn start() -> anyhow::Result<Self> {
+        let baseline = resident_bytes()?;
+        let peak = Arc::new(AtomicU64::new(baseline));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = std::thread::spawn({
+            let peak = peak.clone();
+            let stop = stop.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(now) = resident_bytes() {
+                        peak.fetch_max(now, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Self::EVERY);
+                }
+            }
+        });
+        Ok(Self {
+            baseline,
+            peak,
+            stop,
+            sampler: Some(sampler),
+        })
+    }
+
+    /// Stops sampling: how far above the baseline the memory went, in bytes.
+    pub fn growth(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(sampler) = self.sampler.take() {
+            let _ = sampler.join();
+        }
+        self.peak
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.baseline)
+    }
+}
+
+impl Drop for ResidentPeak {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Held by tests that bound the process's memory, so that two of them never measure each
+/// other.
+pub static MEMORY_MEASUREMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What the server sent next on a WebSocket.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +365,24 @@ impl Ws {
     /// Sends `value` as a text frame.
     pub async fn send(&mut self, value: &Value) -> anyhow::Result<()> {
         self.send_text(value.to_string()).await
+    }
+
+    /// Writes `bytes` to the socket under the WebSocket protocol, as they are (a frame made
+    /// by hand, or part of one); the error if the server no longer takes them.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let socket = self.stream.get_mut();
+        match tokio::time::timeout(PATIENCE, async {
+            socket.write_all(bytes).await?;
+            socket.flush().await
+        })
+        .await
+        {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the server took nothing for 10 s",
+            )),
+        }
     }
 
     /// Sends `text` as a text frame, as is.

@@ -7,6 +7,7 @@ mod budgets;
 mod cluster;
 mod concurrency;
 mod contain_files;
+mod contain_gateway;
 mod faults;
 mod gateway;
 mod glob_differential;

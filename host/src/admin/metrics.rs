@@ -47,6 +47,10 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_gateway_slow_disconnects",
     "switchyard_gateway_denied",
     "switchyard_gateway_subscriptions",
+    "switchyard_gateway_pending_connections",
+    "switchyard_gateway_timeouts",
+    "switchyard_gateway_oversize",
+    "switchyard_gateway_buffered_bytes",
 ];
 
 /// Reads every stage's counters on each scrape.
@@ -469,6 +473,10 @@ fn encode_gateway(encoder: &mut DescriptorEncoder, stats: &GatewayStats) -> std:
             ("rate", &stats.denied_rate),
             ("size", &stats.denied_size),
             ("capacity", &stats.denied_capacity),
+            ("pending", &stats.denied_pending),
+            ("sockets", &stats.denied_sockets),
+            ("subscriptions", &stats.denied_subscriptions),
+            ("subscriptions_total", &stats.denied_subscriptions_total),
         ]
         .map(|(reason, value)| (vec![("reason", reason)], read(value))),
     )?;
@@ -477,5 +485,31 @@ fn encode_gateway(encoder: &mut DescriptorEncoder, stats: &GatewayStats) -> std:
         "switchyard_gateway_subscriptions",
         "Redis subscriptions held for browsers (one per channel or pattern, however many watch).",
         ConstGauge::new(gauge(&stats.subscriptions)),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_pending_connections",
+        "Gateway sockets open that are not a WebSocket or SSE stream (no request yet, between \
+         requests, fetching a page).",
+        ConstGauge::new(gauge(&stats.pending_connections)),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_timeouts",
+        "Gateway connections closed because a request head or the reading of a response took \
+         longer than request_timeout_ms.",
+        ConstCounter::new(read(&stats.timeouts)),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_oversize",
+        "Messages not sent to browsers because their payload is over max_payload_bytes.",
+        ConstCounter::new(read(&stats.oversize)),
+    )?;
+    single(
+        encoder,
+        "switchyard_gateway_buffered_bytes",
+        "Bytes the gateway's subscriptions hold for clients that have not read them.",
+        ConstGauge::new(gauge(&stats.buffered_bytes)),
     )
 }

@@ -163,21 +163,64 @@ fn verify(secret: &[u8], token: &str) -> Option<Claims> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).ok()?).ok()
 }
 
+/// The credentials of an `Authorization: Bearer ...` header, the scheme matched without
+/// regard to case, as RFC 7235 has it (`bearer`, `BEARER` too).
+pub fn bearer(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
 /// Whether a request with `origin` (its `Origin` header) to `host` (its `Host` header) may
-/// connect: no `Origin` (not a browser), the gateway's own origin, or a listed one.
-pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+/// connect: no `Origin` (not a browser), one of `allowed`, or the gateway's own.
+///
+/// The gateway's own origins are `public` when set. When not, the `Host` stands in for them,
+/// but only when it names the gateway by IP address or as `localhost`: a page served from a
+/// DNS name the attacker controls, pointed at the gateway's address (DNS rebinding), would
+/// otherwise send a matching `Host` and `Origin` of its own and pass as the gateway's.
+pub fn origin_allowed(
+    origin: Option<&str>,
+    host: Option<&str>,
+    allowed: &[String],
+    public: &[String],
+) -> bool {
     let Some(origin) = origin else {
         return true;
     };
     let origin = origin.trim_end_matches('/');
-    if allowed
-        .iter()
-        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
-    {
+    let listed = |origins: &[String]| {
+        origins
+            .iter()
+            .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    };
+    if listed(allowed) || listed(public) {
         return true;
     }
-    let authority = origin.split_once("://").map_or("", |(_, rest)| rest);
-    host.is_some_and(|host| host.eq_ignore_ascii_case(authority))
+    if !public.is_empty() {
+        return false;
+    }
+    let Some(authority) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    host.is_some_and(|host| host.eq_ignore_ascii_case(authority) && beyond_dns(host))
+}
+
+/// Whether `authority` (`host[:port]`) names its host as an IP address or `localhost`, which
+/// no DNS answer chooses.
+fn beyond_dns(authority: &str) -> bool {
+    let name = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(authority, |(name, _)| name),
+    };
+    name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost")
 }
 
 /// Seconds since the Unix epoch.
@@ -272,22 +315,63 @@ mod tests {
     #[test]
     fn origins_are_the_gateways_own_or_listed() {
         let allowed = vec!["https://app.example.com".to_owned()];
-        assert!(origin_allowed(None, Some("gw:8080"), &allowed));
-        assert!(origin_allowed(
+        let allowed_origin = |origin, host| origin_allowed(origin, host, &allowed, &[]);
+        assert!(allowed_origin(None, Some("gw:8080")));
+        assert!(allowed_origin(
             Some("https://app.example.com"),
-            Some("gw:8080"),
-            &allowed
+            Some("gw:8080")
         ));
+        assert!(allowed_origin(
+            Some("http://127.0.0.1:8080"),
+            Some("127.0.0.1:8080")
+        ));
+        assert!(allowed_origin(
+            Some("http://[::1]:8080"),
+            Some("[::1]:8080")
+        ));
+        assert!(allowed_origin(
+            Some("http://localhost:8080"),
+            Some("localhost:8080")
+        ));
+        assert!(!allowed_origin(
+            Some("https://evil.example"),
+            Some("gw:8080")
+        ));
+        assert!(!allowed_origin(Some("null"), Some("gw:8080")));
+    }
+
+    #[test]
+    fn a_dns_name_in_host_is_not_taken_for_the_gateways_own_origin() {
+        // DNS rebinding: evil.example resolves to the gateway; the browser sends both.
+        assert!(!origin_allowed(
+            Some("http://evil.example:8080"),
+            Some("evil.example:8080"),
+            &[],
+            &[]
+        ));
+        // Listed as the gateway's public origin, the name is fine; the Host no longer counts.
+        let public = vec!["https://gw.example.com".to_owned()];
         assert!(origin_allowed(
-            Some("http://gw:8080"),
-            Some("gw:8080"),
-            &allowed
+            Some("https://gw.example.com"),
+            Some("gw.example.com"),
+            &[],
+            &public
         ));
         assert!(!origin_allowed(
-            Some("https://evil.example"),
-            Some("gw:8080"),
-            &allowed
+            Some("http://127.0.0.1:8080"),
+            Some("127.0.0.1:8080"),
+            &[],
+            &public
         ));
-        assert!(!origin_allowed(Some("null"), Some("gw:8080"), &allowed));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 }

@@ -3,26 +3,36 @@
 //!
 //! No token, no data: every data endpoint wants a token (`token=` or `Authorization:
 //! Bearer`), static or signed (see [`auth`]), whose grants name the channels it may read and
-//! write. A browser page from an origin that is neither the gateway's own nor listed in
-//! `allowed_origins` is refused before any upgrade. Refusals before the upgrade are plain
-//! HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008 (policy: too
-//! many refused requests, a slow client with `slow_clients = "disconnect"`), 1009 (a message
-//! over `max_message_bytes`), 4001 (the token expired).
+//! write. A browser page from an origin that is neither the gateway's own (`public_origins`)
+//! nor listed in `allowed_origins` is refused before any upgrade. Refusals before the upgrade
+//! are plain HTTP statuses with a one-line reason; after it, WebSocket close codes: 1008
+//! (policy: too many refused requests, a slow client with `slow_clients = "disconnect"`), 1009
+//! (a frame or message over `max_message_bytes`), 4001 (the token expired).
 //!
 //! Messages reach browsers through the [`hub`]: one Redis subscription per channel or
-//! pattern, shared by every client watching it, and a ring per subscription that each client
-//! reads at its own pace. A client that falls `client_buffer` messages behind loses the
-//! oldest it had not read, is told how many, and nobody else waits for it.
+//! pattern, shared by every client watching it, and a [`ring`] per subscription that each
+//! client reads at its own pace. A client that falls `client_buffer` messages (or
+//! `client_buffer_bytes`) behind loses the oldest it had not read, is told how many, and
+//! nobody else waits for it.
+//!
+//! What a browser can make the gateway hold is bounded: sockets ([`serve`]: pending ones
+//! capped and timed out, all of them within a share of the open-file limit), subscriptions
+//! (per connection and in total), frames (never more than `max_message_bytes` read), and
+//! the bytes its rings keep for slow clients.
 
 pub mod auth;
 pub mod hub;
+pub mod ring;
+pub mod serve;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use axum::Extension;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -30,14 +40,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{SinkExt as _, Stream, StreamExt as _};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamMap;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, SlowClients};
@@ -46,8 +54,10 @@ use crate::plugins::Registry;
 use crate::router::is_reserved;
 use crate::source::Subscription;
 use crate::source::embedded::EmbeddedBroker;
-use auth::{Access, Authority, origin_allowed};
-use hub::{Backend, Dispatcher, Event, Hub};
+use auth::{Access, Authority, bearer, origin_allowed};
+use hub::{Backend, Dispatcher, Event, Hub, HubLimits, JoinError};
+use ring::{Budget, Lagged, Limits};
+use serve::{ServeLimits, Streaming, Ticket};
 
 /// The pseudo-channel a token must be able to read for `/api/plugins`.
 pub const PLUGINS_CHANNEL: &str = "switchyard:plugins";
@@ -98,6 +108,23 @@ pub struct GatewayStats {
     pub denied_size: AtomicU64,
     /// Refusals: too many connections.
     pub denied_capacity: AtomicU64,
+    /// Refusals: too many connections waiting for a request (`max_pending_connections`).
+    pub denied_pending: AtomicU64,
+    /// Refusals: as many sockets as the gateway may hold (its connection caps within the
+    /// open-file limit).
+    pub denied_sockets: AtomicU64,
+    /// Refusals: more subscriptions than one connection may hold.
+    pub denied_subscriptions: AtomicU64,
+    /// Refusals: the gateway holds `max_subscriptions` Redis subscriptions.
+    pub denied_subscriptions_total: AtomicU64,
+    /// Sockets open that are not a stream (see [`serve`]).
+    pub pending_connections: AtomicU64,
+    /// Connections closed by `request_timeout_ms`.
+    pub timeouts: AtomicU64,
+    /// Messages not sent to browsers because their payload is over `max_payload_bytes`.
+    pub oversize: AtomicU64,
+    /// Bytes the subscriptions' rings hold for clients that have not read them.
+    pub buffered_bytes: AtomicU64,
 }
 
 /// Where the gateway's messages come from.
@@ -138,7 +165,7 @@ pub fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Gateway> {
     let stats = Arc::new(GatewayStats::default());
-    let dispatcher = Dispatcher::new(stats.clone());
+    let dispatcher = Dispatcher::new(stats.clone(), config.max_payload_bytes);
     let backend = match source {
         GatewaySource::Redis(client) => {
             let info = client.get_connection_info().clone();
@@ -169,8 +196,16 @@ pub fn start(
             Backend::Embedded(broker)
         }
     };
+    let hub_limits = HubLimits {
+        ring: Limits {
+            messages: config.client_buffer,
+            bytes: config.client_buffer_bytes,
+        },
+        max_subscriptions: config.max_subscriptions,
+    };
+    let budget = Arc::new(Budget::new(stats.clone(), config.buffer_bytes_total));
     let shared = Arc::new(Shared {
-        hub: Arc::new(Hub::new(backend, dispatcher, config.client_buffer)),
+        hub: Arc::new(Hub::new(backend, dispatcher, hub_limits, budget)),
         authority: Authority::from_config(config)?,
         config: config.clone(),
         stats: stats.clone(),
@@ -188,23 +223,38 @@ pub fn start(
     }
     let app = app.with_state(shared);
     let addr = listener.local_addr()?;
-    // Messages are small and each is sent as soon as it arrives: without TCP_NODELAY, every
-    // message after the first of a burst waits for the client's delayed ACK (up to 40 ms).
-    let listener = listener.tap_io(|stream| {
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!("gateway: cannot set TCP_NODELAY: {e}");
-        }
-    });
-    let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("gateway stopped: {e}");
-        }
-    });
-    tracing::info!(%addr, "gateway listening");
+    let limits = serve_limits(config, serve::open_file_limit());
+    let task = serve::spawn(listener, app, limits, stats.clone(), shutdown);
+    tracing::info!(
+        %addr,
+        max_sockets = limits.max_sockets,
+        max_pending = limits.max_pending,
+        "gateway listening"
+    );
     Ok(Gateway { addr, stats, task })
+}
+
+/// How many sockets the gateway may hold, given the open-file `limit` of the process; warns
+/// when that limit leaves fewer than the configuration asks for.
+fn serve_limits(config: &GatewayConfig, limit: Option<u64>) -> ServeLimits {
+    let wanted = config
+        .max_connections
+        .saturating_add(config.max_pending_connections);
+    let max_sockets = serve::socket_budget(wanted, limit);
+    if max_sockets < wanted {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_sockets,
+            "gateway: the open-file limit leaves room for {max_sockets} browser connections, \
+             fewer than gateway.max_connections + gateway.max_pending_connections ({wanted}); \
+             raise it (ulimit -n, LimitNOFILE=) to serve more"
+        );
+    }
+    ServeLimits {
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        max_pending: config.max_pending_connections.min(max_sockets),
+        max_sockets,
+    }
 }
 
 /// The pages, embedded in the binary.
@@ -295,6 +345,7 @@ impl Shared {
             header(header::ORIGIN),
             header(header::HOST),
             &self.config.allowed_origins,
+            &self.config.public_origins,
         ) {
             self.stats.denied_origin.fetch_add(1, Ordering::Relaxed);
             return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
@@ -303,12 +354,14 @@ impl Shared {
             .iter()
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.as_str())
-            .or_else(|| header(header::AUTHORIZATION)?.strip_prefix("Bearer "));
+            .or_else(|| bearer(header(header::AUTHORIZATION)?));
         let access = self.authority.check(token).map_err(|refused| {
             self.stats.denied_token.fetch_add(1, Ordering::Relaxed);
             refuse(StatusCode::UNAUTHORIZED, refused.to_string())
         })?;
         let mut subscriptions = Vec::new();
+        let mut seen = HashSet::new();
+        let most = self.config.max_subscriptions_per_connection;
         for (_, name) in params.iter().filter(|(k, _)| k == "channel") {
             let subscription =
                 subscription_of(name).map_err(|why| refuse(StatusCode::BAD_REQUEST, why))?;
@@ -319,15 +372,28 @@ impl Shared {
                     format!("not allowed to read {name}"),
                 ));
             }
-            if !subscriptions.contains(&subscription) {
+            if seen.insert(subscription.clone()) {
+                if subscriptions.len() == most {
+                    self.stats
+                        .denied_subscriptions
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(refuse(
+                        StatusCode::BAD_REQUEST,
+                        too_many_subscriptions(most),
+                    ));
+                }
                 subscriptions.push(subscription);
             }
         }
         Ok((access, subscriptions))
     }
 
-    /// Counts a new connection, or refuses it when the gateway is full.
-    fn connect(self: &Arc<Self>, gauge: fn(&GatewayStats) -> &AtomicU64) -> Result<Slot, Refusal> {
+    /// Counts a new stream on the socket of `ticket`, or refuses it when the gateway is full.
+    fn connect(
+        self: &Arc<Self>,
+        ticket: &Arc<Ticket>,
+        gauge: fn(&GatewayStats) -> &AtomicU64,
+    ) -> Result<Slot, Refusal> {
         let open = self.connections.fetch_add(1, Ordering::AcqRel);
         if open >= self.config.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
@@ -341,50 +407,72 @@ impl Shared {
         Ok(Slot {
             shared: self.clone(),
             gauge,
-            subscriptions: Vec::new(),
+            subscriptions: HashSet::new(),
+            _streaming: ticket.streaming(),
         })
     }
 }
 
-/// One open connection: counted while it lives, its subscriptions left when it goes.
+/// The refusal of a subscription beyond `most` for one connection.
+fn too_many_subscriptions(most: usize) -> String {
+    format!(
+        "too many subscriptions: at most {most} channels and patterns per connection \
+         (gateway.max_subscriptions_per_connection)"
+    )
+}
+
+/// A client's stream of one subscription's messages.
+type Messages = BoxStream<'static, Result<Event, Lagged>>;
+
+/// One open stream: counted while it lives (its socket no longer pending), its
+/// subscriptions left together when it goes.
 struct Slot {
     shared: Arc<Shared>,
     gauge: fn(&GatewayStats) -> &AtomicU64,
-    subscriptions: Vec<Subscription>,
+    subscriptions: HashSet<Subscription>,
+    _streaming: Streaming,
 }
 
 impl Slot {
+    /// Joins `subscriptions` (distinct, none of them joined yet): a stream of messages each.
     async fn join(
         &mut self,
-        subscription: &Subscription,
-    ) -> anyhow::Result<BroadcastStream<Event>> {
-        let receiver = self.shared.hub.join(subscription).await?;
-        self.subscriptions.push(subscription.clone());
-        Ok(BroadcastStream::new(receiver))
+        subscriptions: &[Subscription],
+    ) -> Result<Vec<(Subscription, Messages)>, JoinError> {
+        let readers = self.shared.hub.join(subscriptions).await.inspect_err(|e| {
+            if matches!(e, JoinError::Full { .. }) {
+                self.shared
+                    .stats
+                    .denied_subscriptions_total
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
+        self.subscriptions.extend(subscriptions.iter().cloned());
+        Ok(subscriptions
+            .iter()
+            .cloned()
+            .zip(readers.into_iter().map(ring::Reader::into_stream))
+            .collect())
     }
 
     /// Joins every one of `subscriptions`, or refuses the connection.
     async fn join_all(
         &mut self,
         subscriptions: &[Subscription],
-    ) -> Result<StreamMap<Subscription, BroadcastStream<Event>>, Refusal> {
-        let mut streams = StreamMap::new();
-        for subscription in subscriptions {
-            let stream = self.join(subscription).await.map_err(|e| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("cannot subscribe: {e}"),
-                )
-            })?;
-            streams.insert(subscription.clone(), stream);
-        }
-        Ok(streams)
+    ) -> Result<StreamMap<Subscription, Messages>, Refusal> {
+        let joined = self
+            .join(subscriptions)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        Ok(joined.into_iter().collect())
     }
 
     async fn leave(&mut self, subscription: &Subscription) {
-        if let Some(at) = self.subscriptions.iter().position(|s| s == subscription) {
-            self.subscriptions.swap_remove(at);
-            self.shared.hub.leave(subscription).await;
+        if self.subscriptions.remove(subscription) {
+            self.shared
+                .hub
+                .leave(std::slice::from_ref(subscription))
+                .await;
         }
     }
 }
@@ -393,14 +481,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.shared.connections.fetch_sub(1, Ordering::AcqRel);
         (self.gauge)(&self.shared.stats).fetch_sub(1, Ordering::Relaxed);
-        let subscriptions = std::mem::take(&mut self.subscriptions);
+        let subscriptions: Vec<Subscription> = self.subscriptions.drain().collect();
         if !subscriptions.is_empty() {
             let hub = self.shared.hub.clone();
-            tokio::spawn(async move {
-                for subscription in &subscriptions {
-                    hub.leave(subscription).await;
-                }
-            });
+            tokio::spawn(async move { hub.leave(&subscriptions).await });
         }
     }
 }
@@ -432,6 +516,7 @@ type Events = Pin<Box<dyn Stream<Item = Result<SseEvent, std::convert::Infallibl
 /// `GET /sse`: the requested channels as Server-Sent Events.
 async fn server_sent_events(
     State(shared): State<Arc<Shared>>,
+    Extension(ticket): Extension<Arc<Ticket>>,
     headers: HeaderMap,
     Query(params): Params,
 ) -> Response {
@@ -442,7 +527,7 @@ async fn server_sent_events(
     if subscriptions.is_empty() {
         return refuse(StatusCode::BAD_REQUEST, "channel= is required").into_response();
     }
-    let mut slot = match shared.connect(|s| &s.sse_connections) {
+    let mut slot = match shared.connect(&ticket, |s| &s.sse_connections) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
@@ -472,7 +557,7 @@ async fn server_sent_events(
                             let (_, item) = next?;
                             let event = match item {
                                 Ok(event) => SseEvent::default().event("message").data(event.as_str()),
-                                Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                                Err(Lagged(missed)) => {
                                     stats.dropped.fetch_add(missed, Ordering::Relaxed);
                                     if disconnect_slow {
                                         stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -509,6 +594,7 @@ async fn server_sent_events(
 /// `GET /ws`: the requested channels, further (un)subscriptions and publishing.
 async fn websocket(
     State(shared): State<Arc<Shared>>,
+    Extension(ticket): Extension<Arc<Ticket>>,
     headers: HeaderMap,
     Query(params): Params,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -522,7 +608,7 @@ async fn websocket(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let mut slot = match shared.connect(|s| &s.ws_connections) {
+    let mut slot = match shared.connect(&ticket, |s| &s.ws_connections) {
         Ok(slot) => slot,
         Err(refusal) => return refusal.into_response(),
     };
@@ -531,11 +617,13 @@ async fn websocket(
         Ok(streams) => streams,
         Err(refusal) => return refusal.into_response(),
     };
-    // Frames up to twice the limit are read and answered with 1009; larger ones fail the
-    // read, and are answered with 1009 too (see `over_hard_limit`).
+    // A frame whose header announces more than the limit fails the read before any of its
+    // payload is buffered, as does a message whose fragments add up to more; either is
+    // answered with 1009 (see `over_hard_limit`).
     let limit = shared.config.max_message_bytes;
     upgrade
-        .max_message_size(limit.saturating_mul(2).max(1024))
+        .max_frame_size(limit)
+        .max_message_size(limit)
         // Browsers send little: a small read buffer saves clearing 128 KiB on every read,
         // which was most of the fan-out's CPU.
         .read_buffer_size(READ_BUFFER)
@@ -587,7 +675,7 @@ struct Session {
     shared: Arc<Shared>,
     access: Access,
     slot: Slot,
-    streams: StreamMap<Subscription, BroadcastStream<Event>>,
+    streams: StreamMap<Subscription, Messages>,
     bucket: TokenBucket,
     refusals: u32,
 }
@@ -602,7 +690,7 @@ impl Session {
                 () = self.shared.shutdown.cancelled() => close(CLOSE_GOING_AWAY, "the host is stopping"),
                 Some((_, item)) = self.streams.next(), if !self.streams.is_empty() => match item {
                     Ok(event) => Message::Text(event),
-                    Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                    Err(Lagged(missed)) => {
                         stats.dropped.fetch_add(missed, Ordering::Relaxed);
                         if self.shared.config.slow_clients == SlowClients::Disconnect {
                             stats.slow_disconnects.fetch_add(1, Ordering::Relaxed);
@@ -640,9 +728,7 @@ impl Session {
                 break;
             }
         }
-        for subscription in self.streams.keys().cloned().collect::<Vec<_>>() {
-            self.slot.leave(&subscription).await;
-        }
+        // Dropping the slot leaves every subscription, in one batch.
     }
 
     /// Carries out one client frame; the frame to send back.
@@ -716,12 +802,17 @@ impl Session {
                 if self.streams.contains_key(&subscription) {
                     return Answer::Ok(id);
                 }
-                match self.slot.join(&subscription).await {
-                    Ok(stream) => {
-                        self.streams.insert(subscription, stream);
+                let most = self.shared.config.max_subscriptions_per_connection;
+                if self.streams.len() >= most {
+                    stats.denied_subscriptions.fetch_add(1, Ordering::Relaxed);
+                    return Answer::Refused(too_many_subscriptions(most), id);
+                }
+                match self.slot.join(std::slice::from_ref(&subscription)).await {
+                    Ok(joined) => {
+                        self.streams.extend(joined);
                         Answer::Ok(id)
                     }
-                    Err(e) => Answer::Refused(format!("cannot subscribe: {e}"), id),
+                    Err(e) => Answer::Refused(e.to_string(), id),
                 }
             }
             Request::Unsubscribe { channel, id } => {
