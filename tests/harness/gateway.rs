@@ -341,9 +341,7 @@ impl Drop for ResidentPeak {
     }
 }
 
-/// Held by tests that bound the process's memory, so that two of them never measure each
-/// other.
-pub static MEMORY_MEASUREMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub use crate::MEMORY_MEASUREMENT;
 
 /// What the server sent next on a WebSocket.
 #[derive(Debug, Clone, PartialEq)]
