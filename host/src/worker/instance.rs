@@ -15,6 +15,7 @@ use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
 use super::outcome::FailureReason;
 use super::state::{HostState, MemoryExhausted};
+use super::wasi::DeadlineReached;
 use super::{Envelope, PluginStats};
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
@@ -155,13 +156,15 @@ pub fn render_error(error: &types::Error) -> String {
     }
 }
 
-/// Which kind of trap `error` is: the epoch interrupt is the deadline, and the store's
-/// limiter raises [`MemoryExhausted`] for the memory cap; anything else is a plain trap.
+/// Which kind of trap `error` is: the epoch interrupt, and a WASI wait cut short by the
+/// deadline ([`DeadlineReached`]), are the deadline; the store's limiter raises
+/// [`MemoryExhausted`] for the memory cap; anything else is a plain trap.
 fn trap_reason(error: &wasmtime::Error) -> FailureReason {
     if matches!(
         error.downcast_ref::<wasmtime::Trap>(),
         Some(wasmtime::Trap::Interrupt)
-    ) {
+    ) || error.downcast_ref::<DeadlineReached>().is_some()
+    {
         FailureReason::Deadline
     } else if error.downcast_ref::<MemoryExhausted>().is_some() {
         FailureReason::Memory
@@ -173,9 +176,14 @@ fn trap_reason(error: &wasmtime::Error) -> FailureReason {
 /// A trap, explained: the deadline and the memory cap are named as such.
 fn describe_trap(error: &wasmtime::Error, version: &LoadedPlugin) -> String {
     match trap_reason(error) {
-        FailureReason::Deadline => {
-            format!("deadline of {:?} exceeded", version.context.deadline)
-        }
+        FailureReason::Deadline => match error.downcast_ref::<DeadlineReached>() {
+            Some(waiting) => format!(
+                "deadline of {:?} exceeded while waiting in {} (a sleep, or a wait on a clock or \
+                 a stream)",
+                version.context.deadline, waiting.import
+            ),
+            None => format!("deadline of {:?} exceeded", version.context.deadline),
+        },
         FailureReason::Memory => format!(
             "memory cap of {} MiB reached: {error:#}",
             version.context.memory_limit >> 20

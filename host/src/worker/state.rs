@@ -19,6 +19,7 @@ use crate::effects::rate::TokenBucket;
 use crate::plugins::Grants;
 use crate::plugins::manifest::Settings;
 use crate::worker::PluginStats;
+use crate::worker::wasi::BoundedIo;
 use crate::{ContentHash, PluginName};
 
 /// Core instances one plugin store may hold. A Rust component is made of a handful (its
@@ -63,7 +64,8 @@ pub struct HostState {
     pub(crate) plugin: Arc<PluginContext>,
     /// The plugin's counters (denials are counted where they happen).
     pub(crate) stats: Arc<PluginStats>,
-    /// When the current call must be over; host imports that wait (publish) wait no longer.
+    /// When the current call must be over; host imports that wait (publish, WASI poll and
+    /// streams) wait no longer.
     pub(crate) call_deadline: Instant,
     limits: StoreCaps,
     wasi: WasiCtx,
@@ -97,6 +99,14 @@ impl HostState {
     /// The limiter a store must install (`store.limiter(HostState::limiter)`).
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
         &mut self.limits
+    }
+
+    /// What the bounded WASI waits of [`super::wasi`] work on.
+    pub(crate) fn bounded_io(&mut self) -> BoundedIo<'_> {
+        BoundedIo {
+            table: &mut self.table,
+            deadline: self.call_deadline,
+        }
     }
 }
 
@@ -215,7 +225,10 @@ impl ResourceLimiter for StoreCaps {
 
 /// A WASI context with no arguments, environment, preopened directories, network, stdio or
 /// clock. Clocks are frozen at zero: a plugin's notion of "now" is the `received-at` of its
-/// message, so that time is a grant like any other and replays are deterministic.
+/// message, so that time is a grant like any other and replays are deterministic. Waiting on
+/// a clock still takes real time, bounded by the call's deadline (see [`super::wasi`]).
+/// Standard input is closed (a read ends at once) and standard output and error discard what
+/// they are given.
 fn sealed_wasi() -> WasiCtx {
     WasiCtxBuilder::new()
         .wall_clock(FrozenClock)
