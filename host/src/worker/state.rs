@@ -32,6 +32,12 @@ pub const MAX_TABLES: usize = 64;
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// Linear memories one plugin store may hold.
 pub const MAX_MEMORIES: usize = 16;
+/// The most bytes one `wasi:random` call may ask for; a larger request traps. The host makes
+/// them in its own code, where the deadline cannot interrupt it, and holds them outside the
+/// plugin's memory cap: wasmtime-wasi's default (64 MiB) took 0.6-0.7 s of host CPU in a test
+/// build (dependencies at opt-level 1) on 2 cores, six times the default deadline, and 1 MiB
+/// under 10 ms. Guests ask for a few bytes at a time (a hash seed, a UUID).
+pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
 /// Everything about one loaded plugin version that its host imports need.
 #[derive(Debug)]
@@ -236,6 +242,7 @@ fn sealed_wasi() -> WasiCtx {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM_BYTES)
         .build()
 }
 
@@ -307,6 +314,21 @@ mod tests {
         first.grow(&mut store, 2).expect("10 of 10 pages");
         assert_eq!(store.data().memory_used(), 10 * PAGE);
         assert!(first.grow(&mut store, 1).is_err(), "11 of 10 pages");
+    }
+
+    #[test]
+    fn one_random_call_is_capped() {
+        use wasmtime_wasi::p2::bindings::random::random::Host as _;
+        let mut wasi = sealed_wasi();
+        let random = wasi.random();
+        let most = random
+            .get_random_bytes(MAX_RANDOM_BYTES)
+            .expect("up to the cap");
+        assert_eq!(most.len() as u64, MAX_RANDOM_BYTES);
+        let error = random
+            .get_random_bytes(MAX_RANDOM_BYTES + 1)
+            .expect_err("past the cap");
+        assert!(error.to_string().contains("exceeds limit"), "{error:#}");
     }
 
     #[test]

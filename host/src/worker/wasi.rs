@@ -15,7 +15,9 @@
 //! Everything else either answers at once or is unreachable from the sealed context of
 //! [`super::state`]: the filesystem's blocking calls need a descriptor and there are no
 //! preopened directories; socket calls fail before any wait because no address is allowed
-//! and name lookup is off; `pollable.ready` looks once and never waits.
+//! and name lookup is off; `pollable.ready` looks once and never waits. `random` does not
+//! wait but works in proportion to what it is asked for; the sealed context caps one call at
+//! [`super::state::MAX_RANDOM_BYTES`].
 //!
 //! This module replaces `wasi:io/poll` and `wasi:io/streams` in the linker with versions that
 //! wait for at most what is left of the call's deadline, and then trap with
