@@ -20,17 +20,9 @@ use super::{Envelope, PluginStats};
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 
-/// Why a call did not succeed.
-#[derive(Debug)]
-pub enum CallError {
-    /// The plugin returned an `error` value; the instance is fine.
-    Returned(String),
-    /// The call trapped (a panic, the deadline, the memory cap); the instance is unusable.
-    Trapped(String),
-}
-
-/// Why a `handle` call failed, and the error as `last_error` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a call failed, and the error as `last_error` (or a load error) shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct Failure {
     /// The kind of failure; every reason but [`FailureReason::Error`] costs the instance.
     pub reason: FailureReason,
@@ -46,12 +38,14 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Instantiates `version` in a fresh store that counts into `stats`.
+    /// Instantiates `version` in a fresh store that counts into `stats`. A failed
+    /// instantiation's reason tells a deadline (a start function that waits or loops) from
+    /// a trap.
     pub fn new(
         engine: &wasmtime::Engine,
         version: Arc<LoadedPlugin>,
         stats: Arc<PluginStats>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, Failure> {
         let state = HostState::new(version.context.clone(), stats);
         let mut store = Store::new(engine, state);
         store.limiter(HostState::limiter);
@@ -59,10 +53,10 @@ impl Instance {
         // epoch has moved once.
         store.set_epoch_deadline(deadline_ticks(version.context.deadline));
         store.data_mut().begin_call();
-        let bindings = version
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| anyhow::anyhow!(describe_trap(&e, &version)))?;
+        let bindings = version.pre.instantiate(&mut store).map_err(|e| Failure {
+            reason: trap_reason(&e),
+            message: describe_trap(&e, &version),
+        })?;
         Ok(Self {
             version,
             store,
@@ -75,13 +69,17 @@ impl Instance {
         Arc::ptr_eq(&self.version, version)
     }
 
-    /// Calls `describe`.
-    pub fn describe(&mut self) -> Result<types::PluginInfo, CallError> {
-        self.arm();
+    /// Calls `describe`, within the deadline armed when the instance was built: the plugin's
+    /// deadline covers instantiation and `describe` together, so a probe built to describe a
+    /// new version (the loader's) takes no longer than that in all.
+    pub fn describe(&mut self) -> Result<types::PluginInfo, Failure> {
         self.bindings
             .switchyard_plugin_handler()
             .call_describe(&mut self.store)
-            .map_err(|e| CallError::Trapped(describe_trap(&e, &self.version)))
+            .map_err(|trap| Failure {
+                reason: trap_reason(&trap),
+                message: describe_trap(&trap, &self.version),
+            })
     }
 
     /// Calls `handle` with one message. After a failure whose reason poisons the instance,
