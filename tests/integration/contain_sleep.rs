@@ -2,7 +2,8 @@
 //! standard input. Epoch interruption cannot reach host code, so every such wait is bounded
 //! by the call's deadline (the describe deadline at load), and what follows (the next
 //! message, the breaker, a reload, a removal, a stop, the next file) goes on as after any
-//! other deadline. The `attack` fixture does the waiting.
+//! other deadline. A host call that works instead of waiting (a large `wasi:random` request)
+//! is capped. The `attack` fixture does the waiting and the asking.
 
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,24 @@ async fn a_sleep_in_handle_fails_at_the_deadline_and_the_next_message_is_handled
     assert!(call < DEFAULT_DEADLINE, "reading stdin took {call:?}");
 
     assert_eq!(entry["state"], "running", "{entry}");
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_request_over_one_mebibyte_traps() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = TestHost::start(&redis, &[("attack", plugins::ATTACK, Some(ATTACK))]).await?;
+    let mut replies = Subscriber::new(&redis, &["attacks"], &[]).await?;
+
+    let (entry, _) = attack(&host, &redis, "random:1024").await?;
+    assert_eq!(stat(&entry, "handled"), 1, "{entry}");
+    assert_eq!(replies.take(1, PATIENCE).await?[0].payload_str(), "ok:1");
+
+    let (entry, call) = attack(&host, &redis, "random:1025").await?;
+    assert_eq!(entry["stats"]["failed_by"]["trap"], 1, "{entry}");
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("exceeds limit 1048576"), "{error}");
+    assert!(call < DEFAULT_DEADLINE, "the refused call took {call:?}");
     host.stop().await
 }
 
