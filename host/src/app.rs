@@ -301,7 +301,8 @@ impl Host {
             config.grants.clone(),
         )
         .with_max_size(config.plugins.max_wasm_mib << 20)
-        .with_streams(config.streams.clone());
+        .with_streams(config.streams.clone())
+        .with_describe_deadline(config.describe_deadline());
         if let Some(cache) = compile_cache {
             loader = loader.with_compile_cache(cache);
         }

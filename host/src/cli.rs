@@ -501,7 +501,8 @@ pub fn effective_settings(config: &Config) -> String {
     let _ = writeln!(
         out,
         "[plugins]\ndir = {:?}\npolicy = {:?}\nqueue_bytes = {}\nqueue_bytes_total = {}{}\n\
-         {}when_full = {:?}\ndeadline_ms = {}\nmemory_mib = {}\nsettle_ms = {}\nbreaker_failures = {}\n\
+         {}when_full = {:?}\ndeadline_ms = {}\ndescribe_deadline_ms = {}\nmemory_mib = {}\n\
+         settle_ms = {}\nbreaker_failures = {}\n\
          breaker_window = {}\nbreaker_backoff_ms = {}\nmax_payload_bytes = {}\n\
          max_wasm_mib = {}\ndrain_ms = {}",
         p.dir.display(),
@@ -517,6 +518,7 @@ pub fn effective_settings(config: &Config) -> String {
             .map_or_else(String::new, |count| format!("queue_capacity = {count}\n")),
         p.when_full,
         p.deadline_ms,
+        p.describe_deadline_ms,
         p.memory_mib,
         p.settle_ms,
         p.breaker_failures,

@@ -26,6 +26,12 @@ pub const DEFAULT_PLUGINS_DIR: &str = "plugins";
 pub const DEFAULT_QUEUE_BYTES_TOTAL: u64 = 1 << 30;
 /// The smallest queue budget accepted: a few messages.
 pub const MIN_QUEUE_BYTES: u64 = 4096;
+/// How long instantiating a new plugin version and calling its `describe` may take together
+/// (`plugins.describe_deadline_ms`'s default). They run once per version, and a guest with a
+/// large runtime (Python, JavaScript) does more at instantiation than in a call, so this is
+/// far above a message's deadline. Files load one at a time, so it is also how long one bad
+/// file can hold back the files after it and readiness: a few seconds, not more.
+pub const DEFAULT_DESCRIBE_DEADLINE_MS: u64 = 5_000;
 
 /// The whole configuration of a host.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -669,9 +675,14 @@ pub struct PluginsConfig {
     /// Messages waiting per plugin, if they should be capped by count as well as by bytes.
     #[serde(default)]
     pub queue_capacity: Option<usize>,
-    /// Wall-clock limit of one `handle` or `describe` call, in milliseconds.
+    /// Wall-clock limit of one `handle` call, in milliseconds, host calls (and waits in
+    /// them) included.
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
+    /// Wall-clock limit of instantiating a new plugin version and calling its `describe`,
+    /// together, in milliseconds. A plugin that takes longer is rejected.
+    #[serde(default = "default_describe_deadline_ms")]
+    pub describe_deadline_ms: u64,
     /// Linear-memory cap of one plugin instance, in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
@@ -852,6 +863,7 @@ impl Default for PluginsConfig {
             queue_bytes_total: None,
             queue_capacity: None,
             deadline_ms: default_deadline_ms(),
+            describe_deadline_ms: default_describe_deadline_ms(),
             memory_mib: default_memory_mib(),
             settle_ms: default_settle_ms(),
             policy: Policy::default(),
@@ -897,6 +909,10 @@ fn default_queue_bytes() -> u64 {
 
 fn default_deadline_ms() -> u64 {
     100
+}
+
+fn default_describe_deadline_ms() -> u64 {
+    DEFAULT_DESCRIBE_DEADLINE_MS
 }
 
 fn default_memory_mib() -> u64 {
@@ -1025,6 +1041,7 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
             ("queue_bytes_total", EnvType::Toml),
             ("queue_capacity", EnvType::Toml),
             ("deadline_ms", EnvType::Toml),
+            ("describe_deadline_ms", EnvType::Toml),
             ("memory_mib", EnvType::Toml),
             ("settle_ms", EnvType::Toml),
             ("policy", EnvType::Text),
@@ -1322,6 +1339,11 @@ impl Config {
         if self.plugins.deadline_ms == 0 {
             problems.push(format!("{origin}: plugins.deadline_ms must be at least 1"));
         }
+        if self.plugins.describe_deadline_ms == 0 {
+            problems.push(format!(
+                "{origin}: plugins.describe_deadline_ms must be at least 1"
+            ));
+        }
         if self.plugins.memory_mib == 0 || self.plugins.memory_mib > 4096 {
             problems.push(format!(
                 "{origin}: plugins.memory_mib must be between 1 and 4096 (a 32-bit Wasm memory), got {}",
@@ -1447,6 +1469,11 @@ impl Config {
     /// The per-call deadline.
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.plugins.deadline_ms)
+    }
+
+    /// How long instantiation and `describe` of a new plugin version may take together.
+    pub fn describe_deadline(&self) -> Duration {
+        Duration::from_millis(self.plugins.describe_deadline_ms)
     }
 
     /// The circuit breaker's settings.

@@ -8,6 +8,7 @@ mod cluster;
 mod concurrency;
 mod contain_files;
 mod contain_gateway;
+mod contain_sleep;
 mod faults;
 mod gateway;
 mod glob_differential;

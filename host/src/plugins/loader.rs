@@ -4,8 +4,14 @@
 //! Every check happens here, before a version can replace another: the file must be a
 //! component (not a core module, not truncated), must target the `switchyard:plugin` world
 //! (its imports link, its exports have the right types), must instantiate, and its `describe`
-//! must answer with a sane description. Compilation runs on the blocking pool, never on a
-//! reactor thread.
+//! must answer with a sane description within the describe deadline. Compilation runs on the
+//! blocking pool, never on a reactor thread.
+//!
+//! The loader takes one file at a time, so a `describe` that never answered would stop every
+//! later load and keep the host unready for good. Instantiation and `describe` run together
+//! under their own deadline (`plugins.describe_deadline_ms`), enforced like a call's: epoch
+//! interruption in Wasm and bounded waits in host calls. The loader also stops waiting for
+//! them [`DESCRIBE_GRACE`] after that deadline, whatever happens in the probe.
 //!
 //! The folder's files are read as [`files`](super::files) reads anything the host did not
 //! write: regular files only (a FIFO or `/dev/zero` under a plugin's name is refused at once,
@@ -23,7 +29,9 @@ use super::compile_cache::{CompileCache, Compiled};
 use super::files::{self, BoundedFile, FileError};
 use super::manifest::{Disclosure, MAX_MANIFEST_BYTES, Manifest, Settings};
 use super::{Description, Grants, LoadedPlugin};
-use crate::config::{GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig};
+use crate::config::{
+    DEFAULT_DESCRIBE_DEADLINE_MS, GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig,
+};
 use crate::effects::Effects;
 use crate::effects::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::effects::loop_guard::LoopGuard;
@@ -32,7 +40,8 @@ use crate::router::is_reserved;
 use crate::source::Subscription;
 use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
 use crate::worker::engine::Runtime;
-use crate::worker::instance::{CallError, Instance};
+use crate::worker::instance::{Failure, Instance};
+use crate::worker::outcome::FailureReason;
 use crate::worker::state::PluginContext;
 use crate::worker::{MAX_CONCURRENCY, PluginStats};
 use crate::{ContentHash, PluginName};
@@ -47,6 +56,13 @@ pub fn world_version() -> &'static str {
 
 /// The largest memory cap a manifest may ask for: all of a 32-bit linear memory.
 const MAX_MEMORY_MIB: u64 = 4096;
+
+/// How long past the describe deadline the loader waits for a probe (instantiation and
+/// `describe`) before it rejects the file and leaves the probe's thread behind. The deadline
+/// itself stops the probe; this only guards the loader against a host call that fails to
+/// honour it, and is long enough that a probe stopped by its deadline on a busy machine
+/// is reported as such.
+pub const DESCRIBE_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a file could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +155,8 @@ pub struct Loader {
     max_size: u64,
     compile_cache: Option<Arc<CompileCache>>,
     streams: Arc<StreamsConfig>,
+    /// How long instantiation and `describe` of a new version may take together.
+    describe_deadline: Duration,
 }
 
 /// What a load produced.
@@ -167,7 +185,15 @@ impl Loader {
             max_size: u64::MAX,
             compile_cache: None,
             streams: Arc::default(),
+            describe_deadline: Duration::from_millis(DEFAULT_DESCRIBE_DEADLINE_MS),
         }
+    }
+
+    /// Gives instantiation and `describe` of a new version `deadline` together
+    /// (`plugins.describe_deadline_ms`).
+    pub fn with_describe_deadline(mut self, deadline: Duration) -> Self {
+        self.describe_deadline = deadline;
+        self
     }
 
     /// Reads plugins' streams with `config`'s settings (and each manifest's overrides).
@@ -304,7 +330,9 @@ impl Loader {
                     usize::try_from(mib << 20).unwrap_or(usize::MAX)
                 }),
         };
-        // `describe` runs with the plugin's settings but no grants: it must not act.
+        // `describe` runs with the plugin's settings but no grants: it must not act. It has
+        // the describe deadline, not the plugin's: it runs once per version, and a slow
+        // runtime's instantiation must not fail for a `handle` deadline tuned to messages.
         let probe = LoadedPlugin {
             context: self.context(
                 &name,
@@ -313,7 +341,10 @@ impl Loader {
                 Grants::default(),
                 LoopGuard::new(&[]),
                 settings.clone(),
-                limits,
+                Limits {
+                    deadline: self.describe_deadline,
+                    ..limits
+                },
             ),
             pre: pre.clone(),
             description: Description::default(),
@@ -325,11 +356,7 @@ impl Loader {
             manifest_hash,
             loaded_at: SystemTime::now(),
         };
-        let mut instance = Instance::new(engine, Arc::new(probe), PluginStats::new())
-            .map_err(|e| LoadError::Describe(format!("instantiation failed: {e:#}")))?;
-        let info = instance.describe().map_err(|e| match e {
-            CallError::Trapped(why) | CallError::Returned(why) => LoadError::Describe(why),
-        })?;
+        let info = self.probe(&name, probe)?;
         let description = Description::from_wit(info, manifest.subscriptions.as_ref())?;
         let grants = Grants::new(self.grants_for(&name, &manifest, &description));
         let loop_guard = LoopGuard::new(&description.subscriptions);
@@ -352,6 +379,57 @@ impl Loader {
             size,
             manifest_hash,
             loaded_at: SystemTime::now(),
+        })
+    }
+
+    /// Instantiates `probe` and asks it to describe itself, on a thread of its own, waiting
+    /// no longer than the describe deadline plus [`DESCRIBE_GRACE`].
+    fn probe(
+        &self,
+        name: &PluginName,
+        probe: LoadedPlugin,
+    ) -> Result<types::PluginInfo, LoadError> {
+        let engine = self.runtime.engine().clone();
+        let deadline = self.describe_deadline;
+        let answer = match run_bounded(
+            format!("describe-{name}"),
+            deadline + DESCRIBE_GRACE,
+            move || describe(&engine, probe),
+        ) {
+            Ok(Bounded::Done(answer)) => answer,
+            Ok(Bounded::TimedOut) => {
+                tracing::error!(
+                    plugin = %name,
+                    ?deadline,
+                    grace = ?DESCRIBE_GRACE,
+                    "describe did not return although its deadline had passed; \
+                     its thread is left behind and the file is rejected"
+                );
+                return Err(LoadError::Describe(format!(
+                    "no answer within the describe deadline of {deadline:?} \
+                     (plugins.describe_deadline_ms), nor {DESCRIBE_GRACE:?} after it"
+                )));
+            }
+            Ok(Bounded::Panicked) => {
+                return Err(LoadError::Describe(
+                    "the host panicked while instantiating or describing the plugin".to_owned(),
+                ));
+            }
+            Err(e) => {
+                return Err(LoadError::Describe(format!(
+                    "cannot start a thread for describe: {e}"
+                )));
+            }
+        };
+        answer.map_err(|failure| {
+            if failure.reason == FailureReason::Deadline {
+                LoadError::Describe(format!(
+                    "no answer within the describe deadline of {deadline:?} \
+                     (plugins.describe_deadline_ms): {failure}"
+                ))
+            } else {
+                LoadError::Describe(failure.message)
+            }
         })
     }
 
@@ -551,6 +629,47 @@ fn file_error(path: &Path, error: FileError, setting: &'static str) -> LoadError
     }
 }
 
+/// Instantiates `probe` and calls `describe`, both within the probe's deadline.
+fn describe(engine: &wasmtime::Engine, probe: LoadedPlugin) -> Result<types::PluginInfo, Failure> {
+    let mut instance =
+        Instance::new(engine, Arc::new(probe), PluginStats::new()).map_err(|failure| Failure {
+            message: format!("instantiation failed: {failure}"),
+            ..failure
+        })?;
+    instance.describe()
+}
+
+/// How a piece of work run by [`run_bounded`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Bounded<T> {
+    /// It finished in time, with this result.
+    Done(T),
+    /// It had not finished when the limit passed; its thread was left to finish alone.
+    TimedOut,
+    /// Its thread panicked.
+    Panicked,
+}
+
+/// Runs `work` on a new thread named `name` and waits at most `limit` for it to finish. An
+/// error if the thread cannot be started.
+fn run_bounded<T: Send + 'static>(
+    name: String,
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<Bounded<T>> {
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new().name(name).spawn(move || {
+        // After a time-out nobody reads the result any more.
+        let _ = done.send(work());
+    })?;
+    Ok(match result.recv_timeout(limit) {
+        Ok(value) => Bounded::Done(value),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Bounded::TimedOut,
+        // The sender went away without sending: the thread unwound.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Bounded::Panicked,
+    })
+}
+
 /// Tells a core module or a non-Wasm file from a component before compiling, so the error
 /// says what the file is rather than what the parser tripped on.
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
@@ -635,6 +754,31 @@ impl Description {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_work_is_waited_for_up_to_its_limit_only() {
+        let limit = Duration::from_millis(50);
+        let done = run_bounded("quick".to_owned(), limit * 100, || 7).expect("a thread");
+        assert_eq!(done, Bounded::Done(7));
+
+        let started = std::time::Instant::now();
+        let stuck = run_bounded("stuck".to_owned(), limit, || {
+            std::thread::sleep(Duration::from_secs(3600));
+        })
+        .expect("a thread");
+        assert_eq!(stuck, Bounded::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= limit && waited < limit + Duration::from_secs(2),
+            "{waited:?}"
+        );
+
+        let panicked = run_bounded("panics".to_owned(), limit * 100, || -> u8 {
+            panic!("a host bug")
+        })
+        .expect("a thread");
+        assert_eq!(panicked, Bounded::Panicked);
+    }
 
     #[test]
     fn header_check_names_what_the_file_is() {

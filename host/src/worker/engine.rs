@@ -1,9 +1,9 @@
 //! The process-wide Wasm engine, its linker, and the epoch ticker that enforces deadlines.
 //!
 //! One [`Runtime`] per host: the `Engine` compiles every component, the `Linker` (with the
-//! host imports and an empty WASI) is shared by every instance, and one background thread
-//! advances the engine's epoch so that a plugin call past its deadline traps instead of
-//! holding its worker forever.
+//! host imports and an empty WASI whose waits are bounded) is shared by every instance, and
+//! one background thread advances the engine's epoch so that a plugin call past its deadline
+//! traps instead of holding its worker forever.
 //!
 //! The engine keeps the machine code of every function it compiled ([`FunctionCache`]), so
 //! a new version of a plugin compiles only the functions that changed: most of a component
@@ -49,8 +49,9 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when unused; the
-        // WASI context behind them grants nothing (see `HostState::new`).
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from)?;
+        // WASI context behind them grants nothing (see `HostState::new`), and its imports
+        // that can wait wait no longer than the call's deadline (see `super::wasi`).
+        super::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)?;
 

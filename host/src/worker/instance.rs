@@ -15,21 +15,14 @@ use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
 use super::outcome::FailureReason;
 use super::state::{HostState, MemoryExhausted};
+use super::wasi::DeadlineReached;
 use super::{Envelope, PluginStats};
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 
-/// Why a call did not succeed.
-#[derive(Debug)]
-pub enum CallError {
-    /// The plugin returned an `error` value; the instance is fine.
-    Returned(String),
-    /// The call trapped (a panic, the deadline, the memory cap); the instance is unusable.
-    Trapped(String),
-}
-
-/// Why a `handle` call failed, and the error as `last_error` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a call failed, and the error as `last_error` (or a load error) shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct Failure {
     /// The kind of failure; every reason but [`FailureReason::Error`] costs the instance.
     pub reason: FailureReason,
@@ -45,12 +38,14 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Instantiates `version` in a fresh store that counts into `stats`.
+    /// Instantiates `version` in a fresh store that counts into `stats`. A failed
+    /// instantiation's reason tells a deadline (a start function that waits or loops) from
+    /// a trap.
     pub fn new(
         engine: &wasmtime::Engine,
         version: Arc<LoadedPlugin>,
         stats: Arc<PluginStats>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, Failure> {
         let state = HostState::new(version.context.clone(), stats);
         let mut store = Store::new(engine, state);
         store.limiter(HostState::limiter);
@@ -58,10 +53,10 @@ impl Instance {
         // epoch has moved once.
         store.set_epoch_deadline(deadline_ticks(version.context.deadline));
         store.data_mut().begin_call();
-        let bindings = version
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| anyhow::anyhow!(describe_trap(&e, &version)))?;
+        let bindings = version.pre.instantiate(&mut store).map_err(|e| Failure {
+            reason: trap_reason(&e),
+            message: describe_trap(&e, &version),
+        })?;
         Ok(Self {
             version,
             store,
@@ -74,13 +69,17 @@ impl Instance {
         Arc::ptr_eq(&self.version, version)
     }
 
-    /// Calls `describe`.
-    pub fn describe(&mut self) -> Result<types::PluginInfo, CallError> {
-        self.arm();
+    /// Calls `describe`, within the deadline armed when the instance was built: the plugin's
+    /// deadline covers instantiation and `describe` together, so a probe built to describe a
+    /// new version (the loader's) takes no longer than that in all.
+    pub fn describe(&mut self) -> Result<types::PluginInfo, Failure> {
         self.bindings
             .switchyard_plugin_handler()
             .call_describe(&mut self.store)
-            .map_err(|e| CallError::Trapped(describe_trap(&e, &self.version)))
+            .map_err(|trap| Failure {
+                reason: trap_reason(&trap),
+                message: describe_trap(&trap, &self.version),
+            })
     }
 
     /// Calls `handle` with one message. After a failure whose reason poisons the instance,
@@ -162,13 +161,15 @@ pub fn render_error(error: &types::Error) -> String {
     }
 }
 
-/// Which kind of trap `error` is: the epoch interrupt is the deadline, and the store's
-/// limiter raises [`MemoryExhausted`] for the memory cap; anything else is a plain trap.
+/// Which kind of trap `error` is: the epoch interrupt, and a WASI wait cut short by the
+/// deadline ([`DeadlineReached`]), are the deadline; the store's limiter raises
+/// [`MemoryExhausted`] for the memory cap; anything else is a plain trap.
 fn trap_reason(error: &wasmtime::Error) -> FailureReason {
     if matches!(
         error.downcast_ref::<wasmtime::Trap>(),
         Some(wasmtime::Trap::Interrupt)
-    ) {
+    ) || error.downcast_ref::<DeadlineReached>().is_some()
+    {
         FailureReason::Deadline
     } else if error.downcast_ref::<MemoryExhausted>().is_some() {
         FailureReason::Memory
@@ -180,9 +181,14 @@ fn trap_reason(error: &wasmtime::Error) -> FailureReason {
 /// A trap, explained: the deadline and the memory cap are named as such.
 fn describe_trap(error: &wasmtime::Error, version: &LoadedPlugin) -> String {
     match trap_reason(error) {
-        FailureReason::Deadline => {
-            format!("deadline of {:?} exceeded", version.context.deadline)
-        }
+        FailureReason::Deadline => match error.downcast_ref::<DeadlineReached>() {
+            Some(waiting) => format!(
+                "deadline of {:?} exceeded while waiting in {} (a sleep, or a wait on a clock or \
+                 a stream)",
+                version.context.deadline, waiting.import
+            ),
+            None => format!("deadline of {:?} exceeded", version.context.deadline),
+        },
         FailureReason::Memory => format!(
             "memory cap of {} MiB reached: {error:#}",
             version.context.memory_limit >> 20

@@ -12,8 +12,9 @@
 //! handled in order. Its circuit breaker is still one for the plugin.
 //!
 //! Workers are OS threads, not tokio tasks: a call may run until its deadline, and it must not
-//! hold a reactor thread while it does. Host imports that wait (publish) block this thread on
-//! the runtime, bounded by the same deadline.
+//! hold a reactor thread while it does. Host imports that wait (publish, and WASI's poll and
+//! blocking stream calls: a guest's `sleep`) block this thread, bounded by the same deadline;
+//! a wait cut short by it fails the message as `deadline`, like an interrupt in Wasm.
 //!
 //! Hot reload: before each message a worker checks which version of its plugin is current
 //! and, if it changed, instantiates the new one. A message is handled once, by whichever
@@ -34,6 +35,7 @@ pub mod instance;
 pub mod outcome;
 pub mod queue;
 pub mod state;
+pub mod wasi;
 
 use std::sync::Arc;
 use std::sync::Mutex;

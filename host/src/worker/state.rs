@@ -19,6 +19,7 @@ use crate::effects::rate::TokenBucket;
 use crate::plugins::Grants;
 use crate::plugins::manifest::Settings;
 use crate::worker::PluginStats;
+use crate::worker::wasi::BoundedIo;
 use crate::{ContentHash, PluginName};
 
 /// Core instances one plugin store may hold. A Rust component is made of a handful (its
@@ -31,6 +32,12 @@ pub const MAX_TABLES: usize = 64;
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// Linear memories one plugin store may hold.
 pub const MAX_MEMORIES: usize = 16;
+/// The most bytes one `wasi:random` call may ask for; a larger request traps. The host makes
+/// them in its own code, where the deadline cannot interrupt it, and holds them outside the
+/// plugin's memory cap: wasmtime-wasi's default (64 MiB) took 0.6-0.7 s of host CPU in a test
+/// build (dependencies at opt-level 1) on 2 cores, six times the default deadline, and 1 MiB
+/// under 10 ms. Guests ask for a few bytes at a time (a hash seed, a UUID).
+pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
 /// Everything about one loaded plugin version that its host imports need.
 #[derive(Debug)]
@@ -63,7 +70,8 @@ pub struct HostState {
     pub(crate) plugin: Arc<PluginContext>,
     /// The plugin's counters (denials are counted where they happen).
     pub(crate) stats: Arc<PluginStats>,
-    /// When the current call must be over; host imports that wait (publish) wait no longer.
+    /// When the current call must be over; host imports that wait (publish, WASI poll and
+    /// streams) wait no longer.
     pub(crate) call_deadline: Instant,
     limits: StoreCaps,
     wasi: WasiCtx,
@@ -97,6 +105,14 @@ impl HostState {
     /// The limiter a store must install (`store.limiter(HostState::limiter)`).
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
         &mut self.limits
+    }
+
+    /// What the bounded WASI waits of [`super::wasi`] work on.
+    pub(crate) fn bounded_io(&mut self) -> BoundedIo<'_> {
+        BoundedIo {
+            table: &mut self.table,
+            deadline: self.call_deadline,
+        }
     }
 }
 
@@ -215,7 +231,10 @@ impl ResourceLimiter for StoreCaps {
 
 /// A WASI context with no arguments, environment, preopened directories, network, stdio or
 /// clock. Clocks are frozen at zero: a plugin's notion of "now" is the `received-at` of its
-/// message, so that time is a grant like any other and replays are deterministic.
+/// message, so that time is a grant like any other and replays are deterministic. Waiting on
+/// a clock still takes real time, bounded by the call's deadline (see [`super::wasi`]).
+/// Standard input is closed (a read ends at once) and standard output and error discard what
+/// they are given.
 fn sealed_wasi() -> WasiCtx {
     WasiCtxBuilder::new()
         .wall_clock(FrozenClock)
@@ -223,6 +242,7 @@ fn sealed_wasi() -> WasiCtx {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
+        .max_random_size(MAX_RANDOM_BYTES)
         .build()
 }
 
@@ -294,6 +314,21 @@ mod tests {
         first.grow(&mut store, 2).expect("10 of 10 pages");
         assert_eq!(store.data().memory_used(), 10 * PAGE);
         assert!(first.grow(&mut store, 1).is_err(), "11 of 10 pages");
+    }
+
+    #[test]
+    fn one_random_call_is_capped() {
+        use wasmtime_wasi::p2::bindings::random::random::Host as _;
+        let mut wasi = sealed_wasi();
+        let random = wasi.random();
+        let most = random
+            .get_random_bytes(MAX_RANDOM_BYTES)
+            .expect("up to the cap");
+        assert_eq!(most.len() as u64, MAX_RANDOM_BYTES);
+        let error = random
+            .get_random_bytes(MAX_RANDOM_BYTES + 1)
+            .expect_err("past the cap");
+        assert!(error.to_string().contains("exceeds limit"), "{error:#}");
     }
 
     #[test]
