@@ -533,13 +533,12 @@ async fn a_file_removed_and_re_added_within_the_settle_time_is_reloaded_lossless
         sequence.batch().await?;
     }
 
-    // Deleted, then a new version in place at once (as a careless deploy script might).
+    // Deleted, then a new version in place at once (as a careless deploy script might). The
+    // new bytes are ready before the removal: on a loaded machine, building them in between
+    // could take longer than the settle time, and the removal would rightly settle alone.
+    let v2 = rebuilt(&echo, "v2");
     host.remove("echo")?;
-    host.install(
-        "echo",
-        &rebuilt(&echo, "v2"),
-        Some(&echo_manifest(&["r"], &[], "seen", "v2")),
-    )?;
+    host.install("echo", &v2, Some(&echo_manifest(&["r"], &[], "seen", "v2")))?;
     sequence
         .until("v2 takes over", || async {
             Ok(hash_of(&host, "echo").await?.as_deref() != before["version"]["hash"].as_str())

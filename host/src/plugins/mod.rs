@@ -254,6 +254,10 @@ struct Inner {
     /// through a link, so full paths can differ), as they were when they arrived: complete,
     /// so loaded without waiting for them to settle while they stay so.
     whole: HashMap<OsString, FileStamp>,
+    /// Running plugins whose file is gone, and since when. A plugin is removed once its file
+    /// has been gone for the settle time, so that a file deleted and written again within it
+    /// is a reload (same queue, nothing lost), not a removal and an addition.
+    vanished: HashMap<PluginName, Instant>,
 }
 
 /// A file seen changing, and for how long.
@@ -279,9 +283,17 @@ pub struct Changes {
     /// Plugins whose file changed within the settle time or while it was being loaded (still
     /// being written): the next reconcile looks again.
     pub unsettled: Vec<PluginName>,
+    /// Running plugins whose file disappeared less than the settle time ago: still running,
+    /// and removed by a later reconcile unless the file comes back.
+    pub vanishing: Vec<PluginName>,
 }
 
 impl Changes {
+    /// Whether the folder is at rest: nothing waits for the settle time to pass.
+    pub fn settled(&self) -> bool {
+        self.unsettled.is_empty() && self.vanishing.is_empty()
+    }
+
     fn routes_changed(&self) -> bool {
         !(self.added.is_empty() && self.replaced.is_empty() && self.removed.is_empty())
     }
@@ -420,6 +432,11 @@ impl Registry {
         let mut to_load = Vec::new();
         {
             let mut inner = self.lock();
+            let now = Instant::now();
+            let Inner {
+                slots, vanished, ..
+            } = &mut *inner;
+            vanished.retain(|name, _| slots.contains_key(name) && !found.contains_key(name));
             let gone: Vec<PluginName> = inner
                 .slots
                 .keys()
@@ -427,6 +444,12 @@ impl Registry {
                 .cloned()
                 .collect();
             for name in gone {
+                let since = *inner.vanished.entry(name.clone()).or_insert(now);
+                if now.duration_since(since) < settle {
+                    changes.vanishing.push(name);
+                    continue;
+                }
+                inner.vanished.remove(&name);
                 if let Some(slot) = inner.slots.remove(&name) {
                     tracing::info!(plugin = %name, "file removed; unloading after its queue drains");
                     inner.retired.push((name.clone(), slot));

@@ -8,9 +8,9 @@
 //! version is loaded at once instead of a settle time later. Access events are ignored: the
 //! loader's own reads would otherwise trigger reloads forever.
 //!
-//! A look can end with files still unsettled, and a file's last write may already have been
-//! reported: while any are, the watcher looks again every settle time, without waiting for an
-//! event. A failed look (the folder unreadable, subscriptions not updated) is retried after
+//! A look can end with files still unsettled (or a running plugin's file gone for less than
+//! the settle time), and a file's last write may already have been reported: while any are,
+//! the watcher looks again every settle time, without waiting for an event. A failed look (the folder unreadable, subscriptions not updated) is retried after
 //! [`RETRY_AFTER_ERROR`].
 
 use std::sync::Arc;
@@ -80,7 +80,7 @@ pub fn spawn(
                 () = sleep_or_never(look_again) => {}
             }
             look_again = match registry.reconcile().await {
-                Ok(changes) if changes.unsettled.is_empty() => None,
+                Ok(changes) if changes.settled() => None,
                 Ok(_) => Some(settle),
                 Err(e) => {
                     tracing::error!(retry_in = ?RETRY_AFTER_ERROR, "plugins folder: {e:#}");
