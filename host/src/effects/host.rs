@@ -11,6 +11,7 @@ use crate::worker::bindings::switchyard::plugin::types::{self, Error, Level, Out
 use crate::worker::state::HostState;
 
 use super::EffectError;
+use super::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
 
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
 /// call.
@@ -43,15 +44,36 @@ impl HostState {
                 list(&plugin.grants.config().publish)
             )));
         }
-        if plugin.loop_guard.feeds_itself(channel.as_bytes()) && !plugin.loop_guard.admit() {
-            self.stats.record_loop_limited(&plugin.name, channel);
-            return Err(Error::Denied(format!(
-                "loop guard: {channel:?} feeds plugin {}'s own subscriptions, and it is over {} such publishes a second",
-                plugin.name,
-                super::loop_guard::LOOP_RATE_PER_SEC
-            )));
+        self.check_loop(channel.as_bytes(), || format!("channel {channel:?}"))
+    }
+
+    /// The loop guard: a publish on `channel` that comes back to this plugin (directly or
+    /// through others) takes a token, and is refused when none is left. `what` names the
+    /// publish in the refusal.
+    fn check_loop(&self, channel: &[u8], what: impl FnOnce() -> String) -> Result<(), Error> {
+        let plugin = &self.plugin;
+        let Some(feedback) =
+            plugin
+                .loop_guard
+                .feedback(&plugin.name, plugin.effects.flows(), channel)
+        else {
+            return Ok(());
+        };
+        if plugin.loop_guard.admit() {
+            return Ok(());
         }
-        Ok(())
+        let what = what();
+        self.stats.record_loop_limited(&plugin.name, &what);
+        let how = match feedback {
+            Feedback::Itself => format!("feeds plugin {}'s own subscriptions", plugin.name),
+            Feedback::Through(via) => format!(
+                "reaches plugin {via}, whose publishes lead back to plugin {}",
+                plugin.name
+            ),
+        };
+        Err(Error::Denied(format!(
+            "loop guard: {what} {how}, and it is over {LOOP_RATE_PER_SEC} such publishes a second"
+        )))
     }
 }
 
@@ -100,6 +122,20 @@ impl Host for HostState {
         }
         if keys.is_empty() {
             return Ok(0);
+        }
+        // The notice the call announces may come back to this plugin, or to one that
+        // invalidates in turn: the loop guard treats it as the publish it is.
+        if let Some(broadcast) = plugin.effects.broadcast() {
+            self.check_loop(broadcast, || {
+                format!(
+                    "the invalidation notice on {:?}",
+                    String::from_utf8_lossy(broadcast)
+                )
+            })
+            .map_err(|refused| match refused {
+                Error::Denied(why) => Error::Denied(format!("{why}; nothing was deleted")),
+                other => other,
+            })?;
         }
         plugin
             .effects

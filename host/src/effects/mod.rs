@@ -25,6 +25,7 @@ use crate::PluginName;
 use crate::router::glob::Glob;
 use crate::source::embedded::EmbeddedBroker;
 use crate::worker::PluginStats;
+use loop_guard::Flows;
 use outputs::{OutputError, Outputs, Reply};
 
 /// Messages waiting to be written to Redis, from every plugin's `send` and `publish`. When
@@ -41,6 +42,8 @@ pub struct Effects {
     publisher: Publisher,
     /// The ordered queue of PUBLISH commands to Redis, for a Redis publisher.
     outgoing: Option<mpsc::Sender<Outgoing>>,
+    /// Which plugins' publishes reach which, for the loop guard.
+    flows: Arc<Flows>,
     /// Set while the last write to Redis failed and no probe has succeeded since: calls then
     /// fail at once instead of waiting out their deadline.
     redis_down: Arc<AtomicBool>,
@@ -157,12 +160,23 @@ impl Effects {
         Self {
             publisher,
             outgoing,
+            flows: Arc::default(),
             redis_down,
             outputs,
             broadcast,
             sharded: Arc::default(),
             runtime,
         }
+    }
+
+    /// Which plugins' publishes reach which, for the loop guard.
+    pub fn flows(&self) -> &Flows {
+        &self.flows
+    }
+
+    /// The channel invalidations are announced on, if any.
+    pub fn broadcast(&self) -> Option<&[u8]> {
+        self.broadcast.as_deref()
     }
 
     /// Publishes channels in `sharded` with `SPUBLISH`.

@@ -197,11 +197,12 @@ impl PluginStats {
         }
     }
 
-    /// Counts a publish refused by the loop guard.
-    pub fn record_loop_limited(&self, plugin: &PluginName, channel: &str) {
+    /// Counts a publish refused by the loop guard; `what` names it (the channel, or the
+    /// invalidation notice).
+    pub fn record_loop_limited(&self, plugin: &PluginName, what: &str) {
         self.loop_limited.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
-            tracing::warn!(%plugin, suppressed, channel, "loop guard: plugin keeps publishing into its own subscriptions");
+            tracing::warn!(%plugin, suppressed, "loop guard: plugin keeps publishing what comes back to it ({what})");
         }
     }
 
