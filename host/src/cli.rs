@@ -779,7 +779,12 @@ fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
+        // Every field and message is escaped: plugins choose much of what is logged (their
+        // lines, error texts, names), and a newline or escape sequence of theirs must not
+        // forge a line or reach the terminal. JSON escapes by itself.
+        LogFormat::Human => builder
+            .fmt_fields(crate::effects::text::escaping_fields())
+            .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }

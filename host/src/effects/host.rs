@@ -3,6 +3,9 @@
 //! Each call checks the plugin's grants first. Everything a plugin should expect to go wrong
 //! (a missing grant, Redis away, a deadline, the loop guard) comes back as a WIT `error`
 //! value and is counted; nothing here traps.
+//!
+//! Names the plugin supplies (channels, keys, outputs) appear in refusals and logs bounded
+//! and escaped ([`text`]), and so do its `log` lines, its name and its version.
 
 use tracing::Level as TraceLevel;
 
@@ -12,6 +15,7 @@ use crate::worker::state::HostState;
 
 use super::EffectError;
 use super::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
+use super::text::{self, quoted};
 
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
 /// call.
@@ -35,16 +39,22 @@ impl HostState {
     fn check_publish(&self, channel: &str) -> Result<(), Error> {
         let plugin = &self.plugin;
         if crate::router::is_reserved(channel.as_bytes()) {
-            return Err(self.deny(format!("channel {channel:?} is reserved for the host")));
+            return Err(self.deny(format!(
+                "channel {} is reserved for the host",
+                quoted(channel)
+            )));
         }
         if !plugin.grants.may_publish(channel.as_bytes()) {
             return Err(self.deny(format!(
-                "plugin {} has no publish grant for channel {channel:?} (publish grants: {})",
-                plugin.name,
+                "plugin {} has no publish grant for channel {} (publish grants: {})",
+                self.name(),
+                quoted(channel),
                 list(&plugin.grants.config().publish)
             )));
         }
-        self.check_loop(channel.as_bytes(), || format!("channel {channel:?}"))
+        self.check_loop(channel.as_bytes(), || {
+            format!("channel {}", quoted(channel))
+        })
     }
 
     /// The loop guard: a publish on `channel` that comes back to this plugin (directly or
@@ -65,15 +75,21 @@ impl HostState {
         let what = what();
         self.stats.record_loop_limited(&plugin.name, &what);
         let how = match feedback {
-            Feedback::Itself => format!("feeds plugin {}'s own subscriptions", plugin.name),
+            Feedback::Itself => format!("feeds plugin {}'s own subscriptions", self.name()),
             Feedback::Through(via) => format!(
-                "reaches plugin {via}, whose publishes lead back to plugin {}",
-                plugin.name
+                "reaches plugin {}, whose publishes lead back to plugin {}",
+                text::escaped(via.as_str()),
+                self.name()
             ),
         };
         Err(Error::Denied(format!(
             "loop guard: {what} {how}, and it is over {LOOP_RATE_PER_SEC} such publishes a second"
         )))
+    }
+
+    /// The plugin's name as logs and refusals show it.
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        text::escaped(self.plugin.name.as_str())
     }
 }
 
@@ -115,8 +131,9 @@ impl Host for HostState {
             .find(|key| !plugin.grants.may_invalidate(key.as_bytes()))
         {
             return Err(self.deny(format!(
-                "plugin {} has no invalidate grant for key {key:?} (invalidate grants: {}); nothing was deleted",
-                plugin.name,
+                "plugin {} has no invalidate grant for key {} (invalidate grants: {}); nothing was deleted",
+                self.name(),
+                quoted(key),
                 list(&plugin.grants.config().invalidate)
             )));
         }
@@ -128,8 +145,8 @@ impl Host for HostState {
         if let Some(broadcast) = plugin.effects.broadcast() {
             self.check_loop(broadcast, || {
                 format!(
-                    "the invalidation notice on {:?}",
-                    String::from_utf8_lossy(broadcast)
+                    "the invalidation notice on {}",
+                    quoted(&String::from_utf8_lossy(broadcast))
                 )
             })
             .map_err(|refused| match refused {
@@ -147,8 +164,9 @@ impl Host for HostState {
         let plugin = &self.plugin;
         if !plugin.grants.may_call(&name) {
             return Err(self.deny(format!(
-                "plugin {} has no grant for output {name:?} (output grants: {})",
-                plugin.name,
+                "plugin {} has no grant for output {} (output grants: {})",
+                self.name(),
+                quoted(&name),
                 list(&plugin.grants.config().outputs)
             )));
         }
@@ -171,9 +189,10 @@ impl Host for HostState {
             self.stats.record_log_dropped(&self.plugin.name);
             return;
         }
-        let text = truncate(&text, MAX_LOG_LINE);
-        let plugin = &self.plugin.name;
-        let version = &self.plugin.version;
+        // Cut, then escaped: a line holds no newline or escape sequence of the plugin's.
+        let text = text::escaped(text::truncate(&text, MAX_LOG_LINE));
+        let plugin = self.name();
+        let version = text::loggable(&self.plugin.version, text::MAX_QUOTED_NAME);
         macro_rules! emit {
             ($level:expr) => {
                 tracing::event!(target: "switchyard::plugin", $level, %plugin, %version, "{text}")
@@ -208,29 +227,5 @@ fn list(items: &[String]) -> String {
         "none".to_owned()
     } else {
         items.join(", ")
-    }
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

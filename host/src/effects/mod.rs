@@ -9,6 +9,7 @@ pub mod host;
 pub mod loop_guard;
 pub mod outputs;
 pub mod rate;
+pub mod text;
 
 use std::collections::HashSet;
 use std::future::Future;

@@ -44,6 +44,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::PluginName;
+use crate::effects::text;
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 use crate::source::streams::{StreamEntry, StreamStats};
@@ -193,6 +194,8 @@ impl PluginStats {
     pub fn record_denied(&self, plugin: &PluginName, why: &str) {
         self.denied.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            let why = text::loggable(why, text::MAX_ERROR_TEXT);
             tracing::warn!(%plugin, suppressed, "denied: {why}");
         }
     }
@@ -202,6 +205,8 @@ impl PluginStats {
     pub fn record_loop_limited(&self, plugin: &PluginName, what: &str) {
         self.loop_limited.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            let what = text::loggable(what, text::MAX_ERROR_TEXT);
             tracing::warn!(%plugin, suppressed, "loop guard: plugin keeps publishing what comes back to it ({what})");
         }
     }
@@ -209,13 +214,15 @@ impl PluginStats {
     /// Counts a message queued by `send` that could not be written.
     pub fn record_send_failed(&self, why: &str) {
         self.send_failed.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(text::bounded(why, text::MAX_ERROR_TEXT).into_owned());
     }
 
     /// Counts a `log` line dropped by the rate limit.
     pub fn record_log_dropped(&self, plugin: &PluginName) {
         self.logs_dropped.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(%plugin, suppressed, "plugin logs too much; dropping its log lines");
         }
     }
@@ -237,6 +244,7 @@ impl PluginStats {
     fn record_shed(&self, plugin: &PluginName, reason: ShedReason, detail: &str) {
         self.shed.add(reason);
         if let Some(suppressed) = self.log_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(
                 %plugin,
                 suppressed,
@@ -248,19 +256,22 @@ impl PluginStats {
     }
 
     /// Counts a failed message, keeps its error as `last_error`, and logs it (rate limited).
+    /// The error text is the plugin's: bounded (see [`Worker::handle`]) and logged escaped.
     fn record_failure(&self, plugin: &PluginName, failure: &Failure) {
         if let Some(suppressed) = self.log_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(
                 %plugin,
                 suppressed,
                 reason = failure.reason.as_str(),
                 "message failed: {}",
-                failure.message
+                text::loggable(&failure.message, text::MAX_ERROR_TEXT)
             );
         }
         // The error is in place before the count moves, so a reader that sees the failure
         // counted also sees why.
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.message.clone());
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(text::bounded(&failure.message, text::MAX_ERROR_TEXT).into_owned());
         self.failed.add(failure.reason);
     }
 }
@@ -696,10 +707,10 @@ impl Worker {
                 .seat
                 .record(&self.crew, &version, ok, finished, &self.stats)
             {
-                tracing::error!(plugin = %self.plugin, ?backoff, "plugin keeps failing; parked");
+                tracing::error!(plugin = %text::escaped(self.plugin.as_str()), ?backoff, "plugin keeps failing; parked");
             }
         }
-        tracing::debug!(plugin = %self.plugin, "worker done (queue closed and drained, or surplus)");
+        tracing::debug!(plugin = %text::escaped(self.plugin.as_str()), "worker done (queue closed and drained, or surplus)");
     }
 
     /// Picks where the breaker record of `version` lives, and starts the crew's record over
@@ -733,7 +744,7 @@ impl Worker {
         if self.live.is_none() {
             match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
                 Ok(instance) => {
-                    tracing::debug!(plugin = %self.plugin, version = %version.hash, "instance ready");
+                    tracing::debug!(plugin = %text::escaped(self.plugin.as_str()), version = %version.hash, "instance ready");
                     self.live = Some(instance);
                 }
                 Err(e) => {
@@ -769,7 +780,13 @@ impl Worker {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(failure) => {
+            Err(mut failure) => {
+                // The text may be the plugin's own, of any length: it is kept (last error,
+                // dead letter) only up to a bound.
+                if failure.message.len() > text::MAX_ERROR_TEXT {
+                    failure.message =
+                        text::bounded(&failure.message, text::MAX_ERROR_TEXT).into_owned();
+                }
                 if failure.reason.poisons_instance() {
                     // A trap poisons the store: the next message gets a fresh instance.
                     self.live = None;
