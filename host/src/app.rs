@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
-use crate::effects::{Effects, Publisher, ShardedChannels};
+use crate::effects::{EffectLimits, Effects, Publisher, ShardedChannels};
 use crate::gateway::{self, GatewaySource};
 use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
@@ -282,6 +282,7 @@ impl Host {
             &config.invalidation.broadcast,
             tokio::runtime::Handle::current(),
         )
+        .with_limits(EffectLimits::from_config(config))
         .with_sharded(ShardedChannels::new(&config.redis.sharded_channels));
         let limits = Limits {
             deadline: config.deadline(),

@@ -588,6 +588,11 @@ pub fn effective_settings(config: &Config) -> String {
         "[invalidation]\nbroadcast = {:?}\n",
         config.invalidation.broadcast
     );
+    let _ = writeln!(
+        out,
+        "[effects]\noutgoing_bytes = {}\n",
+        config.effects.outgoing_bytes
+    );
     for (name, output) in &config.outputs {
         let _ = writeln!(out, "[outputs.{name}]");
         let _ = match output {

@@ -49,6 +49,9 @@ pub struct Config {
     /// Cache invalidation.
     #[serde(default)]
     pub invalidation: InvalidationConfig,
+    /// What plugins' effects may hold in the host.
+    #[serde(default)]
+    pub effects: EffectsConfig,
     /// How stream subscriptions are read.
     #[serde(default)]
     pub streams: StreamsConfig,
@@ -225,6 +228,35 @@ fn default_broadcast() -> String {
     "cache:invalidate".to_owned()
 }
 
+/// `[effects]`: bounds on what plugins' effects may hold in the host while they are carried
+/// out. (Payloads of `publish` and `send` are bounded by `plugins.max_payload_bytes`, webhook
+/// replies by each output's `max_reply_bytes`.)
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EffectsConfig {
+    /// Bytes that every plugin's `send`s and `publish`es together may have waiting to be
+    /// written to Redis (payload, channel and 128 bytes per message). When it is
+    /// spent, a call waits for room until its plugin's deadline, then fails with
+    /// `error::unavailable`.
+    #[serde(default = "default_outgoing_bytes")]
+    pub outgoing_bytes: u64,
+}
+
+impl Default for EffectsConfig {
+    fn default() -> Self {
+        Self {
+            outgoing_bytes: default_outgoing_bytes(),
+        }
+    }
+}
+
+/// As much as one plugin's incoming queue holds by default (`plugins.queue_bytes`): a local
+/// Redis takes that much in well under a second, so a burst of `send`s waits for room only
+/// while Redis is slow or away, and the host never holds more than this for them.
+fn default_outgoing_bytes() -> u64 {
+    64 << 20
+}
+
 /// `[outputs.NAME]`: where `call-output(NAME, payload)` sends the payload. String values may
 /// reference environment variables as `${VAR}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +320,9 @@ fn default_http_retries() -> u32 {
 fn default_http_backoff_ms() -> u64 {
     100
 }
+
+/// The smallest `effects.outgoing_bytes` accepted: room for a few small messages.
+pub const MIN_OUTGOING_BYTES: u64 = 4096;
 
 /// Sets `section.key` in a parsed configuration.
 fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
@@ -955,6 +990,7 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
     ),
     ("admin", &[("listen", EnvType::Text)]),
     ("invalidation", &[("broadcast", EnvType::Text)]),
+    ("effects", &[("outgoing_bytes", EnvType::Toml)]),
     (
         "gateway",
         &[
@@ -1304,6 +1340,14 @@ impl Config {
                 "{origin}: plugins.max_payload_bytes must be at least 1"
             ));
         }
+        let outgoing = self.effects.outgoing_bytes;
+        let largest_message = (plugins.max_payload_bytes as u64).max(MIN_OUTGOING_BYTES);
+        if outgoing < largest_message {
+            problems.push(format!(
+                "{origin}: effects.outgoing_bytes must be at least plugins.max_payload_bytes ({}) and at least {MIN_OUTGOING_BYTES}, so that the largest message plugins may publish fits, got {outgoing}",
+                plugins.max_payload_bytes
+            ));
+        }
         for (name, output) in &self.outputs {
             for (key, problem) in output.check() {
                 problems.push(format!("{origin}: outputs.{name}.{key}: {problem}"));
@@ -1523,6 +1567,25 @@ mod tests {
             Config::from_toml("[redis]\nurl = \"redis://a:1\"\ncluster = true\n", "f.toml")
                 .unwrap();
         assert_eq!(flagged.redis.cluster_seeds().unwrap(), ["redis://a:1"]);
+    }
+
+    #[test]
+    fn the_outgoing_budget_must_hold_the_largest_message() {
+        let config = Config::from_toml("[effects]\noutgoing_bytes = 2097152\n", "e.toml").unwrap();
+        assert_eq!(config.effects.outgoing_bytes, 2 << 20);
+        assert_eq!(Config::default().effects.outgoing_bytes, 64 << 20);
+        let err = Config::from_toml(
+            "[plugins]\nmax_payload_bytes = 4194304\n[effects]\noutgoing_bytes = 2097152\n",
+            "e.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "effects.outgoing_bytes must be at least plugins.max_payload_bytes (4194304)"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

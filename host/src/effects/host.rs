@@ -1,8 +1,8 @@
 //! The `switchyard:plugin/host` interface: what a plugin may ask of the host.
 //!
 //! Each call checks the plugin's grants first. Everything a plugin should expect to go wrong
-//! (a missing grant, Redis away, a deadline, the loop guard) comes back as a WIT `error`
-//! value and is counted; nothing here traps.
+//! (a missing grant, Redis away, a deadline, the loop guard, a payload too large, a full
+//! outgoing queue) comes back as a WIT `error` value and is counted; nothing here traps.
 //!
 //! Names the plugin supplies (channels, keys, outputs) appear in refusals and logs bounded
 //! and escaped ([`text`]), and so do its `log` lines, its name and its version.
@@ -87,6 +87,23 @@ impl HostState {
         )))
     }
 
+    /// What the plugin is told when a `publish` or `send` did not happen; refusals by the
+    /// host's own limits are counted.
+    fn refused(&self, error: EffectError) -> Error {
+        match &error {
+            EffectError::PayloadTooLarge { .. } => {
+                self.stats
+                    .record_payload_too_large(&self.plugin.name, &error.to_string());
+            }
+            EffectError::OutgoingFull { .. } => {
+                self.stats
+                    .record_outgoing_full(&self.plugin.name, &error.to_string());
+            }
+            _ => {}
+        }
+        unavailable(error)
+    }
+
     /// The plugin's name as logs and refusals show it.
     fn name(&self) -> std::borrow::Cow<'_, str> {
         text::escaped(self.plugin.name.as_str())
@@ -106,7 +123,7 @@ impl Host for HostState {
                 payload,
                 self.call_deadline,
             )
-            .map_err(unavailable)
+            .map_err(|error| self.refused(error))
     }
 
     fn send(&mut self, channel: String, payload: Vec<u8>) -> Result<(), Error> {
@@ -121,7 +138,7 @@ impl Host for HostState {
                 payload,
                 self.call_deadline,
             )
-            .map_err(unavailable)
+            .map_err(|error| self.refused(error))
     }
 
     fn invalidate(&mut self, keys: Vec<String>) -> Result<u32, Error> {
@@ -212,9 +229,12 @@ impl Host for HostState {
 /// Redis effect fails apart: at once, because Redis is not connected or refused the command
 /// ("Redis unavailable: ..."), or by running out of the plugin's deadline while waiting
 /// ("no answer within the plugin's deadline ..."), so that a plugin (and its operator) can see
-/// that an outage failed fast rather than used up the call.
+/// that an outage failed fast rather than used up the call. A payload over the limit is
+/// `invalid` (sending it again fails again); a full outgoing queue names its setting.
 fn unavailable(error: EffectError) -> Error {
     match error {
+        EffectError::PayloadTooLarge { .. } => Error::Invalid(error.to_string()),
+        EffectError::OutgoingFull { .. } => Error::Unavailable(error.to_string()),
         // Texts that already name Redis (the fast path while a write has failed) are kept.
         EffectError::Unavailable(why) if why.contains("Redis") => Error::Unavailable(why),
         EffectError::Unavailable(why) => Error::Unavailable(format!("Redis unavailable: {why}")),

@@ -100,6 +100,8 @@ pub struct PluginStats {
     denied: AtomicU64,
     loop_limited: AtomicU64,
     send_failed: AtomicU64,
+    payload_too_large: AtomicU64,
+    outgoing_full: AtomicU64,
     logs_dropped: AtomicU64,
     parks: AtomicU64,
     /// Messages accepted into the queue, then dropped (oldest-first shedding, parking).
@@ -133,6 +135,10 @@ pub struct StatsSnapshot {
     pub loop_limited: u64,
     /// Messages queued with `send` that could not be written to Redis.
     pub send_failed: u64,
+    /// `publish`es and `send`s refused for a payload over `plugins.max_payload_bytes`.
+    pub payload_too_large: u64,
+    /// `publish`es and `send`s that found `effects.outgoing_bytes` spent until their deadline.
+    pub outgoing_full: u64,
     /// `log` lines dropped by the log rate limit.
     pub logs_dropped: u64,
     /// Times the circuit breaker parked the plugin.
@@ -172,6 +178,8 @@ impl PluginStats {
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
             send_failed: self.send_failed.load(Ordering::Relaxed),
+            payload_too_large: self.payload_too_large.load(Ordering::Relaxed),
+            outgoing_full: self.outgoing_full.load(Ordering::Relaxed),
             logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
             parks: self.parks.load(Ordering::Relaxed),
             parked_until_ms: match self.parked_until_ms.load(Ordering::Relaxed) {
@@ -208,6 +216,24 @@ impl PluginStats {
             let plugin = text::escaped(plugin.as_str());
             let what = text::loggable(what, text::MAX_ERROR_TEXT);
             tracing::warn!(%plugin, suppressed, "loop guard: plugin keeps publishing what comes back to it ({what})");
+        }
+    }
+
+    /// Counts a `publish` or `send` refused for a payload over `plugins.max_payload_bytes`.
+    pub fn record_payload_too_large(&self, plugin: &PluginName, why: &str) {
+        self.payload_too_large.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            tracing::warn!(%plugin, suppressed, "refused: {why}");
+        }
+    }
+
+    /// Counts a `publish` or `send` that found the outgoing queue full until its deadline.
+    pub fn record_outgoing_full(&self, plugin: &PluginName, why: &str) {
+        self.outgoing_full.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            tracing::warn!(%plugin, suppressed, "refused: {why}");
         }
     }
 
