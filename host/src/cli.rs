@@ -603,10 +603,12 @@ pub fn effective_settings(config: &Config) -> String {
                 timeout_ms,
                 retries,
                 backoff_ms,
+                max_reply_bytes,
             } => writeln!(
                 out,
                 "kind = \"http\"\nurl = {:?}\nmethod = {method:?}\nheaders = {:?}\n\
-                 timeout_ms = {timeout_ms}\nretries = {retries}\nbackoff_ms = {backoff_ms}\n",
+                 timeout_ms = {timeout_ms}\nretries = {retries}\nbackoff_ms = {backoff_ms}\n\
+                 max_reply_bytes = {max_reply_bytes}\n",
                 RedisUrl::new(url.clone()).masked(),
                 headers
                     .keys()

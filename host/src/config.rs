@@ -281,6 +281,10 @@ pub enum OutputConfig {
         /// Wait before the first retry, doubled for each further one, in milliseconds.
         #[serde(default = "default_http_backoff_ms")]
         backoff_ms: u64,
+        /// The longest reply body handed back to the plugin, in bytes: the body is read as
+        /// it arrives and the connection dropped once this much is in.
+        #[serde(default = "default_max_reply_bytes")]
+        max_reply_bytes: u64,
     },
     /// Appends one JSON line per call to a file.
     File {
@@ -320,6 +324,16 @@ fn default_http_retries() -> u32 {
 fn default_http_backoff_ms() -> u64 {
     100
 }
+
+/// Enough for any status document or API answer a plugin acts on; the body is copied into
+/// the plugin's memory (64 MiB by default), so a larger one would mostly crowd it.
+fn default_max_reply_bytes() -> u64 {
+    1 << 20
+}
+
+/// The largest `max_reply_bytes` accepted: the body must fit in a plugin's memory, at most
+/// 4 GiB (a 32-bit Wasm memory), next to the plugin's own data.
+pub const MAX_REPLY_BYTES_LIMIT: u64 = 1 << 30;
 
 /// The smallest `effects.outgoing_bytes` accepted: room for a few small messages.
 pub const MIN_OUTGOING_BYTES: u64 = 4096;
@@ -1430,6 +1444,7 @@ const OUTPUT_KEYS: &[(&str, &[&str])] = &[
             "timeout_ms",
             "retries",
             "backoff_ms",
+            "max_reply_bytes",
         ],
     ),
     ("file", &["kind", "path"]),
@@ -1501,6 +1516,7 @@ impl OutputConfig {
                 url,
                 headers,
                 timeout_ms,
+                max_reply_bytes,
                 ..
             } => {
                 check(
@@ -1520,6 +1536,14 @@ impl OutputConfig {
                 }
                 if *timeout_ms == 0 {
                     check("timeout_ms", Err("must be at least 1".to_owned()));
+                }
+                if *max_reply_bytes > MAX_REPLY_BYTES_LIMIT {
+                    check(
+                        "max_reply_bytes",
+                        Err(format!(
+                            "must be at most {MAX_REPLY_BYTES_LIMIT} (the body is copied into the plugin's memory), got {max_reply_bytes}"
+                        )),
+                    );
                 }
             }
             OutputConfig::File { path } => check("path", expand_env(path).map(drop)),
@@ -1584,6 +1608,28 @@ mod tests {
             err.contains(
                 "effects.outgoing_bytes must be at least plugins.max_payload_bytes (4194304)"
             ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_replies_are_capped_by_max_reply_bytes() {
+        let hook = |extra: &str| {
+            format!("[outputs.hook]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\n{extra}")
+        };
+        let config = Config::from_toml(&hook(""), "o.toml").unwrap();
+        assert!(matches!(
+            config.outputs["hook"],
+            OutputConfig::Http {
+                max_reply_bytes: 1_048_576,
+                ..
+            }
+        ));
+        let err = Config::from_toml(&hook("max_reply_bytes = 2147483648\n"), "o.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("outputs.hook.max_reply_bytes: must be at most"),
             "{err}"
         );
     }
