@@ -225,7 +225,8 @@ impl Host {
                 let streams = StreamReaders::new(
                     StreamBackend::Cluster(Arc::new(client)),
                     stop_source.clone(),
-                );
+                )
+                .with_max_entry_bytes(config.plugins.max_payload_bytes);
                 (
                     Source::Cluster(source, Arc::new(streams)),
                     Publisher::Cluster(publisher),
@@ -257,7 +258,8 @@ impl Host {
                 let streams = StreamReaders::new(
                     StreamBackend::Single(Arc::new(client)),
                     stop_source.clone(),
-                );
+                )
+                .with_max_entry_bytes(config.plugins.max_payload_bytes);
                 (
                     Source::Redis(source, Arc::new(streams)),
                     Publisher::Redis(publisher),
