@@ -6,6 +6,7 @@ mod browser;
 mod budgets;
 mod cluster;
 mod concurrency;
+mod contain_effects;
 mod faults;
 mod gateway;
 mod glob_differential;
