@@ -13,16 +13,21 @@
 //! back to the publisher. A plugin that never publishes cannot close a cycle, so only
 //! publishers are recorded.
 //!
+//! The publish path reads an immutable snapshot of the flows without a lock: for a plugin
+//! that is the only one publishing (the common case) the check is a pointer comparison. Only
+//! a change (a plugin's first publish, a new edge, a plugin gone) takes the lock and
+//! publishes a new snapshot, with which plugins lead to which worked out once.
+//!
 //! What the guard does not see: loops that leave the host (through another host on the same
 //! Redis, an application that republishes what it receives, or an output), and which message
 //! caused which: two plugins that legitimately answer each other (a request and its reply)
 //! form a cycle too, and each is held to [`LOOP_RATE_PER_SEC`] of the publishes that close
 //! it.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use super::rate::TokenBucket;
 use crate::PluginName;
@@ -33,13 +38,6 @@ use crate::source::Subscription;
 pub const LOOP_RATE_PER_SEC: f64 = 100.0;
 /// Publishes that feed back to their plugin allowed in a burst.
 pub const LOOP_BURST: f64 = 200.0;
-/// Channels whose verdict one plugin's guard remembers; past that it starts over. Plugins
-/// that publish on a few fixed channels look each up once per change of the flows.
-const MAX_REMEMBERED_CHANNELS: usize = 1024;
-/// How long a remembered verdict is trusted. Plugins removed from the host are forgotten
-/// by the flows only when some publish looks them up again: after this long, every guard
-/// does, so a cycle through a plugin that is gone stops limiting within this time.
-const VERDICT_TTL: Duration = Duration::from_secs(1);
 
 /// What a plugin subscribes to, matched against the channels it and others publish on.
 #[derive(Debug)]
@@ -70,10 +68,6 @@ impl Subscriptions {
         self.channels.iter().any(|c| c == channel)
             || self.patterns.iter().any(|g| g.matches(channel))
     }
-
-    fn is_empty(&self) -> bool {
-        self.channels.is_empty() && self.patterns.is_empty()
-    }
 }
 
 /// How a publish would come back to the plugin that makes it.
@@ -90,15 +84,6 @@ pub enum Feedback {
 pub struct LoopGuard {
     subscriptions: Arc<Subscriptions>,
     bucket: TokenBucket,
-    remembered: Mutex<Remembered>,
-}
-
-/// Verdicts of one guard, valid for one generation of the flows.
-#[derive(Debug)]
-struct Remembered {
-    generation: u64,
-    since: Instant,
-    verdicts: HashMap<Vec<u8>, Option<Feedback>>,
 }
 
 impl LoopGuard {
@@ -107,11 +92,6 @@ impl LoopGuard {
         Self {
             subscriptions: Arc::new(Subscriptions::new(subscriptions)),
             bucket: TokenBucket::new(LOOP_RATE_PER_SEC, LOOP_BURST),
-            remembered: Mutex::new(Remembered {
-                generation: u64::MAX,
-                since: Instant::now(),
-                verdicts: HashMap::new(),
-            }),
         }
     }
 
@@ -121,35 +101,12 @@ impl LoopGuard {
     }
 
     /// Whether plugin `name` publishing on `channel` would come back to it, directly or
-    /// through the plugins `flows` has seen; records the publish in `flows`.
+    /// through the plugins `flows` has seen publish; records the publish in `flows`.
     pub fn feedback(&self, name: &PluginName, flows: &Flows, channel: &[u8]) -> Option<Feedback> {
         if self.feeds_itself(channel) {
             return Some(Feedback::Itself);
         }
-        let generation = flows.generation();
-        {
-            let remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-            if remembered.generation == generation
-                && remembered.since.elapsed() < VERDICT_TTL
-                && let Some(verdict) = remembered.verdicts.get(channel)
-            {
-                return verdict.clone();
-            }
-        }
-        let (verdict, generation) = flows.publish(name, &self.subscriptions, channel);
-        let mut remembered = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        if remembered.generation != generation
-            || remembered.since.elapsed() >= VERDICT_TTL
-            || remembered.verdicts.len() >= MAX_REMEMBERED_CHANNELS
-        {
-            remembered.generation = generation;
-            remembered.since = Instant::now();
-            remembered.verdicts.clear();
-        }
-        remembered
-            .verdicts
-            .insert(channel.to_vec(), verdict.clone());
-        verdict
+        flows.feedback(name, &self.subscriptions, channel)
     }
 
     /// Takes one token; false when the plugin is over its rate.
@@ -161,121 +118,165 @@ impl LoopGuard {
 /// Which publishing plugins have reached which, shared by every plugin of a host.
 #[derive(Debug, Default)]
 pub struct Flows {
-    graph: Mutex<HashMap<PluginName, Node>>,
-    /// Changes whenever a plugin or an edge is added or dropped: verdicts remembered for
-    /// an older generation are looked up again.
-    generation: AtomicU64,
+    /// Changes go through here, one at a time.
+    graph: Mutex<Vec<Node>>,
+    /// What the publish path reads: rebuilt from `graph` after every change.
+    snapshot: ArcSwap<Snapshot>,
 }
 
 /// A plugin that has published.
 #[derive(Debug)]
 struct Node {
+    name: PluginName,
     /// Its current version's subscriptions; gone once that version is dropped.
     subscriptions: Weak<Subscriptions>,
     /// The publishing plugins its messages reached.
     feeds: HashSet<PluginName>,
 }
 
-impl Flows {
-    fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
+/// The flows as the publish path reads them: plugins by position, which one fed which, and
+/// which leads to which through any number of others.
+#[derive(Debug, Default)]
+struct Snapshot {
+    nodes: Vec<(PluginName, Weak<Subscriptions>)>,
+    /// `feeds[i * n + j]`: `i`'s messages have reached `j`.
+    feeds: Vec<bool>,
+    /// `leads[i * n + j]`: the recorded edges lead from `i` to `j`.
+    leads: Vec<bool>,
+}
 
-    /// Records that `from`, subscribed to `subscriptions`, publishes on `channel`; returns
-    /// whether that comes back to it through other plugins, and the generation the answer
-    /// belongs to.
-    fn publish(
+impl Snapshot {
+    fn of(graph: &[Node]) -> Self {
+        let n = graph.len();
+        let position = |name: &PluginName| graph.iter().position(|node| &node.name == name);
+        let mut feeds = vec![false; n * n];
+        for (i, node) in graph.iter().enumerate() {
+            for j in node.feeds.iter().filter_map(position) {
+                feeds[i * n + j] = true;
+            }
+        }
+        let mut leads = vec![false; n * n];
+        for start in 0..n {
+            let mut next = vec![start];
+            while let Some(i) = next.pop() {
+                for j in 0..n {
+                    if feeds[i * n + j] && !leads[start * n + j] {
+                        leads[start * n + j] = true;
+                        next.push(j);
+                    }
+                }
+            }
+        }
+        Self {
+            nodes: graph
+                .iter()
+                .map(|node| (node.name.clone(), node.subscriptions.clone()))
+                .collect(),
+            feeds,
+            leads,
+        }
+    }
+}
+
+/// What the publish path found it must change before it can answer.
+enum Change {
+    /// The publisher is not in the flows yet (or with another version).
+    Join,
+    /// The publisher's messages reach the plugin at this position for the first time.
+    Edge(usize),
+    /// A plugin in the flows is gone.
+    Prune,
+}
+
+impl Flows {
+    /// Whether plugin `from`, subscribed to `subscriptions`, publishing on `channel` reaches
+    /// a plugin whose recorded publishes lead back to it; records what is new.
+    fn feedback(
         &self,
         from: &PluginName,
         subscriptions: &Arc<Subscriptions>,
         channel: &[u8],
-    ) -> (Option<Feedback>, u64) {
-        let mut graph = self.graph.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = false;
-
-        // Plugins whose version is gone (removed, or replaced and not publishing yet).
-        let gone: Vec<PluginName> = graph
-            .iter()
-            .filter(|(_, node)| node.subscriptions.strong_count() == 0)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &gone {
-            forget(&mut graph, name);
-            changed = true;
+    ) -> Option<Feedback> {
+        // Each round either answers or makes one change, and changes are finite: the
+        // plugins in the flows and the edges between them.
+        loop {
+            let snapshot = self.snapshot.load();
+            let change = match Self::look(&snapshot, subscriptions, channel) {
+                Ok(verdict) => return verdict,
+                Err(change) => change,
+            };
+            let mut graph = self.graph.lock().unwrap_or_else(|e| e.into_inner());
+            match change {
+                Change::Join => {
+                    // A new version's subscriptions may differ: what reached the old one is
+                    // learnt again from the next publishes.
+                    forget(&mut graph, from);
+                    graph.push(Node {
+                        name: from.clone(),
+                        subscriptions: Arc::downgrade(subscriptions),
+                        feeds: HashSet::new(),
+                    });
+                }
+                Change::Edge(to) => {
+                    if let (Some((to, _)), Some(node)) = (
+                        snapshot.nodes.get(to),
+                        graph.iter_mut().find(|node| &node.name == from),
+                    ) {
+                        node.feeds.insert(to.clone());
+                    }
+                }
+                Change::Prune => {
+                    let gone: Vec<PluginName> = graph
+                        .iter()
+                        .filter(|node| node.subscriptions.strong_count() == 0)
+                        .map(|node| node.name.clone())
+                        .collect();
+                    for name in &gone {
+                        forget(&mut graph, name);
+                    }
+                }
+            }
+            self.snapshot.store(Arc::new(Snapshot::of(&graph)));
         }
+    }
 
-        let current = graph.get(from).is_some_and(|node| {
-            std::ptr::eq(node.subscriptions.as_ptr(), Arc::as_ptr(subscriptions))
-        });
-        if !current {
-            // A new plugin, or a new version whose subscriptions may differ: what reached the
-            // old one is learnt again from the next publishes.
-            forget(&mut graph, from);
-            graph.insert(
-                from.clone(),
-                Node {
-                    subscriptions: Arc::downgrade(subscriptions),
-                    feeds: HashSet::new(),
-                },
-            );
-            changed = true;
-        }
-
-        let reached: Vec<PluginName> = graph
+    /// The answer from `snapshot`, or the change it needs first.
+    fn look(
+        snapshot: &Snapshot,
+        subscriptions: &Arc<Subscriptions>,
+        channel: &[u8],
+    ) -> Result<Option<Feedback>, Change> {
+        let n = snapshot.nodes.len();
+        let me = snapshot
+            .nodes
             .iter()
-            .filter(|(name, node)| {
-                *name != from
-                    && node
-                        .subscriptions
-                        .upgrade()
-                        .is_some_and(|s| !s.is_empty() && s.matches(channel))
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        if let Some(node) = graph.get_mut(from) {
-            for name in &reached {
-                changed |= node.feeds.insert(name.clone());
+            .position(|(_, theirs)| std::ptr::eq(theirs.as_ptr(), Arc::as_ptr(subscriptions)))
+            .ok_or(Change::Join)?;
+        for (j, (name, theirs)) in snapshot.nodes.iter().enumerate() {
+            if j == me {
+                continue;
+            }
+            let theirs = theirs.upgrade().ok_or(Change::Prune)?;
+            if !theirs.matches(channel) {
+                continue;
+            }
+            if !snapshot.feeds[me * n + j] {
+                return Err(Change::Edge(j));
+            }
+            if snapshot.leads[j * n + me] {
+                return Ok(Some(Feedback::Through(name.clone())));
             }
         }
-        let verdict = reached
-            .iter()
-            .find(|via| leads_to(&graph, via, from))
-            .map(|via| Feedback::Through(via.clone()));
-        let generation = if changed {
-            self.generation.fetch_add(1, Ordering::AcqRel) + 1
-        } else {
-            self.generation()
-        };
-        (verdict, generation)
+        Ok(None)
     }
 }
 
 /// Drops `name` and every edge into it.
-fn forget(graph: &mut HashMap<PluginName, Node>, name: &PluginName) {
-    graph.remove(name);
-    for node in graph.values_mut() {
+fn forget(graph: &mut Vec<Node>, name: &PluginName) {
+    graph.retain(|node| &node.name != name);
+    for node in graph.iter_mut() {
         node.feeds.remove(name);
     }
-}
-
-/// Whether the recorded edges lead from `start` to `goal`.
-fn leads_to(graph: &HashMap<PluginName, Node>, start: &PluginName, goal: &PluginName) -> bool {
-    let mut seen: HashSet<&PluginName> = HashSet::from([start]);
-    let mut next = vec![start];
-    while let Some(name) = next.pop() {
-        let Some(node) = graph.get(name) else {
-            continue;
-        };
-        for fed in &node.feeds {
-            if fed == goal {
-                return true;
-            }
-            if seen.insert(fed) {
-                next.push(fed);
-            }
-        }
-    }
-    false
 }
 
 #[cfg(test)]
