@@ -666,7 +666,9 @@ pub struct PluginsConfig {
     /// The first parking period, in milliseconds; doubled while trials fail, up to a minute.
     #[serde(default = "default_breaker_backoff_ms")]
     pub breaker_backoff_ms: u64,
-    /// Messages with a larger payload are dropped before reaching any plugin (and counted).
+    /// Messages with a larger payload are dropped before reaching any plugin (and counted);
+    /// stream entries larger than this (their fields together) go to the dead-letter stream
+    /// unhandled; `publish` and `send` refuse larger payloads.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
     /// Larger `.wasm` files are rejected without being read.

@@ -46,16 +46,18 @@ const OUTGOING_CAPACITY: usize = 16_384;
 const MAX_BATCH: usize = 512;
 /// Payload bytes written as one pipeline, at most (the message that crosses it is the last):
 /// a round trip shared by a megabyte costs little per byte, and every byte of a pipeline is
-/// copied twice on its way to the socket, whose write buffer then keeps the largest size it
-/// ever held.
+/// copied on its way to the socket (into the commands, then into the connection's write
+/// buffer, which keeps the largest size it ever held).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// What one outgoing message costs beyond its channel and payload: the queue entry, its
 /// reply channel and the command's framing.
 pub const OUTGOING_OVERHEAD: usize = 128;
-/// Bytes written since the allocator last gave freed memory back, past which the writer asks
-/// it to once the queue is empty: a burst of large messages leaves the allocator holding free
-/// space of about its size in each thread that copied them (glibc keeps up to twice the
-/// largest recent allocation per arena), which the process would otherwise keep at its peak.
+/// Bytes written since the allocator was last asked to give freed memory back, past which
+/// the writer asks it once the queue is empty: the copies of a burst of messages are freed
+/// into the heaps of the threads that made them, and glibc returns that space to the system
+/// only when asked (or when it lies at the top of a heap and is larger than its trim
+/// threshold, which follows the largest recent allocation), so the process would otherwise
+/// keep much of its peak.
 const RELEASE_AFTER_BYTES: usize = 64 << 20;
 /// The default of `effects.outgoing_bytes`.
 pub const DEFAULT_OUTGOING_BYTES: usize = 64 << 20;
