@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{self, AdminState};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
-use crate::effects::{Effects, Publisher, ShardedChannels};
+use crate::effects::{EffectLimits, Effects, Publisher, ShardedChannels};
 use crate::gateway::{self, GatewaySource};
 use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
@@ -225,7 +225,8 @@ impl Host {
                 let streams = StreamReaders::new(
                     StreamBackend::Cluster(Arc::new(client)),
                     stop_source.clone(),
-                );
+                )
+                .with_max_entry_bytes(config.plugins.max_payload_bytes);
                 (
                     Source::Cluster(source, Arc::new(streams)),
                     Publisher::Cluster(publisher),
@@ -257,7 +258,8 @@ impl Host {
                 let streams = StreamReaders::new(
                     StreamBackend::Single(Arc::new(client)),
                     stop_source.clone(),
-                );
+                )
+                .with_max_entry_bytes(config.plugins.max_payload_bytes);
                 (
                     Source::Redis(source, Arc::new(streams)),
                     Publisher::Redis(publisher),
@@ -282,6 +284,7 @@ impl Host {
             &config.invalidation.broadcast,
             tokio::runtime::Handle::current(),
         )
+        .with_limits(EffectLimits::from_config(config))
         .with_sharded(ShardedChannels::new(&config.redis.sharded_channels));
         let limits = Limits {
             deadline: config.deadline(),

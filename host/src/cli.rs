@@ -601,6 +601,11 @@ pub fn effective_settings(config: &Config) -> String {
         "[invalidation]\nbroadcast = {:?}\n",
         config.invalidation.broadcast
     );
+    let _ = writeln!(
+        out,
+        "[effects]\noutgoing_bytes = {}\n",
+        config.effects.outgoing_bytes
+    );
     for (name, output) in &config.outputs {
         let _ = writeln!(out, "[outputs.{name}]");
         let _ = match output {
@@ -611,10 +616,12 @@ pub fn effective_settings(config: &Config) -> String {
                 timeout_ms,
                 retries,
                 backoff_ms,
+                max_reply_bytes,
             } => writeln!(
                 out,
                 "kind = \"http\"\nurl = {:?}\nmethod = {method:?}\nheaders = {:?}\n\
-                 timeout_ms = {timeout_ms}\nretries = {retries}\nbackoff_ms = {backoff_ms}\n",
+                 timeout_ms = {timeout_ms}\nretries = {retries}\nbackoff_ms = {backoff_ms}\n\
+                 max_reply_bytes = {max_reply_bytes}\n",
                 RedisUrl::new(url.clone()).masked(),
                 headers
                     .keys()
@@ -792,7 +799,12 @@ fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
         .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Human => builder.try_init(),
+        // Every field and message is escaped: plugins choose much of what is logged (their
+        // lines, error texts, names), and a newline or escape sequence of theirs must not
+        // forge a line or reach the terminal. JSON escapes by itself.
+        LogFormat::Human => builder
+            .fmt_fields(crate::effects::text::escaping_fields())
+            .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
 }

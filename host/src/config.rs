@@ -55,6 +55,9 @@ pub struct Config {
     /// Cache invalidation.
     #[serde(default)]
     pub invalidation: InvalidationConfig,
+    /// What plugins' effects may hold in the host.
+    #[serde(default)]
+    pub effects: EffectsConfig,
     /// How stream subscriptions are read.
     #[serde(default)]
     pub streams: StreamsConfig,
@@ -309,6 +312,35 @@ fn default_broadcast() -> String {
     "cache:invalidate".to_owned()
 }
 
+/// `[effects]`: bounds on what plugins' effects may hold in the host while they are carried
+/// out. (Payloads of `publish` and `send` are bounded by `plugins.max_payload_bytes`, webhook
+/// replies by each output's `max_reply_bytes`.)
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EffectsConfig {
+    /// Bytes that every plugin's `send`s and `publish`es together may have waiting to be
+    /// written to Redis (payload, channel and 128 bytes per message). When it is
+    /// spent, a call waits for room until its plugin's deadline, then fails with
+    /// `error::unavailable`.
+    #[serde(default = "default_outgoing_bytes")]
+    pub outgoing_bytes: u64,
+}
+
+impl Default for EffectsConfig {
+    fn default() -> Self {
+        Self {
+            outgoing_bytes: default_outgoing_bytes(),
+        }
+    }
+}
+
+/// As much as one plugin's incoming queue holds by default (`plugins.queue_bytes`): a local
+/// Redis takes that much in well under a second, so a burst of `send`s waits for room only
+/// while Redis is slow or away, and the host never holds more than this for them.
+fn default_outgoing_bytes() -> u64 {
+    64 << 20
+}
+
 /// `[outputs.NAME]`: where `call-output(NAME, payload)` sends the payload. String values may
 /// reference environment variables as `${VAR}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -333,6 +365,10 @@ pub enum OutputConfig {
         /// Wait before the first retry, doubled for each further one, in milliseconds.
         #[serde(default = "default_http_backoff_ms")]
         backoff_ms: u64,
+        /// The longest reply body handed back to the plugin, in bytes: the body is read as
+        /// it arrives and the connection dropped once this much is in.
+        #[serde(default = "default_max_reply_bytes")]
+        max_reply_bytes: u64,
     },
     /// Appends one JSON line per call to a file.
     File {
@@ -372,6 +408,19 @@ fn default_http_retries() -> u32 {
 fn default_http_backoff_ms() -> u64 {
     100
 }
+
+/// Enough for any status document or API answer a plugin acts on; the body is copied into
+/// the plugin's memory (64 MiB by default), so a larger one would mostly crowd it.
+fn default_max_reply_bytes() -> u64 {
+    1 << 20
+}
+
+/// The largest `max_reply_bytes` accepted: the body must fit in a plugin's memory, at most
+/// 4 GiB (a 32-bit Wasm memory), next to the plugin's own data.
+pub const MAX_REPLY_BYTES_LIMIT: u64 = 1 << 30;
+
+/// The smallest `effects.outgoing_bytes` accepted: room for a few small messages.
+pub const MIN_OUTGOING_BYTES: u64 = 4096;
 
 /// Sets `section.key` in a parsed configuration.
 fn set(table: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
@@ -706,7 +755,9 @@ pub struct PluginsConfig {
     /// The first parking period, in milliseconds; doubled while trials fail, up to a minute.
     #[serde(default = "default_breaker_backoff_ms")]
     pub breaker_backoff_ms: u64,
-    /// Messages with a larger payload are dropped before reaching any plugin (and counted).
+    /// Messages with a larger payload are dropped before reaching any plugin (and counted);
+    /// stream entries larger than this (their fields together) go to the dead-letter stream
+    /// unhandled; `publish` and `send` refuse larger payloads.
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: usize,
     /// Larger `.wasm` files are rejected without being read (and no more than this is read
@@ -1057,6 +1108,7 @@ const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
     ),
     ("admin", &[("listen", EnvType::Text)]),
     ("invalidation", &[("broadcast", EnvType::Text)]),
+    ("effects", &[("outgoing_bytes", EnvType::Toml)]),
     (
         "gateway",
         &[
@@ -1445,6 +1497,14 @@ impl Config {
                 plugins.max_wasm_mib
             ));
         }
+        let outgoing = self.effects.outgoing_bytes;
+        let largest_message = (plugins.max_payload_bytes as u64).max(MIN_OUTGOING_BYTES);
+        if outgoing < largest_message {
+            problems.push(format!(
+                "{origin}: effects.outgoing_bytes must be at least plugins.max_payload_bytes ({}) and at least {MIN_OUTGOING_BYTES}, so that the largest message plugins may publish fits, got {outgoing}",
+                plugins.max_payload_bytes
+            ));
+        }
         for (name, output) in &self.outputs {
             for (key, problem) in output.check() {
                 problems.push(format!("{origin}: outputs.{name}.{key}: {problem}"));
@@ -1532,6 +1592,7 @@ const OUTPUT_KEYS: &[(&str, &[&str])] = &[
             "timeout_ms",
             "retries",
             "backoff_ms",
+            "max_reply_bytes",
         ],
     ),
     ("file", &["kind", "path"]),
@@ -1603,6 +1664,7 @@ impl OutputConfig {
                 url,
                 headers,
                 timeout_ms,
+                max_reply_bytes,
                 ..
             } => {
                 check(
@@ -1622,6 +1684,14 @@ impl OutputConfig {
                 }
                 if *timeout_ms == 0 {
                     check("timeout_ms", Err("must be at least 1".to_owned()));
+                }
+                if *max_reply_bytes > MAX_REPLY_BYTES_LIMIT {
+                    check(
+                        "max_reply_bytes",
+                        Err(format!(
+                            "must be at most {MAX_REPLY_BYTES_LIMIT} (the body is copied into the plugin's memory), got {max_reply_bytes}"
+                        )),
+                    );
                 }
             }
             OutputConfig::File { path } => check("path", expand_env(path).map(drop)),
@@ -1669,6 +1739,47 @@ mod tests {
             Config::from_toml("[redis]\nurl = \"redis://a:1\"\ncluster = true\n", "f.toml")
                 .unwrap();
         assert_eq!(flagged.redis.cluster_seeds().unwrap(), ["redis://a:1"]);
+    }
+
+    #[test]
+    fn the_outgoing_budget_must_hold_the_largest_message() {
+        let config = Config::from_toml("[effects]\noutgoing_bytes = 2097152\n", "e.toml").unwrap();
+        assert_eq!(config.effects.outgoing_bytes, 2 << 20);
+        assert_eq!(Config::default().effects.outgoing_bytes, 64 << 20);
+        let err = Config::from_toml(
+            "[plugins]\nmax_payload_bytes = 4194304\n[effects]\noutgoing_bytes = 2097152\n",
+            "e.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "effects.outgoing_bytes must be at least plugins.max_payload_bytes (4194304)"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_replies_are_capped_by_max_reply_bytes() {
+        let hook = |extra: &str| {
+            format!("[outputs.hook]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\n{extra}")
+        };
+        let config = Config::from_toml(&hook(""), "o.toml").unwrap();
+        assert!(matches!(
+            config.outputs["hook"],
+            OutputConfig::Http {
+                max_reply_bytes: 1_048_576,
+                ..
+            }
+        ));
+        let err = Config::from_toml(&hook("max_reply_bytes = 2147483648\n"), "o.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("outputs.hook.max_reply_bytes: must be at most"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod browser;
 mod budgets;
 mod cluster;
 mod concurrency;
+mod contain_effects;
 mod contain_files;
 mod contain_gateway;
 mod contain_sleep;

@@ -295,13 +295,17 @@ impl Collector for SwitchyardCollector {
             &mut encoder,
             "switchyard_plugin_refusals",
             "Host calls refused or lost per plugin: denied (no grant), loop_guard, log_dropped, \
-             send_failed (queued by send, then not written to Redis).",
+             send_failed (queued by send, then not written to Redis), payload_too_large \
+             (a publish or send over plugins.max_payload_bytes), outgoing_full (a publish or \
+             send that found effects.outgoing_bytes spent until its deadline).",
             snapshots.iter().flat_map(|(plugin, stats)| {
                 [
                     ("denied", stats.denied),
                     ("loop_guard", stats.loop_limited),
                     ("log_dropped", stats.logs_dropped),
                     ("send_failed", stats.send_failed),
+                    ("payload_too_large", stats.payload_too_large),
+                    ("outgoing_full", stats.outgoing_full),
                 ]
                 .map(|(reason, value)| {
                     (

@@ -1,8 +1,11 @@
 //! The `switchyard:plugin/host` interface: what a plugin may ask of the host.
 //!
 //! Each call checks the plugin's grants first. Everything a plugin should expect to go wrong
-//! (a missing grant, Redis away, a deadline, the loop guard) comes back as a WIT `error`
-//! value and is counted; nothing here traps.
+//! (a missing grant, Redis away, a deadline, the loop guard, a payload too large, a full
+//! outgoing queue) comes back as a WIT `error` value and is counted; nothing here traps.
+//!
+//! Names the plugin supplies (channels, keys, outputs) appear in refusals and logs bounded
+//! and escaped ([`text`]), and so do its `log` lines, its name and its version.
 
 use tracing::Level as TraceLevel;
 
@@ -11,6 +14,8 @@ use crate::worker::bindings::switchyard::plugin::types::{self, Error, Level, Out
 use crate::worker::state::HostState;
 
 use super::EffectError;
+use super::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
+use super::text::{self, quoted};
 
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
 /// call.
@@ -34,24 +39,74 @@ impl HostState {
     fn check_publish(&self, channel: &str) -> Result<(), Error> {
         let plugin = &self.plugin;
         if crate::router::is_reserved(channel.as_bytes()) {
-            return Err(self.deny(format!("channel {channel:?} is reserved for the host")));
+            return Err(self.deny(format!(
+                "channel {} is reserved for the host",
+                quoted(channel)
+            )));
         }
         if !plugin.grants.may_publish(channel.as_bytes()) {
             return Err(self.deny(format!(
-                "plugin {} has no publish grant for channel {channel:?} (publish grants: {})",
-                plugin.name,
+                "plugin {} has no publish grant for channel {} (publish grants: {})",
+                self.name(),
+                quoted(channel),
                 list(&plugin.grants.config().publish)
             )));
         }
-        if plugin.loop_guard.feeds_itself(channel.as_bytes()) && !plugin.loop_guard.admit() {
-            self.stats.record_loop_limited(&plugin.name, channel);
-            return Err(Error::Denied(format!(
-                "loop guard: {channel:?} feeds plugin {}'s own subscriptions, and it is over {} such publishes a second",
-                plugin.name,
-                super::loop_guard::LOOP_RATE_PER_SEC
-            )));
+        self.check_loop(channel.as_bytes(), || {
+            format!("channel {}", quoted(channel))
+        })
+    }
+
+    /// The loop guard: a publish on `channel` that comes back to this plugin (directly or
+    /// through others) takes a token, and is refused when none is left. `what` names the
+    /// publish in the refusal.
+    fn check_loop(&self, channel: &[u8], what: impl FnOnce() -> String) -> Result<(), Error> {
+        let plugin = &self.plugin;
+        let Some(feedback) =
+            plugin
+                .loop_guard
+                .feedback(&plugin.name, plugin.effects.flows(), channel)
+        else {
+            return Ok(());
+        };
+        if plugin.loop_guard.admit() {
+            return Ok(());
         }
-        Ok(())
+        let what = what();
+        self.stats.record_loop_limited(&plugin.name, &what);
+        let how = match feedback {
+            Feedback::Itself => format!("feeds plugin {}'s own subscriptions", self.name()),
+            Feedback::Through(via) => format!(
+                "reaches plugin {}, whose publishes lead back to plugin {}",
+                text::escaped(via.as_str()),
+                self.name()
+            ),
+        };
+        Err(Error::Denied(format!(
+            "loop guard: {what} {how}, and it is over {LOOP_RATE_PER_SEC} such publishes a second"
+        )))
+    }
+
+    /// What the plugin is told when a `publish` or `send` did not happen; refusals by the
+    /// host's own limits are counted.
+    fn refused(&self, error: EffectError) -> Error {
+        match &error {
+            EffectError::PayloadTooLarge { .. } => {
+                self.stats
+                    .record_payload_too_large(&self.plugin.name, &error.to_string());
+            }
+            EffectError::OutgoingFull { .. } => {
+                self.stats
+                    .record_outgoing_full(&self.plugin.name, &error.to_string());
+            }
+            _ => {}
+        }
+        unavailable(error)
+    }
+
+    /// The plugin's name as logs and refusals show it.
+    fn name(&self) -> std::borrow::Cow<'_, str> {
+        text::escaped(self.plugin.name.as_str())
     }
 }
 
@@ -68,7 +123,7 @@ impl Host for HostState {
                 payload,
                 self.call_deadline,
             )
-            .map_err(unavailable)
+            .map_err(|error| self.refused(error))
     }
 
     fn send(&mut self, channel: String, payload: Vec<u8>) -> Result<(), Error> {
@@ -83,7 +138,7 @@ impl Host for HostState {
                 payload,
                 self.call_deadline,
             )
-            .map_err(unavailable)
+            .map_err(|error| self.refused(error))
     }
 
     fn invalidate(&mut self, keys: Vec<String>) -> Result<u32, Error> {
@@ -93,13 +148,28 @@ impl Host for HostState {
             .find(|key| !plugin.grants.may_invalidate(key.as_bytes()))
         {
             return Err(self.deny(format!(
-                "plugin {} has no invalidate grant for key {key:?} (invalidate grants: {}); nothing was deleted",
-                plugin.name,
+                "plugin {} has no invalidate grant for key {} (invalidate grants: {}); nothing was deleted",
+                self.name(),
+                quoted(key),
                 list(&plugin.grants.config().invalidate)
             )));
         }
         if keys.is_empty() {
             return Ok(0);
+        }
+        // The notice the call announces may come back to this plugin, or to one that
+        // invalidates in turn: the loop guard treats it as the publish it is.
+        if let Some(broadcast) = plugin.effects.broadcast() {
+            self.check_loop(broadcast, || {
+                format!(
+                    "the invalidation notice on {}",
+                    quoted(&String::from_utf8_lossy(broadcast))
+                )
+            })
+            .map_err(|refused| match refused {
+                Error::Denied(why) => Error::Denied(format!("{why}; nothing was deleted")),
+                other => other,
+            })?;
         }
         plugin
             .effects
@@ -111,8 +181,9 @@ impl Host for HostState {
         let plugin = &self.plugin;
         if !plugin.grants.may_call(&name) {
             return Err(self.deny(format!(
-                "plugin {} has no grant for output {name:?} (output grants: {})",
-                plugin.name,
+                "plugin {} has no grant for output {} (output grants: {})",
+                self.name(),
+                quoted(&name),
                 list(&plugin.grants.config().outputs)
             )));
         }
@@ -135,9 +206,10 @@ impl Host for HostState {
             self.stats.record_log_dropped(&self.plugin.name);
             return;
         }
-        let text = truncate(&text, MAX_LOG_LINE);
-        let plugin = &self.plugin.name;
-        let version = &self.plugin.version;
+        // Cut, then escaped: a line holds no newline or escape sequence of the plugin's.
+        let text = text::escaped(text::truncate(&text, MAX_LOG_LINE));
+        let plugin = self.name();
+        let version = text::loggable(&self.plugin.version, text::MAX_QUOTED_NAME);
         macro_rules! emit {
             ($level:expr) => {
                 tracing::event!(target: "switchyard::plugin", $level, %plugin, %version, "{text}")
@@ -157,9 +229,12 @@ impl Host for HostState {
 /// Redis effect fails apart: at once, because Redis is not connected or refused the command
 /// ("Redis unavailable: ..."), or by running out of the plugin's deadline while waiting
 /// ("no answer within the plugin's deadline ..."), so that a plugin (and its operator) can see
-/// that an outage failed fast rather than used up the call.
+/// that an outage failed fast rather than used up the call. A payload over the limit is
+/// `invalid` (sending it again fails again); a full outgoing queue names its setting.
 fn unavailable(error: EffectError) -> Error {
     match error {
+        EffectError::PayloadTooLarge { .. } => Error::Invalid(error.to_string()),
+        EffectError::OutgoingFull { .. } => Error::Unavailable(error.to_string()),
         // Texts that already name Redis (the fast path while a write has failed) are kept.
         EffectError::Unavailable(why) if why.contains("Redis") => Error::Unavailable(why),
         EffectError::Unavailable(why) => Error::Unavailable(format!("Redis unavailable: {why}")),
@@ -172,29 +247,5 @@ fn list(items: &[String]) -> String {
         "none".to_owned()
     } else {
         items.join(", ")
-    }
-}
-
-/// Cuts `text` to at most `max` bytes on a character boundary.
-fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate;
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 10), "abc");
     }
 }

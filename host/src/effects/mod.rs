@@ -4,11 +4,20 @@
 //! Host imports run on a plugin's worker thread, not on the async runtime; they wait for
 //! Redis through [`Effects::block_on`], bounded by the remaining deadline of the call, so a
 //! slow Redis shows up as `error::unavailable` in the plugin, not as a stuck worker.
+//!
+//! What plugins publish is bounded in bytes on its way out: a payload over
+//! `plugins.max_payload_bytes` is refused at once (`error::invalid`), and the outgoing
+//! queue holds at most `effects.outgoing_bytes` of messages waiting for Redis; when that is
+//! spent, `send` and `publish` wait for room until the plugin's deadline and then fail with
+//! `error::unavailable`. The writer sends at most [`MAX_BATCH_BYTES`] (plus one message) per
+//! pipeline, since each pipeline is copied on its way to the socket and the connection keeps
+//! its largest write buffer.
 
 pub mod host;
 pub mod loop_guard;
 pub mod outputs;
 pub mod rate;
+pub mod text;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -19,21 +28,71 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 
 use crate::PluginName;
+use crate::config::Config;
 use crate::router::glob::Glob;
 use crate::source::embedded::EmbeddedBroker;
 use crate::worker::PluginStats;
+use loop_guard::Flows;
 use outputs::{OutputError, Outputs, Reply};
 
 /// Messages waiting to be written to Redis, from every plugin's `send` and `publish`. When
-/// full, a plugin's next call waits (up to its deadline) for room.
+/// full, a plugin's next call waits (up to its deadline) for room. Bytes are bounded too
+/// (`effects.outgoing_bytes`); this bounds the count of small messages.
 const OUTGOING_CAPACITY: usize = 16_384;
 /// The most PUBLISH commands written as one pipeline.
 const MAX_BATCH: usize = 512;
+/// Payload bytes written as one pipeline, at most (the message that crosses it is the last):
+/// a round trip shared by a megabyte costs little per byte, and every byte of a pipeline is
+/// copied on its way to the socket (into the commands, then into the connection's write
+/// buffer, which keeps the largest size it ever held).
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// What one outgoing message costs beyond its channel and payload: the queue entry, its
+/// reply channel and the command's framing.
+pub const OUTGOING_OVERHEAD: usize = 128;
+/// Bytes written since the allocator was last asked to give freed memory back, past which
+/// the writer asks it once the queue is empty: the copies of a burst of messages are freed
+/// into the heaps of the threads that made them, and glibc returns that space to the system
+/// only when asked (or when it lies at the top of a heap and is larger than its trim
+/// threshold, which follows the largest recent allocation), so the process would otherwise
+/// keep much of its peak.
+const RELEASE_AFTER_BYTES: usize = 64 << 20;
+/// The default of `effects.outgoing_bytes`.
+pub const DEFAULT_OUTGOING_BYTES: usize = 64 << 20;
+/// The default of `plugins.max_payload_bytes`.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1 << 20;
 /// How often a writer that lost Redis checks whether it is back.
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What bounds plugins' effects in the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EffectLimits {
+    /// Bytes the outgoing queue may hold (`effects.outgoing_bytes`).
+    pub outgoing_bytes: usize,
+    /// The largest payload `publish` and `send` accept (`plugins.max_payload_bytes`).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for EffectLimits {
+    fn default() -> Self {
+        Self {
+            outgoing_bytes: DEFAULT_OUTGOING_BYTES,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+impl EffectLimits {
+    /// The limits `config` sets.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            outgoing_bytes: usize::try_from(config.effects.outgoing_bytes).unwrap_or(usize::MAX),
+            max_payload_bytes: config.plugins.max_payload_bytes,
+        }
+    }
+}
 
 /// Where plugins' effects go, and the runtime that carries them out.
 #[derive(Clone, Debug)]
@@ -41,6 +100,11 @@ pub struct Effects {
     publisher: Publisher,
     /// The ordered queue of PUBLISH commands to Redis, for a Redis publisher.
     outgoing: Option<mpsc::Sender<Outgoing>>,
+    /// Bytes of room left in the outgoing queue: each message holds its cost until written.
+    room: Arc<Semaphore>,
+    limits: EffectLimits,
+    /// Which plugins' publishes reach which, for the loop guard.
+    flows: Arc<Flows>,
     /// Set while the last write to Redis failed and no probe has succeeded since: calls then
     /// fail at once instead of waiting out their deadline.
     redis_down: Arc<AtomicBool>,
@@ -92,9 +156,23 @@ enum Outgoing {
         sharded: bool,
         reply: Option<oneshot::Sender<Result<u32, String>>>,
         stats: Arc<PluginStats>,
+        /// Its share of `effects.outgoing_bytes`, given back once it has been written.
+        _room: OwnedSemaphorePermit,
     },
     /// Answered once everything queued before it has been written.
     Flush(oneshot::Sender<()>),
+}
+
+impl Outgoing {
+    /// Bytes of channel and payload it carries.
+    fn payload_len(&self) -> usize {
+        match self {
+            Outgoing::Publish {
+                channel, payload, ..
+            } => channel.len() + payload.len(),
+            Outgoing::Flush(_) => 0,
+        }
+    }
 }
 
 /// The connection plugins publish through.
@@ -127,6 +205,26 @@ pub enum EffectError {
     /// The call's deadline passed while waiting.
     #[error("no answer within the plugin's deadline ({0:?} left)")]
     Timeout(Duration),
+    /// A payload over `plugins.max_payload_bytes`.
+    #[error(
+        "payload of {size} bytes is over plugins.max_payload_bytes ({limit} bytes); nothing was published"
+    )]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The outgoing queue's byte budget stayed spent until the call's deadline.
+    #[error(
+        "the outgoing queue is full: effects.outgoing_bytes ({budget} bytes) stayed taken by messages waiting for Redis for the {waited:?} the plugin's deadline left; nothing was published"
+    )]
+    OutgoingFull {
+        /// `effects.outgoing_bytes`.
+        budget: usize,
+        /// How long the call waited for room.
+        waited: Duration,
+    },
     /// An output call failed.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -154,15 +252,38 @@ impl Effects {
             runtime.spawn(write_outgoing(wire, incoming, redis_down.clone()));
             queue
         });
+        let limits = EffectLimits::default();
         Self {
             publisher,
             outgoing,
+            room: Arc::new(Semaphore::new(limits.outgoing_bytes)),
+            limits,
+            flows: Arc::default(),
             redis_down,
             outputs,
             broadcast,
             sharded: Arc::default(),
             runtime,
         }
+    }
+
+    /// Bounds the effects by `limits`. Call it before any plugin uses these effects.
+    pub fn with_limits(mut self, limits: EffectLimits) -> Self {
+        self.room = Arc::new(Semaphore::new(
+            limits.outgoing_bytes.min(Semaphore::MAX_PERMITS),
+        ));
+        self.limits = limits;
+        self
+    }
+
+    /// Which plugins' publishes reach which, for the loop guard.
+    pub fn flows(&self) -> &Flows {
+        &self.flows
+    }
+
+    /// The channel invalidations are announced on, if any.
+    pub fn broadcast(&self) -> Option<&[u8]> {
+        self.broadcast.as_deref()
     }
 
     /// Publishes channels in `sharded` with `SPUBLISH`.
@@ -286,19 +407,11 @@ impl Effects {
         payload: Vec<u8>,
         deadline: Instant,
     ) -> Result<u32, EffectError> {
+        self.check_payload(&payload)?;
         match &self.publisher {
             Publisher::Redis(_) | Publisher::Cluster(_) => {
                 let (reply, receivers) = oneshot::channel();
-                self.enqueue(
-                    Outgoing::Publish {
-                        sharded: self.sharded.contains(&channel),
-                        channel,
-                        payload,
-                        reply: Some(reply),
-                        stats: stats.clone(),
-                    },
-                    deadline,
-                )?;
+                self.enqueue(stats, channel, payload, Some(reply), deadline)?;
                 self.block_on(deadline.saturating_duration_since(Instant::now()), async {
                     match receivers.await {
                         Ok(result) => result.map_err(EffectError::Unavailable),
@@ -322,17 +435,11 @@ impl Effects {
         payload: Vec<u8>,
         deadline: Instant,
     ) -> Result<(), EffectError> {
+        self.check_payload(&payload)?;
         match &self.publisher {
-            Publisher::Redis(_) | Publisher::Cluster(_) => self.enqueue(
-                Outgoing::Publish {
-                    sharded: self.sharded.contains(&channel),
-                    channel,
-                    payload,
-                    reply: None,
-                    stats: stats.clone(),
-                },
-                deadline,
-            ),
+            Publisher::Redis(_) | Publisher::Cluster(_) => {
+                self.enqueue(stats, channel, payload, None, deadline)
+            }
             Publisher::Embedded(broker) => {
                 broker.publish_from(Some(from), Bytes::from(channel), Bytes::from(payload));
                 Ok(())
@@ -340,8 +447,29 @@ impl Effects {
         }
     }
 
-    /// Puts `entry` on the outgoing queue, waiting for room until `deadline`.
-    fn enqueue(&self, entry: Outgoing, deadline: Instant) -> Result<(), EffectError> {
+    /// Refuses a payload over `plugins.max_payload_bytes`: every plugin of this host would
+    /// drop it unread, and the outgoing queue would hold it whole.
+    fn check_payload(&self, payload: &[u8]) -> Result<(), EffectError> {
+        let limit = self.limits.max_payload_bytes;
+        if payload.len() > limit {
+            return Err(EffectError::PayloadTooLarge {
+                size: payload.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Puts a PUBLISH on the outgoing queue, waiting for room (bytes, then a slot) until
+    /// `deadline`.
+    fn enqueue(
+        &self,
+        stats: &Arc<PluginStats>,
+        channel: Vec<u8>,
+        payload: Vec<u8>,
+        reply: Option<oneshot::Sender<Result<u32, String>>>,
+        deadline: Instant,
+    ) -> Result<(), EffectError> {
         let Some(queue) = &self.outgoing else {
             return Err(EffectError::Unavailable("no Redis connection".into()));
         };
@@ -351,6 +479,37 @@ impl Effects {
             ));
         }
         let stopping = || EffectError::Unavailable("the host is stopping".into());
+        // A message larger than the whole budget (a long channel name) waits for all of it.
+        let cost = (channel.len() + payload.len() + OUTGOING_OVERHEAD)
+            .min(self.limits.outgoing_bytes)
+            .min(Semaphore::MAX_PERMITS);
+        let cost = u32::try_from(cost).unwrap_or(u32::MAX);
+        let room = match self.room.clone().try_acquire_many_owned(cost) {
+            Ok(room) => room,
+            Err(TryAcquireError::Closed) => return Err(stopping()),
+            Err(TryAcquireError::NoPermits) => {
+                let waited = deadline.saturating_duration_since(Instant::now());
+                let room = self.room.clone();
+                self.block_on(waited, async move {
+                    room.acquire_many_owned(cost).await.map_err(|_| stopping())
+                })
+                .map_err(|error| match error {
+                    EffectError::Timeout(waited) => EffectError::OutgoingFull {
+                        budget: self.limits.outgoing_bytes,
+                        waited,
+                    },
+                    other => other,
+                })?
+            }
+        };
+        let entry = Outgoing::Publish {
+            sharded: self.sharded.contains(&channel),
+            channel,
+            payload,
+            reply,
+            stats: stats.clone(),
+            _room: room,
+        };
         match queue.try_send(entry) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(stopping()),
@@ -467,7 +626,8 @@ async fn write_outgoing(
     mut queue: mpsc::Receiver<Outgoing>,
     down: Arc<AtomicBool>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    let mut since_release = 0_usize;
     loop {
         if down.load(Ordering::Acquire) {
             if queue.is_closed() && queue.is_empty() {
@@ -480,9 +640,19 @@ async fn write_outgoing(
             }
             continue;
         }
-        if queue.recv_many(&mut batch, MAX_BATCH).await == 0 {
+        let Some(first) = queue.recv().await else {
             break;
+        };
+        let mut bytes = first.payload_len();
+        batch.push(first);
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            let Ok(next) = queue.try_recv() else {
+                break;
+            };
+            bytes += next.payload_len();
+            batch.push(next);
         }
+        since_release += bytes;
         let commands: Vec<(bool, &[u8], &[u8])> = batch
             .iter()
             .filter_map(|entry| match entry {
@@ -526,5 +696,30 @@ async fn write_outgoing(
                 }
             }
         }
+        if since_release >= RELEASE_AFTER_BYTES && queue.is_empty() {
+            since_release = 0;
+            // It walks every arena: not on a reactor thread.
+            drop(tokio::task::spawn_blocking(release_free_memory));
+        }
     }
 }
+
+/// Asks glibc's allocator to give the memory it holds free back to the system. The
+/// `switchyard` binary allocates through mimalloc, which returns freed pages by itself shortly
+/// after they are freed; this is for the host running under the C library's allocator (the
+/// integration tests, a program embedding the library), whose freed heap tops otherwise stay.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_memory() {
+    unsafe extern "C" {
+        /// glibc: releases free memory at the top of the heap and free pages elsewhere.
+        fn malloc_trim(pad: usize) -> std::ffi::c_int;
+    }
+    // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time.
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
+/// Other allocators give memory back by themselves, or offer no way to ask.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_memory() {}

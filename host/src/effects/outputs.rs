@@ -13,6 +13,14 @@
 //!   is not started). Any answer is returned to the plugin as it is: 2xx and 4xx at once, a
 //!   5xx once no retry is left. Only when no answer came at all (connection errors,
 //!   timeouts) is the call an error.
+//! - The reply body is read as it arrives and cut at the output's `max_reply_bytes`
+//!   (1 MiB by default): the connection is dropped there, so a server that answers with
+//!   gigabytes costs the host no more than the cap. Cut replies are counted (`truncated`)
+//!   and logged at most once a second per output.
+//! - Redirects are not followed: a 3xx answer is returned to the plugin like any other. A
+//!   followed redirect would send the payload and the configured headers (tokens in
+//!   `X-Api-Key` and the like; reqwest strips only `Authorization` and cookies) wherever the
+//!   server points, another host included.
 //! - Errors and logs never carry the webhook's URL, which may hold credentials (a token in
 //!   the query string, a password in the userinfo).
 //! - `file` and `stdout`: one JSON line per call, `{"plugin":..., "payload":...}`, where the
@@ -30,10 +38,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use super::rate::TokenBucket;
 use crate::config::{HttpMethod, OutputConfig, expand_env};
-
-/// The largest HTTP reply body handed back to a plugin; longer bodies are cut.
-pub const MAX_REPLY_BODY: usize = 1 << 20;
 
 /// The share of a plugin's remaining deadline an output call leaves to the plugin.
 pub const OUTPUT_RESERVE_PERCENT: u32 = 10;
@@ -90,10 +96,25 @@ pub enum OutputError {
 }
 
 /// Counters of one output.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
     calls: AtomicU64,
     errors: AtomicU64,
+    /// Replies whose body was cut at `max_reply_bytes`.
+    truncated: AtomicU64,
+    /// Lets one warning about a cut reply through per second.
+    truncation_log: TokenBucket,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            truncated: AtomicU64::new(0),
+            truncation_log: TokenBucket::new(1.0, 1.0),
+        }
+    }
 }
 
 /// One output's counters, for `/plugins`.
@@ -107,6 +128,8 @@ pub struct OutputReport {
     pub calls: u64,
     /// Calls that failed.
     pub errors: u64,
+    /// Replies whose body was cut at the output's `max_reply_bytes`.
+    pub truncated: u64,
 }
 
 /// A webhook, ready to call.
@@ -118,6 +141,8 @@ struct Http {
     timeout: Duration,
     retries: u32,
     backoff: Duration,
+    /// The longest reply body kept (`max_reply_bytes`).
+    max_reply: usize,
 }
 
 enum Kind {
@@ -274,6 +299,7 @@ impl Outputs {
                 kind: output.kind.label(),
                 calls: output.counters.calls.load(Ordering::Relaxed),
                 errors: output.counters.errors.load(Ordering::Relaxed),
+                truncated: output.counters.truncated.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -306,13 +332,13 @@ impl Outputs {
         let result = if local {
             // A line written here takes microseconds and waits on nothing remote: it needs no
             // share of the deadline, so a plugin near its end can still write it.
-            call(&output.kind, name, plugin, payload, within).await
+            call(output, name, plugin, payload, within).await
         } else if within.is_zero() {
             Err(no_time_left(within))
         } else {
             // The `http` kind keeps within the budget by itself, attempt by attempt; this
             // bounds the other kinds (a stuck Redis) and is a safety net for all.
-            tokio::time::timeout(within, call(&output.kind, name, plugin, payload, within))
+            tokio::time::timeout(within, call(output, name, plugin, payload, within))
                 .await
                 .unwrap_or_else(|_| Err(no_time_left(within)))
         };
@@ -348,6 +374,7 @@ fn build(config: &OutputConfig) -> Result<Kind, String> {
             timeout_ms,
             retries,
             backoff_ms,
+            max_reply_bytes,
         } => {
             let url = reqwest::Url::parse(&expand_env(url)?).map_err(|e| e.to_string())?;
             let mut header_map = reqwest::header::HeaderMap::new();
@@ -360,6 +387,8 @@ fn build(config: &OutputConfig) -> Result<Kind, String> {
             }
             let client = reqwest::Client::builder()
                 .connect_timeout(Duration::from_millis(*timeout_ms))
+                // See the module doc: a redirect could carry the headers to another host.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| e.to_string())?;
             Kind::Http(Box::new(Http {
@@ -373,6 +402,7 @@ fn build(config: &OutputConfig) -> Result<Kind, String> {
                 timeout: Duration::from_millis(*timeout_ms),
                 retries: *retries,
                 backoff: Duration::from_millis(*backoff_ms),
+                max_reply: usize::try_from(*max_reply_bytes).unwrap_or(usize::MAX),
             }))
         }
         OutputConfig::File { path } => {
@@ -402,14 +432,14 @@ fn build(config: &OutputConfig) -> Result<Kind, String> {
 }
 
 async fn call(
-    kind: &Kind,
+    output: &Output,
     name: &str,
     plugin: &str,
     payload: &[u8],
     within: Duration,
 ) -> Result<Reply, String> {
-    match kind {
-        Kind::Http(http) => call_http(http, name, payload, within).await,
+    match &output.kind {
+        Kind::Http(http) => call_http(http, &output.counters, name, payload, within).await,
         Kind::File(file) => {
             let line = json_line(plugin, payload);
             let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
@@ -462,6 +492,7 @@ enum Retryable {
 /// Calls a webhook: attempts, retries and backoffs all end within `within`.
 async fn call_http(
     http: &Http,
+    counters: &Counters,
     name: &str,
     payload: &[u8],
     within: Duration,
@@ -474,6 +505,7 @@ async fn call_http(
         timeout,
         retries,
         backoff,
+        max_reply,
     } = http;
     let end = tokio::time::Instant::now() + within;
     let mut wait = *backoff;
@@ -499,12 +531,20 @@ async fn call_http(
         let outcome = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
-                let mut body = response
-                    .bytes()
+                let (body, cut) = read_body(response, *max_reply)
                     .await
-                    .map_err(|e| format!("reading the answer failed: {}", describe(e, url)))?
-                    .to_vec();
-                body.truncate(MAX_REPLY_BODY);
+                    .map_err(|e| format!("reading the answer failed: {}", describe(e, url)))?;
+                if cut {
+                    counters.truncated.fetch_add(1, Ordering::Relaxed);
+                    if counters.truncation_log.admit() {
+                        tracing::warn!(
+                            output = name,
+                            status,
+                            max_reply_bytes = *max_reply,
+                            "webhook reply cut at max_reply_bytes; the rest was not read"
+                        );
+                    }
+                }
                 let reply = Reply { status, body };
                 if status < 500 {
                     return Ok(reply);
@@ -547,6 +587,30 @@ async fn call_http(
         tokio::time::sleep(wait).await;
         wait = wait.saturating_mul(2);
     }
+}
+
+/// Reads `response`'s body as it arrives, up to `max` bytes; whether it was cut. Once the
+/// cap is reached the response is dropped, which closes the connection, so the rest is never
+/// read (nor buffered by the client).
+async fn read_body(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    // The announced length is only a hint (a server may lie), and never more than the cap.
+    let announced = response
+        .content_length()
+        .and_then(|length| usize::try_from(length).ok())
+        .unwrap_or(0);
+    let mut body = Vec::with_capacity(announced.min(max));
+    while let Some(chunk) = response.chunk().await? {
+        let room = max - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, false))
 }
 
 /// A reqwest error as text without the request's URL (it may carry credentials): the error
@@ -622,6 +686,7 @@ mod tests {
                 timeout_ms: 1000,
                 retries: 0,
                 backoff_ms: 1,
+                max_reply_bytes: 1 << 20,
             },
         );
         let outputs = Outputs::from_config(&config).unwrap();

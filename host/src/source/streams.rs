@@ -23,7 +23,10 @@
 //! is retried after a backoff that doubles per delivery; once it has been delivered
 //! `max_deliveries` times and fails again, it is added to `<stream>:dead` with the plugin,
 //! version and error, and acknowledged. An entry the plugin rejects as `invalid` (retrying
-//! the same input will fail again) goes to the dead-letter stream at once. An entry the
+//! the same input will fail again) goes to the dead-letter stream at once, and so does an
+//! entry larger than `plugins.max_payload_bytes` (its fields, names and values together),
+//! which no plugin is given: retrying it would only read it again, and the dead letter keeps
+//! it for whoever can deal with it. An entry the
 //! plugin could not take (parked, stopping) is retried without counting against it. A
 //! claim waits until no batch is in flight, so that it never takes this consumer's own
 //! queued entries.
@@ -171,6 +174,8 @@ enum Outcome {
     },
     /// The plugin did not run it (parked, stopping, its queue shed it).
     Skipped,
+    /// The host refused it before any plugin saw it: it is over `plugins.max_payload_bytes`.
+    Oversize(String),
 }
 
 /// Reports an entry's outcome to its reader exactly once: when finished, or when dropped
@@ -334,6 +339,8 @@ impl StreamBackend {
 pub struct StreamReaders {
     backend: StreamBackend,
     shutdown: CancellationToken,
+    /// Entries larger than this (`plugins.max_payload_bytes`) are dead-lettered unhandled.
+    max_entry_bytes: usize,
     running: Mutex<Vec<Running>>,
     /// Readers told to stop, still acknowledging their last batches.
     stopping: Mutex<Vec<JoinHandle<()>>>,
@@ -351,9 +358,18 @@ impl StreamReaders {
         Self {
             backend,
             shutdown,
+            max_entry_bytes: crate::effects::DEFAULT_MAX_PAYLOAD_BYTES,
             running: Mutex::new(Vec::new()),
             stopping: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Dead-letters, unhandled, every entry whose fields (names and values) together are
+    /// larger than `bytes` (`plugins.max_payload_bytes`), as the router drops a pub/sub
+    /// message with a larger payload.
+    pub fn with_max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.max_entry_bytes = bytes;
+        self
     }
 
     /// Runs exactly one reader per target: starts the new, stops the gone. A reader being
@@ -379,6 +395,7 @@ impl StreamReaders {
             let reader = Reader {
                 target: target.clone(),
                 backend: self.backend.clone(),
+                max_entry_bytes: self.max_entry_bytes,
                 stop: stop.clone(),
                 stats: target.inbox.stats().streams.clone(),
             };
@@ -466,6 +483,7 @@ struct InFlight {
 struct Reader {
     target: StreamTarget,
     backend: StreamBackend,
+    max_entry_bytes: usize,
     stop: CancellationToken,
     stats: Arc<StreamStats>,
 }
@@ -801,6 +819,21 @@ impl Reader {
         let mut ids = Vec::with_capacity(entries.len());
         for (index, entry) in entries.into_iter().enumerate() {
             ids.push(entry.id.clone());
+            let size: usize = entry
+                .fields
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum();
+            if size > self.max_entry_bytes {
+                tally.report(
+                    index,
+                    Outcome::Oversize(format!(
+                        "entry of {size} bytes (fields and their names) is over plugins.max_payload_bytes ({} bytes); no plugin was given it",
+                        self.max_entry_bytes
+                    )),
+                );
+                continue;
+            }
             let payload = entry
                 .fields
                 .iter()
@@ -852,7 +885,12 @@ impl Reader {
                     if deliveries >= settings.max_deliveries
                         || error.starts_with(INVALID_PREFIX) =>
                 {
-                    self.dead_letter(conn, &id, deliveries, &error, &version)
+                    self.dead_letter(conn, &id, deliveries, &error, Some(&version))
+                        .await?;
+                    in_flight.done.push(id);
+                }
+                Outcome::Oversize(error) => {
+                    self.dead_letter(conn, &id, deliveries, &error, None)
                         .await?;
                     in_flight.done.push(id);
                 }
@@ -916,14 +954,16 @@ impl Reader {
     }
 
     /// Adds the entry to `<stream>:dead`: `dead.*` fields saying where it came from and why
-    /// it failed, then its own fields. It is acknowledged by the caller.
+    /// it failed, then its own fields. It is acknowledged by the caller. `version` is the
+    /// plugin version that failed on it; none for an entry the host refused unhandled, whose
+    /// `dead.version` is then `none`.
     async fn dead_letter(
         &self,
         conn: &mut Connection,
         id: &str,
         deliveries: u64,
         error: &str,
-        version: &ContentHash,
+        version: Option<&ContentHash>,
     ) -> redis::RedisResult<()> {
         let mut dead = self.target.key.to_vec();
         dead.extend_from_slice(b":dead");
@@ -951,7 +991,7 @@ impl Reader {
             .arg("dead.group")
             .arg(&self.settings().group)
             .arg("dead.version")
-            .arg(version.to_string())
+            .arg(version.map_or_else(|| "none".to_owned(), ContentHash::to_string))
             .arg("dead.deliveries")
             .arg(deliveries)
             .arg("dead.error")
@@ -961,12 +1001,19 @@ impl Reader {
         }
         conn.query(&cmd).await?;
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        let why = if version.is_none() {
+            "entry refused unhandled"
+        } else if deliveries >= self.settings().max_deliveries {
+            "entry failed too often"
+        } else {
+            "entry rejected as invalid"
+        };
         tracing::warn!(
             plugin = %self.target.inbox.plugin(),
             stream = %self.key_text(),
             entry = id,
             deliveries,
-            "entry failed too often; moved to the dead-letter stream: {error}"
+            "{why}; moved to the dead-letter stream: {error}"
         );
         Ok(())
     }

@@ -46,6 +46,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use crate::PluginName;
+use crate::effects::text;
 use crate::plugins::LoadedPlugin;
 use crate::source::Subscription;
 use crate::source::streams::{StreamEntry, StreamStats};
@@ -101,6 +102,8 @@ pub struct PluginStats {
     denied: AtomicU64,
     loop_limited: AtomicU64,
     send_failed: AtomicU64,
+    payload_too_large: AtomicU64,
+    outgoing_full: AtomicU64,
     logs_dropped: AtomicU64,
     parks: AtomicU64,
     /// Messages accepted into the queue, then dropped (oldest-first shedding, parking).
@@ -134,6 +137,10 @@ pub struct StatsSnapshot {
     pub loop_limited: u64,
     /// Messages queued with `send` that could not be written to Redis.
     pub send_failed: u64,
+    /// `publish`es and `send`s refused for a payload over `plugins.max_payload_bytes`.
+    pub payload_too_large: u64,
+    /// `publish`es and `send`s that found `effects.outgoing_bytes` spent until their deadline.
+    pub outgoing_full: u64,
     /// `log` lines dropped by the log rate limit.
     pub logs_dropped: u64,
     /// Times the circuit breaker parked the plugin.
@@ -173,6 +180,8 @@ impl PluginStats {
             denied: self.denied.load(Ordering::Relaxed),
             loop_limited: self.loop_limited.load(Ordering::Relaxed),
             send_failed: self.send_failed.load(Ordering::Relaxed),
+            payload_too_large: self.payload_too_large.load(Ordering::Relaxed),
+            outgoing_full: self.outgoing_full.load(Ordering::Relaxed),
             logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
             parks: self.parks.load(Ordering::Relaxed),
             parked_until_ms: match self.parked_until_ms.load(Ordering::Relaxed) {
@@ -195,28 +204,53 @@ impl PluginStats {
     pub fn record_denied(&self, plugin: &PluginName, why: &str) {
         self.denied.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            let why = text::loggable(why, text::MAX_ERROR_TEXT);
             tracing::warn!(%plugin, suppressed, "denied: {why}");
         }
     }
 
-    /// Counts a publish refused by the loop guard.
-    pub fn record_loop_limited(&self, plugin: &PluginName, channel: &str) {
+    /// Counts a publish refused by the loop guard; `what` names it (the channel, or the
+    /// invalidation notice).
+    pub fn record_loop_limited(&self, plugin: &PluginName, what: &str) {
         self.loop_limited.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
-            tracing::warn!(%plugin, suppressed, channel, "loop guard: plugin keeps publishing into its own subscriptions");
+            let plugin = text::escaped(plugin.as_str());
+            let what = text::loggable(what, text::MAX_ERROR_TEXT);
+            tracing::warn!(%plugin, suppressed, "loop guard: plugin keeps publishing what comes back to it ({what})");
+        }
+    }
+
+    /// Counts a `publish` or `send` refused for a payload over `plugins.max_payload_bytes`.
+    pub fn record_payload_too_large(&self, plugin: &PluginName, why: &str) {
+        self.payload_too_large.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            tracing::warn!(%plugin, suppressed, "refused: {why}");
+        }
+    }
+
+    /// Counts a `publish` or `send` that found the outgoing queue full until its deadline.
+    pub fn record_outgoing_full(&self, plugin: &PluginName, why: &str) {
+        self.outgoing_full.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
+            tracing::warn!(%plugin, suppressed, "refused: {why}");
         }
     }
 
     /// Counts a message queued by `send` that could not be written.
     pub fn record_send_failed(&self, why: &str) {
         self.send_failed.fetch_add(1, Ordering::Relaxed);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(text::bounded(why, text::MAX_ERROR_TEXT).into_owned());
     }
 
     /// Counts a `log` line dropped by the rate limit.
     pub fn record_log_dropped(&self, plugin: &PluginName) {
         self.logs_dropped.fetch_add(1, Ordering::Relaxed);
         if let Some(suppressed) = self.denial_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(%plugin, suppressed, "plugin logs too much; dropping its log lines");
         }
     }
@@ -238,6 +272,7 @@ impl PluginStats {
     fn record_shed(&self, plugin: &PluginName, reason: ShedReason, detail: &str) {
         self.shed.add(reason);
         if let Some(suppressed) = self.log_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(
                 %plugin,
                 suppressed,
@@ -249,19 +284,22 @@ impl PluginStats {
     }
 
     /// Counts a failed message, keeps its error as `last_error`, and logs it (rate limited).
+    /// The error text is the plugin's: bounded (see [`Worker::handle`]) and logged escaped.
     fn record_failure(&self, plugin: &PluginName, failure: &Failure) {
         if let Some(suppressed) = self.log_gate.admit() {
+            let plugin = text::escaped(plugin.as_str());
             tracing::warn!(
                 %plugin,
                 suppressed,
                 reason = failure.reason.as_str(),
                 "message failed: {}",
-                failure.message
+                text::loggable(&failure.message, text::MAX_ERROR_TEXT)
             );
         }
         // The error is in place before the count moves, so a reader that sees the failure
         // counted also sees why.
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(failure.message.clone());
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(text::bounded(&failure.message, text::MAX_ERROR_TEXT).into_owned());
         self.failed.add(failure.reason);
     }
 }
@@ -697,10 +735,10 @@ impl Worker {
                 .seat
                 .record(&self.crew, &version, ok, finished, &self.stats)
             {
-                tracing::error!(plugin = %self.plugin, ?backoff, "plugin keeps failing; parked");
+                tracing::error!(plugin = %text::escaped(self.plugin.as_str()), ?backoff, "plugin keeps failing; parked");
             }
         }
-        tracing::debug!(plugin = %self.plugin, "worker done (queue closed and drained, or surplus)");
+        tracing::debug!(plugin = %text::escaped(self.plugin.as_str()), "worker done (queue closed and drained, or surplus)");
     }
 
     /// Picks where the breaker record of `version` lives, and starts the crew's record over
@@ -734,7 +772,7 @@ impl Worker {
         if self.live.is_none() {
             match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
                 Ok(instance) => {
-                    tracing::debug!(plugin = %self.plugin, version = %version.hash, "instance ready");
+                    tracing::debug!(plugin = %text::escaped(self.plugin.as_str()), version = %version.hash, "instance ready");
                     self.live = Some(instance);
                 }
                 Err(e) => {
@@ -770,7 +808,13 @@ impl Worker {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(failure) => {
+            Err(mut failure) => {
+                // The text may be the plugin's own, of any length: it is kept (last error,
+                // dead letter) only up to a bound.
+                if failure.message.len() > text::MAX_ERROR_TEXT {
+                    failure.message =
+                        text::bounded(&failure.message, text::MAX_ERROR_TEXT).into_owned();
+                }
                 if failure.reason.poisons_instance() {
                     // A trap poisons the store: the next message gets a fresh instance.
                     self.live = None;
