@@ -18,12 +18,6 @@
 //! Publisher, Redis, receiver and the process under test share the machine, so absolute rates
 //! depend on it; compare within one run (the relay and Switchyard alternate round by round).
 
-/// The allocator the `switchyard` binary uses: the baselines (this binary re-executed as the
-/// relay, the stream consumer and the WebSocket fan-out) get it too, so that no ratio comes
-/// from the allocator alone.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "pipeline/burst.rs"]
 mod burst;
 #[path = "pipeline/fanout.rs"]

@@ -704,10 +704,7 @@ async fn write_outgoing(
     }
 }
 
-/// Asks glibc's allocator to give the memory it holds free back to the system. The
-/// `switchyard` binary allocates through mimalloc, which returns freed pages by itself shortly
-/// after they are freed; this is for the host running under the C library's allocator (the
-/// integration tests, a program embedding the library), whose freed heap tops otherwise stay.
+/// Asks the allocator to give the memory it holds free back to the system.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn release_free_memory() {
     unsafe extern "C" {
