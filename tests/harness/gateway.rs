@@ -7,8 +7,6 @@
 //! but the memory sampler, which looks every few milliseconds.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -271,77 +269,6 @@ pub fn client_frame_header(len: u64) -> Vec<u8> {
     header.extend_from_slice(&[0, 0, 0, 0]);
     header
 }
-
-/// The process's resident memory (`VmRSS` in `/proc/self/status`), in bytes: the host runs
-/// in the test process, so this is what it holds (with the test's own clients).
-pub fn resident_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .context("no VmRSS in /proc/self/status")?
-        .parse()?;
-    Ok(kib * 1024)
-}
-
-/// Samples [`resident_bytes`] every few milliseconds on a thread of its own until stopped:
-/// the peak shows what a test made the process hold, even for a moment.
-pub struct ResidentPeak {
-    baseline: u64,
-    peak: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    sampler: Option<std::thread::JoinHandle<()>>,
-}
-
-impl ResidentPeak {
-    /// Interval between samples.
-    const EVERY: Duration = Duration::from_millis(2);
-
-    /// Starts sampling; the baseline is the memory now.
-    pub fn start() -> anyhow::Result<Self> {
-        let baseline = resident_bytes()?;
-        let peak = Arc::new(AtomicU64::new(baseline));
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = std::thread::spawn({
-            let peak = peak.clone();
-            let stop = stop.clone();
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(now) = resident_bytes() {
-                        peak.fetch_max(now, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Self::EVERY);
-                }
-            }
-        });
-        Ok(Self {
-            baseline,
-            peak,
-            stop,
-            sampler: Some(sampler),
-        })
-    }
-
-    /// Stops sampling: how far above the baseline the memory went, in bytes.
-    pub fn growth(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(sampler) = self.sampler.take() {
-            let _ = sampler.join();
-        }
-        self.peak
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.baseline)
-    }
-}
-
-impl Drop for ResidentPeak {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-pub use crate::MEMORY_MEASUREMENT;
 
 /// What the server sent next on a WebSocket.
 #[derive(Debug, Clone, PartialEq)]

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod gateway;
+pub mod memory;
 pub mod polyglot;
 pub mod proxy;
 pub mod redis;
@@ -411,7 +412,3 @@ fn toml_list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
     format!("[{}]", quoted.join(", "))
 }
-
-/// Held by every test that bounds the test process's memory (the host runs in it), so that two
-/// of them never measure each other.
-pub static MEMORY_MEASUREMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -246,3 +246,58 @@ async fn when_the_total_budget_is_spent_the_largest_backlog_sheds() -> anyhow::R
     assert_eq!(from("big"), expected("big", big_kept));
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_large_messages_for_a_stalled_plugin_holds_no_more_than_its_budget()
+-> anyhow::Result<()> {
+    use switchyard_tests::memory::{MEMORY_MEASUREMENT, ResidentPeak};
+
+    const MIB: u64 = 1 << 20;
+    /// Each just under the default `max_payload_bytes` (1 MiB).
+    const PAYLOAD: usize = 1_000_000;
+    /// About six times the default per-plugin budget (64 MiB).
+    const SENT: u64 = 400;
+    let _alone = MEMORY_MEASUREMENT.lock().await;
+    let redis = RedisServer::start().await?;
+    let host = held_beside_forward(&redis, "").await?;
+    redis.publish("fault:x", "hold:gate").await?;
+    wait_in_flight(&host, "faulty", 1).await?;
+
+    let peak = ResidentPeak::start()?;
+    let padding = "x".repeat(PAYLOAD);
+    for i in 0..SENT {
+        // One at a time: the test's own client never holds more than one message.
+        redis
+            .publish("fault:x", format!("say:f:{i}:{padding}"))
+            .await?;
+    }
+    let full = host
+        .wait_plugin("faulty", "every message accepted or shed", |p| {
+            stat(p, "accepted") + stat(p, "shed") == SENT + 1
+        })
+        .await?;
+    let grown = peak.growth();
+    let kept = stat(&full, "accepted") - 1;
+    let (bytes, limit) = queue_bytes(&full);
+    eprintln!(
+        "{SENT} messages of {} KB for a stalled plugin: {kept} queued ({} MiB of a {} MiB \
+         budget), RSS peak +{} MiB",
+        PAYLOAD / 1000,
+        bytes / MIB,
+        limit / MIB,
+        grown / MIB
+    );
+    assert_eq!(limit, 64 * MIB, "the default budget: {full}");
+    assert!((60..=67).contains(&kept), "about 64 of 1 MB fit: {full}");
+    assert_eq!(
+        full["stats"]["shed_by"]["queue_full"],
+        SENT - kept,
+        "{full}"
+    );
+    // The queue's 64 MiB, plus what Redis's replies pass through on their way (the reader's
+    // buffers) and the allocator's slack; 400 MB without the budget.
+    assert!(grown < 160 * MIB, "RSS peak grew by {} MiB", grown / MIB);
+
+    let _gate = Subscriber::new(&redis, &["gate"], &[]).await?;
+    host.stop().await
+}

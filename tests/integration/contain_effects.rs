@@ -5,7 +5,7 @@
 //! `/plugins` and the log, and stream entries over `max_payload_bytes`.
 //!
 //! Memory is read from `/proc/self/status` (`VmRSS`): the host runs in this process. Tests
-//! that measure it take [`MEASURING`] so that they do not measure each other.
+//! that measure it take [`MEMORY_MEASUREMENT`] so that they do not measure each other.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,67 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use serde_json::Value;
+use switchyard_tests::memory::{MEMORY_MEASUREMENT, ResidentPeak, resident_bytes};
 use switchyard_tests::webhook::Webhook;
 use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, eventually, plugins};
 
-/// Held by every test that measures the process's memory.
-static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 const MIB: u64 = 1 << 20;
-
-/// The process's resident memory, in bytes.
-fn rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
-}
-
-/// The highest resident memory seen while it runs, sampled every millisecond on a thread of
-/// its own (the runtime's threads may be busy with what is measured).
-struct PeakRss {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PeakRss {
-    fn start() -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss()));
-        let thread = {
-            let (stop, peak) = (stop.clone(), peak.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(rss(), Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            })
-        };
-        Self {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops sampling; the peak.
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        self.peak.load(Ordering::Relaxed).max(rss())
-    }
-}
 
 /// The attack fixture's manifest: publish grants for `publish`, then `extra` TOML.
 fn attack_manifest(publish: &[&str], extra: &str) -> String {
@@ -102,12 +46,12 @@ fn count_of(stats: &Value, key: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_over_max_payload_bytes_is_refused_as_invalid_before_it_is_queued()
 -> anyhow::Result<()> {
-    let _one = MEASURING.lock().await;
+    let _one = MEMORY_MEASUREMENT.lock().await;
     let redis = RedisServer::start().await?;
     // Filling 30 MiB in the plugin takes longer than the default 100 ms.
     let manifest = attack_manifest(&["attacks"], "[limits]\ndeadline_ms = 5000\n");
     let host = TestHost::start(&redis, &[("attack", plugins::ATTACK, Some(&manifest))]).await?;
-    let before = rss();
+    let before = resident_bytes()?;
 
     // Ten sends of 30 MiB under the default 1 MiB limit: the first is refused at once.
     redis.publish("attack:x", "send:30:10").await?;
@@ -120,7 +64,7 @@ async fn a_send_over_max_payload_bytes_is_refused_as_invalid_before_it_is_queued
         ),
         "{error}"
     );
-    let grown = rss().saturating_sub(before);
+    let grown = resident_bytes()?.saturating_sub(before);
     eprintln!("RSS grew by {} MiB", grown / MIB);
     assert!(grown < 128 * MIB, "RSS grew by {} MiB", grown / MIB);
 
@@ -152,8 +96,8 @@ async fn measure_sends(
         &[("attack", plugins::ATTACK, Some(&manifest))],
     )
     .await?;
-    let before = rss();
-    let peak = PeakRss::start();
+    let peak = ResidentPeak::start()?;
+    let before = resident_bytes()?;
     let started = Instant::now();
     // The `ok` the fixture publishes after its sends waits for its reply, which comes after
     // every send before it has been written: handled means all went out. The pause starts
@@ -182,8 +126,8 @@ async fn measure_sends(
         Ok(stats)
     })
     .await?;
-    let peak = peak.finish().saturating_sub(before);
-    let kept = rss().saturating_sub(before);
+    let peak = peak.growth();
+    let kept = resident_bytes()?.saturating_sub(before);
     assert_eq!(count_of(&stats, "handled"), 1, "{stats}");
     assert_eq!(count_of(&stats, "send_failed"), 0, "{stats}");
     eprintln!(
@@ -199,7 +143,7 @@ async fn measure_sends(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_sends_to_a_stalled_redis_holds_no_more_than_the_outgoing_budget()
 -> anyhow::Result<()> {
-    let _one = MEASURING.lock().await;
+    let _one = MEMORY_MEASUREMENT.lock().await;
     // 256 MiB in sends of 1 MiB (the largest payload by default) while Redis takes no
     // writes for 1.5 s: the queue fills to its 64 MiB budget and the plugin waits for room
     // (its deadline is 20 s), then everything goes out, a pipeline of at most 1 MiB (and a
@@ -214,7 +158,7 @@ async fn a_flood_of_sends_to_a_stalled_redis_holds_no_more_than_the_outgoing_bud
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_sends_allowed_by_a_raised_payload_limit_stay_within_the_budget() -> anyhow::Result<()>
 {
-    let _one = MEASURING.lock().await;
+    let _one = MEMORY_MEASUREMENT.lock().await;
     // Payloads of 30 MiB allowed (`max_payload_bytes` raised to 32 MiB): ten of them. Before
     // the byte budget the same sends took RSS to 2.35 GB and kept 958 MiB.
     let (peak, kept) =
@@ -232,7 +176,7 @@ async fn huge_sends_allowed_by_a_raised_payload_limit_stay_within_the_budget() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_wait_for_room_while_redis_stalls_then_fail_at_the_deadline() -> anyhow::Result<()> {
-    let _one = MEASURING.lock().await;
+    let _one = MEMORY_MEASUREMENT.lock().await;
     let redis = RedisServer::start().await?;
     let config = "[effects]\noutgoing_bytes = 8388608\n";
     let manifest = attack_manifest(&["attacks"], "[limits]\ndeadline_ms = 1000\n");
@@ -242,8 +186,7 @@ async fn sends_wait_for_room_while_redis_stalls_then_fail_at_the_deadline() -> a
         &[("attack", plugins::ATTACK, Some(&manifest))],
     )
     .await?;
-    let before = rss();
-    let peak = PeakRss::start();
+    let peak = ResidentPeak::start()?;
 
     // The command reaches the host, then Redis stops taking writes (PUBLISH included) for
     // 3 s: the 400 sends of 1 MiB fill the 8 MiB budget and the call waits for room until
@@ -264,7 +207,7 @@ async fn sends_wait_for_room_while_redis_stalls_then_fail_at_the_deadline() -> a
         .await?;
     let stats = wait_stats(&host, "attack", "refused", |s| count_of(s, "failed") == 1).await?;
     let waited = started.elapsed();
-    let peak = peak.finish().saturating_sub(before);
+    let peak = peak.growth();
     assert_eq!(count_of(&stats, "outgoing_full"), 1, "{stats}");
     let error = stats["last_error"].as_str().unwrap_or_default();
     assert!(
@@ -404,7 +347,7 @@ async fn output_counters(host: &TestHost, name: &str) -> anyhow::Result<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_reply_of_three_gigabytes_is_cut_at_max_reply_bytes_as_it_arrives()
 -> anyhow::Result<()> {
-    let _one = MEASURING.lock().await;
+    let _one = MEMORY_MEASUREMENT.lock().await;
     let redis = RedisServer::start().await?;
     let flood = Flood::start(3 << 30).await?;
     // The probe publishes the body it got in its report: 4 MiB payloads let a 1 MiB body
@@ -422,8 +365,7 @@ async fn a_webhook_reply_of_three_gigabytes_is_cut_at_max_reply_bytes_as_it_arri
     )
     .await?;
     let mut results = Subscriber::new(&redis, &["probe-results"], &[]).await?;
-    let before = rss();
-    let peak = PeakRss::start();
+    let peak = ResidentPeak::start()?;
     let started = Instant::now();
 
     redis.publish("probe:x", "{}").await?;
@@ -447,7 +389,7 @@ async fn a_webhook_reply_of_three_gigabytes_is_cut_at_max_reply_bytes_as_it_arri
     })
     .await?;
     let streamed = flood.streamed.load(Ordering::Relaxed);
-    let peak = peak.finish().saturating_sub(before);
+    let peak = peak.growth();
     eprintln!(
         "3 GiB reply: cut after {:?}; {} MiB streamed by the server; RSS peak +{} MiB",
         took,

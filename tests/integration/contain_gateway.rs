@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde_json::json;
 use switchyard::gateway::auth::{Claims, now_secs, sign};
-use switchyard_tests::gateway::{
-    Frame, Gateway, MEMORY_MEASUREMENT, ResidentPeak, client_frame_header, metric, until_closed,
-};
+use switchyard_tests::gateway::{Frame, Gateway, client_frame_header, metric, until_closed};
+use switchyard_tests::memory::{MEMORY_MEASUREMENT, ResidentPeak};
 use switchyard_tests::{PATIENCE, RedisServer, TestHost, eventually};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
