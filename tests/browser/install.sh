@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs the npm packages the browser tests need (playwright-core, pinned in package-lock.json).
+# Installs what the browser tests need: the system's Chromium and Node (Debian packages, with
+# apt-get when they are missing and it can) and playwright-core (npm, pinned in
+# package-lock.json).
 #
 # usage: install.sh
 #
@@ -7,8 +9,8 @@
 # once: a later run with the same lock file skips the install. Prints that folder on the last
 # line of its output; pages.mjs loads playwright-core from there (BROWSER_TOOLS).
 #
-# Only the driver is installed: the browser is the system's Chromium (Debian: apt-get install
-# chromium), never a downloaded one.
+# The browser is the system's Chromium (/usr/bin/chromium, or SWITCHYARD_CHROMIUM), never one
+# that playwright downloads.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,8 +23,22 @@ fail() {
     exit 1
 }
 
-command -v node >/dev/null && command -v npm >/dev/null ||
-    fail "node and npm are missing (Debian: apt-get install nodejs npm)"
+# Installs Debian packages, or fails naming them.
+apt_install() {
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 &&
+            apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1; } ||
+        fail "$* missing and apt-get could not install them (Debian: apt-get install $*)"
+}
+
+if [[ -z "${SWITCHYARD_CHROMIUM:-}" && ! -x /usr/bin/chromium ]]; then
+    echo "installing chromium (Debian package)" >&2
+    apt_install chromium
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "installing nodejs and npm (Debian packages)" >&2
+    apt_install nodejs npm
+fi
 node -e '
     const [major] = process.versions.node.split(".").map(Number);
     process.exit(major >= 20 ? 0 : 1);

@@ -7,7 +7,8 @@
 //! it, and checks that it passed and left its screenshots in `target/browser-artifacts/`.
 //!
 //! Chromium is the system's (`/usr/bin/chromium`, Debian's `chromium` package; another binary
-//! can be named with `SWITCHYARD_CHROMIUM`). Without it the test fails, saying how to install it.
+//! can be named with `SWITCHYARD_CHROMIUM`). `install.sh` installs it with apt-get where it is
+//! missing and apt-get can; otherwise the test fails, saying how to install it.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -80,8 +81,9 @@ const SCRIPT_DEADLINE: Duration = Duration::from_secs(180);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_and_dashboard_pages_work_in_chromium() -> anyhow::Result<()> {
-    let chromium = chromium()?;
+    // Installs Chromium too where it is missing and apt-get can.
     let tools = tokio::task::spawn_blocking(install_driver).await??;
+    let chromium = chromium()?;
 
     let redis = RedisServer::start().await?;
     let host = TestHost::start_configured(
@@ -178,8 +180,8 @@ fn chromium() -> anyhow::Result<PathBuf> {
     if !path.is_file() {
         bail!(
             "Chromium is not installed at {}: the browser tests need it. Install it with \
-             `apt-get install -y chromium` (Debian; .ci/run does so), or set SWITCHYARD_CHROMIUM \
-             to a Chromium binary.",
+             `apt-get install -y chromium` (Debian; tests/browser/install.sh does so where it \
+             can), or set SWITCHYARD_CHROMIUM to a Chromium binary.",
             path.display()
         );
     }

@@ -51,11 +51,57 @@ pub fn plugin_target_dir() -> PathBuf {
     main.join("plugins")
 }
 
+/// Makes sure the standard library for [`TARGET`] is installed, before anything is compiled.
+///
+/// `rust-toolchain.toml` names the target, but rustup installs a toolchain's targets only when
+/// it installs the toolchain: a machine that had the toolchain before lacks it, and the nested
+/// build would fail minutes later with "can't find crate for `core`". Where rustup is there it
+/// adds the target (for the toolchain this build runs, which rustup passes down in
+/// `RUSTUP_TOOLCHAIN`); elsewhere the build stops now, naming the command to run.
+fn ensure_target() {
+    if target_installed() {
+        return;
+    }
+    let added = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if added && target_installed() {
+        println!("cargo:warning=installed the {TARGET} target with `rustup target add {TARGET}`");
+        return;
+    }
+    panic!(
+        "the {TARGET} target is not installed for this toolchain, and rustup could not add it: \
+         run `rustup target add {TARGET}`"
+    );
+}
+
+/// Whether the toolchain running this build has the standard library for [`TARGET`].
+fn target_installed() -> bool {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    Command::new(rustc)
+        .args(["--print", "target-libdir", "--target", TARGET])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .is_some_and(|libdir| {
+            std::fs::read_dir(libdir).is_ok_and(|entries| {
+                entries.flatten().any(|entry| {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("libcore-") && name.ends_with(".rlib")
+                })
+            })
+        })
+}
+
 /// Builds `packages` in release mode for [`TARGET`] and returns their components, in order.
 ///
 /// Panics with cargo's output when the build fails: it runs in a build script, where a panic
 /// is how an error reaches the user.
 pub fn build(packages: &[&str]) -> Vec<Artifact> {
+    ensure_target();
     let root = workspace_root();
     for watched in ["wit", "plugins", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
