@@ -278,7 +278,7 @@ impl Bench {
         Ok(Self {
             redis,
             scale,
-            forward: switchyard::demo::examples::FORWARD,
+            forward: switchyard::examples::FORWARD,
             work,
             cache,
             folders: std::cell::Cell::new(0),

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Readiness, readiness};
 use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
 use crate::effects::{EffectLimits, Effects, Publisher, ShardedChannels};
@@ -26,12 +26,12 @@ use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
 use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
+use crate::source::Source;
 use crate::source::cluster::ClusterSource;
 use crate::source::embedded::EmbeddedBroker;
 use crate::source::redis::{CLIENT_NAME_PREFIX, COMMAND_TIMEOUT, RedisSource};
 use crate::source::streams::{StreamBackend, StreamReaders};
-use crate::source::{Source, SourceStatus};
-use crate::worker::PluginStats;
+use crate::stats::PluginStats;
 use crate::worker::engine::Runtime;
 use crate::worker::queue::HostBudget;
 
@@ -139,19 +139,6 @@ impl Backlog {
     }
 }
 
-/// Whether the host is ready to route, and why not.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Readiness {
-    /// Subscribed and every plugin in the folder loaded or rejected.
-    pub ready: bool,
-    /// The subscriber connection's state.
-    pub source: SourceStatus,
-    /// Whether every plugin file in the folder has been loaded or rejected.
-    pub plugins_scanned: bool,
-    /// Plugin files readiness waits for: new, still being written, or being loaded.
-    pub plugins_pending: Vec<String>,
-}
-
 impl Host {
     /// Starts a host with `config` on `broker`, on the current (multi-threaded) tokio
     /// runtime. The admin endpoint listens on
@@ -209,7 +196,8 @@ impl Host {
         let (source, publisher) = match broker {
             Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
                 let seeds = redis.cluster_seeds().unwrap_or_default();
-                let client = redis.cluster_client(
+                let client = crate::source::cluster::cluster_client(
+                    &redis,
                     &seeds,
                     None::<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
                 )?;
@@ -502,22 +490,6 @@ impl Host {
             );
             Stopped::DeadlinePassed { unhandled }
         }
-    }
-}
-
-/// Readiness from its parts.
-pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
-    let source = source.status();
-    let plugins_scanned = registry.scanned();
-    let plugins_pending = registry
-        .pending()
-        .map(|names| names.iter().map(ToString::to_string).collect())
-        .unwrap_or_default();
-    Readiness {
-        ready: source.connected && plugins_scanned,
-        source,
-        plugins_scanned,
-        plugins_pending,
     }
 }
 

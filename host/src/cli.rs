@@ -585,15 +585,15 @@ pub fn effective_settings(config: &Config) -> String {
          retry_backoff_ms = {}\nclaim_idle_ms = {}\nstart = {:?}\n",
         st.consumer
             .clone()
-            .unwrap_or_else(crate::source::streams::default_consumer),
+            .unwrap_or_else(crate::config::default_consumer),
         st.batch,
         st.block_ms,
         st.max_deliveries,
         st.retry_backoff_ms,
         st.claim_idle_ms,
         match st.start {
-            crate::source::streams::StartFrom::New => "new",
-            crate::source::streams::StartFrom::All => "all",
+            crate::config::StartFrom::New => "new",
+            crate::config::StartFrom::All => "all",
         }
     );
     let _ = writeln!(
@@ -803,7 +803,7 @@ fn init_logging(format: LogFormat, level: Option<&str>, default_level: &str) {
         // lines, error texts, names), and a newline or escape sequence of theirs must not
         // forge a line or reach the terminal. JSON escapes by itself.
         LogFormat::Human => builder
-            .fmt_fields(crate::effects::text::escaping_fields())
+            .fmt_fields(crate::text::escaping_fields())
             .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };

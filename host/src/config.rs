@@ -11,10 +11,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::source::streams::{StartFrom, StreamSettings, default_consumer};
-use crate::worker::breaker::BreakerPolicy;
-use crate::worker::queue::WhenFull;
-
 /// Where to find Redis when nothing says otherwise.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// The admin HTTP listener: loopback only unless the operator opens it.
@@ -622,7 +618,7 @@ impl RedisConfig {
     }
 
     /// The TLS files, read, if any is set.
-    fn tls_certificates(&self) -> anyhow::Result<Option<redis::TlsCertificates>> {
+    pub fn tls_certificates(&self) -> anyhow::Result<Option<redis::TlsCertificates>> {
         use anyhow::Context as _;
 
         if !self.has_tls_files() {
@@ -677,30 +673,6 @@ impl RedisConfig {
         }
         seeds.extend(self.cluster_nodes.iter().map(|u| u.expose().to_owned()));
         Some(seeds)
-    }
-
-    /// A client for the cluster `seeds`, speaking RESP3, with pub/sub pushes sent to `push`.
-    pub fn cluster_client(
-        &self,
-        seeds: &[String],
-        push: Option<impl redis::aio::AsyncPushSender>,
-    ) -> anyhow::Result<redis::cluster::ClusterClient> {
-        use anyhow::Context as _;
-
-        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .tcp_settings(crate::source::redis::with_dead_peer_detection(
-                redis::io::tcp::TcpSettings::default(),
-            ));
-        if let Some(certificates) = self.tls_certificates()? {
-            builder = builder.certs(certificates);
-        }
-        if let Some(push) = push {
-            builder = builder.push_sender(push);
-        }
-        builder
-            .build()
-            .with_context(|| format!("redis.url {} is not a usable cluster seed", self.url))
     }
 }
 
@@ -1265,9 +1237,9 @@ impl Config {
     /// ever made, even after an attempt that fails at once. (A slow attempt is cut short by the
     /// deadline anyway; that is the deadline's job, not a misconfiguration.)
     ///
-    /// [`output_budget`]: crate::effects::outputs::output_budget
+    /// [`output_budget`]: output_budget
     pub fn output_warnings(&self) -> Vec<(String, String)> {
-        let budget = crate::effects::outputs::output_budget(self.deadline());
+        let budget = output_budget(self.deadline());
         let mut warnings = Vec::new();
         for (name, output) in &self.outputs {
             let OutputConfig::Http {
@@ -1714,9 +1686,127 @@ impl OutputConfig {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Settings the stages read, resolved from the sections above
+
+/// Which message a full queue gives up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WhenFull {
+    /// Refuse the new message.
+    #[default]
+    DropNewest,
+    /// Drop the oldest waiting message to make room.
+    DropOldest,
+}
+
+/// When the breaker trips and for how long it parks.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerPolicy {
+    /// Failures among the last `window` messages that trip the breaker.
+    pub failures: usize,
+    /// How many recent messages are considered.
+    pub window: usize,
+    /// The first parking period.
+    pub backoff: Duration,
+}
+
+/// The share of a plugin's remaining deadline an output call leaves to the plugin.
+pub const OUTPUT_RESERVE_PERCENT: u32 = 10;
+
+/// The least time an output call leaves to the plugin. The epoch interruption that enforces
+/// deadlines may fire up to one epoch tick (5 ms) before the wall-clock deadline, and the
+/// plugin needs a few milliseconds more to act on the outcome (publish a dead letter, log):
+/// four ticks cover both with room for a busy machine.
+pub const MIN_OUTPUT_RESERVE: Duration = Duration::from_millis(20);
+
+/// How long an output call (all its attempts and backoffs) may take when the calling plugin
+/// has `remaining` of its deadline left: `remaining` less the larger of
+/// [`OUTPUT_RESERVE_PERCENT`] of it and [`MIN_OUTPUT_RESERVE`]. Zero when nothing would be
+/// left: the call then fails at once with a timeout.
+pub fn output_budget(remaining: Duration) -> Duration {
+    let reserve = (remaining * OUTPUT_RESERVE_PERCENT / 100).max(MIN_OUTPUT_RESERVE);
+    remaining.saturating_sub(reserve)
+}
+
+/// Where a new group starts reading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartFrom {
+    /// Entries added after the group was created (`$`).
+    #[default]
+    New,
+    /// Every entry already in the stream (`0`).
+    All,
+}
+
+/// How one plugin reads its streams, resolved from the host's `[streams]` and the plugin's
+/// manifest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StreamSettings {
+    /// The consumer group (default: the plugin's name).
+    pub group: String,
+    /// This host's name within the group (default: the host name).
+    pub consumer: String,
+    /// Entries read per `XREADGROUP`; a reader has at most two such batches in flight.
+    pub batch: usize,
+    /// How long one read waits for new entries.
+    pub block: Duration,
+    /// Deliveries after which a failing entry goes to the dead-letter stream.
+    pub max_deliveries: u64,
+    /// Wait before the first retry; doubled per delivery, up to a minute.
+    pub retry_backoff: Duration,
+    /// Entries pending this long with another consumer are claimed.
+    pub claim_idle: Duration,
+    /// Where a group created by the host starts.
+    pub start: StartFrom,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            group: String::new(),
+            consumer: default_consumer(),
+            batch: 64,
+            block: Duration::from_secs(2),
+            max_deliveries: 5,
+            retry_backoff: Duration::from_millis(500),
+            claim_idle: Duration::from_secs(60),
+            start: StartFrom::New,
+        }
+    }
+}
+
+/// The consumer name a host uses unless configured: `HOSTNAME` (a Kubernetes pod's name),
+/// else the kernel's host name, else `switchyard`.
+pub fn default_consumer() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty())
+        })
+        .unwrap_or_else(|| "switchyard".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_calls_leave_the_plugin_a_share_of_its_deadline() {
+        let ms = Duration::from_millis;
+        assert_eq!(output_budget(ms(1000)), ms(900));
+        assert_eq!(
+            output_budget(ms(100)),
+            ms(80),
+            "at least MIN_OUTPUT_RESERVE is kept"
+        );
+        assert_eq!(output_budget(ms(15)), Duration::ZERO);
+    }
 
     #[test]
     fn cluster_urls_list_their_seeds_with_shared_credentials() {

@@ -16,13 +16,9 @@ use tokio::sync::mpsc;
 
 use crate::app::{Broker, Host};
 use crate::config::{Config, GatewayToken};
+use crate::examples;
 use crate::effects::outputs::{Captured, Outputs};
 use crate::source::embedded::{EmbeddedBroker, Published};
-
-/// The example plugins built with this binary.
-pub mod examples {
-    include!(concat!(env!("OUT_DIR"), "/examples.rs"));
-}
 
 /// The manifest each example ships with (its grants and settings).
 const MANIFESTS: &[(&str, &str)] = &[

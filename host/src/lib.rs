@@ -6,7 +6,7 @@
 //! A message passes through the modules in this order:
 //!
 //! - [`source`]: owns the subscriber connection (Redis, or the [embedded](source::embedded)
-//!   broker) and turns every delivery into a [`source::Delivery`]. Never waits on a plugin.
+//!   broker) and turns every delivery into a [`message::Delivery`]. Never waits on a plugin.
 //! - [`router`]: finds the plugins a delivery is for (Redis glob semantics, once per plugin)
 //!   and offers it to their queues.
 //! - [`worker`]: one thread per plugin with a long-lived Wasm instance; runs `handle` under a
@@ -33,13 +33,21 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod effects;
+pub mod examples;
 pub mod gateway;
+pub mod glob;
+pub mod grants;
+pub mod message;
 pub mod offline;
 pub mod plugins;
+pub mod rate;
 pub mod router;
 pub mod scaffold;
 pub mod source;
+pub mod stats;
 pub mod status;
+pub mod stream_entry;
+pub mod text;
 pub mod worker;
 
 use std::fmt;

@@ -305,7 +305,7 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
 /// The `forward` example and its manifest in a fresh folder, as `forward.wasm`.
 fn forward_in(dir: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
     let wasm = dir.join("forward.wasm");
-    std::fs::write(&wasm, switchyard::demo::examples::FORWARD)?;
+    std::fs::write(&wasm, switchyard::examples::FORWARD)?;
     std::fs::write(
         dir.join("forward.toml"),
         include_str!("../../plugins/forward/forward.toml"),
@@ -359,7 +359,7 @@ async fn check_rejects_what_is_not_a_plugin_and_says_why() -> anyhow::Result<()>
             "truncated.wasm",
             // Cut inside the embedded core module: a cut that falls exactly between two
             // top-level sections leaves a smaller, valid component.
-            &switchyard::demo::examples::FORWARD[..switchyard::demo::examples::FORWARD.len() / 2],
+            &switchyard::examples::FORWARD[..switchyard::examples::FORWARD.len() / 2],
             "not a valid WebAssembly file",
         ),
     ];
@@ -431,7 +431,7 @@ type PluginFile = (&'static str, &'static [u8], Option<String>);
 fn forward_plugin() -> PluginFile {
     (
         "forward",
-        switchyard::demo::examples::FORWARD,
+        switchyard::examples::FORWARD,
         Some(include_str!("../../plugins/forward/forward.toml").to_owned()),
     )
 }
@@ -440,7 +440,7 @@ fn forward_plugin() -> PluginFile {
 fn notify_router_plugin() -> PluginFile {
     (
         "notify-router",
-        switchyard::demo::examples::NOTIFY_ROUTER,
+        switchyard::examples::NOTIFY_ROUTER,
         Some(include_str!("../../plugins/notify-router/notify-router.toml").to_owned()),
     )
 }
@@ -912,7 +912,7 @@ async fn status_shows_the_plugins_and_what_redis_sees() -> anyhow::Result<()> {
         Launch {
             plugins: vec![(
                 "forward",
-                switchyard::demo::examples::FORWARD,
+                switchyard::examples::FORWARD,
                 Some(
                     "[grants]\npublish = [\"fwded:*\"]\n\n\
                      [subscriptions]\nchannels = [\"fwd:exact\"]\n"

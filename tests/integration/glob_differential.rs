@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use switchyard::router::glob::Glob;
+use switchyard::glob::Glob;
 use switchyard_tests::{PATIENCE, RedisServer};
 
 /// Pattern bytes: literals, every metacharacter, and bytes that are not UTF-8 (including

@@ -19,7 +19,7 @@ use crate::gateway::GatewayStats;
 use crate::plugins::Registry;
 use crate::router::Router;
 use crate::source::Source;
-use crate::worker::outcome::{FailureReason, ShedReason};
+use crate::stats::outcome::{FailureReason, ShedReason};
 
 /// Every metric family `/metrics` serves (without the `_total` suffix counters get), so that
 /// dashboards and alert rules can be checked against it.

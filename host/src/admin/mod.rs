@@ -16,7 +16,36 @@ use tokio_util::sync::CancellationToken;
 use crate::effects::outputs::Outputs;
 use crate::plugins::Registry;
 use crate::router::Router;
-use crate::source::Source;
+use crate::source::{Source, SourceStatus};
+
+/// Whether the host is ready to route, and why not.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    /// Subscribed and every plugin in the folder loaded or rejected.
+    pub ready: bool,
+    /// The subscriber connection's state.
+    pub source: SourceStatus,
+    /// Whether every plugin file in the folder has been loaded or rejected.
+    pub plugins_scanned: bool,
+    /// Plugin files readiness waits for: new, still being written, or being loaded.
+    pub plugins_pending: Vec<String>,
+}
+
+/// Readiness from its parts.
+pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
+    let source = source.status();
+    let plugins_scanned = registry.scanned();
+    let plugins_pending = registry
+        .pending()
+        .map(|names| names.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    Readiness {
+        ready: source.connected && plugins_scanned,
+        source,
+        plugins_scanned,
+        plugins_pending,
+    }
+}
 
 /// What the endpoints read.
 pub struct AdminState {
@@ -65,7 +94,7 @@ async fn healthz() -> &'static str {
 /// Ready: subscribed, and every plugin in the folder loaded or rejected. The body says why
 /// not.
 async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    let readiness = crate::app::readiness(&state.source, &state.registry);
+    let readiness = readiness(&state.source, &state.registry);
     let code = if readiness.ready {
         StatusCode::OK
     } else {

@@ -29,10 +29,10 @@ use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
 
-use super::rate::TokenBucket;
 use crate::PluginName;
-use crate::router::glob::Glob;
-use crate::source::Subscription;
+use crate::glob::Glob;
+use crate::message::Subscription;
+use crate::rate::TokenBucket;
 
 /// Publishes that feed back to their plugin allowed per second, sustained.
 pub const LOOP_RATE_PER_SEC: f64 = 100.0;

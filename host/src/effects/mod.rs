@@ -13,11 +13,8 @@
 //! pipeline, since each pipeline is copied on its way to the socket and the connection keeps
 //! its largest write buffer.
 
-pub mod host;
 pub mod loop_guard;
 pub mod outputs;
-pub mod rate;
-pub mod text;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -32,9 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, onesho
 
 use crate::PluginName;
 use crate::config::Config;
-use crate::router::glob::Glob;
-use crate::source::embedded::EmbeddedBroker;
-use crate::worker::PluginStats;
+use crate::glob::Glob;
+use crate::stats::PluginStats;
 use loop_guard::Flows;
 use outputs::{OutputError, Outputs, Reply};
 
@@ -183,7 +179,16 @@ pub enum Publisher {
     /// A Redis Cluster connection: commands go to the shard owning their key.
     Cluster(redis::cluster_async::ClusterConnection),
     /// The in-process broker (`switchyard demo`, `switchyard test`).
-    Embedded(Arc<EmbeddedBroker>),
+    Embedded(Arc<dyn InProcessBroker>),
+}
+
+/// A broker inside the host process that effects go to instead of Redis: the embedded one
+/// (`source::embedded`), which hands what is published straight to the router.
+pub trait InProcessBroker: Send + Sync {
+    /// Publishes `payload` on `channel` for plugin `from`; returns the number of receivers.
+    fn publish_from(&self, from: Option<&PluginName>, channel: Bytes, payload: Bytes) -> u32;
+    /// Removes `keys`; returns how many existed, as `UNLINK` does.
+    fn unlink(&self, keys: &[String]) -> u32;
 }
 
 impl std::fmt::Debug for Publisher {
@@ -378,7 +383,7 @@ impl Effects {
     }
 
     /// Calls the output `name` with `payload`, when the calling plugin has `remaining` of
-    /// its deadline left. The call gets [`outputs::output_budget`] of it, so that the plugin
+    /// its deadline left. The call gets [`output_budget`](crate::config::output_budget) of it, so that the plugin
     /// keeps time to act on the outcome: a slow output ends as a timeout error the plugin
     /// sees, not as the plugin's own deadline trap.
     pub fn call_output(
@@ -388,7 +393,7 @@ impl Effects {
         payload: &[u8],
         remaining: Duration,
     ) -> Result<Reply, EffectError> {
-        let budget = outputs::output_budget(remaining);
+        let budget = crate::config::output_budget(remaining);
         // `Outputs::call` bounds itself by `budget` and says which limit ended it; a second
         // timeout here would only race it with a vaguer message.
         let call = self.outputs.call(name, from.as_str(), payload, budget);

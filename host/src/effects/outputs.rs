@@ -3,7 +3,7 @@
 //! Outputs are built once from the configuration (`[outputs.NAME]`) and shared by every
 //! plugin. Each call runs on the host's async runtime and is bounded by the calling plugin's
 //! remaining deadline, less a reserve the plugin keeps to act on the outcome (see
-//! [`output_budget`]), so a slow webhook costs that plugin its deadline and nothing else, and
+//! [`output_budget`](crate::config::output_budget)), so a slow webhook costs that plugin its deadline and nothing else, and
 //! the plugin still learns why (a timeout, as an error value) instead of being stopped by its
 //! deadline.
 //!
@@ -38,26 +38,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::rate::TokenBucket;
 use crate::config::{HttpMethod, OutputConfig, expand_env};
-
-/// The share of a plugin's remaining deadline an output call leaves to the plugin.
-pub const OUTPUT_RESERVE_PERCENT: u32 = 10;
-
-/// The least time an output call leaves to the plugin. The epoch interruption that enforces
-/// deadlines may fire up to one epoch tick (5 ms) before the wall-clock deadline, and the
-/// plugin needs a few milliseconds more to act on the outcome (publish a dead letter, log):
-/// four ticks cover both with room for a busy machine.
-pub const MIN_OUTPUT_RESERVE: Duration = Duration::from_millis(20);
-
-/// How long an output call (all its attempts and backoffs) may take when the calling plugin
-/// has `remaining` of its deadline left: `remaining` less the larger of
-/// [`OUTPUT_RESERVE_PERCENT`] of it and [`MIN_OUTPUT_RESERVE`]. Zero when nothing would be
-/// left: the call then fails at once with a timeout.
-pub fn output_budget(remaining: Duration) -> Duration {
-    let reserve = (remaining * OUTPUT_RESERVE_PERCENT / 100).max(MIN_OUTPUT_RESERVE);
-    remaining.saturating_sub(reserve)
-}
+use crate::rate::TokenBucket;
 
 /// What an output answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -656,18 +638,6 @@ mod tests {
             json_line("p", b"plain \"text\""),
             "{\"payload\":\"plain \\\"text\\\"\",\"plugin\":\"p\"}\n"
         );
-    }
-
-    #[test]
-    fn output_calls_leave_the_plugin_a_share_of_its_deadline() {
-        let ms = Duration::from_millis;
-        assert_eq!(output_budget(ms(1000)), ms(900));
-        assert_eq!(
-            output_budget(ms(100)),
-            ms(80),
-            "at least MIN_OUTPUT_RESERVE is kept"
-        );
-        assert_eq!(output_budget(ms(15)), Duration::ZERO);
     }
 
     #[tokio::test]

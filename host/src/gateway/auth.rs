@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::config::{GatewayConfig, expand_env};
-use crate::router::glob::Glob;
-use crate::source::Subscription;
+use crate::glob::Glob;
+use crate::message::Subscription;
 
 /// The claims of a signed token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,17 +25,12 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Mutex;
 
 use super::GatewayStats;
-use super::ring::{Budget, Limits, Reader, Ring};
-use crate::effects::rate::TokenBucket;
-use crate::router::glob::Glob;
-use crate::router::is_reserved;
-use crate::source::Subscription;
+use super::ring::{Budget, Event, Limits, Reader, Ring};
+use crate::glob::Glob;
+use crate::message::Subscription;
+use crate::message::is_reserved;
+use crate::rate::TokenBucket;
 use crate::source::embedded::EmbeddedBroker;
-
-/// One message on its way to browsers: the JSON object both protocols send,
-/// `{"type":"message","channel":…,"pattern":…,"payload":…}`, rendered once and shared by
-/// every client's frame (cloning it copies no bytes).
-pub type Event = Utf8Bytes;
 
 /// Channels or patterns per SUBSCRIBE/UNSUBSCRIBE command, to keep each command (and Redis's
 /// reply to it) a reasonable size.

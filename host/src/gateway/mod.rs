@@ -49,13 +49,14 @@ use tokio_stream::StreamMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, SlowClients};
-use crate::effects::rate::TokenBucket;
+use crate::message::Subscription;
+use crate::message::is_reserved;
 use crate::plugins::Registry;
-use crate::router::is_reserved;
-use crate::source::Subscription;
+use crate::rate::TokenBucket;
 use crate::source::embedded::EmbeddedBroker;
 use auth::{Access, Authority, bearer, origin_allowed};
-use hub::{Backend, Dispatcher, Event, Hub, HubLimits, JoinError};
+use hub::{Backend, Dispatcher, Hub, HubLimits, JoinError};
+use ring::Event;
 use ring::{Budget, Lagged, Limits};
 use serve::{ServeLimits, Streaming, Ticket};
 

@@ -15,10 +15,15 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::sync::Notify;
 
 use super::GatewayStats;
-use super::hub::Event;
+
+/// One message on its way to browsers: the JSON object both protocols send,
+/// `{"type":"message","channel":…,"pattern":…,"payload":…}`, rendered once and shared by
+/// every client's frame (cloning it copies no bytes).
+pub type Event = Utf8Bytes;
 
 /// Bytes held by every ring of one gateway, against its total (`buffer_bytes_total`),
 /// counted in its [`GatewayStats`].

@@ -376,7 +376,7 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::demo::examples::{FORWARD, METRICS_ROLLUP};
+    use crate::examples::{FORWARD, METRICS_ROLLUP};
     use std::os::unix::fs::PermissionsExt as _;
 
     fn engine(epochs: bool) -> Engine {

@@ -27,23 +27,26 @@ use wasmtime::component::Component;
 
 use super::compile_cache::{CompileCache, Compiled};
 use super::files::{self, BoundedFile, FileError};
-use super::manifest::{Disclosure, MAX_MANIFEST_BYTES, Manifest, Settings};
-use super::{Description, Grants, LoadedPlugin};
+use super::manifest::{Disclosure, MAX_MANIFEST_BYTES, Manifest};
 use crate::config::{
     DEFAULT_DESCRIBE_DEADLINE_MS, GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig,
 };
 use crate::effects::Effects;
-use crate::effects::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::effects::loop_guard::LoopGuard;
-use crate::effects::rate::TokenBucket;
-use crate::router::is_reserved;
-use crate::source::Subscription;
+use crate::grants::{Grants, Settings};
+use crate::message::Subscription;
+use crate::message::is_reserved;
+use crate::rate::TokenBucket;
+use crate::stats::PluginStats;
+use crate::stats::outcome::Failure;
+use crate::stats::outcome::FailureReason;
+use crate::worker::MAX_CONCURRENCY;
 use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
 use crate::worker::engine::Runtime;
-use crate::worker::instance::{Failure, Instance};
-use crate::worker::outcome::FailureReason;
+use crate::worker::host::{LOG_BURST, LOG_LINES_PER_SEC};
+use crate::worker::instance::Instance;
 use crate::worker::state::PluginContext;
-use crate::worker::{MAX_CONCURRENCY, PluginStats};
+use crate::worker::version::{Description, LoadedPlugin};
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.

@@ -41,6 +41,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::{GrantsConfig, StreamOverride};
+use crate::grants::Settings;
 
 /// The largest manifest the host reads, in bytes: a manifest is grants, subscriptions, limits
 /// and a few settings, a few hundred bytes to a few KiB. Settings too large for this belong in
@@ -119,22 +120,6 @@ pub struct LimitsOverride {
     pub queue_bytes: Option<u64>,
 }
 
-/// A plugin's settings as its `config` import returns them: text, whatever the TOML type.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settings(BTreeMap<String, String>);
-
-impl Settings {
-    /// The value of `key`, if set.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
-    }
-
-    /// Every key, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.keys().map(String::as_str)
-    }
-}
-
 impl Manifest {
     /// Parses manifest text; `path` names the file in errors, which may quote the text.
     pub fn parse(text: &str, path: &Path) -> Result<Self, String> {
@@ -168,7 +153,7 @@ impl Manifest {
     /// The settings as the plugin sees them: strings stay as they are, numbers, booleans and
     /// dates take their TOML spelling, arrays and tables become JSON.
     pub fn settings(&self) -> Settings {
-        Settings(
+        Settings::new(
             self.config
                 .iter()
                 .map(|(key, value)| {

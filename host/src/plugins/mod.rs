@@ -43,16 +43,16 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::config::BreakerPolicy;
 use crate::config::GrantsConfig;
-use crate::router::glob::Glob;
+use crate::config::WhenFull;
+use crate::message::Subscription;
 use crate::router::{Route, RoutingTable};
-use crate::source::streams::StreamSettings;
-use crate::source::{Source, Subscription};
-use crate::worker::bindings::PluginPre;
-use crate::worker::breaker::BreakerPolicy;
-use crate::worker::queue::{HostBudget, Limits, WhenFull};
-use crate::worker::state::{HostState, PluginContext};
-use crate::worker::{self, Inbox, PluginStats, StatsSnapshot, Workers};
+use crate::source::Source;
+use crate::stats::{PluginStats, StatsSnapshot};
+use crate::worker::queue::{HostBudget, Limits};
+use crate::worker::version::LoadedPlugin;
+use crate::worker::{self, Inbox, Workers};
 use crate::{ContentHash, PluginName};
 use loader::{LoadError, Loaded, Loader};
 
@@ -70,93 +70,6 @@ pub const UNSUBSCRIBE_SHARE: f64 = 0.5;
 /// The settle time until [`Registry::set_settle`] says otherwise (`plugins.settle_ms`'s
 /// default).
 const DEFAULT_SETTLE: Duration = Duration::from_millis(50);
-
-/// What a plugin says about itself, checked.
-#[derive(Debug, Clone, Default)]
-pub struct Description {
-    /// Its display name.
-    pub name: String,
-    /// Its own version string.
-    pub version: String,
-    /// What it listens to, in its order (after any override by its manifest).
-    pub subscriptions: Vec<Subscription>,
-    /// The capabilities it asks for.
-    pub requested: GrantsConfig,
-}
-
-/// What a plugin version may do, checked on every host call.
-#[derive(Debug, Clone, Default)]
-pub struct Grants {
-    config: GrantsConfig,
-    publish: Vec<Glob>,
-    invalidate: Vec<Glob>,
-}
-
-impl Grants {
-    /// Grants exactly what `config` lists.
-    pub fn new(config: GrantsConfig) -> Self {
-        let globs =
-            |patterns: &[String]| patterns.iter().map(|p| Glob::new(p.as_bytes())).collect();
-        Self {
-            publish: globs(&config.publish),
-            invalidate: globs(&config.invalidate),
-            config,
-        }
-    }
-
-    /// The grants as configured.
-    pub fn config(&self) -> &GrantsConfig {
-        &self.config
-    }
-
-    /// Whether publishing on `channel` is granted.
-    pub fn may_publish(&self, channel: &[u8]) -> bool {
-        self.publish.iter().any(|glob| glob.matches(channel))
-    }
-
-    /// Whether invalidating `key` is granted.
-    pub fn may_invalidate(&self, key: &[u8]) -> bool {
-        self.invalidate.iter().any(|glob| glob.matches(key))
-    }
-
-    /// Whether calling output `name` is granted.
-    pub fn may_call(&self, name: &str) -> bool {
-        self.config.outputs.iter().any(|output| output == name)
-    }
-}
-
-/// One checked, compiled version of a plugin, ready to instantiate.
-pub struct LoadedPlugin {
-    /// Identity, grants, settings and limits, shared with every store of this version.
-    pub context: Arc<PluginContext>,
-    /// The component, linked and type-checked against the world.
-    pub pre: PluginPre<HostState>,
-    /// Its `describe` answer.
-    pub description: Description,
-    /// How its streams are read.
-    pub stream: Arc<StreamSettings>,
-    /// How many workers handle its messages at once (`limits.concurrency`; 1 keeps them in
-    /// order).
-    pub concurrency: usize,
-    /// Its queue's byte budget, if its manifest sets one (`limits.queue_bytes`).
-    pub queue_bytes: Option<u64>,
-    /// The file it came from.
-    pub path: PathBuf,
-    /// The file's size in bytes.
-    pub size: usize,
-    /// Hash of the manifest text (of the empty text when there is none).
-    pub manifest_hash: ContentHash,
-    /// When it was loaded.
-    pub loaded_at: SystemTime,
-}
-
-impl std::ops::Deref for LoadedPlugin {
-    type Target = PluginContext;
-
-    fn deref(&self) -> &PluginContext {
-        &self.context
-    }
-}
 
 /// What identifies a file's content without reading it: when this is unchanged, so is the
 /// file, and a rescan skips it.

@@ -21,7 +21,6 @@
 //! subscriptions the connection has, and no message is lost or doubled for a plugin that is
 //! in both tables.
 
-pub mod glob;
 mod table;
 
 use std::collections::VecDeque;
@@ -33,18 +32,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::source::{Delivery, Via};
+use crate::message::{Delivery, RESERVED_PREFIX, Via, is_reserved};
 
-pub use table::{Route, RoutingTable};
-
-/// Channels starting with this prefix belong to the host: they are never routed to plugins
-/// and plugins may not publish on them.
-pub const RESERVED_PREFIX: &[u8] = b"__switchyard:";
-
-/// Whether `channel` is one of the host's own.
-pub fn is_reserved(channel: &[u8]) -> bool {
-    channel.starts_with(RESERVED_PREFIX)
-}
+pub use table::{Route, RoutingTable, StreamTarget};
 
 /// Routes deliveries through the table in force and switches tables at barriers.
 pub struct Router {
@@ -56,7 +46,7 @@ pub struct Router {
     unrouted: AtomicU64,
     oversize: AtomicU64,
     max_payload: usize,
-    oversize_gate: crate::effects::rate::TokenBucket,
+    oversize_gate: crate::rate::TokenBucket,
 }
 
 /// A table waiting for its barrier.
@@ -94,7 +84,7 @@ impl Router {
             oversize: AtomicU64::new(0),
             max_payload,
             // One warning a second about oversize messages is plenty.
-            oversize_gate: crate::effects::rate::TokenBucket::new(1.0, 1.0),
+            oversize_gate: crate::rate::TokenBucket::new(1.0, 1.0),
         }
     }
 

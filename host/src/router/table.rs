@@ -7,10 +7,29 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 
-use super::glob::Glob;
-use crate::source::streams::{StreamSettings, StreamTarget};
-use crate::source::{Delivery, Subscription, Via};
+use crate::config::StreamSettings;
+use crate::glob::Glob;
+use crate::message::{Delivery, Subscription, Via};
 use crate::worker::{Envelope, Inbox};
+
+/// A plugin's stream, as the routing table lists it.
+#[derive(Clone)]
+pub struct StreamTarget {
+    /// The plugin's queue.
+    pub inbox: Inbox,
+    /// The stream's key.
+    pub key: Bytes,
+    /// How to read it.
+    pub settings: Arc<StreamSettings>,
+}
+
+impl StreamTarget {
+    pub(crate) fn same(&self, other: &StreamTarget) -> bool {
+        self.key == other.key
+            && self.inbox.same_queue(&other.inbox)
+            && self.settings == other.settings
+    }
+}
 
 /// One plugin's entry: its queue and its subscriptions, in the order it listed them.
 pub struct Route {
@@ -201,8 +220,10 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::worker::queue::{HostBudget, Limits, WhenFull};
-    use crate::worker::{Inbox, PluginStats, inbox};
+    use crate::config::WhenFull;
+    use crate::stats::PluginStats;
+    use crate::worker::queue::{HostBudget, Limits};
+    use crate::worker::{Inbox, inbox};
 
     fn test_inbox(name: &str) -> Inbox {
         let limits = Limits {

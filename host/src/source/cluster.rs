@@ -33,8 +33,9 @@ use tokio_util::sync::CancellationToken;
 use super::redis::{
     BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, delivery, names_of,
 };
-use super::{ControlHandle, SourceStatus, Subscription, Update};
+use super::{ControlHandle, SourceStatus, Update};
 use crate::config::RedisConfig;
+use crate::message::Subscription;
 use crate::router::{Router, RoutingTable};
 
 /// How often the control task checks that every primary answers.
@@ -71,7 +72,7 @@ impl ClusterSource {
             }
             Ok::<(), Infallible>(())
         };
-        let client = config.cluster_client(seeds, Some(on_push))?;
+        let client = cluster_client(config, seeds, Some(on_push))?;
         let (handle, updates, status) = ControlHandle::new("cluster source");
         let control = Control {
             client,
@@ -446,4 +447,28 @@ fn primaries_by_slot_range(reply: redis::Value) -> Vec<(i64, i64, String)> {
         .collect();
     shape.sort();
     shape
+}
+
+/// A client for the cluster `seeds` of `config`, speaking RESP3, with pub/sub pushes sent to `push`.
+pub fn cluster_client(
+    config: &RedisConfig,
+    seeds: &[String],
+    push: Option<impl redis::aio::AsyncPushSender>,
+) -> anyhow::Result<redis::cluster::ClusterClient> {
+    use anyhow::Context as _;
+
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .tcp_settings(super::redis::with_dead_peer_detection(
+            redis::io::tcp::TcpSettings::default(),
+        ));
+    if let Some(certificates) = config.tls_certificates()? {
+        builder = builder.certs(certificates);
+    }
+    if let Some(push) = push {
+        builder = builder.push_sender(push);
+    }
+    builder
+        .build()
+        .with_context(|| format!("redis.url {} is not a usable cluster seed", config.url))
 }

@@ -13,9 +13,11 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Delivery, SourceStatus, Subscription, Via};
+use super::SourceStatus;
 use crate::PluginName;
-use crate::router::glob::Glob;
+use crate::effects::InProcessBroker;
+use crate::glob::Glob;
+use crate::message::{Delivery, Subscription, Via};
 use crate::router::{Router, RoutingTable};
 
 /// A message published on the embedded broker, as its taps see it.
@@ -187,5 +189,15 @@ impl EmbeddedBroker {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl InProcessBroker for EmbeddedBroker {
+    fn publish_from(&self, from: Option<&PluginName>, channel: Bytes, payload: Bytes) -> u32 {
+        EmbeddedBroker::publish_from(self, from, channel, payload)
+    }
+
+    fn unlink(&self, keys: &[String]) -> u32 {
+        EmbeddedBroker::unlink(self, keys)
     }
 }

@@ -21,82 +21,9 @@ pub mod streams;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::SystemTime;
 
-use bytes::Bytes;
-
+use crate::message::Subscription;
 use crate::router::RoutingTable;
-
-/// Something the host subscribes to on behalf of plugins.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Subscription {
-    /// An exact channel (`SUBSCRIBE`).
-    Channel(Bytes),
-    /// A Redis glob pattern (`PSUBSCRIBE`).
-    Pattern(Bytes),
-    /// A sharded channel (`SSUBSCRIBE`), served by the shard owning its slot.
-    Sharded(Bytes),
-    /// A stream read through a consumer group (`XREADGROUP`); see [`streams`].
-    Stream(Bytes),
-}
-
-impl Subscription {
-    /// The channel name, pattern or stream key.
-    pub fn name(&self) -> &Bytes {
-        match self {
-            Subscription::Channel(name)
-            | Subscription::Pattern(name)
-            | Subscription::Sharded(name)
-            | Subscription::Stream(name) => name,
-        }
-    }
-
-    /// `channel`, `pattern`, `sharded` or `stream`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Subscription::Channel(_) => "channel",
-            Subscription::Pattern(_) => "pattern",
-            Subscription::Sharded(_) => "sharded",
-            Subscription::Stream(_) => "stream",
-        }
-    }
-}
-
-impl std::fmt::Display for Subscription {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}",
-            self.kind(),
-            String::from_utf8_lossy(self.name())
-        )
-    }
-}
-
-/// How a delivery reached the host: through an exact subscription or through a pattern.
-/// Redis sends one delivery per matching subscription of the connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Via {
-    /// The connection's `SUBSCRIBE` to the message's channel.
-    Channel,
-    /// The connection's `PSUBSCRIBE` to this pattern.
-    Pattern(Bytes),
-    /// The connection's `SSUBSCRIBE` to the message's channel.
-    Sharded,
-}
-
-/// One message as a source received it.
-#[derive(Clone, Debug)]
-pub struct Delivery {
-    /// The channel it was published to (bytes: Redis channel names need not be UTF-8).
-    pub channel: Bytes,
-    /// Which of the connection's subscriptions delivered it.
-    pub via: Via,
-    /// The payload, untouched.
-    pub payload: Bytes,
-    /// When the host read it.
-    pub received_at: SystemTime,
-}
 
 /// A change of subscriptions (and the table that goes with them), for a control task.
 pub(crate) struct Update {

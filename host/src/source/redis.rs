@@ -32,7 +32,8 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ControlHandle, Delivery, SourceStatus, Subscription, Update, Via};
+use super::{ControlHandle, SourceStatus, Update};
+use crate::message::{Delivery, Subscription, Via};
 use crate::router::{Router, RoutingTable};
 
 /// First wait before reconnecting (also after losing a connection that was up: a server that

@@ -43,20 +43,22 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use redis::Value;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::Subscription;
 use super::redis::{BACKOFF_MAX, BACKOFF_MIN, Backoff, HEALTHY_SESSION};
 use crate::ContentHash;
+use crate::config::{StartFrom, StreamSettings};
+use crate::message::Subscription;
+use crate::router::StreamTarget;
+use crate::stream_entry::{Outcome, StreamEntry, StreamStats, Tally, Ticket};
+use crate::worker::Envelope;
 use crate::worker::instance::INVALID_PREFIX;
-use crate::worker::{Envelope, Inbox};
 
 /// Longest wait before an entry's next retry.
 const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -70,211 +72,6 @@ const READ_MARGIN: Duration = Duration::from_secs(5);
 /// handled again and to how long an entry waits, pending, before its turn (`claim_idle`
 /// must stay above that wait, or another consumer claims the entry meanwhile).
 const BATCHES_IN_FLIGHT: usize = 2;
-
-/// Where a new group starts reading.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StartFrom {
-    /// Entries added after the group was created (`$`).
-    #[default]
-    New,
-    /// Every entry already in the stream (`0`).
-    All,
-}
-
-/// How one plugin reads its streams, resolved from the host's `[streams]` and the plugin's
-/// manifest.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct StreamSettings {
-    /// The consumer group (default: the plugin's name).
-    pub group: String,
-    /// This host's name within the group (default: the host name).
-    pub consumer: String,
-    /// Entries read per `XREADGROUP`; a reader has at most two such batches in flight.
-    pub batch: usize,
-    /// How long one read waits for new entries.
-    pub block: Duration,
-    /// Deliveries after which a failing entry goes to the dead-letter stream.
-    pub max_deliveries: u64,
-    /// Wait before the first retry; doubled per delivery, up to a minute.
-    pub retry_backoff: Duration,
-    /// Entries pending this long with another consumer are claimed.
-    pub claim_idle: Duration,
-    /// Where a group created by the host starts.
-    pub start: StartFrom,
-}
-
-impl Default for StreamSettings {
-    fn default() -> Self {
-        Self {
-            group: String::new(),
-            consumer: default_consumer(),
-            batch: 64,
-            block: Duration::from_secs(2),
-            max_deliveries: 5,
-            retry_backoff: Duration::from_millis(500),
-            claim_idle: Duration::from_secs(60),
-            start: StartFrom::New,
-        }
-    }
-}
-
-/// The consumer name a host uses unless configured: `HOSTNAME` (a Kubernetes pod's name),
-/// else the kernel's host name, else `switchyard`.
-pub fn default_consumer() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|name| !name.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|name| name.trim().to_owned())
-                .filter(|name| !name.is_empty())
-        })
-        .unwrap_or_else(|| "switchyard".to_owned())
-}
-
-/// A plugin's stream, as the routing table lists it.
-#[derive(Clone)]
-pub struct StreamTarget {
-    /// The plugin's queue.
-    pub inbox: Inbox,
-    /// The stream's key.
-    pub key: Bytes,
-    /// How to read it.
-    pub settings: Arc<StreamSettings>,
-}
-
-impl StreamTarget {
-    fn same(&self, other: &StreamTarget) -> bool {
-        self.key == other.key
-            && self.inbox.same_queue(&other.inbox)
-            && self.settings == other.settings
-    }
-}
-
-/// One entry read from a stream, on its way to a plugin.
-#[derive(Debug)]
-pub struct StreamEntry {
-    /// The entry id.
-    pub id: String,
-    /// Its fields, in order.
-    pub fields: Vec<(String, Bytes)>,
-    /// Reports the outcome to the reader.
-    pub ticket: Ticket,
-}
-
-/// What became of one entry.
-#[derive(Debug)]
-enum Outcome {
-    Handled,
-    Failed {
-        error: String,
-        version: ContentHash,
-    },
-    /// The plugin did not run it (parked, stopping, its queue shed it).
-    Skipped,
-    /// The host refused it before any plugin saw it: it is over `plugins.max_payload_bytes`.
-    Oversize(String),
-}
-
-/// Reports an entry's outcome to its reader exactly once: when finished, or when dropped
-/// unfinished (the entry was not handled).
-#[derive(Debug, Default)]
-pub struct Ticket {
-    report: Option<(usize, Arc<Tally>)>,
-}
-
-impl Ticket {
-    /// Moves the ticket out, leaving an inert one.
-    pub fn take(&mut self) -> Ticket {
-        std::mem::take(self)
-    }
-
-    /// Reports how `handle` went, by `version`.
-    pub fn finish(mut self, result: Result<(), String>, version: &ContentHash) {
-        if let Some((index, tally)) = self.report.take() {
-            let outcome = match result {
-                Ok(()) => Outcome::Handled,
-                Err(error) => Outcome::Failed {
-                    error,
-                    version: *version,
-                },
-            };
-            tally.report(index, outcome);
-        }
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if let Some((index, tally)) = self.report.take() {
-            tally.report(index, Outcome::Skipped);
-        }
-    }
-}
-
-/// The outcomes of one batch, filled in by its tickets. Only the last report wakes the
-/// reader: one wake-up per batch, not one per entry, since every wake-up of the reader's
-/// task from a worker thread is a cross-thread hand-off.
-#[derive(Debug)]
-struct Tally {
-    /// By the entry's index in its batch.
-    outcomes: Mutex<Vec<Option<Outcome>>>,
-    /// Tickets that have not reported yet.
-    open: AtomicUsize,
-    settled: Notify,
-}
-
-impl Tally {
-    fn new(entries: usize) -> Self {
-        Self {
-            outcomes: Mutex::new((0..entries).map(|_| None).collect()),
-            open: AtomicUsize::new(entries),
-            settled: Notify::new(),
-        }
-    }
-
-    fn report(&self, index: usize, outcome: Outcome) {
-        if let Some(slot) = self
-            .outcomes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(index)
-        {
-            *slot = Some(outcome);
-        }
-        if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Keeps a permit if the reader is not waiting yet.
-            self.settled.notify_one();
-        }
-    }
-
-    /// Waits until every ticket has reported (each does, when finished or dropped), then
-    /// gives the outcomes in entry order.
-    async fn settled(&self) -> Vec<Outcome> {
-        while self.open.load(Ordering::Acquire) > 0 {
-            self.settled.notified().await;
-        }
-        std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .map(|outcome| outcome.unwrap_or(Outcome::Skipped))
-            .collect()
-    }
-}
-
-/// Counters of one plugin's stream reading, shown in `/plugins` and `/metrics`.
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    /// Entries acknowledged after a successful `handle`.
-    pub acked: AtomicU64,
-    /// Failed or skipped entries scheduled for another delivery.
-    pub retried: AtomicU64,
-    /// Entries moved to the dead-letter stream.
-    pub dead_lettered: AtomicU64,
-    /// Entries taken over from another consumer.
-    pub claimed: AtomicU64,
-}
 
 /// How readers connect: to one server, or to a cluster (commands routed by key).
 #[derive(Clone)]
@@ -849,9 +646,7 @@ impl Reader {
                 entry: Some(Box::new(StreamEntry {
                     id: entry.id,
                     fields: entry.fields,
-                    ticket: Ticket {
-                        report: Some((index, tally.clone())),
-                    },
+                    ticket: Ticket::new(index, tally.clone()),
                 })),
             });
         }
@@ -1143,46 +938,5 @@ mod tests {
             assert_eq!(got[0].fields[0].1.as_ref(), b"x");
         }
         assert!(read_reply_entries(Value::Nil).is_empty());
-    }
-
-    #[test]
-    fn a_dropped_ticket_reports_the_entry_skipped() {
-        let tally = Arc::new(Tally::new(2));
-        drop(Ticket {
-            report: Some((0, tally.clone())),
-        });
-        Ticket {
-            report: Some((1, tally.clone())),
-        }
-        .finish(Ok(()), &ContentHash::of(b""));
-        let outcomes = futures::executor::block_on(tally.settled());
-        assert!(matches!(
-            outcomes.as_slice(),
-            [Outcome::Skipped, Outcome::Handled]
-        ));
-    }
-
-    #[test]
-    fn a_batch_is_settled_only_when_its_last_ticket_reports() {
-        use futures::FutureExt as _;
-        let tally = Arc::new(Tally::new(3));
-        let mut tickets: Vec<Ticket> = (0..3)
-            .map(|index| Ticket {
-                report: Some((index, tally.clone())),
-            })
-            .collect();
-        let mut settled = Box::pin(tally.settled());
-        // Out of order, as workers of a plugin with concurrency > 1 finish them.
-        tickets
-            .remove(2)
-            .finish(Err("no".into()), &ContentHash::of(b""));
-        tickets.remove(0).finish(Ok(()), &ContentHash::of(b""));
-        assert!(settled.as_mut().now_or_never().is_none(), "one still open");
-        drop(tickets);
-        let outcomes = settled.now_or_never().expect("every ticket reported");
-        assert!(matches!(
-            outcomes.as_slice(),
-            [Outcome::Handled, Outcome::Skipped, Outcome::Failed { .. }]
-        ));
     }
 }

@@ -20,19 +20,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crate::config::BreakerPolicy;
+
 /// The longest a plugin stays parked.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
-
-/// When the breaker trips and for how long it parks.
-#[derive(Debug, Clone, Copy)]
-pub struct BreakerPolicy {
-    /// Failures among the last `window` messages that trip the breaker.
-    pub failures: usize,
-    /// How many recent messages are considered.
-    pub window: usize,
-    /// The first parking period.
-    pub backoff: Duration,
-}
 
 /// One plugin's breaker.
 #[derive(Debug)]

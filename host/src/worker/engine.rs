@@ -51,7 +51,8 @@ impl Runtime {
         // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when unused; the
         // WASI context behind them grants nothing (see `HostState::new`), and its imports
         // that can wait wait no longer than the call's deadline (see `super::wasi`).
-        super::wasi::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
+        super::wasi::add_to_linker(&mut linker, HostState::bounded_io)
+            .map_err(anyhow::Error::from)?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)?;
 

@@ -10,25 +10,16 @@ use std::time::UNIX_EPOCH;
 
 use wasmtime::Store;
 
+use super::Envelope;
 use super::bindings::Plugin;
 use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
-use super::outcome::FailureReason;
 use super::state::{HostState, MemoryExhausted};
+use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
-use super::{Envelope, PluginStats};
-use crate::plugins::LoadedPlugin;
-use crate::source::Subscription;
-
-/// Why a call failed, and the error as `last_error` (or a load error) shows it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct Failure {
-    /// The kind of failure; every reason but [`FailureReason::Error`] costs the instance.
-    pub reason: FailureReason,
-    /// What happened, for logs and `/plugins`.
-    pub message: String,
-}
+use crate::message::Subscription;
+use crate::stats::PluginStats;
+use crate::stats::outcome::{Failure, FailureReason};
 
 /// A store with a plugin instantiated in it.
 pub struct Instance {

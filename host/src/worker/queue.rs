@@ -20,22 +20,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
-use serde::{Deserialize, Serialize};
+use crate::config::WhenFull;
 
-use super::outcome::ShedReason;
-use super::{Envelope, PluginStats};
+use super::Envelope;
 use crate::PluginName;
-
-/// Which message a full queue gives up.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WhenFull {
-    /// Refuse the new message.
-    #[default]
-    DropNewest,
-    /// Drop the oldest waiting message to make room.
-    DropOldest,
-}
+use crate::stats::PluginStats;
+use crate::stats::outcome::ShedReason;
 
 /// What a queued message costs beyond its payload, channel and subscription bytes: the
 /// envelope itself in the queue's ring, and the heap blocks its payload and channel live in
@@ -550,7 +540,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::source::Subscription;
+    use crate::message::Subscription;
 
     fn envelope(n: u8) -> Envelope {
         sized(n, 1)
@@ -601,7 +591,7 @@ mod tests {
         Queue::new(limits, budget.clone(), owner(name))
     }
 
-    fn shed(queue: &Queue) -> crate::worker::outcome::ShedCounts {
+    fn shed(queue: &Queue) -> crate::stats::outcome::ShedCounts {
         queue.owner.stats.snapshot().shed_by
     }
 
@@ -852,7 +842,7 @@ mod tests {
 
     fn entry(n: u8, len: usize) -> Envelope {
         let mut envelope = sized(n, len);
-        envelope.entry = Some(Box::new(crate::source::streams::StreamEntry {
+        envelope.entry = Some(Box::new(crate::stream_entry::StreamEntry {
             id: format!("{n}-0"),
             fields: Vec::new(),
             ticket: Default::default(),

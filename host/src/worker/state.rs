@@ -15,10 +15,9 @@ use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiVie
 
 use crate::effects::Effects;
 use crate::effects::loop_guard::LoopGuard;
-use crate::effects::rate::TokenBucket;
-use crate::plugins::Grants;
-use crate::plugins::manifest::Settings;
-use crate::worker::PluginStats;
+use crate::grants::{Grants, Settings};
+use crate::rate::TokenBucket;
+use crate::stats::PluginStats;
 use crate::worker::wasi::BoundedIo;
 use crate::{ContentHash, PluginName};
 

@@ -44,6 +44,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use wasmtime_wasi::WasiView;
 use wasmtime_wasi::p2::bindings::io::poll::{Host as AsyncPoll, HostPollable as AsyncHostPollable};
 use wasmtime_wasi::p2::bindings::io::streams::{
     HostInputStream as AsyncHostInputStream, HostOutputStream as AsyncHostOutputStream,
@@ -51,8 +52,6 @@ use wasmtime_wasi::p2::bindings::io::streams::{
 use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
 use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable, StreamError, StreamResult};
 use wasmtime_wasi::runtime::in_tokio;
-
-use super::state::HostState;
 
 /// A host call that waited until the call's deadline. Raised as a trap; the worker counts it
 /// as a `deadline` failure, like an epoch interrupt.
@@ -64,14 +63,16 @@ pub struct DeadlineReached {
 }
 
 /// Adds WASI to `linker`: wasmtime-wasi's synchronous bindings, then this module's bounded
-/// `wasi:io/poll` and `wasi:io/streams` in place of theirs.
-pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+/// `wasi:io/poll` and `wasi:io/streams` in place of theirs, which work on what `bounded_io`
+/// takes from a store's data.
+pub fn add_to_linker<T: WasiView + 'static>(
+    linker: &mut Linker<T>,
+    bounded_io: fn(&mut T) -> BoundedIo<'_>,
+) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);
-    let replaced = poll::add_to_linker::<HostState, BoundedWaits>(linker, HostState::bounded_io)
-        .and_then(|()| {
-            streams::add_to_linker::<HostState, BoundedWaits>(linker, HostState::bounded_io)
-        });
+    let replaced = poll::add_to_linker::<T, BoundedWaits>(linker, bounded_io)
+        .and_then(|()| streams::add_to_linker::<T, BoundedWaits>(linker, bounded_io));
     linker.allow_shadowing(false);
     replaced
 }

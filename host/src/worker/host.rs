@@ -9,13 +9,13 @@
 
 use tracing::Level as TraceLevel;
 
-use crate::worker::bindings::switchyard::plugin::host::Host;
-use crate::worker::bindings::switchyard::plugin::types::{self, Error, Level, OutputReply};
-use crate::worker::state::HostState;
+use super::bindings::switchyard::plugin::host::Host;
+use super::bindings::switchyard::plugin::types::{self, Error, Level, OutputReply};
+use super::state::HostState;
 
-use super::EffectError;
-use super::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
-use super::text::{self, quoted};
+use crate::effects::EffectError;
+use crate::effects::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
+use crate::text::{self, quoted};
 
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
 /// call.
@@ -38,7 +38,7 @@ impl HostState {
     /// a grant for it, and the loop guard lets it through.
     fn check_publish(&self, channel: &str) -> Result<(), Error> {
         let plugin = &self.plugin;
-        if crate::router::is_reserved(channel.as_bytes()) {
+        if crate::message::is_reserved(channel.as_bytes()) {
             return Err(self.deny(format!(
                 "channel {} is reserved for the host",
                 quoted(channel)

@@ -1,7 +1,7 @@
 //! Why a message failed or was shed: two small fixed sets, so that each reason can be a
 //! metric label and a field of `/plugins` without ever growing with traffic.
 //!
-//! The worker decides a failure's reason where the call ends (see [`super::instance`]); the
+//! The worker decides a failure's reason where the call ends (see `worker::instance`); the
 //! router and the worker decide a shed's reason where the message is dropped. Totals are the
 //! sums of the reasons, so the two can never disagree.
 
@@ -206,6 +206,16 @@ impl ShedCounts {
     pub fn total(&self) -> u64 {
         ShedReason::ALL.iter().map(|r| self.get(*r)).sum()
     }
+}
+
+/// Why a call failed, and the error as `last_error` (or a load error) shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    /// The kind of failure; every reason but [`FailureReason::Error`] costs the instance.
+    pub reason: FailureReason,
+    /// What happened, for logs and `/plugins`.
+    pub message: String,
 }
 
 #[cfg(test)]
