@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use crate::app::{Broker, Host};
 use crate::config::{Config, GatewayToken};
-use crate::examples;
 use crate::effects::outputs::{Captured, Outputs};
+use crate::examples;
 use crate::source::embedded::{EmbeddedBroker, Published};
 
 /// The manifest each example ships with (its grants and settings).

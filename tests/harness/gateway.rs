@@ -47,6 +47,14 @@ impl Gateway {
         }
     }
 
+    /// The gateway listening on `addr` (of a [`HostProcess`](crate::process::HostProcess)).
+    pub fn at(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -508,6 +516,11 @@ pub async fn metric(host: &TestHost, series: &str) -> anyhow::Result<f64> {
     let (status, body) = host.get("/metrics").await?;
     let text = body.as_str().context("/metrics is text")?;
     anyhow::ensure!(status == 200, "/metrics: {status}");
+    metric_value(text, series)
+}
+
+/// The value of `series` in the Prometheus text `text`.
+pub fn metric_value(text: &str, series: &str) -> anyhow::Result<f64> {
     text.lines()
         .find_map(|line| {
             let value = line.strip_prefix(series)?.strip_prefix(' ')?;

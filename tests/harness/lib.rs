@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod gateway;
 pub mod memory;
 pub mod polyglot;
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod tls;
@@ -25,7 +26,7 @@ use switchyard::app::{Broker, Host};
 use switchyard::config::{Config, RedisUrl};
 
 pub use crate::polyglot::compile_cache_dir;
-pub use crate::redis::{Received, RedisServer, Subscriber};
+pub use crate::redis::{Received, RedisServer, Subscriber, free_port};
 
 /// Components built from `plugins/` for these tests (paths).
 pub mod plugins {

@@ -1,5 +1,6 @@
-//! The test process's memory: the host runs in it, so what a test makes the host hold shows
-//! in the process's resident set (`VmRSS` in `/proc/self/status`).
+//! Resident memory (`VmRSS` in `/proc/PID/status`): of the test process, where a
+//! [`TestHost`](crate::TestHost) runs, or of a [`HostProcess`](crate::process::HostProcess),
+//! which no other test shares.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,18 +15,23 @@ pub static MEMORY_MEASUREMENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::cons
 /// The process's resident memory (`VmRSS` in `/proc/self/status`), in bytes: the host runs
 /// in the test process, so this is what it holds (with the test's own clients).
 pub fn resident_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kib: u64 = status
+    resident_bytes_of("/proc/self/status")
+}
+
+/// `VmRSS` in the status file `status`, in bytes.
+fn resident_bytes_of(status: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(status)?;
+    let kib: u64 = text
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next())
-        .context("no VmRSS in /proc/self/status")?
+        .with_context(|| format!("no VmRSS in {status}"))?
         .parse()?;
     Ok(kib * 1024)
 }
 
-/// Samples [`resident_bytes`] every few milliseconds on a thread of its own until stopped:
-/// the peak shows what a test made the process hold, even for a moment.
+/// Samples a process's resident memory every few milliseconds on a thread of its own until
+/// stopped: the peak shows what a test made the process hold, even for a moment.
 pub struct ResidentPeak {
     baseline: u64,
     peak: Arc<AtomicU64>,
@@ -37,9 +43,18 @@ impl ResidentPeak {
     /// Interval between samples.
     const EVERY: Duration = Duration::from_millis(2);
 
-    /// Starts sampling; the baseline is the memory now.
+    /// Starts sampling the test process; the baseline is its memory now.
     pub fn start() -> anyhow::Result<Self> {
-        let baseline = resident_bytes()?;
+        Self::sampling("/proc/self/status".to_owned())
+    }
+
+    /// Starts sampling the process `pid`; the baseline is its memory now.
+    pub fn of_process(pid: u32) -> anyhow::Result<Self> {
+        Self::sampling(format!("/proc/{pid}/status"))
+    }
+
+    fn sampling(status: String) -> anyhow::Result<Self> {
+        let baseline = resident_bytes_of(&status)?;
         let peak = Arc::new(AtomicU64::new(baseline));
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = std::thread::spawn({
@@ -47,7 +62,7 @@ impl ResidentPeak {
             let stop = stop.clone();
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Ok(now) = resident_bytes() {
+                    if let Ok(now) = resident_bytes_of(&status) {
                         peak.fetch_max(now, Ordering::Relaxed);
                     }
                     std::thread::sleep(Self::EVERY);

@@ -290,7 +290,7 @@ enum Probe {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
         .context("binding 127.0.0.1:0 to find a free port for redis-server")?;
     let port = listener

@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use serde_json::Value;
 use switchyard_tests::memory::{MEMORY_MEASUREMENT, ResidentPeak, resident_bytes};
+use switchyard_tests::process::HostProcess;
 use switchyard_tests::webhook::Webhook;
 use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, eventually, plugins};
 
@@ -611,62 +612,26 @@ async fn plugin_text_is_cut_in_plugins_and_escaped_in_the_human_log() -> anyhow:
     use tokio::io::AsyncReadExt as _;
 
     let redis = RedisServer::start().await?;
-    let dir = tempfile::tempdir()?;
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir(&plugins_dir)?;
     // A file name with a newline and an escape sequence in it.
     let name = "atk\u{1b}[2J\nFORGED-BY-NAME";
-    // Building 20 MB of text takes longer than the default 100 ms.
-    let manifest = attack_manifest(&["attacks"], "[limits]\ndeadline_ms = 5000\n");
-    switchyard_tests::copy_plugin(
-        &plugins_dir,
-        name,
-        std::path::Path::new(plugins::ATTACK),
-        Some(&manifest),
-    )?;
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = {:?}\n[plugins]\ndir = {:?}\n[admin]\nlisten = \"{admin}\"\n",
-            redis.url(),
-            plugins_dir
-        ),
-    )?;
-    let mut process = tokio::process::Command::new(switchyard_tests::switchyard_binary()?)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stderr = process
-        .stderr
-        .take()
-        .context("the host's stderr is piped")?;
+    // Building and cutting 20 MB of text takes longer than the default 100 ms, and a debug
+    // build of the host on a loaded machine can take seconds: a deadline here would change
+    // what fails, and this test is not about deadlines.
+    let manifest = attack_manifest(&["attacks"], "[limits]\ndeadline_ms = 30000\n");
+    // A process of its own, to read its log.
+    let mut process = HostProcess::builder(&redis)
+        .plugin(name, plugins::ATTACK, Some(&manifest))
+        .stderr()
+        .start()
+        .await?;
+    let mut stderr = process.stderr()?;
     let log = tokio::spawn(async move {
         let mut text = Vec::new();
         let _ = stderr.read_to_end(&mut text).await;
         text
     });
-    let http = reqwest::Client::new();
-    let stats = || async {
-        let listing: Value = http
-            .get(format!("http://{admin}/plugins"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let entry = listing["plugins"]
-            .as_array()
-            .and_then(|plugins| plugins.iter().find(|p| p["name"] == name).cloned())
-            .with_context(|| format!("the plugin is not listed: {listing}"))?;
-        anyhow::Ok(entry["stats"].clone())
-    };
+    let stats = || async { anyhow::Ok(process.plugin(name).await?["stats"].clone()) };
     eventually(PATIENCE, || async {
-        stats().await?;
         anyhow::ensure!(redis.pubsub_numpat().await? >= 1, "not subscribed yet");
         Ok(())
     })

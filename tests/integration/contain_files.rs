@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 use switchyard_tests::gateway::metric;
+use switchyard_tests::process::HostProcess;
 use switchyard_tests::{
     FORWARD_MANIFEST, PATIENCE, RedisServer, TestHost, assert_forwards, copy_plugin, echo_manifest,
     eventually, plugins,
@@ -269,39 +270,18 @@ async fn a_compile_cache_others_may_write_is_refused_with_a_warning() -> anyhow:
     use std::os::unix::fs::PermissionsExt as _;
     let redis = RedisServer::start().await?;
     let dir = tempfile::tempdir()?;
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir(&plugins_dir)?;
-    copy_plugin(
-        &plugins_dir,
-        "forward",
-        plugins::FORWARD.as_ref(),
-        Some(FORWARD_MANIFEST),
-    )?;
     let cache = dir.path().join("cache");
     std::fs::create_dir(&cache)?;
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777))?;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = {:?}\n[plugins]\ndir = {:?}\ncompile_cache = {:?}\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n",
-            redis.url(),
-            plugins_dir,
-            cache
-        ),
-    )?;
     // A process of its own, to read the warning it logs.
-    let mut host = tokio::process::Command::new(switchyard_tests::switchyard_binary()?)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
+    let mut host = HostProcess::builder(&redis)
+        .config(&format!("[plugins]\ncompile_cache = {cache:?}\n"))
+        .plugin("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))
         .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stderr = tokio::io::BufReader::new(host.stderr.take().context("piped")?).lines();
+        .stderr()
+        .start()
+        .await?;
+    let mut stderr = tokio::io::BufReader::new(host.stderr()?).lines();
     let warning = tokio::time::timeout(PATIENCE, async {
         while let Some(line) = stderr.next_line().await? {
             if line.contains("plugins.compile_cache is off") {

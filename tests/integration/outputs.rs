@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
+use switchyard_tests::process::HostProcess;
 use switchyard_tests::webhook::{Answer, Webhook};
 use switchyard_tests::{
     FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, eventually,
@@ -210,48 +211,21 @@ async fn the_stdout_output_writes_one_line_per_call_to_the_hosts_stdout() -> any
     use tokio::io::AsyncReadExt as _;
 
     let redis = RedisServer::start().await?;
-    let dir = tempfile::tempdir()?;
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir(&plugins_dir)?;
     let manifest = format!(
         "{}[config]\noutput = \"console\"\n",
         probe_manifest(&["console"])
     );
-    switchyard_tests::copy_plugin(
-        &plugins_dir,
-        "output-probe",
-        std::path::Path::new(plugins::OUTPUT_PROBE),
-        Some(&manifest),
-    )?;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = {:?}\n[plugins]\ndir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [outputs.console]\nkind = \"stdout\"\n",
-            redis.url(),
-            plugins_dir
-        ),
-    )?;
-    let mut host = tokio::process::Command::new(switchyard_tests::switchyard_binary()?)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdout = host.stdout.take().context("the host's stdout is piped")?;
+    // A process of its own, to read what it writes on stdout.
+    let mut host = HostProcess::builder(&redis)
+        .config("[outputs.console]\nkind = \"stdout\"\n")
+        .plugin("output-probe", plugins::OUTPUT_PROBE, Some(&manifest))
+        .stdout()
+        .start()
+        .await?;
+    let mut stdout = host.stdout()?;
     let mut results = Subscriber::new(&redis, &["probe-results"], &[]).await?;
-
-    // The host has loaded the probe once it subscribed to the probe's pattern.
     eventually(PATIENCE, || async {
-        let mut connection = redis.connection().await?;
-        let patterns: i64 = redis::cmd("PUBSUB")
-            .arg("NUMPAT")
-            .query_async(&mut connection)
-            .await?;
-        anyhow::ensure!(patterns >= 1, "the host has not subscribed yet");
+        anyhow::ensure!(redis.pubsub_numpat().await? >= 1, "not subscribed yet");
         Ok(())
     })
     .await?;

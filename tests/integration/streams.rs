@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use redis::AsyncCommands as _;
 use serde_json::Value;
+use switchyard_tests::process::HostProcess;
 use switchyard_tests::redis::{RedisServer, Subscriber};
-use switchyard_tests::{TestHost, eventually, plugins};
+use switchyard_tests::{PATIENCE, TestHost, eventually, plugins};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -308,39 +309,26 @@ async fn a_replica_killed_mid_batch_leaves_its_entries_to_the_other() -> anyhow:
     };
 
     // The replica that dies: a real `switchyard run` process, killed with SIGKILL.
-    let dir = tempfile::tempdir()?;
-    let plugins_dir = dir.path().join("plugins");
-    std::fs::create_dir(&plugins_dir)?;
-    switchyard_tests::copy_plugin(
-        &plugins_dir,
-        "echo",
-        std::path::Path::new(plugins::ECHO),
-        Some(&manifest("doomed")),
-    )?;
-    let config = dir.path().join("switchyard.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = {:?}\n[plugins]\ndir = {:?}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-            redis.url(),
-            plugins_dir,
-            host_config("doomed")
-        ),
-    )?;
-    let mut doomed = tokio::process::Command::new(switchyard_tests::switchyard_binary()?)
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut doomed = HostProcess::builder(&redis)
+        .config(&host_config("doomed"))
+        .plugin("echo", plugins::ECHO, Some(&manifest("doomed")))
+        .start()
+        .await?;
 
     const ENTRIES: usize = 60;
     let mut connection = redis.connection().await?;
-    // The group exists before the first entry, whichever of test and process is faster.
-    let _: () = connection
-        .xgroup_create_mkstream("work", "echo", "0")
-        .await?;
+    // The process has created the group (from the stream's start) once its plugin is listed;
+    // the entries come after.
+    eventually(PATIENCE, || async {
+        let groups: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg("work")
+            .query_async(&mut redis.connection().await?)
+            .await?;
+        anyhow::ensure!(!groups.is_empty(), "no group on work yet");
+        Ok(())
+    })
+    .await?;
     let mut added = BTreeSet::new();
     for i in 0..ENTRIES {
         let id: String = connection
