@@ -160,7 +160,7 @@ pub struct TestArgs {
     #[command(flatten)]
     pub plugin: PluginArgs,
     /// Input messages, one JSON object per line: {"channel": ..., "payload": ...} (or
-    /// "payload_base64"); {"set": [keys]}; {"reply": {"output": ..., "status": ...}}.
+    /// "payload_base64"); {"set": \[keys\]}; {"reply": {"output": ..., "status": ...}}.
     #[arg(long, short)]
     pub input: PathBuf,
     /// Print the effects as JSON lines (the format --expect reads).

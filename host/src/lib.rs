@@ -3,27 +3,48 @@
 //!
 //! # Layout
 //!
-//! A message passes through the modules in this order:
+//! The modules stand in floors, and every import points down: a module uses the ones below
+//! it, never one above, and no two import each other. A message passes through the stages
+//! from the top down:
 //!
-//! - [`source`]: owns the subscriber connection (Redis, or the [embedded](source::embedded)
-//!   broker) and turns every delivery into a [`message::Delivery`]. Never waits on a plugin.
+//! - [`source`]: owns the subscriber connection (Redis, a cluster, stream readers, or the
+//!   [embedded](source::embedded) broker) and turns every delivery into a
+//!   [`message::Delivery`]. Never waits on a plugin.
 //! - [`router`]: finds the plugins a delivery is for (Redis glob semantics, once per plugin)
 //!   and offers it to their queues.
-//! - [`worker`]: one thread per plugin with a long-lived Wasm instance; runs `handle` under a
-//!   deadline and a memory cap.
-//! - [`effects`]: what plugins cause in return (publishing), on the host's own connection.
+//! - [`worker`]: the queues, and one thread per plugin with a long-lived Wasm instance; runs
+//!   `handle` under a deadline and a memory cap, and answers the plugin's host calls.
+//! - [`effects`]: what plugins cause in return (publishes, invalidations, output calls), on
+//!   the host's own connections.
 //!
-//! Beside the message path:
+//! Above the stages, using them:
 //!
 //! - [`plugins`]: the folder watcher, the loader (validate, compile, describe) and the
-//!   registry that swaps versions atomically and rebuilds the routing table.
-//! - [`admin`]: `/healthz`, `/readyz` and `/plugins` over HTTP.
+//!   registry that swaps versions atomically, starts their workers and rebuilds the routing
+//!   table.
+//! - [`gateway`]: the browser gateway (WebSocket and SSE, its pages), a reader of its own.
+//! - [`admin`]: `/healthz`, `/readyz`, `/plugins` and `/metrics` over HTTP.
 //! - [`app`]: wires the pieces together and runs them until shutdown.
-//! - [`config`] and [`cli`]: the configuration file and the command line.
-//! - [`demo`]: the example plugins on the embedded broker, no Redis needed.
-//! - [`offline`]: `switchyard check` and `switchyard test`, for plugin authors.
-//! - [`scaffold`]: `switchyard new`, a plugin project in any supported language.
-//! - [`status`]: `switchyard status`, a running host and its Redis at a glance.
+//! - [`demo`], [`offline`] (`switchyard check` and `switchyard test`), [`scaffold`]
+//!   (`switchyard new`), [`status`] (`switchyard status`) and [`cli`], the command line, on
+//!   top.
+//!
+//! The ground floor, the words every stage shares, imports none of the above:
+//!
+//! - [`message`]: subscriptions, how a delivery arrived, the delivery itself, the host's
+//!   reserved channels.
+//! - [`stream_entry`]: a stream entry on its way to a plugin and the ticket that reports back.
+//! - [`stats`]: each plugin's counters, written by every stage, read by `/plugins`.
+//! - [`grants`]: what a plugin version may do and read.
+//! - [`config`]: the configuration file by section, and the settings the stages read.
+//! - [`glob`], [`rate`], [`text`]: Redis's glob matcher, a token bucket, bounding and
+//!   escaping text a plugin controls.
+//! - [`examples`]: the example plugins, compiled and embedded.
+//! - [`PluginName`] and [`ContentHash`], below.
+//!
+//! Where a call must go back up at run time, it goes through an interface the lower module
+//! owns: effects publish to the embedded broker (a source) through
+//! [`effects::InProcessBroker`], which the broker implements.
 
 #![deny(missing_docs)]
 

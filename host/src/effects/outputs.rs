@@ -287,7 +287,7 @@ impl Outputs {
     }
 
     /// Calls output `name` for `plugin`, giving up after `within` (the caller's budget, see
-    /// [`output_budget`]). A reply is returned whatever its status; an `http` reply with a
+    /// [`output_budget`](crate::config::output_budget)). A reply is returned whatever its status; an `http` reply with a
     /// 5xx status (every retry spent) still counts as an error of the output.
     pub async fn call(
         &self,

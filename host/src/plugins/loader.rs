@@ -13,7 +13,7 @@
 //! interruption in Wasm and bounded waits in host calls. The loader also stops waiting for
 //! them [`DESCRIBE_GRACE`] after that deadline, whatever happens in the probe.
 //!
-//! The folder's files are read as [`files`](super::files) reads anything the host did not
+//! The folder's files are read as [`files`] reads anything the host did not
 //! write: regular files only (a FIFO or `/dev/zero` under a plugin's name is refused at once,
 //! without blocking the load of the others), each within its size limit.
 

@@ -304,7 +304,8 @@ impl Control {
         }
     }
 
-    /// [`Self::apply`], retried while a failover settles.
+    /// Applies a change of subscriptions: subscribes what is new, switches tables at a barrier,
+    /// unsubscribes what is gone; each step retried while a failover settles.
     async fn apply_patiently(
         &mut self,
         connection: &mut ClusterConnection,

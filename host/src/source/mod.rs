@@ -1,6 +1,6 @@
 //! Sources: where messages enter the host.
 //!
-//! A source owns the subscriber connection, turns every delivery into a [`Delivery`] and hands
+//! A source owns the subscriber connection, turns every delivery into a [`Delivery`](crate::message::Delivery) and hands
 //! it to the [`Router`](crate::router::Router) right where it was read, without waiting on any
 //! plugin. It also applies subscription changes: it subscribes what is new, has the router
 //! switch tables at a point in the stream that no published message straddles, then

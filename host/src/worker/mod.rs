@@ -25,7 +25,7 @@
 //! Containment: a trap (a panic, the deadline, the memory cap) fails that message only and
 //! that worker's next message gets a fresh instance; a plugin that keeps failing is parked by
 //! its [`breaker`]. Every message the router offers ends up handled, failed or shed, and
-//! failures and sheds are counted by a fixed set of reasons ([`outcome`]).
+//! failures and sheds are counted by a fixed set of reasons ([`outcome`](crate::stats::outcome)).
 
 #[allow(missing_docs)]
 pub mod bindings;
