@@ -84,3 +84,32 @@ pub struct Delivery {
     /// When the host read it.
     pub received_at: SystemTime,
 }
+
+impl Delivery {
+    /// A `message`, `pmessage` or `smessage` push of a subscriber connection as a delivery,
+    /// taking Redis's buffers as they are; `None` for any other push.
+    pub fn from_push(push: redis::PushInfo) -> Option<Delivery> {
+        use redis::{PushKind, Value};
+
+        let received_at = SystemTime::now();
+        let mut data = push.data.into_iter().map(|value| match value {
+            Value::BulkString(bytes) => Some(Bytes::from(bytes)),
+            Value::SimpleString(text) => Some(Bytes::from(text)),
+            _ => None,
+        });
+        let via = match push.kind {
+            PushKind::Message => Via::Channel,
+            PushKind::PMessage => Via::Pattern(data.next()??),
+            PushKind::SMessage => Via::Sharded,
+            _ => return None,
+        };
+        let channel = data.next()??;
+        let payload = data.next()??;
+        Some(Delivery {
+            channel,
+            via,
+            payload,
+            received_at,
+        })
+    }
+}

@@ -20,15 +20,14 @@ use std::sync::{Arc, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
+use redis::PushInfo;
 use redis::aio::ConnectionManager;
-use redis::{PushInfo, PushKind, Value};
 use tokio::sync::Mutex;
 
 use super::GatewayStats;
 use super::ring::{Budget, Event, Limits, Reader, Ring};
 use crate::glob::Glob;
-use crate::message::Subscription;
-use crate::message::is_reserved;
+use crate::message::{Delivery, Subscription, Via, is_reserved};
 use crate::rate::TokenBucket;
 use crate::source::embedded::EmbeddedBroker;
 
@@ -83,18 +82,19 @@ impl Dispatcher {
 
     /// A `message`/`pmessage` push from the gateway's Redis connection.
     pub fn push(&self, push: PushInfo) {
-        let mut data = push.data.into_iter().map(|value| match value {
-            Value::BulkString(bytes) => Some(Bytes::from(bytes)),
-            Value::SimpleString(text) => Some(Bytes::from(text)),
-            _ => None,
-        });
-        let pattern = match push.kind {
-            PushKind::Message => None,
-            PushKind::PMessage => data.next().flatten(),
-            _ => return,
-        };
-        let (Some(Some(channel)), Some(Some(payload))) = (data.next(), data.next()) else {
+        let Some(Delivery {
+            channel,
+            via,
+            payload,
+            ..
+        }) = Delivery::from_push(push)
+        else {
             return;
+        };
+        let pattern = match via {
+            Via::Channel => None,
+            Via::Pattern(pattern) => Some(pattern),
+            Via::Sharded => return,
         };
         if !self.deliverable(&channel, &payload) {
             return;

@@ -31,11 +31,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::redis::{
-    BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, delivery, names_of,
+    BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, names_of,
 };
 use super::{ControlHandle, SourceStatus, Update};
 use crate::config::RedisConfig;
-use crate::message::Subscription;
+use crate::message::{Delivery, Subscription};
 use crate::router::{Router, RoutingTable};
 
 /// How often the control task checks that every primary answers.
@@ -66,7 +66,7 @@ impl ClusterSource {
             if matches!(
                 push.kind,
                 PushKind::Message | PushKind::PMessage | PushKind::SMessage
-            ) && let Some(delivery) = delivery(push)
+            ) && let Some(delivery) = Delivery::from_push(push)
             {
                 deliver.deliver(delivery);
             }

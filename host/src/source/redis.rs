@@ -22,18 +22,17 @@ use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand::Rng;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::io::tcp::{TcpSettings, socket2::TcpKeepalive};
-use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ControlHandle, SourceStatus, Update};
-use crate::message::{Delivery, Subscription, Via};
+use crate::message::{Delivery, Subscription};
 use crate::router::{Router, RoutingTable};
 
 /// First wait before reconnecting (also after losing a connection that was up: a server that
@@ -252,7 +251,7 @@ impl Control {
             activity.fetch_add(1, Ordering::Relaxed);
             match push.kind {
                 PushKind::Message | PushKind::PMessage | PushKind::SMessage => {
-                    if let Some(delivery) = delivery(push) {
+                    if let Some(delivery) = Delivery::from_push(push) {
                         router.deliver(delivery);
                     }
                 }
@@ -528,30 +527,6 @@ async fn subscribe(
             .map_err(|e| anyhow::anyhow!("P{}SUBSCRIBE failed: {e}", if on { "" } else { "UN" }))?;
     }
     Ok(())
-}
-
-/// Turns a `message`, `pmessage` or `smessage` push into a delivery, taking Redis's buffers
-/// as they are.
-pub(super) fn delivery(push: PushInfo) -> Option<Delivery> {
-    let received_at = SystemTime::now();
-    let mut data = push.data.into_iter().map(|value| match value {
-        Value::BulkString(bytes) => Some(Bytes::from(bytes)),
-        Value::SimpleString(text) => Some(Bytes::from(text)),
-        _ => None,
-    });
-    let via = match push.kind {
-        PushKind::PMessage => Via::Pattern(data.next()??),
-        PushKind::SMessage => Via::Sharded,
-        _ => Via::Channel,
-    };
-    let channel = data.next()??;
-    let payload = data.next()??;
-    Some(Delivery {
-        channel,
-        via,
-        payload,
-        received_at,
-    })
 }
 
 /// How much a wait may differ from its step, either way: many hosts losing the same Redis
