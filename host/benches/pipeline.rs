@@ -39,10 +39,11 @@ use redis::AsyncCommands as _;
 use tokio_util::sync::CancellationToken;
 
 use harness::{
-    FanoutRelay, HostSetup, INPUT_CHANNEL, OUTPUT_PATTERN, Publisher, Receiver, RedisServer, Relay,
-    STREAM_KEY, StreamConsumer, Switchyard, Transfer,
+    FanoutRelay, HostSetup, INPUT_CHANNEL, OUTPUT_PATTERN, Publisher, Receiver, Relay, STREAM_KEY,
+    StreamConsumer, Switchyard, Transfer,
 };
 use relay::{STREAM_BATCH, STREAM_BLOCK_MS};
+use switchyard_tests::{RedisServer, free_port};
 
 /// The sections, by number and name.
 const SECTIONS: &[(u8, &str)] = &[
@@ -210,11 +211,14 @@ fn main() -> anyhow::Result<()> {
 async fn run(scale: Scale, quick: bool, wanted: &[u8]) -> anyhow::Result<()> {
     let started = Instant::now();
     print_machine(quick);
+    // Without persistence, otherwise with Redis's defaults: a subscriber that falls behind is
+    // cut at its `client-output-buffer-limit pubsub` (32 MiB, or 8 MiB for 60 s), as it would
+    // be on a user's server.
     let redis = RedisServer::start().await?;
-    print_setup(&redis.output_buffer_limit().await?);
-    let bench = Bench::new(redis, scale)?;
+    print_setup(&redis.config_get("client-output-buffer-limit").await?);
+    let mut bench = Bench::new(redis, scale)?;
     let result = bench.sections(wanted).await;
-    bench.redis.stop().await;
+    bench.redis.kill().await;
     result?;
     println!("\nwhole run: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -239,7 +243,8 @@ fn print_machine(quick: bool) {
         "machine: {cores} cores (nproc), {cpu}, Linux {}",
         kernel.trim()
     );
-    println!("redis:   {}", harness::redis_version());
+    let version = RedisServer::version().unwrap_or_else(|e| format!("unknown ({e})"));
+    println!("redis:   {version}");
 }
 
 /// What runs against what, with the Redis settings in force.
@@ -262,6 +267,8 @@ fn print_setup(output_buffer_limit: &str) {
 /// What every section shares.
 struct Bench {
     redis: RedisServer,
+    /// The Redis URL every section uses, `redis://127.0.0.1:PORT`.
+    url: String,
     scale: Scale,
     forward: &'static [u8],
     work: tempfile::TempDir,
@@ -276,6 +283,7 @@ impl Bench {
         let cache = work.path().join("compile-cache");
         std::fs::create_dir(&cache)?;
         Ok(Self {
+            url: redis.url(),
             redis,
             scale,
             forward: switchyard::examples::FORWARD,
@@ -286,7 +294,14 @@ impl Bench {
     }
 
     fn url(&self) -> &str {
-        &self.redis.url
+        &self.url
+    }
+
+    /// The process id of the bench's `redis-server`.
+    fn redis_pid(&self) -> anyhow::Result<u32> {
+        self.redis
+            .pid()
+            .context("the bench's redis-server is not running")
     }
 
     async fn sections(&self, wanted: &[u8]) -> anyhow::Result<()> {
@@ -617,11 +632,11 @@ impl Bench {
             // A fresh server per case: redis 7.0 does not shrink its pattern table after
             // PUNSUBSCRIBE, and PUBLISH walks the whole table, so a server that once held
             // 10,000 patterns stays slow for every later measurement.
-            let redis = RedisServer::start().await?;
+            let mut redis = RedisServer::start().await?;
             let measured = self
-                .pattern_case(&redis.url, &dir, &idle_patterns, count)
+                .pattern_case(&redis.url(), &dir, &idle_patterns, count)
                 .await;
-            redis.stop().await;
+            redis.kill().await;
             let (a, b, lost) = measured?;
             let (a1, b1) = *base.get_or_insert((a, b));
             table.row(vec![
@@ -1294,7 +1309,7 @@ impl Bench {
     ) -> anyhow::Result<(StreamTiming, String)> {
         wait_blocked(connection, mark, pids.len()).await?;
         let cpu = cpu_of(pids)?;
-        let redis_cpu = harness::cpu_time(self.redis.pid())?;
+        let redis_cpu = harness::cpu_time(self.redis_pid()?)?;
         let started = Instant::now();
         let mut signal = redis::pipe();
         signal
@@ -1348,7 +1363,7 @@ impl Bench {
         let timing = StreamTiming {
             elapsed,
             cpu: cpu_of(pids)? - cpu,
-            redis_cpu: harness::cpu_time(self.redis.pid())? - redis_cpu,
+            redis_cpu: harness::cpu_time(self.redis_pid()?)? - redis_cpu,
         };
         Ok((timing, wake))
     }
@@ -1544,11 +1559,11 @@ impl Bench {
         messages: usize,
         read_buffer: Option<usize>,
     ) -> anyhow::Result<fanout::Run> {
-        let listen = format!("127.0.0.1:{}", harness::free_port()?);
+        let listen = format!("127.0.0.1:{}", free_port()?);
         let relay = FanoutRelay::start(self.url(), &listen, read_buffer).await?;
         let pids = fanout::Pids {
             server: relay.pid(),
-            redis: self.redis.pid(),
+            redis: self.redis_pid()?,
         };
         let url = fanout::relay_url(&listen);
         let run = fanout::run(self.url(), &url, rate, messages, &pids).await;
@@ -1563,7 +1578,7 @@ impl Bench {
         rate: f64,
         messages: usize,
     ) -> anyhow::Result<fanout::Run> {
-        let listen = format!("127.0.0.1:{}", harness::free_port()?);
+        let listen = format!("127.0.0.1:{}", free_port()?);
         let extra = fanout::gateway_config(&listen);
         let setup = HostSetup {
             plugins,
@@ -1573,7 +1588,7 @@ impl Bench {
         let host = Switchyard::start(self.url(), &setup).await?;
         let pids = fanout::Pids {
             server: host.pid(),
-            redis: self.redis.pid(),
+            redis: self.redis_pid()?,
         };
         let url = fanout::gateway_url(&listen);
         let run = fanout::run(self.url(), &url, rate, messages, &pids).await;

@@ -109,6 +109,18 @@ where
     }
 }
 
+/// A port that was free a moment ago on 127.0.0.1 (bound to port 0, then released), for a
+/// server the test starts: a `redis-server`, an admin or gateway listener, a process's own.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    let port = listener
+        .local_addr()
+        .context("reading the port of a 127.0.0.1:0 listener")?
+        .port();
+    Ok(port)
+}
+
 /// A host under test, with its own plugins folder and an admin endpoint on a free port.
 pub struct TestHost {
     host: Option<Host>,

@@ -342,7 +342,7 @@ impl Bench {
     /// Section 11.
     pub(super) async fn bursts(&self) -> anyhow::Result<()> {
         let version = check_redis_benchmark()?;
-        let limit = self.redis.output_buffer_limit().await?;
+        let limit = self.redis.config_get("client-output-buffer-limit").await?;
         println!(
             "\n## 11. Burst: {}, unthrottled, counted \
              on {}; redis with its default client-output-buffer-limit ({limit}); {ROUNDS} rounds \

@@ -1,5 +1,4 @@
-//! The moving parts of the pipeline bench: a private `redis-server`, the `switchyard` binary
-//! and the baselines (the bare relay, the bare stream consumer, the bare WebSocket fan-out
+//! The moving parts of the pipeline bench: the `switchyard` binary and the baselines (the bare relay, the bare stream consumer, the bare WebSocket fan-out
 //! relay) as child processes, a pipelined or paced publisher, and a receiver that counts what
 //! comes back on `fwded:*`.
 //!
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
+use switchyard_tests::free_port;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
@@ -41,12 +41,6 @@ pub const WARM_UP: u64 = 500;
 pub const IDLE: Duration = Duration::from_secs(3);
 /// How long a process may take to become ready (a Python component compiles for seconds).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
 
 /// Nanoseconds since the Unix epoch.
 pub fn wall_nanos() -> u64 {
@@ -110,87 +104,6 @@ impl Proc {
     async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
-}
-
-/// A private `redis-server` on a free port, without persistence, otherwise with Redis's
-/// defaults: a subscriber that falls behind is cut at its `client-output-buffer-limit pubsub`
-/// (32 MiB, or 8 MiB for 60 s), as it would be on a user's server.
-pub struct RedisServer {
-    proc: Proc,
-    /// `redis://127.0.0.1:PORT`.
-    pub url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl RedisServer {
-    /// Starts it and waits until it answers PING.
-    pub async fn start() -> anyhow::Result<Self> {
-        let port = free_port()?;
-        let dir = tempfile::tempdir()?;
-        let proc = Proc::spawn(
-            Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .context("cannot start redis-server (is it on the PATH?)")?;
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str())?;
-        let started = Instant::now();
-        loop {
-            if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
-                let pong: redis::RedisResult<String> =
-                    redis::cmd("PING").query_async(&mut connection).await;
-                if pong.is_ok() {
-                    break;
-                }
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                bail!("redis-server on port {port} did not answer within 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(Self {
-            proc,
-            url,
-            _dir: dir,
-        })
-    }
-
-    /// Its process id.
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// Its `client-output-buffer-limit` setting, as `CONFIG GET` reports it.
-    pub async fn output_buffer_limit(&self) -> anyhow::Result<String> {
-        let client = redis::Client::open(self.url.as_str())?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        let (_, value): (String, String) = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("client-output-buffer-limit")
-            .query_async(&mut connection)
-            .await?;
-        Ok(value)
-    }
-
-    /// Stops it.
-    pub async fn stop(self) {
-        self.proc.stop().await;
-    }
-}
-
-/// `redis-server --version`, trimmed.
-pub fn redis_version() -> String {
-    std::process::Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 /// This bench binary re-executed with `args` (a baseline mode), once it printed "ready".
