@@ -20,14 +20,14 @@
 
 #[path = "pipeline/burst.rs"]
 mod burst;
-#[path = "pipeline/fanout.rs"]
-mod fanout;
 #[path = "pipeline/harness.rs"]
 mod harness;
 #[path = "pipeline/relay.rs"]
 mod relay;
 #[path = "pipeline/throughput.rs"]
 mod throughput;
+#[path = "pipeline/websocket.rs"]
+mod websocket;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
         return relay::consume(url, STREAM_KEY, group, args.stream_publish);
     }
     if let (Some(url), Some(listen)) = (&args.fanout_relay, &args.fanout_listen) {
-        return fanout::relay_main(url, listen, args.fanout_read_buffer);
+        return websocket::relay_main(url, listen, args.fanout_read_buffer);
     }
     let mut wanted = Vec::new();
     for item in &args.only {
@@ -1439,14 +1439,14 @@ impl Bench {
     /// Section 10.
     async fn gateway(&self) -> anyhow::Result<()> {
         let rounds = self.scale.gateway_rounds;
-        let clients = fanout::CLIENTS;
-        let files = fanout::ensure_fd_limit()?;
+        let clients = websocket::CLIENTS;
+        let files = websocket::ensure_fd_limit()?;
         println!(
             "\n## 10. Gateway fan-out: {clients} WebSocket clients on one channel ({}), \
              messages of {} B published at a fixed pace, publish to arrival at every client; \
              {rounds} rounds per pace, the three cases alternating",
-            fanout::CHANNEL,
-            fanout::PAYLOAD,
+            websocket::CHANNEL,
+            websocket::PAYLOAD,
         );
         println!(
             "   baseline: a bare WebSocket relay (tokio-tungstenite server, TCP_NODELAY, one \
@@ -1456,9 +1456,9 @@ impl Bench {
              128 KiB; gateway: switchyard run with [gateway], no plugins, client_buffer default; \
              clients (tokio-tungstenite, read_buffer_size {}) and publisher in the bench \
              process; open-file limit {files}",
-            fanout::RING,
-            fanout::SMALL_READ_BUFFER,
-            fanout::SMALL_READ_BUFFER
+            websocket::RING,
+            websocket::SMALL_READ_BUFFER,
+            websocket::SMALL_READ_BUFFER
         );
         let mut table = Table::new(&[
             "offered msg/s",
@@ -1490,8 +1490,12 @@ impl Bench {
                     match case {
                         0 => baseline.push(self.fanout_baseline(rate, messages, None).await?),
                         1 => small.push(
-                            self.fanout_baseline(rate, messages, Some(fanout::SMALL_READ_BUFFER))
-                                .await?,
+                            self.fanout_baseline(
+                                rate,
+                                messages,
+                                Some(websocket::SMALL_READ_BUFFER),
+                            )
+                            .await?,
                         ),
                         _ => gateway.push(self.fanout_gateway(&plugins, rate, messages).await?),
                     }
@@ -1558,15 +1562,15 @@ impl Bench {
         rate: f64,
         messages: usize,
         read_buffer: Option<usize>,
-    ) -> anyhow::Result<fanout::Run> {
+    ) -> anyhow::Result<websocket::Run> {
         let listen = format!("127.0.0.1:{}", free_port()?);
         let relay = FanoutRelay::start(self.url(), &listen, read_buffer).await?;
-        let pids = fanout::Pids {
+        let pids = websocket::Pids {
             server: relay.pid(),
             redis: self.redis_pid()?,
         };
-        let url = fanout::relay_url(&listen);
-        let run = fanout::run(self.url(), &url, rate, messages, &pids).await;
+        let url = websocket::relay_url(&listen);
+        let run = websocket::run(self.url(), &url, rate, messages, &pids).await;
         relay.stop().await;
         run.context("baseline")
     }
@@ -1577,21 +1581,21 @@ impl Bench {
         plugins: &Path,
         rate: f64,
         messages: usize,
-    ) -> anyhow::Result<fanout::Run> {
+    ) -> anyhow::Result<websocket::Run> {
         let listen = format!("127.0.0.1:{}", free_port()?);
-        let extra = fanout::gateway_config(&listen);
+        let extra = websocket::gateway_config(&listen);
         let setup = HostSetup {
             plugins,
             compile_cache: Some(&self.cache),
             extra: &extra,
         };
         let host = Switchyard::start(self.url(), &setup).await?;
-        let pids = fanout::Pids {
+        let pids = websocket::Pids {
             server: host.pid(),
             redis: self.redis_pid()?,
         };
-        let url = fanout::gateway_url(&listen);
-        let run = fanout::run(self.url(), &url, rate, messages, &pids).await;
+        let url = websocket::gateway_url(&listen);
+        let run = websocket::run(self.url(), &url, rate, messages, &pids).await;
         let tail = host.log_tail();
         host.stop().await;
         run.with_context(|| format!("gateway; switchyard log:\n{tail}"))
@@ -1862,9 +1866,10 @@ struct FanoutSummary {
 }
 
 impl FanoutSummary {
-    fn new(runs: &[fanout::Run]) -> Self {
-        let spreads: Vec<fanout::Spread> = runs.iter().flat_map(|r| r.complete.clone()).collect();
-        let quantiles = |f: fn(&fanout::Spread) -> f64| {
+    fn new(runs: &[websocket::Run]) -> Self {
+        let spreads: Vec<websocket::Spread> =
+            runs.iter().flat_map(|r| r.complete.clone()).collect();
+        let quantiles = |f: fn(&websocket::Spread) -> f64| {
             let mut values: Vec<f64> = spreads.iter().map(f).collect();
             values.sort_by(f64::total_cmp);
             [
@@ -1873,7 +1878,7 @@ impl FanoutSummary {
                 values.last().copied().unwrap_or(f64::NAN),
             ]
         };
-        let cpu = |f: fn(&fanout::Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+        let cpu = |f: fn(&websocket::Run) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         let last_runs: Vec<f64> = runs
             .iter()
             .map(|r| {
