@@ -1,17 +1,13 @@
 //! The `switchyard` binary as an operator uses it: exit codes, logs, the demo, `status`, and
 //! `run` against a real redis-server, stopped with SIGTERM or SIGINT.
 
-// The same redis-server harness the integration tests use.
-#[path = "../../tests/harness/redis.rs"]
-#[allow(dead_code)]
-mod redis_server;
-
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis_server::{RedisServer, Subscriber};
+// The same redis-server harness the integration tests use.
+use switchyard_tests::{RedisServer, Subscriber, free_port};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -23,12 +19,6 @@ fn switchyard() -> Command {
     let mut command = Command::new(BINARY);
     command.kill_on_drop(true).stdin(Stdio::null());
     command
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ use switchyard::app::{Broker, Host};
 use switchyard::config::{Config, RedisUrl};
 
 pub use crate::polyglot::compile_cache_dir;
-pub use crate::redis::{Received, RedisServer, Subscriber, free_port};
+pub use crate::redis::{Received, RedisServer, Subscriber};
 
 /// Components built from `plugins/` for these tests (paths).
 pub mod plugins {
@@ -108,6 +108,18 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
+}
+
+/// A port that was free a moment ago on 127.0.0.1 (bound to port 0, then released), for a
+/// server the test starts: a `redis-server`, an admin or gateway listener, a process's own.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    let port = listener
+        .local_addr()
+        .context("reading the port of a 127.0.0.1:0 listener")?
+        .port();
+    Ok(port)
 }
 
 /// A host under test, with its own plugins folder and an admin endpoint on a free port.

@@ -34,6 +34,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::free_port;
+
 /// How long a server may take to answer PING after it is spawned.
 const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
 /// Interval between readiness probes.
@@ -135,6 +137,21 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id; `None` after [`RedisServer::kill`], until a restart.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// `redis-server --version` of the binary the harness starts, trimmed.
+    pub fn version() -> anyhow::Result<String> {
+        let binary = redis_server_binary();
+        let output = std::process::Command::new(&binary)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running `{} --version`", binary.to_string_lossy()))?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -194,6 +211,21 @@ impl RedisServer {
                 }
             }
         }
+    }
+
+    /// `CONFIG GET parameter`: the value of one configuration parameter, as the server
+    /// reports it (`client-output-buffer-limit`, for instance).
+    pub async fn config_get(&self, parameter: &str) -> anyhow::Result<String> {
+        let mut connection = self.connection().await?;
+        let (_, value): (String, String) = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg(parameter)
+            .query_async(&mut connection)
+            .await
+            .with_context(|| {
+                format!("CONFIG GET {parameter} on redis-server port {}", self.port)
+            })?;
+        Ok(value)
     }
 
     /// `PUBSUB CHANNELS`: every channel some connection is subscribed to, as text.
@@ -287,17 +319,6 @@ enum Probe {
     Ready,
     /// A server with another process id answered on the port.
     Foreign(u32),
-}
-
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .context("binding 127.0.0.1:0 to find a free port for redis-server")?;
-    let port = listener
-        .local_addr()
-        .context("reading the port of a 127.0.0.1:0 listener")?
-        .port();
-    Ok(port)
 }
 
 fn redis_server_binary() -> OsString {

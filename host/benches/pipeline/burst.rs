@@ -1,6 +1,6 @@
-//! Bursts from the real `redis-benchmark`, unthrottled, against Redis's default
-//! `client-output-buffer-limit`: section 11 (the relay against Switchyard as shipped) and the
-//! burst row of section 8 (the host's memory while a plugin that cannot keep up is flooded).
+//! Section 11: bursts from the real `redis-benchmark`, unthrottled, against Redis's default
+//! `client-output-buffer-limit`, through the relay and through Switchyard as shipped. (Section
+//! 8 floods a plugin that cannot keep up the same way: `memory.rs`.)
 //!
 //! `redis-benchmark` cannot number its messages, but it replaces every `__rand_int__` in a
 //! command with a fresh random number of 12 digits (below `-r`). Two of them open each payload,
@@ -8,7 +8,6 @@
 //! so duplicates show as repeated tags and losses as tags missing from the count. (A repeat by
 //! chance among 300,000 tags has a probability of about 10^-8.)
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,24 +17,19 @@ use futures::StreamExt as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::bench::Bench;
 use super::harness::{self, HostLosses, Relay, Switchyard};
-use super::{Bench, Table, median, mib, range, rate};
+use super::redis_benchmark::{
+    PLACEHOLDER, benchmark_args, check_redis_benchmark, command_line, run_benchmark,
+};
+use super::table::{Table, median, mib, range, rate};
 
 /// Messages in one burst (the user's test).
 pub const MESSAGES: u64 = 300_000;
 /// Bytes of each message's payload.
 pub const PAYLOAD: usize = 64;
-/// Connections `redis-benchmark` publishes on.
-const CLIENTS: u32 = 1;
-/// PUBLISH commands `redis-benchmark` sends per pipeline.
-const PIPELINE: u32 = 100;
 /// Rounds per side; relay and Switchyard alternate.
 const ROUNDS: usize = 3;
-/// `redis-benchmark -r`: each `__rand_int__` becomes a number below this. Its generator
-/// (`random()`) gives 31 bits, so two placeholders make 62.
-const KEYSPACE: u64 = 2_147_483_647;
-/// What `redis-benchmark` replaces with 12 random digits.
-const PLACEHOLDER: &str = "__rand_int__";
 /// Bytes of the tag that two replaced placeholders make.
 const TAG: usize = 24;
 /// Marks the warm-up messages, sent before each burst so that connections, the plugin
@@ -48,105 +42,9 @@ const IDLE: Duration = Duration::from_secs(3);
 /// How long the warm-up may take.
 const WARM_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Section 8's burst: messages of [`SLOW_PAYLOAD`] bytes into a plugin that handles about a
-/// thousand a second; their payload is about three times a per-plugin budget of 64 MiB (the
-/// default planned for `plugins.queue_bytes`), so a byte-bounded queue fills.
-const SLOW_MESSAGES: u64 = 200_000;
-/// Bytes of each message of section 8's burst.
-const SLOW_PAYLOAD: usize = 1024;
-/// The channel of section 8's burst; the slow plugin subscribes to `slow:*`.
-const SLOW_CHANNEL: &str = "slow:x";
-/// Millions of loop iterations the `echo` fixture runs per message (its `spin` setting): about
-/// a millisecond, far below the default 100 ms deadline.
-const SLOW_SPIN: u32 = 1;
-/// What the host may hold beyond the slow plugin's queue budget: the outgoing queue, the
-/// crate's buffer of what was read but not yet routed, the runtime and the allocator's
-/// retained pages. RSS after the burst should stay below ready + budget + this.
-const MARGIN_MIB: u64 = 32;
-
-/// Fails with a clear message when `redis-benchmark` is not installed.
-fn check_redis_benchmark() -> anyhow::Result<String> {
-    let output = std::process::Command::new("redis-benchmark")
-        .arg("--version")
-        .output()
-        .context(
-            "this section needs redis-benchmark on the PATH (it ships with redis-server, in \
-             Debian's redis-tools package)",
-        )?;
-    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-}
-
-/// The port of a `redis://127.0.0.1:PORT` URL.
-fn port(url: &str) -> anyhow::Result<&str> {
-    url.rsplit(':')
-        .next()
-        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
-        .with_context(|| format!("no port in {url}"))
-}
-
-/// The `redis-benchmark` arguments of a burst of `messages` PUBLISHes of `payload` on
-/// `channel`; with `-r` if the payload holds placeholders.
-fn benchmark_args(url: &str, messages: u64, channel: &str, payload: &str) -> Vec<String> {
-    let mut args: Vec<String> = vec!["-h".into(), "127.0.0.1".into(), "-p".into()];
-    args.push(port(url).unwrap_or("6379").to_owned());
-    for (flag, value) in [
-        ("-c", CLIENTS.to_string()),
-        ("-P", PIPELINE.to_string()),
-        ("-n", messages.to_string()),
-    ] {
-        args.push(flag.into());
-        args.push(value);
-    }
-    if payload.contains(PLACEHOLDER) {
-        args.extend(["-r".to_owned(), KEYSPACE.to_string()]);
-    }
-    args.extend(["--csv", "PUBLISH", channel, payload].map(str::to_owned));
-    args
-}
-
 /// The tagged payload of section 11: two placeholders, then filler up to [`PAYLOAD`] bytes.
 fn tagged_payload() -> String {
     format!("{PLACEHOLDER}{PLACEHOLDER}{}", "x".repeat(PAYLOAD - TAG))
-}
-
-/// The command line of a burst, for the tables; `tagged` if the payload opens with the two
-/// placeholders.
-fn command_line(messages: u64, channel: &str, payload: usize, tagged: bool) -> String {
-    let random = if tagged {
-        format!(" -r {KEYSPACE}")
-    } else {
-        String::new()
-    };
-    format!(
-        "redis-benchmark -c {CLIENTS} -P {PIPELINE} -n {messages}{random} PUBLISH {channel} \
-         <{payload} B>"
-    )
-}
-
-/// Runs `redis-benchmark` to completion; returns the rate it reports (requests per second).
-async fn run_benchmark(args: &[String]) -> anyhow::Result<f64> {
-    let output = tokio::process::Command::new("redis-benchmark")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("cannot run redis-benchmark")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "redis-benchmark exited with {}: {}{}",
-            output.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    // --csv: a header line, then "COMMAND","rps",...
-    stdout
-        .lines()
-        .last()
-        .and_then(|line| line.rsplit("\",\"").nth(6))
-        .and_then(|rps| rps.trim_matches('"').parse().ok())
-        .with_context(|| format!("no rate in redis-benchmark's output: {stdout}"))
 }
 
 /// What the burst receiver counts, shared with the bench while it runs.
@@ -342,7 +240,7 @@ impl Bench {
     /// Section 11.
     pub(super) async fn bursts(&self) -> anyhow::Result<()> {
         let version = check_redis_benchmark()?;
-        let limit = self.redis.output_buffer_limit().await?;
+        let limit = self.redis.config_get("client-output-buffer-limit").await?;
         println!(
             "\n## 11. Burst: {}, unthrottled, counted \
              on {}; redis with its default client-output-buffer-limit ({limit}); {ROUNDS} rounds \
@@ -489,162 +387,4 @@ impl Bench {
             losses: losses?,
         })
     }
-
-    /// Section 8's burst row: Switchyard as shipped with one plugin that cannot keep up,
-    /// flooded with [`SLOW_MESSAGES`] of [`SLOW_PAYLOAD`] bytes; its RSS against its queue
-    /// budget. Returns the row and a note that explains it.
-    pub(super) async fn slow_burst_memory(&self) -> anyhow::Result<(Vec<String>, String)> {
-        check_redis_benchmark()?;
-        let wasm = std::fs::read(fixture("echo")?)?;
-        let plugins = self.folder("slow")?;
-        let manifest = format!(
-            "[grants]\npublish = [\"slow-reports\"]\n\n[config]\npatterns = [\"slow:*\"]\n\
-             reply = \"slow-reports\"\nspin = {SLOW_SPIN}\n"
-        );
-        harness::install_plugin(&plugins, "slow", &wasm, &manifest)?;
-        let host = Switchyard::start_as_shipped(self.url(), &plugins).await?;
-        let measured = self.flood(&host).await;
-        let tail = host.log_tail();
-        host.stop().await;
-        let flood = measured.with_context(|| format!("switchyard log:\n{tail}"))?;
-        let budget = flood.budget.map(|bytes| bytes / 1024);
-        let (budget_cell, verdict) = match budget {
-            Some(kib) => {
-                let bound = flood.ready_kib + kib + MARGIN_MIB * 1024;
-                let verdict = if flood.peak_kib <= bound {
-                    "within"
-                } else {
-                    "ABOVE"
-                };
-                (
-                    format!("{} MiB", mib(kib)),
-                    format!(
-                        "peak {} MiB {verdict} ready + budget + {MARGIN_MIB} MiB margin = {} MiB",
-                        mib(flood.peak_kib),
-                        mib(bound)
-                    ),
-                )
-            }
-            None => (
-                "n/a".to_owned(),
-                "no queue_bytes_limit in /plugins, so no byte budget to compare with".to_owned(),
-            ),
-        };
-        let row = vec![
-            "switchyard, burst".to_owned(),
-            "1 slow".to_owned(),
-            mib(flood.ready_kib),
-            mib(flood.after_kib),
-            mib(flood.peak_kib),
-            budget_cell,
-        ];
-        let note = format!(
-            "   switchyard, burst: as shipped (config: redis.url, plugins.dir, admin.listen), \
-             one plugin (the echo fixture spinning {SLOW_SPIN}M iterations per message, about \
-             {:.0} handled/s here) on slow:*, flooded by {} ({:.1} MiB of payload, offered at \
-             {} msg/s); after traffic = when the host had read the whole burst. It handled \
-             {}, shed {}, and {} waited in its queue. {verdict}",
-            flood.handled_rate,
-            command_line(SLOW_MESSAGES, SLOW_CHANNEL, SLOW_PAYLOAD, false),
-            (SLOW_MESSAGES * SLOW_PAYLOAD as u64) as f64 / 1_048_576.0,
-            rate(flood.offered),
-            flood.handled,
-            flood.losses.describe(),
-            flood.queued,
-        );
-        Ok((row, note))
-    }
-
-    /// Floods the slow plugin of `host` and measures its memory once the host has read it all.
-    async fn flood(&self, host: &Switchyard) -> anyhow::Result<Flood> {
-        let ready_kib = harness::rss_kib(host.pid())?;
-        let before = host.plugins().await?;
-        let received_before = before["received"].as_u64().unwrap_or(0);
-        let payload = "x".repeat(SLOW_PAYLOAD);
-        let args = benchmark_args(self.url(), SLOW_MESSAGES, SLOW_CHANNEL, &payload);
-        let started = Instant::now();
-        let offered = run_benchmark(&args).await?;
-        // The burst is over for the host once its reader stops counting new messages.
-        let mut last = u64::MAX;
-        let mut still = Instant::now();
-        loop {
-            let report = host.plugins().await?;
-            let received = report["received"].as_u64().unwrap_or(0);
-            if received != last {
-                last = received;
-                still = Instant::now();
-            } else if still.elapsed() > Duration::from_millis(500)
-                || received - received_before >= SLOW_MESSAGES
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let after_kib = harness::rss_kib(host.pid())?;
-        let peak_kib = harness::peak_rss_kib(host.pid())?;
-        let report = host.plugins().await?;
-        let slow = harness::plugin_entry(&report, "slow").context("no slow plugin in /plugins")?;
-        let handled = slow["stats"]["handled"].as_u64().unwrap_or(0);
-        Ok(Flood {
-            ready_kib,
-            after_kib,
-            peak_kib,
-            budget: harness::queue_bytes_limit(slow),
-            offered,
-            handled,
-            handled_rate: handled as f64 / started.elapsed().as_secs_f64(),
-            queued: slow["queue_depth"].as_u64().unwrap_or(0),
-            losses: host.losses().await?,
-        })
-    }
-}
-
-/// What section 8's burst measured.
-struct Flood {
-    ready_kib: u64,
-    after_kib: u64,
-    peak_kib: u64,
-    /// The plugin's queue budget in bytes, as `/plugins` reports it (`queue_bytes_limit`).
-    budget: Option<u64>,
-    offered: f64,
-    handled: u64,
-    handled_rate: f64,
-    queued: u64,
-    losses: HostLosses,
-}
-
-/// The component of a test fixture, built (once) with the same command the integration
-/// tests' build script uses if it is not there yet.
-fn fixture(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), std::path::PathBuf::from)
-        .join("plugins");
-    let path = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
-    if path.is_file() {
-        return Ok(path);
-    }
-    eprintln!("building the {name} fixture for wasm32-wasip2 ...");
-    let status = std::process::Command::new(option_env!("CARGO").unwrap_or("cargo"))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "-p",
-            name,
-        ])
-        .arg("--target-dir")
-        .arg(&target)
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .with_context(|| format!("cannot run cargo to build the {name} fixture"))?;
-    if !status.success() || !path.is_file() {
-        bail!(
-            "building the {name} fixture failed ({status}); `cargo test -p switchyard-tests` \
-             builds it too"
-        );
-    }
-    Ok(path)
 }

@@ -4,8 +4,9 @@
 
 use std::time::{Duration, Instant};
 
+use super::bench::Bench;
 use super::harness::{self, INPUT_CHANNEL, OUTPUT_PATTERN};
-use super::{Bench, Table, bytes, median, range, rate};
+use super::table::{Table, bytes, median, range, rate};
 
 impl Bench {
     /// Section 1.
