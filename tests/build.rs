@@ -16,6 +16,7 @@ const PLUGINS: &[&str] = &[
     "trap-describe",
     "not-a-plugin",
     "output-probe",
+    "sink",
 ];
 
 fn main() {

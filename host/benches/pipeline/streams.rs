@@ -28,12 +28,14 @@ const BASELINE_GROUP: &str = "baseline";
 /// The group every Switchyard host reads through.
 const HOST_GROUP: &str = "switchyard";
 /// The stream cases, in table order: the bare consumer, the bare consumer republishing as
-/// forward does, then 1 and 2 hosts.
-const STREAM_CASES: [&str; 4] = [
+/// forward does, then 1 and 2 hosts running forward, and 1 host running sink, which does
+/// with an entry what the bare consumer does: nothing.
+const STREAM_CASES: [&str; 5] = [
     "baseline",
     "baseline + PUBLISH",
     "switchyard, 1 host",
     "switchyard, 2 hosts",
+    "switchyard (sink), 1 host",
 ];
 
 impl Bench {
@@ -64,15 +66,21 @@ impl Bench {
         );
         let one = [self.stream_plugins()?];
         let two = [self.stream_plugins()?, self.stream_plugins()?];
+        let sink = [self.sink_plugins()?];
         // (hosts' plugins folders, or none for the bare consumer; whether it republishes)
-        let cases: [(&[PathBuf], bool); 4] =
-            [(&[], false), (&[], true), (&one, false), (&two, false)];
-        let mut runs: [Vec<StreamRun>; 4] = Default::default();
+        let cases: [(&[PathBuf], bool); 5] = [
+            (&[], false),
+            (&[], true),
+            (&one, false),
+            (&two, false),
+            (&sink, false),
+        ];
+        let mut runs: [Vec<StreamRun>; 5] = Default::default();
         for round in 0..rounds {
             let order = if round % 2 == 0 {
-                [0, 1, 2, 3]
+                [0, 1, 2, 3, 4]
             } else {
-                [3, 2, 1, 0]
+                [4, 3, 2, 1, 0]
             };
             for case in order {
                 let (hosts, publish) = cases[case];
@@ -130,7 +138,7 @@ impl Bench {
                 rate(rate_),
                 range(&rates[case]),
                 format!("{:.2}", rate_ / baseline),
-                if case >= 1 {
+                if (1..=3).contains(&case) {
                     format!("{:.2}", rate_ / publishing)
                 } else {
                     String::new()
@@ -173,7 +181,10 @@ impl Bench {
              consumer (same redis crate). switchyard: forward, whose manifest replaces its \
              subscriptions with {STREAM_KEY}; it republishes each entry on fwded:orders with \
              send (no subscriber). baseline + PUBLISH does that too: the batch's PUBLISHes, \
-             its XACK and the next XREADGROUP in one pipeline. CPU µs/entry: the consumer processes (both hosts \
+             its XACK and the next XREADGROUP in one pipeline. switchyard (sink): the sink \
+             fixture, which does nothing with an entry, as the bare baseline: the host's own cost \
+             (read, queue, one handle call, acknowledgement) against the same work done bare. \
+             CPU µs/entry: the consumer processes (both hosts \
              together); redis µs/entry: redis-server. cores busy: CPU time of the consumers and \
              redis-server over the run's wall time. acked by host: stream_acked in /plugins, the \
              larger host's share first (median of rounds). dup/failed: acknowledgements beyond \
@@ -191,6 +202,22 @@ impl Bench {
             "forward",
             self.forward,
             &harness::stream_manifest(HOST_GROUP),
+        )?;
+        Ok(dir)
+    }
+
+    /// A plugins folder with sink reading [`STREAM_KEY`] through [`HOST_GROUP`].
+    fn sink_plugins(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.folder("stream-sink")?;
+        let wasm = std::fs::read(switchyard_tests::plugins::SINK)
+            .with_context(|| format!("reading {}", switchyard_tests::plugins::SINK))?;
+        harness::install_plugin(
+            &dir,
+            "sink",
+            &wasm,
+            &format!(
+                "[subscriptions]\nstreams = [{STREAM_KEY:?}]\n\n[stream]\ngroup = {HOST_GROUP:?}\n"
+            ),
         )?;
         Ok(dir)
     }
