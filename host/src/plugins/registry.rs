@@ -15,8 +15,7 @@ use arc_swap::ArcSwap;
 
 use super::compile_cache;
 use super::loader::{LoadError, Loaded, Loader};
-use super::report::LoadFailure;
-use super::scan::{FileStamp, Fingerprint, Pending, scan, scan_one};
+use super::scan::{FileStamp, Fingerprint, Pending, note_unsettled, scan, scan_one};
 use crate::PluginName;
 use crate::config::BreakerPolicy;
 use crate::config::WhenFull;
@@ -27,6 +26,16 @@ use crate::stats::PluginStats;
 use crate::worker::queue::{HostBudget, Limits};
 use crate::worker::version::LoadedPlugin;
 use crate::worker::{self, Inbox, Workers};
+
+/// Why a plugin's newest file was rejected, and which file that was: the same file is not
+/// tried again.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct LoadFailure {
+    pub(super) kind: &'static str,
+    pub(super) message: String,
+    #[serde(skip)]
+    pub(super) fingerprint: Fingerprint,
+}
 
 /// The part of [`Registry::shutdown`]'s time that clearing the subscriptions may take; the
 /// rest is the workers' to drain the queues, which are closed once it has passed either way.
@@ -309,7 +318,12 @@ impl Registry {
 
         let stale = {
             let mut inner = self.lock();
-            inner.note_unsettled(&found, &changes.unsettled, Instant::now());
+            note_unsettled(
+                &mut inner.pending,
+                &found,
+                &changes.unsettled,
+                Instant::now(),
+            );
             // A renamed file's note is needed until it is loaded; a note about a file that is
             // gone or has changed since is stale either way.
             let dir = &self.dir;

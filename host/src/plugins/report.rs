@@ -10,8 +10,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::registry::{Inner, Registry, Slot};
-use super::scan::Fingerprint;
+use super::registry::{Inner, LoadFailure, Registry, Slot};
 use crate::config::GrantsConfig;
 use crate::stats::{PluginStats, StatsSnapshot};
 use crate::{ContentHash, PluginName};
@@ -108,16 +107,6 @@ pub struct PluginMetrics {
     pub reloads: u64,
     /// New files rejected.
     pub rejects: u64,
-}
-
-/// Why a plugin's newest file was rejected, and which file that was: the same file is not
-/// tried again.
-#[derive(Debug, Clone, Serialize)]
-pub(super) struct LoadFailure {
-    pub(super) kind: &'static str,
-    pub(super) message: String,
-    #[serde(skip)]
-    pub(super) fingerprint: Fingerprint,
 }
 
 impl Registry {

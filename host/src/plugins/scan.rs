@@ -8,7 +8,6 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::registry::Inner;
 use crate::PluginName;
 
 /// How long a file may keep changing before the host stops waiting for it: long enough for a
@@ -89,20 +88,20 @@ pub(super) struct Pending {
     pub(super) given_up: bool,
 }
 
-impl Inner {
-    /// Keeps track of how long each file has been unsettled; logs, once, a file that keeps
-    /// changing for longer than [`MAX_UNSETTLED`].
-    pub(super) fn note_unsettled(
-        &mut self,
-        found: &BTreeMap<PluginName, (PathBuf, Fingerprint)>,
-        unsettled: &[PluginName],
-        now: Instant,
-    ) {
+/// Keeps track in `pending` of how long each file has been unsettled; logs, once, a file that
+/// keeps changing for longer than [`MAX_UNSETTLED`].
+pub(super) fn note_unsettled(
+    pending: &mut BTreeMap<PluginName, Pending>,
+    found: &BTreeMap<PluginName, (PathBuf, Fingerprint)>,
+    unsettled: &[PluginName],
+    now: Instant,
+) {
+    {
         // Every file in the folder was either known, loaded, rejected or unsettled just now:
         // only the unsettled ones are still pending.
-        self.pending.retain(|name, _| unsettled.contains(name));
+        pending.retain(|name, _| unsettled.contains(name));
         for name in unsettled {
-            let pending = self.pending.entry(name.clone()).or_insert(Pending {
+            let pending = pending.entry(name.clone()).or_insert(Pending {
                 since: now,
                 given_up: false,
             });
@@ -204,22 +203,19 @@ mod tests {
                 },
             ),
         )]);
-        let mut inner = Inner::default();
+        let mut pending = BTreeMap::new();
         let start = Instant::now();
         let unsettled = std::slice::from_ref(&name);
-        inner.note_unsettled(&found, unsettled, start);
-        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED / 2);
-        assert!(
-            !inner.pending[&name].given_up,
-            "waited for while it changes"
-        );
-        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED);
-        assert!(inner.pending[&name].given_up, "given up after the limit");
+        note_unsettled(&mut pending, &found, unsettled, start);
+        note_unsettled(&mut pending, &found, unsettled, start + MAX_UNSETTLED / 2);
+        assert!(!pending[&name].given_up, "waited for while it changes");
+        note_unsettled(&mut pending, &found, unsettled, start + MAX_UNSETTLED);
+        assert!(pending[&name].given_up, "given up after the limit");
         // Once it settles (loaded or rejected), it is no longer pending; if it changes
         // again, the wait starts over.
-        inner.note_unsettled(&found, &[], start + MAX_UNSETTLED * 2);
-        assert!(inner.pending.is_empty());
-        inner.note_unsettled(&found, unsettled, start + MAX_UNSETTLED * 3);
-        assert!(!inner.pending[&name].given_up);
+        note_unsettled(&mut pending, &found, &[], start + MAX_UNSETTLED * 2);
+        assert!(pending.is_empty());
+        note_unsettled(&mut pending, &found, unsettled, start + MAX_UNSETTLED * 3);
+        assert!(!pending[&name].given_up);
     }
 }

@@ -3,13 +3,13 @@
 //! dead-lettered), and acknowledged in one `XACK`. Nothing here reads the stream; the loop
 //! in [`reader`](super::reader) decides when each step runs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::connection::Connection;
-use super::reader::Reader;
+use super::reader::{Batch, InFlight, Reader, Retry};
 use super::reply::{RawEntry, entries_of};
 use crate::ContentHash;
 use crate::message::Subscription;
@@ -19,46 +19,6 @@ use crate::worker::instance::INVALID_PREFIX;
 
 /// Longest wait before an entry's next retry.
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// Batches a reader keeps in its plugin's queue. Two are enough to keep the plugin busy:
-/// the next batch is read while the plugin handles the current one, so it is queued before
-/// the plugin runs out, whenever one read takes less time than handling one batch. A third
-/// would help only a reader whose round trip to Redis outlasts a whole batch (a larger
-/// `batch` is the remedy there), and every batch queued ahead adds to what a crash makes
-/// handled again and to how long an entry waits, pending, before its turn (`claim_idle`
-/// must stay above that wait, or another consumer claims the entry meanwhile).
-pub(super) const BATCHES_IN_FLIGHT: usize = 2;
-
-/// An entry scheduled for another delivery.
-pub(super) struct Retry {
-    pub(super) id: String,
-    pub(super) due: Instant,
-    /// Deliveries so far, as Redis counts them.
-    pub(super) deliveries: u64,
-}
-
-/// A batch in the plugin's queue, its outcomes still coming in.
-pub(super) struct Batch {
-    /// Its entries' ids, in the order queued (a ticket's index).
-    ids: Vec<String>,
-    /// Deliveries so far, by id, where Redis said (an entry read for the first time: 1).
-    counts: HashMap<String, u64>,
-    tally: Arc<Tally>,
-    /// When it was queued: its retries are scheduled from here.
-    queued: Instant,
-}
-
-/// What a reader has handed to the plugin and not yet acknowledged. It outlives a session:
-/// after a lost connection, the next session first waits for these batches and
-/// acknowledges what they handled, then reads again what is still pending.
-#[derive(Default)]
-pub(super) struct InFlight {
-    /// Batches in the plugin's queue, oldest first; at most [`BATCHES_IN_FLIGHT`].
-    pub(super) batches: VecDeque<Batch>,
-    /// Entries done with (handled, dead-lettered, deleted meanwhile) whose `XACK` is still
-    /// to be sent.
-    pub(super) done: Vec<String>,
-}
-
 impl Reader {
     /// Hands `entries` to the plugin as one batch, after those in flight (a plugin with one
     /// worker takes them in that order). Entries deleted meanwhile are only acknowledged.

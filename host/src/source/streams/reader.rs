@@ -3,7 +3,7 @@
 //! while the plugin works), claims idle ones and claims due retries again. A lost connection
 //! starts a new session after a backoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,13 +11,52 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::StreamBackend;
-use super::batch::{BATCHES_IN_FLIGHT, InFlight, Retry};
 use super::connection::Connection;
 use super::reply::{RawEntry, entries_of, integer, into_array, read_reply_entries, text};
 use crate::config::{StartFrom, StreamSettings};
 use crate::router::StreamTarget;
 use crate::source::redis::{BACKOFF_MAX, BACKOFF_MIN, Backoff, HEALTHY_SESSION};
-use crate::stream_entry::StreamStats;
+use crate::stream_entry::{StreamStats, Tally};
+
+/// Batches a reader keeps in its plugin's queue. Two are enough to keep the plugin busy:
+/// the next batch is read while the plugin handles the current one, so it is queued before
+/// the plugin runs out, whenever one read takes less time than handling one batch. A third
+/// would help only a reader whose round trip to Redis outlasts a whole batch (a larger
+/// `batch` is the remedy there), and every batch queued ahead adds to what a crash makes
+/// handled again and to how long an entry waits, pending, before its turn (`claim_idle`
+/// must stay above that wait, or another consumer claims the entry meanwhile).
+pub(super) const BATCHES_IN_FLIGHT: usize = 2;
+
+/// An entry scheduled for another delivery.
+pub(super) struct Retry {
+    pub(super) id: String,
+    pub(super) due: Instant,
+    /// Deliveries so far, as Redis counts them.
+    pub(super) deliveries: u64,
+}
+
+/// A batch in the plugin's queue, its outcomes still coming in.
+pub(super) struct Batch {
+    /// Its entries' ids, in the order queued (a ticket's index).
+    pub(super) ids: Vec<String>,
+    /// Deliveries so far, by id, where Redis said (an entry read for the first time: 1).
+    pub(super) counts: HashMap<String, u64>,
+    pub(super) tally: Arc<Tally>,
+    /// When it was queued: its retries are scheduled from here.
+    pub(super) queued: Instant,
+}
+
+/// What a reader has handed to the plugin and not yet acknowledged. It outlives a session:
+/// after a lost connection, the next session first waits for these batches and
+/// acknowledges what they handled, then reads again what is still pending.
+#[derive(Default)]
+pub(super) struct InFlight {
+    /// Batches in the plugin's queue, oldest first; at most [`BATCHES_IN_FLIGHT`].
+    pub(super) batches: VecDeque<Batch>,
+    /// Entries done with (handled, dead-lettered, deleted meanwhile) whose `XACK` is still
+    /// to be sent.
+    pub(super) done: Vec<String>,
+}
 
 /// The reader of one (plugin, stream) pair.
 pub(super) struct Reader {
