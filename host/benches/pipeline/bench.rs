@@ -71,7 +71,7 @@ impl Bench {
         for i in 0..count {
             let name = copy_name(count, i);
             let bytes = if distinct {
-                harness::with_custom_section(self.forward, "bench-copy", name.as_bytes())
+                switchyard_tests::rebuilt(self.forward, &format!("bench-copy-{name}"))
             } else {
                 self.forward.to_vec()
             };

@@ -24,9 +24,7 @@ use anyhow::Context as _;
 use tokio::process::{Child, Command};
 
 pub use baselines::{FanoutRelay, Relay, StreamConsumer};
-pub use plugins::{
-    forward_manifest, install_plugin, replace_wasm, stream_manifest, with_custom_section,
-};
+pub use plugins::{forward_manifest, install_plugin, replace_wasm, stream_manifest};
 pub use switchyard::{HostLosses, HostSetup, Switchyard, plugin_entry, queue_bytes_limit};
 pub use traffic::{
     PIPELINE, Publisher, Received, Receiver, Transfer, UNTHROTTLED, transfer, window,

@@ -122,10 +122,9 @@ impl Bench {
         let mut failure = None;
         for i in 0..swaps {
             let old = host.version_hash(swapped).await?;
-            let bytes = harness::with_custom_section(
+            let bytes = switchyard_tests::rebuilt(
                 wasm,
-                "bench-swap",
-                format!("{i}-{}", harness::wall_nanos()).as_bytes(),
+                &format!("bench-swap-{i}-{}", harness::wall_nanos()),
             );
             let renamed = harness::replace_wasm(dir, swapped, &bytes)?;
             let seen = loop {

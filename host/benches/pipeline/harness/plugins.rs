@@ -1,36 +1,11 @@
 //! Plugin files for the processes under test: `forward` copies and their manifests, installed
-//! and replaced the way deployers should (a dotfile, then a rename), and byte-different copies
-//! that behave the same.
+//! and replaced the way deployers should (a dotfile, then a rename). Byte-different copies
+//! that behave the same come from the test harness (`switchyard_tests::rebuilt`).
 
 use std::path::Path;
 use std::time::Instant;
 
 use super::STREAM_KEY;
-
-/// `bytes` with a custom section appended: a byte-different component (new content hash)
-/// that behaves the same.
-pub fn with_custom_section(bytes: &[u8], name: &str, payload: &[u8]) -> Vec<u8> {
-    fn leb128(mut value: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (value & 0x7f) as u8;
-            value >>= 7;
-            if value == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let mut contents = Vec::new();
-    leb128(name.len(), &mut contents);
-    contents.extend_from_slice(name.as_bytes());
-    contents.extend_from_slice(payload);
-    let mut out = bytes.to_vec();
-    out.push(0x00);
-    leb128(contents.len(), &mut out);
-    out.extend_from_slice(&contents);
-    out
-}
 
 /// Writes `dir/NAME.wasm` (through a dotfile and a rename, as deployers should) and its
 /// manifest `dir/NAME.toml`.
