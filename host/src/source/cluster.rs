@@ -40,6 +40,10 @@ use crate::router::{Router, RoutingTable};
 
 /// How often the control task checks that every primary answers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Health ticks (one a second) after a change of the cluster's shape on which the
+/// subscriptions are confirmed again, for the nodes that learn of the change late.
+const CONFIRM_AFTER_CHANGE: u8 = 3;
+
 /// How long one health check may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a failed update keeps retrying (a failover takes a few seconds) before it
@@ -82,6 +86,7 @@ impl ClusterSource {
             active: BTreeSet::new(),
             shape: None,
             resubscribe_pending: false,
+            confirm_again: 0,
         };
         let task = tokio::spawn(control.run(updates, shutdown));
         Ok((Self { handle }, task))
@@ -113,6 +118,11 @@ struct Control {
     shape: Option<Vec<(i64, i64, String)>>,
     /// Whether subscribing again after a change of shape has yet to succeed.
     resubscribe_pending: bool,
+    /// Health ticks on which the subscriptions are confirmed once more after a change of
+    /// shape: while a slot moves, the nodes learn of it one after the other, and a
+    /// subscription confirmed on a node that has not learnt yet is dropped by it (a
+    /// `sunsubscribe`) once it does.
+    confirm_again: u8,
 }
 
 impl Control {
@@ -184,22 +194,34 @@ impl Control {
             }
             _ => return,
         };
-        if self.shape.as_ref() == Some(&shape) && !self.resubscribe_pending {
+        let same = self.shape.as_ref() == Some(&shape);
+        if same && !self.resubscribe_pending && self.confirm_again == 0 {
             return;
         }
-        let changed = self.shape.is_some();
+        let changed = !same && self.shape.is_some();
         self.shape = Some(shape);
-        if !changed && !self.resubscribe_pending {
+        if changed {
+            self.confirm_again = CONFIRM_AFTER_CHANGE;
+        } else if self.confirm_again > 0 && !self.resubscribe_pending {
+            self.confirm_again -= 1;
+        } else if !self.resubscribe_pending {
             return;
         }
         let mut all = self.active.clone();
         all.insert(Subscription::Channel(self.router.barrier_channel().clone()));
         match subscribe(connection, &all, true).await {
             Ok(()) => {
-                tracing::info!(
-                    subscriptions = all.len(),
-                    "the cluster's shape changed; subscriptions confirmed on their current nodes"
-                );
+                if changed {
+                    tracing::info!(
+                        subscriptions = all.len(),
+                        "the cluster's shape changed; subscriptions confirmed on their current nodes"
+                    );
+                } else {
+                    tracing::debug!(
+                        subscriptions = all.len(),
+                        "subscriptions confirmed again after the cluster's shape changed"
+                    );
+                }
                 self.resubscribe_pending = false;
             }
             Err(e) => {
