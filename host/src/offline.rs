@@ -23,6 +23,7 @@ use crate::effects::outputs::{Captured, Outputs, Reply};
 use crate::plugins::PluginReport;
 use crate::plugins::loader::{WORLD, world_version};
 use crate::source::embedded::{EmbeddedBroker, Published};
+use crate::worker::worlds::World;
 
 /// The interface every plugin exports, without its version.
 const HANDLER: &str = "switchyard:plugin/handler";
@@ -121,7 +122,10 @@ pub async fn check(target: &Target) -> anyhow::Result<CheckReport> {
             Ok(CheckReport {
                 file: target.wasm.clone(),
                 size: bytes.len() as u64,
-                world: WORLD,
+                world: match World::of_exports(&exports) {
+                    Ok(World::Switchyard) | Err(_) => WORLD,
+                    Ok(world) => world.label(),
+                },
                 name: report.name.to_string(),
                 manifest: target.manifest(),
                 describe: json!({
@@ -194,6 +198,11 @@ fn interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
             _ => {}
         }
     }
+    if World::of_exports(&exports).map_err(|why| format!("not a plugin: {why}"))?
+        != World::Switchyard
+    {
+        return Ok((imports, exports));
+    }
     let handler = exports
         .iter()
         .find_map(|name| name.strip_prefix(HANDLER)?.strip_prefix('@'));
@@ -203,14 +212,7 @@ fn interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
             "built for {HANDLER}@{version}; this host runs {WORLD}: rebuild it against the \
              WIT in this release"
         )),
-        None => Err(format!(
-            "does not export {HANDLER}: not a Switchyard plugin (exports: {})",
-            if exports.is_empty() {
-                "none".to_owned()
-            } else {
-                exports.join(", ")
-            }
-        )),
+        None => Err(format!("does not export {HANDLER}")),
     }
 }
 
@@ -586,12 +588,19 @@ pub fn render_check(report: &CheckReport) -> String {
         report.size.div_ceil(1024)
     );
     let _ = writeln!(out, "  plugin name:   {}", report.name);
-    let _ = writeln!(
-        out,
-        "  describe:      {} {}",
-        text(&report.describe["name"]),
-        text(&report.describe["version"])
-    );
+    if report.world == WORLD {
+        let _ = writeln!(
+            out,
+            "  describe:      {} {}",
+            text(&report.describe["name"]),
+            text(&report.describe["version"])
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  describe:      none in this world; subscriptions come from the manifest"
+        );
+    }
     let subscriptions: Vec<String> = report.describe["subscriptions"]
         .as_array()
         .map(|items| items.iter().map(text).collect())

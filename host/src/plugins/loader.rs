@@ -41,12 +41,13 @@ use crate::stats::PluginStats;
 use crate::stats::outcome::Failure;
 use crate::stats::outcome::FailureReason;
 use crate::worker::MAX_CONCURRENCY;
-use crate::worker::bindings::{PluginPre, switchyard::plugin::types};
+use crate::worker::bindings::switchyard::plugin::types;
 use crate::worker::engine::Runtime;
 use crate::worker::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::worker::instance::Instance;
 use crate::worker::state::PluginContext;
 use crate::worker::version::{Description, LoadedPlugin};
+use crate::worker::worlds::{HandlerPre, World};
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
@@ -113,7 +114,7 @@ pub enum LoadError {
     #[error("not a valid component: {0}")]
     Compile(String),
     /// A component of another world.
-    #[error("does not target {WORLD}: {0}")]
+    #[error("{0}")]
     WrongWorld(String),
     /// Instantiation or `describe` trapped.
     #[error("describe failed: {0}")]
@@ -312,13 +313,21 @@ impl Loader {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "component compiled"
         );
-        let instance_pre = self
-            .runtime
-            .linker()
-            .instantiate_pre(&component)
-            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre =
-            PluginPre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let world = World::of(&component, engine).map_err(LoadError::WrongWorld)?;
+        let pre = HandlerPre::new(world, self.runtime.linker(), &component).map_err(|e| {
+            LoadError::WrongWorld(match world {
+                World::Switchyard => format!("does not target {WORLD}: {e:#}"),
+                _ => format!("does not link as a {} component: {e:#}", world.label()),
+            })
+        })?;
+        if !world.describes_itself() && manifest.subscriptions.is_none() {
+            return Err(LoadError::Manifest(format!(
+                "{}: a {} component has no describe, so its manifest must list what it \
+                 listens to: [subscriptions] with channels, patterns, sharded or streams",
+                path.with_extension("toml").display(),
+                world.label()
+            )));
+        }
 
         let settings = manifest.settings();
         let limits = Limits {
@@ -359,7 +368,20 @@ impl Loader {
             manifest_hash,
             loaded_at: SystemTime::now(),
         };
-        let info = self.probe(&name, probe)?;
+        // A component of another host's world is instantiated all the same (its start
+        // must not trap or hang), and described by its manifest.
+        let info = self
+            .probe(&name, probe)?
+            .unwrap_or_else(|| types::PluginInfo {
+                name: name.as_str().to_owned(),
+                version: String::new(),
+                subscriptions: Vec::new(),
+                capabilities: types::Capabilities {
+                    publish: Vec::new(),
+                    invalidate: Vec::new(),
+                    outputs: Vec::new(),
+                },
+            });
         let description = Description::from_wit(info, manifest.subscriptions.as_ref())?;
         let grants = Grants::new(self.grants_for(&name, &manifest, &description));
         let loop_guard = LoopGuard::new(&description.subscriptions);
@@ -391,7 +413,7 @@ impl Loader {
         &self,
         name: &PluginName,
         probe: LoadedPlugin,
-    ) -> Result<types::PluginInfo, LoadError> {
+    ) -> Result<Option<types::PluginInfo>, LoadError> {
         let engine = self.runtime.engine().clone();
         let deadline = self.describe_deadline;
         let answer = match run_bounded(
@@ -633,7 +655,10 @@ fn file_error(path: &Path, error: FileError, setting: &'static str) -> LoadError
 }
 
 /// Instantiates `probe` and calls `describe`, both within the probe's deadline.
-fn describe(engine: &wasmtime::Engine, probe: LoadedPlugin) -> Result<types::PluginInfo, Failure> {
+fn describe(
+    engine: &wasmtime::Engine,
+    probe: LoadedPlugin,
+) -> Result<Option<types::PluginInfo>, Failure> {
     let mut instance =
         Instance::new(engine, Arc::new(probe), PluginStats::new()).map_err(|failure| Failure {
             message: format!("instantiation failed: {failure}"),

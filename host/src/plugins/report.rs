@@ -69,8 +69,11 @@ impl PluginReport {
 pub struct VersionReport {
     /// The name `describe` gave.
     pub declared_name: String,
-    /// The version `describe` gave.
+    /// The version `describe` gave (empty for other hosts' worlds, which have no
+    /// `describe`).
     pub version: String,
+    /// The world the component is written for: `switchyard:plugin`, or another host's.
+    pub world: &'static str,
     /// Content hash of the `.wasm`.
     pub hash: ContentHash,
     /// Size of the `.wasm` in bytes.
@@ -209,6 +212,7 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
         version: Some(VersionReport {
             declared_name: description.name.clone(),
             version: description.version.clone(),
+            world: current.pre.world().label(),
             hash: current.hash,
             size: current.size,
             file: current.path.clone(),

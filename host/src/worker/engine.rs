@@ -55,6 +55,7 @@ impl Runtime {
             .map_err(anyhow::Error::from)?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)?;
+        super::worlds::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
         let ticker = Ticker::start(engine.clone())?;
         Ok(Self {

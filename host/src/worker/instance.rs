@@ -11,12 +11,14 @@ use std::time::UNIX_EPOCH;
 use wasmtime::Store;
 
 use super::Envelope;
-use super::bindings::Plugin;
 use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
 use super::state::{HostState, MemoryExhausted};
 use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
+use super::worlds::Bindings;
+use super::worlds::wasi_messaging::{self, MessageData};
+use super::worlds::wasmcloud::BrokerMessage;
 use crate::message::Subscription;
 use crate::stats::PluginStats;
 use crate::stats::outcome::{Failure, FailureReason};
@@ -25,7 +27,7 @@ use crate::stats::outcome::{Failure, FailureReason};
 pub struct Instance {
     version: Arc<LoadedPlugin>,
     store: Store<HostState>,
-    bindings: Plugin,
+    bindings: Bindings,
 }
 
 impl Instance {
@@ -63,58 +65,59 @@ impl Instance {
     /// Calls `describe`, within the deadline armed when the instance was built: the plugin's
     /// deadline covers instantiation and `describe` together, so a probe built to describe a
     /// new version (the loader's) takes no longer than that in all.
-    pub fn describe(&mut self) -> Result<types::PluginInfo, Failure> {
-        self.bindings
+    /// Components of other hosts' worlds have no `describe`: `None`.
+    pub fn describe(&mut self) -> Result<Option<types::PluginInfo>, Failure> {
+        let Bindings::Switchyard(bindings) = &self.bindings else {
+            return Ok(None);
+        };
+        bindings
             .switchyard_plugin_handler()
             .call_describe(&mut self.store)
+            .map(Some)
             .map_err(|trap| Failure {
                 reason: trap_reason(&trap),
                 message: describe_trap(&trap, &self.version),
             })
     }
 
-    /// Calls `handle` with one message. After a failure whose reason poisons the instance,
-    /// the instance must be dropped.
+    /// Calls the handler with one message. After a failure whose reason poisons the
+    /// instance, the instance must be dropped.
     pub fn handle(&mut self, envelope: Envelope) -> Result<(), Failure> {
-        let message = Message {
-            channel: text(envelope.channel),
-            subscription: {
-                let name = String::from_utf8_lossy(envelope.subscription.name()).into_owned();
-                match &envelope.subscription {
-                    Subscription::Channel(_) => types::Subscription::Channel(name),
-                    Subscription::Pattern(_) => types::Subscription::Pattern(name),
-                    Subscription::Sharded(_) => types::Subscription::Sharded(name),
-                    Subscription::Stream(_) => types::Subscription::Stream(name),
-                }
-            },
-            // Without a copy when this plugin holds the only reference to Redis's buffer (the
-            // router hands the last plugin the buffer itself); copied when another shares it.
-            payload: Vec::from(envelope.payload),
-            received_at: envelope
-                .received_at
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            entry_id: envelope.entry.as_ref().map(|e| e.id.clone()),
-            fields: envelope
-                .entry
-                .map(|e| {
-                    e.fields
-                        .into_iter()
-                        .map(|(name, value)| (name, Vec::from(value)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
         self.arm();
-        match self
-            .bindings
-            .switchyard_plugin_handler()
-            .call_handle(&mut self.store, &message)
-        {
+        let result = match &self.bindings {
+            Bindings::Switchyard(bindings) => {
+                let message = switchyard_message(envelope);
+                bindings
+                    .switchyard_plugin_handler()
+                    .call_handle(&mut self.store, &message)
+                    .map(|answer| answer.map_err(|error| render_error(&error)))
+            }
+            Bindings::WasiMessaging(bindings) => self
+                .store
+                .data_mut()
+                .push_message(messaging_message(envelope))
+                .and_then(|message| {
+                    bindings
+                        .wasi_messaging_incoming_handler()
+                        .call_handle(&mut self.store, message)
+                })
+                .map(|answer| answer.map_err(|error| wasi_messaging::render_error(&error))),
+            Bindings::Wasmcloud(bindings) => {
+                let message = BrokerMessage {
+                    subject: text(envelope.channel),
+                    body: Vec::from(envelope.payload),
+                    reply_to: None,
+                };
+                bindings
+                    .wasmcloud_messaging_handler()
+                    .call_handle_message(&mut self.store, &message)
+            }
+        };
+        match result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(Failure {
+            Ok(Err(message)) => Err(Failure {
                 reason: FailureReason::Error,
-                message: render_error(&error),
+                message,
             }),
             Err(trap) => Err(Failure {
                 reason: trap_reason(&trap),
@@ -128,6 +131,66 @@ impl Instance {
         self.store
             .set_epoch_deadline(deadline_ticks(self.version.context.deadline));
         self.store.data_mut().begin_call();
+    }
+}
+
+/// A message as `switchyard:plugin` gives it to `handle`.
+fn switchyard_message(envelope: Envelope) -> Message {
+    Message {
+        channel: text(envelope.channel),
+        subscription: {
+            let name = String::from_utf8_lossy(envelope.subscription.name()).into_owned();
+            match &envelope.subscription {
+                Subscription::Channel(_) => types::Subscription::Channel(name),
+                Subscription::Pattern(_) => types::Subscription::Pattern(name),
+                Subscription::Sharded(_) => types::Subscription::Sharded(name),
+                Subscription::Stream(_) => types::Subscription::Stream(name),
+            }
+        },
+        // Without a copy when this plugin holds the only reference to Redis's buffer (the
+        // router hands the last plugin the buffer itself); copied when another shares it.
+        payload: Vec::from(envelope.payload),
+        received_at: envelope
+            .received_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        entry_id: envelope.entry.as_ref().map(|e| e.id.clone()),
+        fields: envelope
+            .entry
+            .map(|e| {
+                e.fields
+                    .into_iter()
+                    .map(|(name, value)| (name, Vec::from(value)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// A message as the WASI messaging draft gives it to `handle`: the channel as its topic, the
+/// payload as its data, and what else Switchyard knows as metadata (see
+/// [`wasi_messaging`]).
+fn messaging_message(envelope: Envelope) -> MessageData {
+    let mut metadata = Vec::new();
+    if let Subscription::Pattern(pattern) = &envelope.subscription {
+        metadata.push((
+            wasi_messaging::PATTERN_KEY.to_owned(),
+            String::from_utf8_lossy(pattern).into_owned(),
+        ));
+    }
+    if let Some(entry) = envelope.entry {
+        metadata.push((wasi_messaging::ENTRY_ID_KEY.to_owned(), entry.id.clone()));
+        for (name, value) in entry.fields {
+            if let Ok(value) = String::from_utf8(Vec::from(value)) {
+                metadata.push((format!("{}{name}", wasi_messaging::FIELD_PREFIX), value));
+            }
+        }
+    }
+    MessageData {
+        topic: Some(text(envelope.channel)),
+        content_type: None,
+        data: Vec::from(envelope.payload),
+        metadata: (!metadata.is_empty()).then_some(metadata),
     }
 }
 

@@ -37,6 +37,7 @@ pub mod queue;
 pub mod state;
 pub mod version;
 pub mod wasi;
+pub mod worlds;
 
 use std::sync::Arc;
 use std::sync::Mutex;

@@ -106,6 +106,16 @@ impl HostState {
         &mut self.limits
     }
 
+    /// The store's resources, for the worlds whose imports hold some.
+    pub(crate) fn table(&self) -> &ResourceTable {
+        &self.table
+    }
+
+    /// The store's resources, to change.
+    pub(crate) fn table_mut(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
     /// What the bounded WASI waits of [`super::wasi`] work on.
     pub(crate) fn bounded_io(&mut self) -> BoundedIo<'_> {
         BoundedIo {

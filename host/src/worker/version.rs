@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::bindings::PluginPre;
-use super::state::{HostState, PluginContext};
+use super::state::PluginContext;
+use super::worlds::HandlerPre;
 use crate::ContentHash;
 use crate::config::{GrantsConfig, StreamSettings};
 use crate::message::Subscription;
@@ -29,8 +29,8 @@ pub struct Description {
 pub struct LoadedPlugin {
     /// Identity, grants, settings and limits, shared with every store of this version.
     pub context: Arc<PluginContext>,
-    /// The component, linked and type-checked against the world.
-    pub pre: PluginPre<HostState>,
+    /// The component, linked and type-checked against its world.
+    pub pre: HandlerPre,
     /// Its `describe` answer.
     pub description: Description,
     /// How its streams are read.
