@@ -17,6 +17,8 @@ const PLUGINS: &[&str] = &[
     "not-a-plugin",
     "output-probe",
     "sink",
+    "messaging-forward",
+    "wasmcloud-forward",
 ];
 
 fn main() {

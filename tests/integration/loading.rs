@@ -41,7 +41,7 @@ async fn bad_replacement_keeps_the_previous_version_running() -> anyhow::Result<
             "wrong world",
             read_plugin(plugins::NOT_A_PLUGIN),
             "world",
-            "does not target switchyard:plugin",
+            "exports none of the accepted worlds",
         ),
         (
             "describe traps",

@@ -23,3 +23,4 @@ mod routing;
 mod scenarios;
 mod streams;
 mod tls;
+mod worlds;

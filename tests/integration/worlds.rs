@@ -1,0 +1,178 @@
+//! Handlers written for other hosts' worlds run unchanged beside Switchyard's own plugins:
+//! each fixture below does `forward`'s job through its own world's imports, and must
+//! republish exactly what `forward` does, count a failure for its bad input, be refused a
+//! publish outside its grant, and swap with `forward` under traffic without a loss.
+
+use std::time::Duration;
+
+use switchyard_tests::{
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins, read_plugin,
+};
+
+use crate::faults::stat;
+
+/// A handler from another host's world, built with that world's own tools.
+struct Case {
+    /// What `/plugins` says of its world.
+    world: &'static str,
+    /// The built component.
+    wasm: &'static str,
+}
+
+/// Every foreign world with a fixture.
+const CASES: &[Case] = &[
+    Case {
+        world: "wasi-messaging@0.2.0-draft",
+        wasm: plugins::MESSAGING_FORWARD,
+    },
+    Case {
+        world: "wasmcloud-messaging@0.2.0",
+        wasm: plugins::WASMCLOUD_FORWARD,
+    },
+];
+
+/// What these worlds cannot say for themselves: what to listen to, and the grant.
+const MANIFEST: &str =
+    "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:*\"]\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_from_other_hosts_do_what_forward_does() -> anyhow::Result<()> {
+    for case in CASES {
+        let redis = RedisServer::start().await?;
+        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(MANIFEST))]).await?;
+        let entry = host.plugin("fwd").await?.expect("fwd is listed");
+        assert_eq!(entry["state"], "running", "{}", case.world);
+        assert_eq!(entry["version"]["world"], case.world);
+
+        let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+        let payloads: [&[u8]; 3] = [b"hello", b"", &[0, 159, 146, 150, 255]];
+        for (i, payload) in payloads.iter().enumerate() {
+            redis.publish(format!("fwd:{i}").as_str(), *payload).await?;
+        }
+        let got = out.take(payloads.len(), PATIENCE).await?;
+        for (i, (received, payload)) in got.iter().zip(payloads).enumerate() {
+            assert_eq!(
+                received.channel_str(),
+                format!("fwded:{i}"),
+                "{}",
+                case.world
+            );
+            assert_eq!(&received.payload[..], payload, "{}", case.world);
+        }
+
+        // The bad input is a failure of the handler, counted as forward's errors are.
+        redis.publish("fwd:bad", "reject").await?;
+        let entry = host
+            .wait_plugin("fwd", "counting the rejected message", |p| {
+                stat(p, "failed") == 1
+            })
+            .await?;
+        assert!(
+            entry["stats"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("rejected")),
+            "{}: {entry}",
+            case.world
+        );
+        host.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_outside_the_grant_is_refused_to_other_hosts_handlers() -> anyhow::Result<()> {
+    for case in CASES {
+        let redis = RedisServer::start().await?;
+        let narrow =
+            "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:ok\"]\n";
+        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(narrow))]).await?;
+        let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+        redis.publish("fwd:no", "x").await?;
+        redis.publish("fwd:ok", "y").await?;
+        let got = out.take(1, PATIENCE).await?;
+        assert_eq!(got[0].channel_str(), "fwded:ok", "{}", case.world);
+        let entry = host
+            .wait_plugin("fwd", "counting the denied publish", |p| {
+                stat(p, "denied") == 1
+            })
+            .await?;
+        assert_eq!(stat(&entry, "handled"), 1, "{}: {entry}", case.world);
+        assert!(
+            out.next(Duration::from_millis(300)).await.is_err(),
+            "{}: nothing else",
+            case.world
+        );
+        host.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_world_needs_subscriptions_in_its_manifest() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    for case in CASES {
+        let host = TestHost::start(&redis, &[("fwd", case.wasm, None)]).await?;
+        let entry = host
+            .wait_plugin("fwd", "rejecting the file", |p| {
+                p["load_error"]["kind"] == "manifest"
+            })
+            .await?;
+        let message = entry["load_error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(case.world) && message.contains("[subscriptions]"),
+            "{message}"
+        );
+        host.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() -> anyhow::Result<()>
+{
+    const MESSAGES: usize = 3000;
+    let redis = RedisServer::start().await?;
+    let host =
+        TestHost::start(&redis, &[("fwd", plugins::FORWARD, Some(FORWARD_MANIFEST))]).await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let publisher = {
+        let mut connection = redis.connection().await?;
+        tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                redis::cmd("PUBLISH")
+                    .arg("fwd:x")
+                    .arg(i.to_string())
+                    .query_async::<i64>(&mut connection)
+                    .await?;
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    // forward → each foreign handler → forward again, while the publisher runs.
+    let mut swaps: Vec<(&str, Vec<u8>, &str)> = CASES
+        .iter()
+        .map(|case| (case.world, read_plugin(case.wasm), MANIFEST))
+        .collect();
+    swaps.push(("switchyard:plugin", read_plugin(plugins::FORWARD), MANIFEST));
+    for (world, wasm, manifest) in &swaps {
+        host.install("fwd", wasm, Some(manifest))?;
+        host.wait_plugin("fwd", "running the new world", |p| {
+            p["version"]["world"] == *world
+        })
+        .await?;
+    }
+    publisher.await??;
+    let got = out.take_flowing(MESSAGES, PATIENCE).await?;
+    let mut seen: Vec<usize> = got
+        .iter()
+        .filter_map(|m| m.payload_str().parse().ok())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), MESSAGES, "every message forwarded once");
+    host.stop().await?;
+    Ok(())
+}
