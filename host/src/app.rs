@@ -273,7 +273,8 @@ impl Host {
             tokio::runtime::Handle::current(),
         )
         .with_limits(EffectLimits::from_config(config))
-        .with_sharded(ShardedChannels::new(&config.redis.sharded_channels));
+        .with_sharded(ShardedChannels::new(&config.redis.sharded_channels))
+        .with_own_redis(config.redis.url.expose());
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),

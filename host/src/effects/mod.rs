@@ -109,7 +109,16 @@ pub struct Effects {
     broadcast: Option<Bytes>,
     /// Which channels are sharded: published with `SPUBLISH`.
     sharded: Arc<ShardedChannels>,
+    /// Where the host's own Redis is, as `(address, database)`, for plugins that name it.
+    own_redis: Option<(redis::ConnectionAddr, i64)>,
     runtime: tokio::runtime::Handle,
+}
+
+/// A Redis URL's server and database, if it is one.
+fn redis_location(url: &str) -> Option<(redis::ConnectionAddr, i64)> {
+    use redis::IntoConnectionInfo as _;
+    let info = url.into_connection_info().ok()?;
+    Some((info.addr().clone(), info.redis_settings().db()))
 }
 
 /// The channels plugins' messages reach with `SPUBLISH`: those matching the operator's
@@ -268,8 +277,22 @@ impl Effects {
             outputs,
             broadcast,
             sharded: Arc::default(),
+            own_redis: None,
             runtime,
         }
+    }
+
+    /// Says where the host's own Redis is (`url`, credentials aside), so that a plugin that
+    /// names it by address is recognised ([`Effects::is_own_redis`]).
+    pub fn with_own_redis(mut self, url: &str) -> Self {
+        self.own_redis = redis_location(url);
+        self
+    }
+
+    /// Whether `url` names the host's own Redis: the same host, port and database,
+    /// whatever credentials it carries.
+    pub fn is_own_redis(&self, url: &str) -> bool {
+        self.own_redis.is_some() && redis_location(url) == self.own_redis
     }
 
     /// Bounds the effects by `limits`. Call it before any plugin uses these effects.

@@ -112,6 +112,16 @@ impl Instance {
                     .wasmcloud_messaging_handler()
                     .call_handle_message(&mut self.store, &message)
             }
+            Bindings::SpinRedis2(bindings) => bindings
+                .fermyon_spin_inbound_redis()
+                .call_handle_message(&mut self.store, &Vec::from(envelope.payload))
+                .map(|answer| {
+                    answer.map_err(|_| {
+                        "the handler returned error (this world carries no reason; the \
+                         plugin's standard error may say more)"
+                            .to_owned()
+                    })
+                }),
         };
         match result {
             Ok(Ok(())) => Ok(()),

@@ -3,6 +3,7 @@
 //! and keeps a pre-instantiated component of the right kind; the worker calls each world's
 //! handler through [`Bindings`].
 
+pub mod spin_redis;
 pub mod wasi_messaging;
 pub mod wasmcloud;
 
@@ -21,11 +22,18 @@ pub enum World {
     WasiMessaging,
     /// `wasmcloud:messaging@0.2.0`, world `handler`.
     Wasmcloud,
+    /// Spin 2's Redis trigger, `fermyon:spin/inbound-redis`.
+    SpinRedis2,
 }
 
 impl World {
     /// Every world, in the order a component's exports are tried.
-    pub const ALL: [World; 3] = [World::Switchyard, World::WasiMessaging, World::Wasmcloud];
+    pub const ALL: [World; 4] = [
+        World::Switchyard,
+        World::WasiMessaging,
+        World::Wasmcloud,
+        World::SpinRedis2,
+    ];
 
     /// The interface whose export marks a component of this world (without its version
     /// when any version is recognised).
@@ -34,6 +42,7 @@ impl World {
             World::Switchyard => "switchyard:plugin/handler@",
             World::WasiMessaging => "wasi:messaging/incoming-handler@0.2.0-draft",
             World::Wasmcloud => "wasmcloud:messaging/handler@0.2.0",
+            World::SpinRedis2 => "fermyon:spin/inbound-redis",
         }
     }
 
@@ -43,6 +52,7 @@ impl World {
             World::Switchyard => "switchyard:plugin",
             World::WasiMessaging => "wasi-messaging@0.2.0-draft",
             World::Wasmcloud => "wasmcloud-messaging@0.2.0",
+            World::SpinRedis2 => "fermyon-spin-redis",
         }
     }
 
@@ -95,6 +105,8 @@ pub enum HandlerPre {
     WasiMessaging(wasi_messaging::MessagingCorePre<HostState>),
     /// wasmCloud messaging.
     Wasmcloud(wasmcloud::HandlerPre<HostState>),
+    /// Spin 2's Redis trigger.
+    SpinRedis2(spin_redis::RedisHandlerPre<HostState>),
 }
 
 impl HandlerPre {
@@ -111,6 +123,7 @@ impl HandlerPre {
                 HandlerPre::WasiMessaging(wasi_messaging::MessagingCorePre::new(pre)?)
             }
             World::Wasmcloud => HandlerPre::Wasmcloud(wasmcloud::HandlerPre::new(pre)?),
+            World::SpinRedis2 => HandlerPre::SpinRedis2(spin_redis::RedisHandlerPre::new(pre)?),
         })
     }
 
@@ -120,6 +133,7 @@ impl HandlerPre {
             HandlerPre::Switchyard(_) => World::Switchyard,
             HandlerPre::WasiMessaging(_) => World::WasiMessaging,
             HandlerPre::Wasmcloud(_) => World::Wasmcloud,
+            HandlerPre::SpinRedis2(_) => World::SpinRedis2,
         }
     }
 
@@ -129,6 +143,7 @@ impl HandlerPre {
             HandlerPre::Switchyard(pre) => Bindings::Switchyard(pre.instantiate(store)?),
             HandlerPre::WasiMessaging(pre) => Bindings::WasiMessaging(pre.instantiate(store)?),
             HandlerPre::Wasmcloud(pre) => Bindings::Wasmcloud(pre.instantiate(store)?),
+            HandlerPre::SpinRedis2(pre) => Bindings::SpinRedis2(pre.instantiate(store)?),
         })
     }
 }
@@ -141,6 +156,8 @@ pub enum Bindings {
     WasiMessaging(wasi_messaging::MessagingCore),
     /// wasmCloud messaging.
     Wasmcloud(wasmcloud::Handler),
+    /// Spin 2's Redis trigger.
+    SpinRedis2(spin_redis::RedisHandler),
 }
 
 /// Adds the imports of every world other than Switchyard's own to `linker`.
@@ -150,5 +167,6 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         linker,
         |state| state,
     )?;
-    wasmcloud::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+    wasmcloud::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    spin_redis::RedisHandler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
 }

@@ -1,0 +1,163 @@
+//! Spin 2 Redis handlers (`fermyon:spin/inbound-redis`, as spin-sdk 3 builds them): the
+//! component exports `handle-message(payload)` and may use the outbound Redis connection and
+//! the variables of `fermyon:spin@2.0.0`.
+//!
+//! Mapping:
+//! - in: the payload alone (the world has no channel);
+//! - out, on a `connection` opened with the address of the host's own Redis (any other
+//!   address is an `invalid-address` error): `publish` is the host's `send`, `del` its
+//!   `invalidate`, each under the plugin's grants, loop guard and limits; every other command
+//!   is refused with an error naming it;
+//! - `variables.get(name)` reads the manifest's `[config]`, as `config` does for
+//!   Switchyard plugins (`undefined` when it is not set).
+
+use wasmtime::component::Resource;
+
+use super::super::state::HostState;
+use crate::worker::bindings::switchyard::plugin::host::Host as SwitchyardHost;
+use crate::worker::bindings::switchyard::plugin::types::Error as HostError;
+
+/// Generated from `wit/hosts/spin-redis-2`.
+#[allow(missing_docs)]
+mod generated {
+    wasmtime::component::bindgen!({
+        world: "switchyard:spin-redis-2/redis-handler",
+        path: "../wit/hosts/spin-redis-2",
+        imports: { default: trappable },
+        with: {
+            "fermyon:spin/redis@2.0.0.connection": super::Connection,
+        },
+    });
+}
+
+use generated::fermyon::spin2_0_0::redis::{Error, Payload, RedisParameter, RedisResult};
+use generated::fermyon::spin2_0_0::variables::Error as VariableError;
+pub use generated::{RedisHandler, RedisHandlerPre};
+
+/// An open connection: always the host's own Redis.
+#[derive(Debug)]
+pub struct Connection;
+
+/// How a host error reads to a Spin component.
+fn spin_error(error: HostError) -> Error {
+    Error::Other(match error {
+        HostError::Denied(why) => format!("denied: {why}"),
+        HostError::Invalid(why) => format!("invalid: {why}"),
+        HostError::Unavailable(why) => format!("unavailable: {why}"),
+        HostError::Failed(why) => why,
+    })
+}
+
+/// The refusal of a command plugins may not run.
+fn refused(command: &str) -> Error {
+    Error::Other(format!(
+        "{command} is not available to plugins: publish (with a publish grant) and del (with \
+         an invalidate grant) are"
+    ))
+}
+
+impl generated::fermyon::spin::redis_types::Host for HostState {}
+
+impl generated::fermyon::spin2_0_0::redis::Host for HostState {}
+
+impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
+    fn open(&mut self, address: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+        if !self.plugin.effects.is_own_redis(&address) {
+            return Ok(Err(Error::InvalidAddress));
+        }
+        Ok(Ok(self.table_mut().push(Connection)?))
+    }
+
+    fn publish(
+        &mut self,
+        connection: Resource<Connection>,
+        channel: String,
+        payload: Payload,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        self.table().get(&connection)?;
+        Ok(SwitchyardHost::send(self, channel, payload).map_err(spin_error))
+    }
+
+    fn get(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+    ) -> wasmtime::Result<Result<Option<Payload>, Error>> {
+        Ok(Err(refused("get")))
+    }
+
+    fn set(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+        _value: Payload,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        Ok(Err(refused("set")))
+    }
+
+    fn incr(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+    ) -> wasmtime::Result<Result<i64, Error>> {
+        Ok(Err(refused("incr")))
+    }
+
+    fn del(
+        &mut self,
+        connection: Resource<Connection>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<u32, Error>> {
+        self.table().get(&connection)?;
+        Ok(SwitchyardHost::invalidate(self, keys).map_err(spin_error))
+    }
+
+    fn sadd(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+        _values: Vec<String>,
+    ) -> wasmtime::Result<Result<u32, Error>> {
+        Ok(Err(refused("sadd")))
+    }
+
+    fn smembers(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+    ) -> wasmtime::Result<Result<Vec<String>, Error>> {
+        Ok(Err(refused("smembers")))
+    }
+
+    fn srem(
+        &mut self,
+        _: Resource<Connection>,
+        _key: String,
+        _values: Vec<String>,
+    ) -> wasmtime::Result<Result<u32, Error>> {
+        Ok(Err(refused("srem")))
+    }
+
+    fn execute(
+        &mut self,
+        _: Resource<Connection>,
+        command: String,
+        _arguments: Vec<RedisParameter>,
+    ) -> wasmtime::Result<Result<Vec<RedisResult>, Error>> {
+        Ok(Err(refused(&format!(
+            "execute {}",
+            crate::text::quoted(&command)
+        ))))
+    }
+
+    fn drop(&mut self, connection: Resource<Connection>) -> wasmtime::Result<()> {
+        self.table_mut().delete(connection)?;
+        Ok(())
+    }
+}
+
+impl generated::fermyon::spin2_0_0::variables::Host for HostState {
+    fn get(&mut self, name: String) -> wasmtime::Result<Result<String, VariableError>> {
+        Ok(SwitchyardHost::config(self, name.clone()).ok_or(VariableError::Undefined(name)))
+    }
+}
