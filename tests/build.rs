@@ -19,6 +19,7 @@ const PLUGINS: &[&str] = &[
     "sink",
     "messaging-forward",
     "wasmcloud-forward",
+    "spin2-forward",
 ];
 
 fn main() {

@@ -17,6 +17,11 @@ struct Case {
     world: &'static str,
     /// The built component.
     wasm: &'static str,
+    /// Whether the handler sees the channel (`fwd:X` goes to `fwded:X`); a Spin Redis
+    /// handler sees the payload alone and publishes on its `out_channel` variable.
+    sees_channel: bool,
+    /// What its error for the bad input says.
+    rejection: &'static str,
 }
 
 /// Every foreign world with a fixture.
@@ -24,22 +29,57 @@ const CASES: &[Case] = &[
     Case {
         world: "wasi-messaging@0.2.0-draft",
         wasm: plugins::MESSAGING_FORWARD,
+        sees_channel: true,
+        rejection: "rejected",
     },
     Case {
         world: "wasmcloud-messaging@0.2.0",
         wasm: plugins::WASMCLOUD_FORWARD,
+        sees_channel: true,
+        rejection: "rejected",
+    },
+    Case {
+        world: "fermyon-spin-redis",
+        wasm: plugins::SPIN2_FORWARD,
+        sees_channel: false,
+        rejection: "returned error",
     },
 ];
 
-/// What these worlds cannot say for themselves: what to listen to, and the grant.
-const MANIFEST: &str =
-    "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:*\"]\n";
+/// Where a Spin handler publishes.
+const SPIN_OUT: &str = "fwded:spin";
+
+impl Case {
+    /// What these worlds cannot say for themselves: what to listen to, the grant, and for
+    /// Spin the variables (the address of the host's own Redis, and where to publish).
+    fn manifest(&self, redis: &RedisServer, publish: &str, out: &str) -> String {
+        let mut manifest =
+            format!("[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [{publish:?}]\n");
+        if !self.sees_channel {
+            manifest += &format!(
+                "[config]\nredis_address = {:?}\nout_channel = {out:?}\n",
+                redis.url()
+            );
+        }
+        manifest
+    }
+
+    /// Where the copy of a message on `fwd:REST` goes.
+    fn copy_of(&self, rest: &str) -> String {
+        if self.sees_channel {
+            format!("fwded:{rest}")
+        } else {
+            SPIN_OUT.to_owned()
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_from_other_hosts_do_what_forward_does() -> anyhow::Result<()> {
     for case in CASES {
         let redis = RedisServer::start().await?;
-        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(MANIFEST))]).await?;
+        let manifest = case.manifest(&redis, "fwded:*", SPIN_OUT);
+        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(&manifest))]).await?;
         let entry = host.plugin("fwd").await?.expect("fwd is listed");
         assert_eq!(entry["state"], "running", "{}", case.world);
         assert_eq!(entry["version"]["world"], case.world);
@@ -53,7 +93,7 @@ async fn handlers_from_other_hosts_do_what_forward_does() -> anyhow::Result<()> 
         for (i, (received, payload)) in got.iter().zip(payloads).enumerate() {
             assert_eq!(
                 received.channel_str(),
-                format!("fwded:{i}"),
+                case.copy_of(&i.to_string()),
                 "{}",
                 case.world
             );
@@ -70,7 +110,7 @@ async fn handlers_from_other_hosts_do_what_forward_does() -> anyhow::Result<()> 
         assert!(
             entry["stats"]["last_error"]
                 .as_str()
-                .is_some_and(|e| e.contains("rejected")),
+                .is_some_and(|e| e.contains(case.rejection)),
             "{}: {entry}",
             case.world
         );
@@ -83,20 +123,28 @@ async fn handlers_from_other_hosts_do_what_forward_does() -> anyhow::Result<()> 
 async fn a_publish_outside_the_grant_is_refused_to_other_hosts_handlers() -> anyhow::Result<()> {
     for case in CASES {
         let redis = RedisServer::start().await?;
-        let narrow =
-            "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:ok\"]\n";
-        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(narrow))]).await?;
+        // Granted fwded:ok only. A Spin handler publishes where its variable says: there,
+        // on fwded:no.
+        let manifest = case.manifest(&redis, "fwded:ok", "fwded:no");
+        let host = TestHost::start(&redis, &[("fwd", case.wasm, Some(&manifest))]).await?;
         let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
         redis.publish("fwd:no", "x").await?;
-        redis.publish("fwd:ok", "y").await?;
-        let got = out.take(1, PATIENCE).await?;
-        assert_eq!(got[0].channel_str(), "fwded:ok", "{}", case.world);
+        if case.sees_channel {
+            redis.publish("fwd:ok", "y").await?;
+            let got = out.take(1, PATIENCE).await?;
+            assert_eq!(got[0].channel_str(), "fwded:ok", "{}", case.world);
+        }
         let entry = host
             .wait_plugin("fwd", "counting the denied publish", |p| {
                 stat(p, "denied") == 1
             })
             .await?;
-        assert_eq!(stat(&entry, "handled"), 1, "{}: {entry}", case.world);
+        assert_eq!(
+            stat(&entry, "handled"),
+            u64::from(case.sees_channel),
+            "{}: {entry}",
+            case.world
+        );
         assert!(
             out.next(Duration::from_millis(300)).await.is_err(),
             "{}: nothing else",
@@ -152,11 +200,18 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
         })
     };
     // forward → each foreign handler → forward again, while the publisher runs.
-    let mut swaps: Vec<(&str, Vec<u8>, &str)> = CASES
+    let mut swaps: Vec<(&str, Vec<u8>, String)> = CASES
         .iter()
-        .map(|case| (case.world, read_plugin(case.wasm), MANIFEST))
+        .map(|case| {
+            let manifest = case.manifest(&redis, "fwded:*", SPIN_OUT);
+            (case.world, read_plugin(case.wasm), manifest)
+        })
         .collect();
-    swaps.push(("switchyard:plugin", read_plugin(plugins::FORWARD), MANIFEST));
+    swaps.push((
+        "switchyard:plugin",
+        read_plugin(plugins::FORWARD),
+        FORWARD_MANIFEST.to_owned(),
+    ));
     for (world, wasm, manifest) in &swaps {
         host.install("fwd", wasm, Some(manifest))?;
         host.wait_plugin("fwd", "running the new world", |p| {
