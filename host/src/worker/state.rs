@@ -75,6 +75,9 @@ pub struct HostState {
     limits: StoreCaps,
     wasi: WasiCtx,
     table: ResourceTable,
+    /// Bytes held in host resources the plugin made (other hosts' worlds: messages, clients,
+    /// connections), counted against its memory cap.
+    held: usize,
 }
 
 impl HostState {
@@ -88,7 +91,28 @@ impl HostState {
             limits,
             wasi: sealed_wasi(),
             table: ResourceTable::new(),
+            held: 0,
         }
+    }
+
+    /// Counts `bytes` more held in host resources for the plugin; traps when they and its
+    /// linear memories together would pass its memory cap.
+    pub(crate) fn hold(&mut self, bytes: usize) -> wasmtime::Result<()> {
+        let held = self.held.saturating_add(bytes);
+        if held.saturating_add(self.limits.memory_used()) > self.plugin.memory_limit {
+            return Err(wasmtime::Error::msg(format!(
+                "the plugin's host resources ({held} bytes) and memory would pass its memory \
+                 cap of {} bytes",
+                self.plugin.memory_limit
+            )));
+        }
+        self.held = held;
+        Ok(())
+    }
+
+    /// Counts `bytes` no longer held.
+    pub(crate) fn release(&mut self, bytes: usize) {
+        self.held = self.held.saturating_sub(bytes);
     }
 
     /// Starts the clock of one call.

@@ -34,6 +34,9 @@ use generated::fermyon::spin2_0_0::redis::{Error, Payload, RedisParameter, Redis
 use generated::fermyon::spin2_0_0::variables::Error as VariableError;
 pub use generated::{RedisHandler, RedisHandlerPre};
 
+/// What an open connection counts against the plugin's memory cap.
+const CONNECTION_COST: usize = 128;
+
 /// An open connection: always the host's own Redis.
 #[derive(Debug)]
 pub struct Connection;
@@ -65,6 +68,7 @@ impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
         if !self.plugin.effects.is_own_redis(&address) {
             return Ok(Err(Error::InvalidAddress));
         }
+        self.hold(CONNECTION_COST)?;
         Ok(Ok(self.table_mut().push(Connection)?))
     }
 
@@ -152,6 +156,7 @@ impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
 
     fn drop(&mut self, connection: Resource<Connection>) -> wasmtime::Result<()> {
         self.table_mut().delete(connection)?;
+        self.release(CONNECTION_COST);
         Ok(())
     }
 }

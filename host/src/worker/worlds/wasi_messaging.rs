@@ -58,6 +58,27 @@ pub struct MessageData {
     pub metadata: Option<Metadata>,
 }
 
+impl MessageData {
+    /// What the message holds in the host: its bytes and a fixed overhead.
+    fn cost(&self) -> usize {
+        let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+        let metadata = self
+            .metadata
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum::<usize>();
+        RESOURCE_OVERHEAD
+            + self.data.len()
+            + text(&self.topic)
+            + text(&self.content_type)
+            + metadata
+    }
+}
+
+/// What any resource costs in the host beyond its own bytes.
+const RESOURCE_OVERHEAD: usize = 128;
+
 /// An open client: for now always the host's own Redis.
 #[derive(Debug)]
 pub struct ClientData;
@@ -94,12 +115,38 @@ impl HostState {
         Ok(self.table_mut().get_mut(message)?)
     }
 
-    /// Puts `message` in the store's table, for a `handle` call.
+    /// Puts `message` in the store's table (counted against the plugin's memory cap).
     pub fn push_message(
         &mut self,
         message: MessageData,
     ) -> wasmtime::Result<Resource<MessageData>> {
+        self.hold(message.cost())?;
         Ok(self.table_mut().push(message)?)
+    }
+
+    /// Takes `message` out of the store's table.
+    fn take_message(&mut self, message: Resource<MessageData>) -> wasmtime::Result<MessageData> {
+        let message = self.table_mut().delete(message)?;
+        self.release(message.cost());
+        Ok(message)
+    }
+
+    /// Changes `message` by `change`, counting what it then holds.
+    fn change_message(
+        &mut self,
+        message: &Resource<MessageData>,
+        change: impl FnOnce(&mut MessageData),
+    ) -> wasmtime::Result<()> {
+        let mut changed = self.message(message)?.clone();
+        change(&mut changed);
+        let (before, after) = (self.message(message)?.cost(), changed.cost());
+        self.release(before);
+        if let Err(error) = self.hold(after) {
+            self.hold(before)?;
+            return Err(error);
+        }
+        *self.message_mut(message)? = changed;
+        Ok(())
     }
 }
 
@@ -113,6 +160,7 @@ impl wasi::messaging::types::HostClient for HostState {
                 crate::text::quoted(&name)
             ))));
         }
+        self.hold(RESOURCE_OVERHEAD)?;
         Ok(Ok(self.table_mut().push(ClientData)?))
     }
 
@@ -122,6 +170,7 @@ impl wasi::messaging::types::HostClient for HostState {
 
     fn drop(&mut self, client: Resource<ClientData>) -> wasmtime::Result<()> {
         self.table_mut().delete(client)?;
+        self.release(RESOURCE_OVERHEAD);
         Ok(())
     }
 }
@@ -147,8 +196,7 @@ impl wasi::messaging::types::HostMessage for HostState {
         message: Resource<MessageData>,
         content_type: String,
     ) -> wasmtime::Result<()> {
-        self.message_mut(&message)?.content_type = Some(content_type);
-        Ok(())
+        self.change_message(&message, |m| m.content_type = Some(content_type))
     }
 
     fn data(&mut self, message: Resource<MessageData>) -> wasmtime::Result<Vec<u8>> {
@@ -156,8 +204,7 @@ impl wasi::messaging::types::HostMessage for HostState {
     }
 
     fn set_data(&mut self, message: Resource<MessageData>, data: Vec<u8>) -> wasmtime::Result<()> {
-        self.message_mut(&message)?.data = data;
-        Ok(())
+        self.change_message(&message, |m| m.data = data)
     }
 
     fn metadata(&mut self, message: Resource<MessageData>) -> wasmtime::Result<Option<Metadata>> {
@@ -170,12 +217,13 @@ impl wasi::messaging::types::HostMessage for HostState {
         key: String,
         value: String,
     ) -> wasmtime::Result<()> {
-        let metadata = self.message_mut(&message)?.metadata.get_or_insert_default();
-        match metadata.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, v)) => *v = value,
-            None => metadata.push((key, value)),
-        }
-        Ok(())
+        self.change_message(&message, |m| {
+            let metadata = m.metadata.get_or_insert_default();
+            match metadata.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => *v = value,
+                None => metadata.push((key, value)),
+            }
+        })
     }
 
     fn set_metadata(
@@ -183,8 +231,7 @@ impl wasi::messaging::types::HostMessage for HostState {
         message: Resource<MessageData>,
         meta: Metadata,
     ) -> wasmtime::Result<()> {
-        self.message_mut(&message)?.metadata = Some(meta);
-        Ok(())
+        self.change_message(&message, |m| m.metadata = Some(meta))
     }
 
     fn remove_metadata(
@@ -192,14 +239,15 @@ impl wasi::messaging::types::HostMessage for HostState {
         message: Resource<MessageData>,
         key: String,
     ) -> wasmtime::Result<()> {
-        if let Some(metadata) = &mut self.message_mut(&message)?.metadata {
-            metadata.retain(|(k, _)| *k != key);
-        }
-        Ok(())
+        self.change_message(&message, |m| {
+            if let Some(metadata) = &mut m.metadata {
+                metadata.retain(|(k, _)| *k != key);
+            }
+        })
     }
 
     fn drop(&mut self, message: Resource<MessageData>) -> wasmtime::Result<()> {
-        self.table_mut().delete(message)?;
+        self.take_message(message)?;
         Ok(())
     }
 }
@@ -212,7 +260,7 @@ impl wasi::messaging::producer::Host for HostState {
         message: Resource<MessageData>,
     ) -> wasmtime::Result<Result<(), Error>> {
         self.table().get(&client)?;
-        let data = self.table_mut().delete(message)?.data;
+        let data = self.take_message(message)?.data;
         Ok(
             crate::worker::bindings::switchyard::plugin::host::Host::send(self, topic, data)
                 .map_err(Error::from),
