@@ -16,6 +16,7 @@ use wasmtime::component::Resource;
 use super::super::state::HostState;
 use crate::worker::bindings::switchyard::plugin::host::Host as SwitchyardHost;
 use crate::worker::bindings::switchyard::plugin::types::Error as HostError;
+use crate::worker::instance::render_error;
 
 /// Generated from `wit/hosts/spin-redis-2`.
 #[allow(missing_docs)]
@@ -41,14 +42,9 @@ const CONNECTION_COST: usize = 128;
 #[derive(Debug)]
 pub struct Connection;
 
-/// How a host error reads to a Spin component.
+/// How a host error reads to a Spin component: as it reads in the host's logs.
 fn spin_error(error: HostError) -> Error {
-    Error::Other(match error {
-        HostError::Denied(why) => format!("denied: {why}"),
-        HostError::Invalid(why) => format!("invalid: {why}"),
-        HostError::Unavailable(why) => format!("unavailable: {why}"),
-        HostError::Failed(why) => why,
-    })
+    Error::Other(render_error(&error))
 }
 
 /// The refusal of a command plugins may not run.

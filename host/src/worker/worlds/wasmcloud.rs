@@ -10,7 +10,7 @@
 //!   `consumer.request` is refused with an error saying so.
 
 use super::super::state::HostState;
-use crate::worker::bindings::switchyard::plugin::types::Error as HostError;
+use crate::worker::instance::render_error;
 
 /// Generated from `wit/hosts/wasmcloud-messaging`.
 #[allow(missing_docs)]
@@ -23,16 +23,6 @@ mod generated {
 
 pub use generated::wasmcloud::messaging::types::BrokerMessage;
 pub use generated::{MessagingHandler as Handler, MessagingHandlerPre as HandlerPre};
-
-/// How a host error reads to a wasmCloud component, whose errors are text.
-fn text(error: HostError) -> String {
-    match error {
-        HostError::Denied(why) => format!("denied: {why}"),
-        HostError::Invalid(why) => format!("invalid: {why}"),
-        HostError::Unavailable(why) => format!("unavailable: {why}"),
-        HostError::Failed(why) => why,
-    }
-}
 
 impl generated::wasmcloud::messaging::types::Host for HostState {}
 
@@ -52,6 +42,6 @@ impl generated::wasmcloud::messaging::consumer::Host for HostState {
 
     fn publish(&mut self, msg: BrokerMessage) -> Result<(), String> {
         crate::worker::bindings::switchyard::plugin::host::Host::send(self, msg.subject, msg.body)
-            .map_err(text)
+            .map_err(|error| render_error(&error))
     }
 }
