@@ -20,6 +20,7 @@ const PLUGINS: &[&str] = &[
     "messaging-forward",
     "wasmcloud-forward",
     "spin2-forward",
+    "spin-forward",
 ];
 
 fn main() {

@@ -23,7 +23,7 @@ use crate::effects::outputs::{Captured, Outputs, Reply};
 use crate::plugins::PluginReport;
 use crate::plugins::loader::{WORLD, world_version};
 use crate::source::embedded::{EmbeddedBroker, Published};
-use crate::worker::worlds::World;
+use crate::worker::worlds::{Interface, World, interface};
 
 /// The interface every plugin exports, without its version.
 const HANDLER: &str = "switchyard:plugin/handler";
@@ -112,7 +112,7 @@ pub async fn check(target: &Target) -> anyhow::Result<CheckReport> {
         file: target.wasm.display().to_string(),
         reason,
     };
-    let (imports, exports) = interface(&bytes).map_err(not_a_plugin)?;
+    let (imports, exports) = checked_interface(&bytes).map_err(not_a_plugin)?;
     let sandbox = Sandbox::start(target).await?;
     let report = sandbox.report();
     let result = match (&report.version, report.load_error()) {
@@ -163,41 +163,8 @@ fn missing(requested: &[String], granted: &[String]) -> Vec<String> {
 
 /// The top-level import and export names of a component, after checking that it exports
 /// the handler interface in the version this host runs.
-fn interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
-    use wasmparser::{Encoding, Parser, Payload};
-
-    let mut imports = Vec::new();
-    let mut exports = Vec::new();
-    // Nested modules and components have headers and ends of their own; only names at
-    // depth 1 belong to the file's own component.
-    let mut depth = 0usize;
-    for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("not a valid WebAssembly file: {e}"))?;
-        match payload {
-            Payload::Version { encoding, .. } => {
-                if depth == 0 && encoding == Encoding::Module {
-                    return Err("a core WebAssembly module, not a component: build for \
-                                wasm32-wasip2, or wrap it with `wasm-tools component new`"
-                        .to_owned());
-                }
-                depth += 1;
-            }
-            Payload::End(_) => depth = depth.saturating_sub(1),
-            Payload::ComponentImportSection(reader) if depth == 1 => {
-                for import in reader {
-                    let import = import.map_err(|e| format!("unreadable import: {e}"))?;
-                    imports.push(import.name.name.to_owned());
-                }
-            }
-            Payload::ComponentExportSection(reader) if depth == 1 => {
-                for export in reader {
-                    let export = export.map_err(|e| format!("unreadable export: {e}"))?;
-                    exports.push(export.name.name.to_owned());
-                }
-            }
-            _ => {}
-        }
-    }
+fn checked_interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
+    let Interface { imports, exports } = interface(bytes)?;
     if World::of_exports(&exports).map_err(|why| format!("not a plugin: {why}"))?
         != World::Switchyard
     {

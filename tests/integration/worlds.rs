@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchyard_tests::{
     FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins, read_plugin,
+    switchyard_binary,
 };
 
 use crate::faults::stat;
@@ -44,7 +45,16 @@ const CASES: &[Case] = &[
         sees_channel: false,
         rejection: "returned error",
     },
+    Case {
+        world: "spin-redis@3.0.0",
+        wasm: plugins::SPIN_FORWARD,
+        sees_channel: false,
+        rejection: "payload `reject` refused",
+    },
 ];
+
+/// The Spin handlers: Spin 2's, and Spin 3's async one.
+const SPIN: [&str; 2] = [plugins::SPIN2_FORWARD, plugins::SPIN_FORWARD];
 
 /// Where a Spin handler publishes.
 const SPIN_OUT: &str = "fwded:spin";
@@ -234,17 +244,109 @@ async fn a_spin_handler_may_open_only_the_hosts_own_redis() -> anyhow::Result<()
     let redis = RedisServer::start().await?;
     let elsewhere = "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:*\"]\n\
                      [config]\nredis_address = \"redis://127.0.0.1:1/\"\nout_channel = \"fwded:x\"\n";
-    let host = TestHost::start(&redis, &[("fwd", plugins::SPIN2_FORWARD, Some(elsewhere))]).await?;
-    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis.publish("fwd:x", "hello").await?;
-    let entry = host
-        .wait_plugin("fwd", "failing the message", |p| stat(p, "failed") == 1)
-        .await?;
-    assert_eq!(stat(&entry, "handled"), 0, "{entry}");
-    assert!(
-        out.next(Duration::from_millis(300)).await.is_err(),
-        "nothing was published"
+    for wasm in SPIN {
+        let host = TestHost::start(&redis, &[("fwd", wasm, Some(elsewhere))]).await?;
+        let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+        redis.publish("fwd:x", "hello").await?;
+        let entry = host
+            .wait_plugin("fwd", "failing the message", |p| stat(p, "failed") == 1)
+            .await?;
+        assert_eq!(stat(&entry, "handled"), 0, "{entry}");
+        assert!(
+            out.next(Duration::from_millis(300)).await.is_err(),
+            "nothing was published"
+        );
+        host.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spin_handlers_del_invalidates_within_its_grant_and_other_commands_are_refused()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let manifest = format!(
+        "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\ninvalidate = [\"cache:*\"]\n\
+         [config]\nredis_address = {:?}\n",
+        redis.url()
     );
+    let host = TestHost::start(&redis, &[("fwd", plugins::SPIN_FORWARD, Some(&manifest))]).await?;
+    let mut connection = redis.connection().await?;
+    for key in ["cache:user:42", "db:user:42"] {
+        redis::cmd("SET")
+            .arg(key)
+            .arg("v")
+            .query_async::<()>(&mut connection)
+            .await?;
+    }
+
+    // `del` of a granted key is the host's invalidation: the key goes.
+    redis.publish("fwd:x", "del:cache:user:42").await?;
+    host.wait_plugin("fwd", "handling the del", |p| stat(p, "handled") == 1)
+        .await?;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("cache:user:42")
+        .query_async(&mut connection)
+        .await?;
+    assert_eq!(exists, 0, "the granted key was deleted");
+
+    // Outside the grant: denied, counted, and the key stays.
+    redis.publish("fwd:x", "del:db:user:42").await?;
+    let entry = host
+        .wait_plugin("fwd", "denying the del", |p| stat(p, "denied") == 1)
+        .await?;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("db:user:42")
+        .query_async(&mut connection)
+        .await?;
+    assert_eq!(exists, 1, "{entry}");
+
+    // A command with no mapping is refused with an error naming it.
+    redis.publish("fwd:x", "get:db:user:42").await?;
+    let entry = host
+        .wait_plugin("fwd", "failing the get", |p| stat(p, "failed") == 2)
+        .await?;
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("get is not available to plugins"), "{entry}");
     host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_each_world_and_lists_them_for_a_component_of_none() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    for case in CASES {
+        let wasm = dir.path().join("fwd.wasm");
+        std::fs::copy(case.wasm, &wasm)?;
+        std::fs::write(
+            dir.path().join("fwd.toml"),
+            case.manifest(&redis, "fwded:*", SPIN_OUT),
+        )?;
+        let output = tokio::process::Command::new(switchyard_binary()?)
+            .args(["check", "--json"])
+            .arg(&wasm)
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}: {stderr}", case.world);
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        assert_eq!(report["world"], case.world, "{report}");
+        assert_eq!(report["grants"]["publish"][0], "fwded:*", "{report}");
+    }
+
+    let wasm = dir.path().join("command.wasm");
+    std::fs::copy(plugins::NOT_A_PLUGIN, &wasm)?;
+    let output = tokio::process::Command::new(switchyard_binary()?)
+        .arg("check")
+        .arg(&wasm)
+        .output()
+        .await?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for case in CASES {
+        assert!(stderr.contains(case.world), "{}: {stderr}", case.world);
+    }
+    assert!(stderr.contains("switchyard:plugin"), "{stderr}");
     Ok(())
 }

@@ -47,7 +47,7 @@ use crate::worker::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::worker::instance::Instance;
 use crate::worker::state::PluginContext;
 use crate::worker::version::{Description, LoadedPlugin};
-use crate::worker::worlds::{HandlerPre, World};
+use crate::worker::worlds::{HandlerPre, World, interface};
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
@@ -300,11 +300,16 @@ impl Loader {
         manifest: Manifest,
     ) -> Result<LoadedPlugin, LoadError> {
         check_header(&bytes)?;
-        let engine = self.runtime.engine();
+        // The world decides the engine: an async handler needs the one with component-model
+        // async, which the others avoid (it slows their calls).
+        let interface = interface(&bytes).map_err(LoadError::Compile)?;
+        let world = World::of_exports(&interface.exports).map_err(LoadError::WrongWorld)?;
         let started = std::time::Instant::now();
         let (component, compiled) = match &self.compile_cache {
-            Some(cache) => cache.compile(engine, &bytes, &hash),
-            None => Component::new(engine, &bytes).map(|component| (component, Compiled::Fresh)),
+            Some(cache) if !world.is_async() => cache.compile(self.runtime.engine(), &bytes, &hash),
+            // The cache's artefacts are keyed to the synchronous engine's settings.
+            _ => Component::new(self.runtime.engine_for(world), &bytes)
+                .map(|component| (component, Compiled::Fresh)),
         }
         .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         tracing::debug!(
@@ -313,8 +318,7 @@ impl Loader {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "component compiled"
         );
-        let world = World::of(&component, engine).map_err(LoadError::WrongWorld)?;
-        let pre = HandlerPre::new(world, self.runtime.linker(), &component).map_err(|e| {
+        let pre = HandlerPre::new(world, &self.runtime, &component).map_err(|e| {
             LoadError::WrongWorld(match world {
                 World::Switchyard => format!("does not target {WORLD}: {e:#}"),
                 _ => format!("does not link as a {} component: {e:#}", world.label()),
@@ -414,12 +418,11 @@ impl Loader {
         name: &PluginName,
         probe: LoadedPlugin,
     ) -> Result<Option<types::PluginInfo>, LoadError> {
-        let engine = self.runtime.engine().clone();
         let deadline = self.describe_deadline;
         let answer = match run_bounded(
             format!("describe-{name}"),
             deadline + DESCRIBE_GRACE,
-            move || describe(&engine, probe),
+            move || describe(probe),
         ) {
             Ok(Bounded::Done(answer)) => answer,
             Ok(Bounded::TimedOut) => {
@@ -655,12 +658,9 @@ fn file_error(path: &Path, error: FileError, setting: &'static str) -> LoadError
 }
 
 /// Instantiates `probe` and calls `describe`, both within the probe's deadline.
-fn describe(
-    engine: &wasmtime::Engine,
-    probe: LoadedPlugin,
-) -> Result<Option<types::PluginInfo>, Failure> {
+fn describe(probe: LoadedPlugin) -> Result<Option<types::PluginInfo>, Failure> {
     let mut instance =
-        Instance::new(engine, Arc::new(probe), PluginStats::new()).map_err(|failure| Failure {
+        Instance::new(Arc::new(probe), PluginStats::new()).map_err(|failure| Failure {
             message: format!("instantiation failed: {failure}"),
             ..failure
         })?;

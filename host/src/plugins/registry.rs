@@ -406,13 +406,8 @@ impl Registry {
                         stats.clone(),
                     );
                     let current = Arc::new(ArcSwap::new(version));
-                    let workers = worker::spawn(
-                        name.clone(),
-                        current.clone(),
-                        &inbox,
-                        self.workers.breaker,
-                        self.loader.runtime().engine().clone(),
-                    )?;
+                    let workers =
+                        worker::spawn(name.clone(), current.clone(), &inbox, self.workers.breaker)?;
                     inner.slots.insert(
                         name.clone(),
                         Slot {

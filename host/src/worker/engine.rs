@@ -1,9 +1,12 @@
 //! The process-wide Wasm engine, its linker, and the epoch ticker that enforces deadlines.
 //!
-//! One [`Runtime`] per host: the `Engine` compiles every component, the `Linker` (with the
-//! host imports and an empty WASI whose waits are bounded) is shared by every instance, and
-//! one background thread advances the engine's epoch so that a plugin call past its deadline
-//! traps instead of holding its worker forever.
+//! One [`Runtime`] per host: an `Engine` compiles every component, a `Linker` (with the host
+//! imports and an empty WASI whose waits are bounded) is shared by every instance, and one
+//! background thread advances the engines' epoch so that a plugin call past its deadline
+//! traps instead of holding its worker forever. There are two engines, and a linker for each:
+//! one for components whose exports are plain functions, and one with component-model async
+//! for those whose exports are `async func` (Spin 3's handlers), which would make every call
+//! of the first kind slower.
 //!
 //! The engine keeps the machine code of every function it compiled ([`FunctionCache`]), so
 //! a new version of a plugin compiles only the functions that changed: most of a component
@@ -27,53 +30,96 @@ use super::state::HostState;
 /// measurable, and a 100 ms deadline overshoots by at most one tick.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// The engine, the linker and the ticker that keeps time for deadlines.
+/// The engines, their linkers and the ticker that keeps time for deadlines.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<HostState>>,
+    async_engine: Engine,
+    async_linker: Arc<Linker<HostState>>,
     _ticker: Arc<Ticker>,
 }
 
 impl Runtime {
-    /// Builds the engine and linker and starts the epoch ticker.
+    /// Builds the engines and linkers and starts the epoch ticker.
     pub fn new() -> anyhow::Result<Self> {
-        let mut config = Config::new();
-        // Deadlines: a call traps once the epoch passes the store's deadline.
-        config.epoch_interruption(true);
-        config.wasm_component_model(true);
-        config
-            .enable_incremental_compilation(Arc::new(FunctionCache::new(FUNCTION_CACHE_BYTES)))
-            .map_err(anyhow::Error::from)?;
-        let engine = Engine::new(&config).map_err(anyhow::Error::from)?;
-
+        // Every synchronous call is about twice as slow on an engine that supports
+        // component-model concurrency, so the worlds whose exports are plain functions (all
+        // but Spin 3's) run on one without it.
+        let engine = new_engine(false)?;
         let mut linker = Linker::new(&engine);
-        // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when unused; the
-        // WASI context behind them grants nothing (see `HostState::new`), and its imports
-        // that can wait wait no longer than the call's deadline (see `super::wasi`).
-        super::wasi::add_to_linker(&mut linker, HostState::bounded_io)
-            .map_err(anyhow::Error::from)?;
+        add_common(&mut linker)?;
         Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)?;
         super::worlds::add_to_linker(&mut linker).map_err(anyhow::Error::from)?;
 
-        let ticker = Ticker::start(engine.clone())?;
+        let async_engine = new_engine(true)?;
+        let mut async_linker = Linker::new(&async_engine);
+        add_common(&mut async_linker)?;
+        super::worlds::add_async_to_linker(&mut async_linker).map_err(anyhow::Error::from)?;
+
+        let ticker = Ticker::start(vec![engine.clone(), async_engine.clone()])?;
         Ok(Self {
             engine,
             linker: Arc::new(linker),
+            async_engine,
+            async_linker: Arc::new(async_linker),
             _ticker: Arc::new(ticker),
         })
     }
 
-    /// The engine every component is compiled with.
+    /// The engine components with synchronous exports are compiled with.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    /// The linker every instance is created through.
+    /// The linker their instances are created through.
     pub fn linker(&self) -> &Linker<HostState> {
         &self.linker
     }
+
+    /// The engine components of `world` are compiled with.
+    pub fn engine_for(&self, world: super::worlds::World) -> &Engine {
+        if world.is_async() {
+            &self.async_engine
+        } else {
+            &self.engine
+        }
+    }
+
+    /// The engine components with async exports (component-model async) are compiled
+    /// with: concurrency support on.
+    pub fn async_engine(&self) -> &Engine {
+        &self.async_engine
+    }
+
+    /// The linker their instances are created through.
+    pub fn async_linker(&self) -> &Linker<HostState> {
+        &self.async_linker
+    }
+}
+
+/// An engine with deadlines and the function cache, and with component-model async when
+/// `concurrent`.
+fn new_engine(concurrent: bool) -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    // Deadlines: a call traps once the epoch passes the store's deadline.
+    config.epoch_interruption(true);
+    config.wasm_component_model(true);
+    config.concurrency_support(concurrent);
+    config.wasm_component_model_async(concurrent);
+    config
+        .enable_incremental_compilation(Arc::new(FunctionCache::new(FUNCTION_CACHE_BYTES)))
+        .map_err(anyhow::Error::from)?;
+    Engine::new(&config).map_err(anyhow::Error::from)
+}
+
+/// Adds what every world's components import: WASI, sealed.
+fn add_common(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    // Guests built for wasm32-wasip2 import wasi:cli and wasi:io even when unused; the
+    // WASI context behind them grants nothing (see `HostState::new`), and its imports
+    // that can wait wait no longer than the call's deadline (see `super::wasi`).
+    super::wasi::add_to_linker(linker, HostState::bounded_io).map_err(anyhow::Error::from)
 }
 
 /// Converts a deadline to the number of epoch ticks a store may run for.
@@ -137,13 +183,14 @@ impl CacheStore for FunctionCache {
     }
 }
 
-/// The thread that advances the epoch; stops when the last `Runtime` clone is dropped.
+/// The thread that advances the engines' epoch; stops when the last `Runtime` clone is
+/// dropped.
 struct Ticker {
     stop: Arc<AtomicBool>,
 }
 
 impl Ticker {
-    fn start(engine: Engine) -> anyhow::Result<Self> {
+    fn start(engines: Vec<Engine>) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -151,7 +198,9 @@ impl Ticker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                 }
             })?;
         Ok(Self { stop })

@@ -16,9 +16,9 @@ use super::engine::deadline_ticks;
 use super::state::{HostState, MemoryExhausted};
 use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
-use super::worlds::Bindings;
 use super::worlds::wasi_messaging::{self, MessageData};
 use super::worlds::wasmcloud::BrokerMessage;
+use super::worlds::{Bindings, spin_redis3};
 use crate::message::Subscription;
 use crate::stats::PluginStats;
 use crate::stats::outcome::{Failure, FailureReason};
@@ -31,16 +31,13 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Instantiates `version` in a fresh store that counts into `stats`. A failed
+    /// Instantiates `version` in a fresh store of the engine it was compiled with, counting
+    /// into `stats`. A failed
     /// instantiation's reason tells a deadline (a start function that waits or loops) from
     /// a trap.
-    pub fn new(
-        engine: &wasmtime::Engine,
-        version: Arc<LoadedPlugin>,
-        stats: Arc<PluginStats>,
-    ) -> Result<Self, Failure> {
+    pub fn new(version: Arc<LoadedPlugin>, stats: Arc<PluginStats>) -> Result<Self, Failure> {
         let state = HostState::new(version.context.clone(), stats);
-        let mut store = Store::new(engine, state);
+        let mut store = Store::new(version.pre.engine(), state);
         store.limiter(HostState::limiter);
         // A new store's deadline is "now": without this, instantiation traps as soon as the
         // epoch has moved once.
@@ -122,6 +119,9 @@ impl Instance {
                             .to_owned()
                     })
                 }),
+            Bindings::SpinRedis3(bindings) => {
+                spin_redis3::call(bindings, &mut self.store, Vec::from(envelope.payload))
+            }
         };
         match result {
             Ok(Ok(())) => Ok(()),

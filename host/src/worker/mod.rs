@@ -181,7 +181,6 @@ pub struct Workers {
     current: Arc<ArcSwap<LoadedPlugin>>,
     queue: Arc<Queue>,
     stats: Arc<PluginStats>,
-    engine: wasmtime::Engine,
     policy: BreakerPolicy,
     crew: Arc<Crew>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -245,14 +244,12 @@ pub fn spawn(
     current: Arc<ArcSwap<LoadedPlugin>>,
     inbox: &Inbox,
     breaker: BreakerPolicy,
-    engine: wasmtime::Engine,
 ) -> std::io::Result<Workers> {
     let mut workers = Workers {
         plugin,
         current,
         queue: inbox.queue.clone(),
         stats: inbox.stats.clone(),
-        engine,
         policy: breaker,
         crew: Arc::new(Crew {
             roster: Mutex::new(Roster::default()),
@@ -310,7 +307,6 @@ impl Workers {
             current: self.current.clone(),
             queue: self.queue.clone(),
             stats: self.stats.clone(),
-            engine: self.engine.clone(),
             crew: self.crew.clone(),
             seat: Seat::Shared,
             policy: self.policy,
@@ -436,7 +432,6 @@ struct Worker {
     current: Arc<ArcSwap<LoadedPlugin>>,
     queue: Arc<Queue>,
     stats: Arc<PluginStats>,
-    engine: wasmtime::Engine,
     crew: Arc<Crew>,
     seat: Seat,
     policy: BreakerPolicy,
@@ -514,7 +509,7 @@ impl Worker {
         mut now: Instant,
     ) -> (Result<(), String>, Instant) {
         if self.live.is_none() {
-            match Instance::new(&self.engine, version.clone(), self.stats.clone()) {
+            match Instance::new(version.clone(), self.stats.clone()) {
                 Ok(instance) => {
                     tracing::debug!(plugin = %text::escaped(self.plugin.as_str()), version = %version.hash, "instance ready");
                     self.live = Some(instance);

@@ -4,13 +4,15 @@
 //! handler through [`Bindings`].
 
 pub mod spin_redis;
+pub mod spin_redis3;
 pub mod wasi_messaging;
 pub mod wasmcloud;
 
+use wasmtime::Store;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Engine, Store};
 
 use super::bindings::{Plugin, PluginPre};
+use super::engine::Runtime;
 use super::state::HostState;
 
 /// A world Switchyard runs.
@@ -24,14 +26,17 @@ pub enum World {
     Wasmcloud,
     /// Spin 2's Redis trigger, `fermyon:spin/inbound-redis`.
     SpinRedis2,
+    /// Spin 3's Redis trigger, `spin:redis/inbound-redis@3.0.0`: an async export.
+    SpinRedis3,
 }
 
 impl World {
     /// Every world, in the order a component's exports are tried.
-    pub const ALL: [World; 4] = [
+    pub const ALL: [World; 5] = [
         World::Switchyard,
         World::WasiMessaging,
         World::Wasmcloud,
+        World::SpinRedis3,
         World::SpinRedis2,
     ];
 
@@ -43,6 +48,7 @@ impl World {
             World::WasiMessaging => "wasi:messaging/incoming-handler@0.2.0-draft",
             World::Wasmcloud => "wasmcloud:messaging/handler@0.2.0",
             World::SpinRedis2 => "fermyon:spin/inbound-redis",
+            World::SpinRedis3 => "spin:redis/inbound-redis@3.",
         }
     }
 
@@ -53,24 +59,20 @@ impl World {
             World::WasiMessaging => "wasi-messaging@0.2.0-draft",
             World::Wasmcloud => "wasmcloud-messaging@0.2.0",
             World::SpinRedis2 => "fermyon-spin-redis",
+            World::SpinRedis3 => "spin-redis@3.0.0",
         }
+    }
+
+    /// Whether its handler is an `async func`, which runs on the runtime's engine with
+    /// component-model async.
+    pub fn is_async(self) -> bool {
+        self == World::SpinRedis3
     }
 
     /// Whether components of this world answer `describe`; the others take their
     /// subscriptions from their manifest.
     pub fn describes_itself(self) -> bool {
         self == World::Switchyard
-    }
-
-    /// The world `component` is written for, from its exports; the error lists what it
-    /// exports and the worlds accepted.
-    pub fn of(component: &Component, engine: &Engine) -> Result<World, String> {
-        let exports: Vec<String> = component
-            .component_type()
-            .exports(engine)
-            .map(|(name, _)| name.to_owned())
-            .collect();
-        World::of_exports(&exports)
     }
 
     /// The world a component exporting the interfaces `exports` is written for.
@@ -107,15 +109,19 @@ pub enum HandlerPre {
     Wasmcloud(wasmcloud::HandlerPre<HostState>),
     /// Spin 2's Redis trigger.
     SpinRedis2(spin_redis::RedisHandlerPre<HostState>),
+    /// Spin 3's Redis trigger.
+    SpinRedis3(spin_redis3::RedisHandlerPre<HostState>),
 }
 
 impl HandlerPre {
-    /// Links `component`, written for `world`, with `linker`.
-    pub fn new(
-        world: World,
-        linker: &Linker<HostState>,
-        component: &Component,
-    ) -> wasmtime::Result<Self> {
+    /// Links `component`, written for `world` and compiled with `runtime`'s engine for it
+    /// ([`Runtime::engine_for`]), with that engine's linker.
+    pub fn new(world: World, runtime: &Runtime, component: &Component) -> wasmtime::Result<Self> {
+        let linker = if world.is_async() {
+            runtime.async_linker()
+        } else {
+            runtime.linker()
+        };
         let pre = linker.instantiate_pre(component)?;
         Ok(match world {
             World::Switchyard => HandlerPre::Switchyard(PluginPre::new(pre)?),
@@ -124,6 +130,7 @@ impl HandlerPre {
             }
             World::Wasmcloud => HandlerPre::Wasmcloud(wasmcloud::HandlerPre::new(pre)?),
             World::SpinRedis2 => HandlerPre::SpinRedis2(spin_redis::RedisHandlerPre::new(pre)?),
+            World::SpinRedis3 => HandlerPre::SpinRedis3(spin_redis3::RedisHandlerPre::new(pre)?),
         })
     }
 
@@ -134,6 +141,18 @@ impl HandlerPre {
             HandlerPre::WasiMessaging(_) => World::WasiMessaging,
             HandlerPre::Wasmcloud(_) => World::Wasmcloud,
             HandlerPre::SpinRedis2(_) => World::SpinRedis2,
+            HandlerPre::SpinRedis3(_) => World::SpinRedis3,
+        }
+    }
+
+    /// The engine its component was compiled with, which its stores must belong to.
+    pub fn engine(&self) -> &wasmtime::Engine {
+        match self {
+            HandlerPre::Switchyard(pre) => pre.engine(),
+            HandlerPre::WasiMessaging(pre) => pre.engine(),
+            HandlerPre::Wasmcloud(pre) => pre.engine(),
+            HandlerPre::SpinRedis2(pre) => pre.engine(),
+            HandlerPre::SpinRedis3(pre) => pre.engine(),
         }
     }
 
@@ -144,6 +163,11 @@ impl HandlerPre {
             HandlerPre::WasiMessaging(pre) => Bindings::WasiMessaging(pre.instantiate(store)?),
             HandlerPre::Wasmcloud(pre) => Bindings::Wasmcloud(pre.instantiate(store)?),
             HandlerPre::SpinRedis2(pre) => Bindings::SpinRedis2(pre.instantiate(store)?),
+            // Its imports are async host functions: the store must be entered the async way,
+            // here on the calling thread, as its calls are (see `spin_redis3::call`).
+            HandlerPre::SpinRedis3(pre) => {
+                Bindings::SpinRedis3(futures::executor::block_on(pre.instantiate_async(store))?)
+            }
         })
     }
 }
@@ -158,9 +182,11 @@ pub enum Bindings {
     Wasmcloud(wasmcloud::Handler),
     /// Spin 2's Redis trigger.
     SpinRedis2(spin_redis::RedisHandler),
+    /// Spin 3's Redis trigger.
+    SpinRedis3(spin_redis3::RedisHandler),
 }
 
-/// Adds the imports of every world other than Switchyard's own to `linker`.
+/// Adds the imports of every synchronous world other than Switchyard's own to `linker`.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     use wasmtime::component::HasSelf;
     wasi_messaging::MessagingCore::add_to_linker::<HostState, HasSelf<HostState>>(
@@ -169,4 +195,57 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     )?;
     wasmcloud::Handler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     spin_redis::RedisHandler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+}
+
+/// Adds the imports of the async worlds to `linker`, whose engine has concurrency support.
+pub fn add_async_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    spin_redis3::add_to_linker(linker)
+}
+
+/// A component's top-level import and export names.
+#[derive(Debug, Default)]
+pub struct Interface {
+    /// Import names, in the file's order.
+    pub imports: Vec<String>,
+    /// Export names, in the file's order.
+    pub exports: Vec<String>,
+}
+
+/// Reads the top-level imports and exports of the component in `bytes` without compiling
+/// it (which world it is decides which engine compiles it).
+pub fn interface(bytes: &[u8]) -> Result<Interface, String> {
+    use wasmparser::{Encoding, Parser, Payload};
+
+    let mut interface = Interface::default();
+    // Nested modules and components have headers and ends of their own; only names at
+    // depth 1 belong to the file's own component.
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| format!("not a valid WebAssembly file: {e}"))?;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                if depth == 0 && encoding == Encoding::Module {
+                    return Err("a core WebAssembly module, not a component: build for \
+                                wasm32-wasip2, or wrap it with `wasm-tools component new`"
+                        .to_owned());
+                }
+                depth += 1;
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    let import = import.map_err(|e| format!("unreadable import: {e}"))?;
+                    interface.imports.push(import.name.name.to_owned());
+                }
+            }
+            Payload::ComponentExportSection(reader) if depth == 1 => {
+                for export in reader {
+                    let export = export.map_err(|e| format!("unreadable export: {e}"))?;
+                    interface.exports.push(export.name.name.to_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(interface)
 }

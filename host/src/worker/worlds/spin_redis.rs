@@ -31,7 +31,7 @@ mod generated {
     });
 }
 
-use generated::fermyon::spin2_0_0::redis::{Error, Payload, RedisParameter, RedisResult};
+pub use generated::fermyon::spin2_0_0::redis::{Error, Payload, RedisParameter, RedisResult};
 use generated::fermyon::spin2_0_0::variables::Error as VariableError;
 pub use generated::{RedisHandler, RedisHandlerPre};
 
@@ -48,11 +48,59 @@ fn spin_error(error: HostError) -> Error {
 }
 
 /// The refusal of a command plugins may not run.
-fn refused(command: &str) -> Error {
+pub(super) fn refused(command: &str) -> Error {
     Error::Other(format!(
         "{command} is not available to plugins: publish (with a publish grant) and del (with \
          an invalidate grant) are"
     ))
+}
+
+/// Opens a connection for `connection.open(address)`: only to the host's own Redis.
+pub(super) fn open(
+    state: &mut HostState,
+    address: &str,
+) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
+    if !state.plugin.effects.is_own_redis(address) {
+        return Ok(Err(Error::InvalidAddress));
+    }
+    state.hold(CONNECTION_COST)?;
+    Ok(Ok(state.table_mut().push(Connection)?))
+}
+
+/// `connection.publish`: the host's `send`, under the plugin's publish grants.
+pub(super) fn publish(
+    state: &mut HostState,
+    connection: &Resource<Connection>,
+    channel: String,
+    payload: Payload,
+) -> wasmtime::Result<Result<(), Error>> {
+    state.table().get(connection)?;
+    Ok(SwitchyardHost::send(state, channel, payload).map_err(spin_error))
+}
+
+/// `connection.del`: the host's `invalidate`, under the plugin's invalidate grants.
+pub(super) fn del(
+    state: &mut HostState,
+    connection: &Resource<Connection>,
+    keys: Vec<String>,
+) -> wasmtime::Result<Result<u32, Error>> {
+    state.table().get(connection)?;
+    Ok(SwitchyardHost::invalidate(state, keys).map_err(spin_error))
+}
+
+/// Drops a connection the component no longer holds.
+pub(super) fn close(
+    state: &mut HostState,
+    connection: Resource<Connection>,
+) -> wasmtime::Result<()> {
+    state.table_mut().delete(connection)?;
+    state.release(CONNECTION_COST);
+    Ok(())
+}
+
+/// `variables.get(name)`: the manifest's `[config]` value (`undefined` when it has none).
+pub(super) fn variable(state: &mut HostState, name: &str) -> Option<String> {
+    SwitchyardHost::config(state, name.to_owned())
 }
 
 impl generated::fermyon::spin::redis_types::Host for HostState {}
@@ -61,11 +109,7 @@ impl generated::fermyon::spin2_0_0::redis::Host for HostState {}
 
 impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
     fn open(&mut self, address: String) -> wasmtime::Result<Result<Resource<Connection>, Error>> {
-        if !self.plugin.effects.is_own_redis(&address) {
-            return Ok(Err(Error::InvalidAddress));
-        }
-        self.hold(CONNECTION_COST)?;
-        Ok(Ok(self.table_mut().push(Connection)?))
+        open(self, &address)
     }
 
     fn publish(
@@ -74,8 +118,7 @@ impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
         channel: String,
         payload: Payload,
     ) -> wasmtime::Result<Result<(), Error>> {
-        self.table().get(&connection)?;
-        Ok(SwitchyardHost::send(self, channel, payload).map_err(spin_error))
+        publish(self, &connection, channel, payload)
     }
 
     fn get(
@@ -108,8 +151,7 @@ impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
         connection: Resource<Connection>,
         keys: Vec<String>,
     ) -> wasmtime::Result<Result<u32, Error>> {
-        self.table().get(&connection)?;
-        Ok(SwitchyardHost::invalidate(self, keys).map_err(spin_error))
+        del(self, &connection, keys)
     }
 
     fn sadd(
@@ -151,14 +193,12 @@ impl generated::fermyon::spin2_0_0::redis::HostConnection for HostState {
     }
 
     fn drop(&mut self, connection: Resource<Connection>) -> wasmtime::Result<()> {
-        self.table_mut().delete(connection)?;
-        self.release(CONNECTION_COST);
-        Ok(())
+        close(self, connection)
     }
 }
 
 impl generated::fermyon::spin2_0_0::variables::Host for HostState {
     fn get(&mut self, name: String) -> wasmtime::Result<Result<String, VariableError>> {
-        Ok(SwitchyardHost::config(self, name.clone()).ok_or(VariableError::Undefined(name)))
+        Ok(variable(self, &name).ok_or(VariableError::Undefined(name)))
     }
 }
