@@ -7,7 +7,8 @@
 //!    traffic, 7. start-up (cold and warm compile cache), 8. memory, 9. streams (1 and 2 hosts
 //!    sharing a consumer group, against a bare consumer), 10. gateway fan-out (1,000 WebSocket
 //!    clients on one channel, against a bare WebSocket fan-out relay), 11. a burst from
-//!    `redis-benchmark` against Switchyard as shipped.
+//!    `redis-benchmark` against Switchyard as shipped, 12. the cost of a message in each world
+//!    Switchyard runs (its own and other hosts'), next to `forward`.
 //!
 //! ```sh
 //! cargo bench -p switchyard --bench pipeline                      # everything, ~9 min on 2 cores
@@ -24,7 +25,8 @@
 //! one `redis-server` (the integration tests' harness starts it). Beside it, in `pipeline/`:
 //!
 //! - one module per section, named as in [`SECTIONS`]: `throughput`, `latency`, `fanout`,
-//!   `patterns`, `payload`, `hotswap`, `startup`, `memory`, `streams`, `gateway`, `burst`;
+//!   `patterns`, `payload`, `hotswap`, `startup`, `memory`, `streams`, `gateway`, `burst`,
+//!   `worlds`;
 //! - `bench`: what every section shares ([`Bench`]) and the runs most are made of;
 //! - `table`: the printed table and the numbers in its cells;
 //! - `harness`: the processes under test, the publisher and the receiver;
@@ -66,6 +68,8 @@ mod table;
 mod throughput;
 #[path = "pipeline/websocket.rs"]
 mod websocket;
+#[path = "pipeline/worlds.rs"]
+mod worlds;
 
 use std::time::Instant;
 
@@ -89,6 +93,7 @@ const SECTIONS: &[(u8, &str)] = &[
     (9, "streams"),
     (10, "gateway"),
     (11, "burst"),
+    (12, "worlds"),
 ];
 
 /// Benchmarks Switchyard's whole pipeline against a bare relay.
@@ -99,7 +104,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
-    /// hotswap, startup, memory, streams, gateway, burst), comma-separated. Default: all.
+    /// hotswap, startup, memory, streams, gateway, burst, worlds), comma-separated. Default:
+    /// all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per throughput run (overrides the mode's default).
@@ -312,6 +318,7 @@ impl Bench {
                 9 => self.streams().await,
                 10 => self.gateway().await,
                 11 => self.bursts().await,
+                12 => self.worlds().await,
                 _ => Ok(()),
             }
             .with_context(|| format!("section {section}"))?;
