@@ -18,12 +18,13 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::app::{Broker, Host};
+use crate::component::{Interface, interface};
 use crate::config::{Config, GrantsConfig, Policy};
 use crate::effects::outputs::{Captured, Outputs, Reply};
 use crate::plugins::PluginReport;
 use crate::plugins::loader::{WORLD, world_version};
 use crate::source::embedded::{EmbeddedBroker, Published};
-use crate::worker::worlds::{Interface, World, interface};
+use crate::worker::worlds::World;
 
 /// The interface every plugin exports, without its version.
 const HANDLER: &str = "switchyard:plugin/handler";

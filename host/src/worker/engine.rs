@@ -87,15 +87,13 @@ impl Runtime {
         }
     }
 
-    /// The engine components with async exports (component-model async) are compiled
-    /// with: concurrency support on.
-    pub fn async_engine(&self) -> &Engine {
-        &self.async_engine
-    }
-
-    /// The linker their instances are created through.
-    pub fn async_linker(&self) -> &Linker<HostState> {
-        &self.async_linker
+    /// The linker instances of `world` are created through.
+    pub fn linker_for(&self, world: super::worlds::World) -> &Linker<HostState> {
+        if world.is_async() {
+            &self.async_linker
+        } else {
+            &self.linker
+        }
     }
 }
 

@@ -249,3 +249,17 @@ fn list(items: &[String]) -> String {
         items.join(", ")
     }
 }
+
+/// How an `error::invalid` returned by `handle` begins once rendered: the input is bad, and
+/// retrying it will fail again.
+pub const INVALID_PREFIX: &str = "invalid: ";
+
+/// The plugin's error value as a log line.
+pub fn render_error(error: &types::Error) -> String {
+    match error {
+        types::Error::Denied(why) => format!("denied: {why}"),
+        types::Error::Invalid(why) => format!("{INVALID_PREFIX}{why}"),
+        types::Error::Unavailable(why) => format!("unavailable: {why}"),
+        types::Error::Failed(why) => format!("failed: {why}"),
+    }
+}

@@ -13,6 +13,7 @@ use wasmtime::Store;
 use super::Envelope;
 use super::bindings::switchyard::plugin::types::{self, Message};
 use super::engine::deadline_ticks;
+use super::host::render_error;
 use super::state::{HostState, MemoryExhausted};
 use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
@@ -209,20 +210,6 @@ fn messaging_message(envelope: Envelope) -> MessageData {
 fn text(bytes: bytes::Bytes) -> String {
     String::from_utf8(Vec::from(bytes))
         .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-}
-
-/// How an `error::invalid` returned by `handle` begins once rendered: the input is bad, and
-/// retrying it will fail again.
-pub const INVALID_PREFIX: &str = "invalid: ";
-
-/// The plugin's error value as a log line.
-pub fn render_error(error: &types::Error) -> String {
-    match error {
-        types::Error::Denied(why) => format!("denied: {why}"),
-        types::Error::Invalid(why) => format!("{INVALID_PREFIX}{why}"),
-        types::Error::Unavailable(why) => format!("unavailable: {why}"),
-        types::Error::Failed(why) => format!("failed: {why}"),
-    }
 }
 
 /// Which kind of trap `error` is: the epoch interrupt, and a WASI wait cut short by the

@@ -15,7 +15,7 @@ use crate::ContentHash;
 use crate::message::Subscription;
 use crate::stream_entry::{Outcome, StreamEntry, Tally, Ticket};
 use crate::worker::Envelope;
-use crate::worker::instance::INVALID_PREFIX;
+use crate::worker::host::INVALID_PREFIX;
 
 /// Longest wait before an entry's next retry.
 const RETRY_MAX: Duration = Duration::from_secs(60);

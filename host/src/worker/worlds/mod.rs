@@ -12,7 +12,6 @@ use wasmtime::Store;
 use wasmtime::component::{Component, Linker};
 
 use super::bindings::{Plugin, PluginPre};
-use super::engine::Runtime;
 use super::state::HostState;
 
 /// A world Switchyard runs.
@@ -114,14 +113,13 @@ pub enum HandlerPre {
 }
 
 impl HandlerPre {
-    /// Links `component`, written for `world` and compiled with `runtime`'s engine for it
-    /// ([`Runtime::engine_for`]), with that engine's linker.
-    pub fn new(world: World, runtime: &Runtime, component: &Component) -> wasmtime::Result<Self> {
-        let linker = if world.is_async() {
-            runtime.async_linker()
-        } else {
-            runtime.linker()
-        };
+    /// Links `component`, written for `world`, with `linker`: the one of the engine that
+    /// compiled it (an async world's engine for an async world).
+    pub fn new(
+        world: World,
+        linker: &Linker<HostState>,
+        component: &Component,
+    ) -> wasmtime::Result<Self> {
         let pre = linker.instantiate_pre(component)?;
         Ok(match world {
             World::Switchyard => HandlerPre::Switchyard(PluginPre::new(pre)?),
@@ -200,52 +198,4 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// Adds the imports of the async worlds to `linker`, whose engine has concurrency support.
 pub fn add_async_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     spin_redis3::add_to_linker(linker)
-}
-
-/// A component's top-level import and export names.
-#[derive(Debug, Default)]
-pub struct Interface {
-    /// Import names, in the file's order.
-    pub imports: Vec<String>,
-    /// Export names, in the file's order.
-    pub exports: Vec<String>,
-}
-
-/// Reads the top-level imports and exports of the component in `bytes` without compiling
-/// it (which world it is decides which engine compiles it).
-pub fn interface(bytes: &[u8]) -> Result<Interface, String> {
-    use wasmparser::{Encoding, Parser, Payload};
-
-    let mut interface = Interface::default();
-    // Nested modules and components have headers and ends of their own; only names at
-    // depth 1 belong to the file's own component.
-    let mut depth = 0usize;
-    for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("not a valid WebAssembly file: {e}"))?;
-        match payload {
-            Payload::Version { encoding, .. } => {
-                if depth == 0 && encoding == Encoding::Module {
-                    return Err("a core WebAssembly module, not a component: build for \
-                                wasm32-wasip2, or wrap it with `wasm-tools component new`"
-                        .to_owned());
-                }
-                depth += 1;
-            }
-            Payload::End(_) => depth = depth.saturating_sub(1),
-            Payload::ComponentImportSection(reader) if depth == 1 => {
-                for import in reader {
-                    let import = import.map_err(|e| format!("unreadable import: {e}"))?;
-                    interface.imports.push(import.name.name.to_owned());
-                }
-            }
-            Payload::ComponentExportSection(reader) if depth == 1 => {
-                for export in reader {
-                    let export = export.map_err(|e| format!("unreadable export: {e}"))?;
-                    interface.exports.push(export.name.name.to_owned());
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(interface)
 }

@@ -16,7 +16,7 @@ use wasmtime::component::Resource;
 use super::super::state::HostState;
 use crate::worker::bindings::switchyard::plugin::host::Host as SwitchyardHost;
 use crate::worker::bindings::switchyard::plugin::types::Error as HostError;
-use crate::worker::instance::render_error;
+use crate::worker::host::render_error;
 
 /// Generated from `wit/hosts/spin-redis-2`.
 #[allow(missing_docs)]

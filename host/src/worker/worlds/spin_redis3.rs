@@ -10,7 +10,7 @@
 //!
 //! What differs is how the calls run. An async export runs as a task of the store's
 //! concurrent event loop ([`call`]), which only an engine with component-model async and
-//! concurrency support can drive ([`super::super::engine::Runtime::async_engine`]); the
+//! concurrency support can drive ([`super::super::engine::Runtime::engine_for`]); the
 //! synchronous worlds keep an engine without it, which calls faster. The imports here finish
 //! at once: each is the synchronous host call it maps to, run in the store's data.
 

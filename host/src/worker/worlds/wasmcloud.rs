@@ -10,7 +10,7 @@
 //!   `consumer.request` is refused with an error saying so.
 
 use super::super::state::HostState;
-use crate::worker::instance::render_error;
+use crate::worker::host::render_error;
 
 /// Generated from `wit/hosts/wasmcloud-messaging`.
 #[allow(missing_docs)]
