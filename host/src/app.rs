@@ -22,8 +22,10 @@ use crate::config::{Config, RedisConfig};
 use crate::effects::outputs::Outputs;
 use crate::effects::{EffectLimits, Effects, Publisher, ShardedChannels};
 use crate::gateway::{self, GatewaySource};
+use crate::plugins::admission::Admission;
 use crate::plugins::compile_cache::CompileCache;
 use crate::plugins::loader::{Limits, Loader};
+use crate::plugins::sources::Sources;
 use crate::plugins::{Registry, WorkerSettings, watcher};
 use crate::router::Router;
 use crate::source::Source;
@@ -298,6 +300,13 @@ impl Host {
         if let Some(cache) = compile_cache {
             loader = loader.with_compile_cache(cache);
         }
+        let admission = Arc::new(Admission::from_config(&config.plugins)?);
+        loader = loader.with_admission(admission.clone());
+        let sources = if config.plugins.sources.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Sources::new(&config.plugins, admission)?))
+        };
         let registry = Arc::new(Registry::new(
             dir.clone(),
             loader,
@@ -355,6 +364,14 @@ impl Host {
             None => None,
         };
 
+        // Registry sources first: what they install is in the folder for the first scan. A
+        // registry that is away leaves readiness waiting, and the poller trying again.
+        let stop_watching = CancellationToken::new();
+        if let Some(sources) = sources {
+            sources.sync().await;
+            registry.set_sources(sources.clone());
+            tasks.push(sources.spawn(stop_watching.clone()));
+        }
         let mut changes = registry.reconcile().await?;
         // Files written just before the start (the demo's, a deployment's) are loaded once
         // they settle, before `start` returns. One still being written after that stays
@@ -375,7 +392,6 @@ impl Host {
             folder = %dir.display(),
             "plugins folder loaded"
         );
-        let stop_watching = CancellationToken::new();
         tasks.push(watcher::spawn(
             registry.clone(),
             config.settle(),

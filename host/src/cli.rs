@@ -73,6 +73,12 @@ pub enum Command {
     Test(TestArgs),
     /// Create a plugin project that builds and passes `switchyard test` as it is.
     New(NewArgs),
+    /// Push a plugin (its .wasm, and the NAME.toml beside it) to a registry as an OCI
+    /// artifact.
+    Push(PushArgs),
+    /// Pull a plugin from a registry into a folder (digests checked, files renamed into
+    /// place).
+    Pull(PullArgs),
     /// Browser gateway tools.
     #[command(subcommand)]
     Gateway(GatewayCommand),
@@ -145,12 +151,79 @@ pub enum PolicyArg {
 /// `switchyard check` options.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The plugin, and what decides its name and grants.
+    /// The plugin, and what decides its name and grants. The file may be a registry
+    /// reference (oci://...), pulled into a temporary folder first.
     #[command(flatten)]
     pub plugin: PluginArgs,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// How to reach the registry, when the plugin is a reference.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How the registry commands reach a registry. Registries on this machine are spoken to
+/// over plain HTTP; others over HTTPS. Without credentials here, those of the Docker
+/// configuration file (`~/.docker/config.json`, or `$DOCKER_CONFIG`) are used.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Registry user name.
+    #[arg(long, env = "SWITCHYARD_REGISTRY_USERNAME", requires = "password")]
+    pub username: Option<String>,
+    /// Registry password or token.
+    #[arg(long, env = "SWITCHYARD_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Speak plain HTTP to this registry although it is not on this machine.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl RegistryArgs {
+    fn access(&self, max_wasm_mib: u64) -> crate::oci::commands::Access {
+        crate::oci::commands::Access {
+            credentials: match (&self.username, &self.password) {
+                (Some(username), Some(password)) => Some(crate::oci::Credentials {
+                    username: username.clone(),
+                    password: password.clone(),
+                }),
+                _ => None,
+            },
+            insecure: self.insecure,
+            max_wasm_bytes: max_wasm_mib << 20,
+        }
+    }
+}
+
+/// `switchyard push` options.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The plugin component.
+    pub file: PathBuf,
+    /// Where to push it: oci://REGISTRY/REPOSITORY:TAG.
+    pub reference: String,
+    /// Its manifest (default: NAME.toml beside the file, if there is one).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `switchyard pull` options.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// What to pull: oci://REGISTRY/REPOSITORY:TAG or oci://REGISTRY/REPOSITORY@sha256:DIGEST.
+    pub reference: String,
+    /// The plugins folder to put it in.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Its name there (default: the repository's last segment).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// `switchyard test` options.
@@ -312,6 +385,8 @@ pub fn main(cli: Cli) -> ExitCode {
         | Command::Config(_)
         | Command::Status(_)
         | Command::New(_)
+        | Command::Push(_)
+        | Command::Pull(_)
         | Command::Gateway(_) => "warn",
         // A failing message is an effect these report; the log would only repeat it.
         Command::Check(_) | Command::Test(_) => "error",
@@ -339,6 +414,8 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Demo(args) => crate::demo::run(&mut std::io::stdout(), args.gateway).await,
             Command::Status(args) => status(args).await,
             Command::Check(args) => check(args).await,
+            Command::Push(args) => push(args).await,
+            Command::Pull(args) => pull(args).await,
             Command::Test(args) => test(args).await,
             Command::New(args) => {
                 let folder = crate::scaffold::create(&args.name, args.lang, &args.dir)?;
@@ -669,12 +746,76 @@ impl PluginArgs {
 
 /// `switchyard check`.
 async fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let report = crate::offline::check(&args.plugin.target()?).await?;
+    let mut target = args.plugin.target()?;
+    // A reference is pulled into a folder of its own, and checked there as a file.
+    let _pulled_into = match target
+        .wasm
+        .to_str()
+        .filter(|f| f.starts_with(crate::oci::reference::SCHEME))
+    {
+        Some(reference) => {
+            let reference: crate::oci::PluginRef = reference.parse()?;
+            let dir = tempfile::tempdir()?;
+            let access = args.registry.access(target.config.plugins.max_wasm_mib);
+            let pulled = crate::oci::commands::pull(
+                &reference,
+                dir.path(),
+                args.plugin.name.as_deref(),
+                &access,
+            )
+            .await?;
+            target.wasm = pulled.wasm;
+            if target.manifest.is_none() {
+                target.manifest = pulled.manifest;
+            }
+            Some(dir)
+        }
+        None => None,
+    };
+    let report = crate::offline::check(&target).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", crate::offline::render_check(&report));
     }
+    Ok(())
+}
+
+/// `switchyard push`.
+async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let reference: crate::oci::PluginRef = args.reference.parse()?;
+    let access = args.registry.access(crate::config::MAX_WASM_MIB);
+    let (digest, with_manifest) =
+        crate::oci::commands::push(&args.file, args.manifest.as_deref(), &reference, &access)
+            .await?;
+    println!(
+        "pushed {} {}as {reference}\npinned: {}",
+        args.file.display(),
+        if with_manifest {
+            "with its manifest "
+        } else {
+            ""
+        },
+        reference.at(&digest)
+    );
+    Ok(())
+}
+
+/// `switchyard pull`.
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let reference: crate::oci::PluginRef = args.reference.parse()?;
+    let access = args.registry.access(crate::config::MAX_WASM_MIB);
+    let pulled =
+        crate::oci::commands::pull(&reference, &args.to, args.name.as_deref(), &access).await?;
+    println!(
+        "pulled {reference} ({}) into {}{}",
+        pulled.digest,
+        pulled.wasm.display(),
+        pulled
+            .manifest
+            .map(|m| format!(" and {}", m.display()))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

@@ -37,6 +37,9 @@
 //! - [`stats`]: each plugin's counters, written by every stage, read by `/plugins`.
 //! - [`grants`]: what a plugin version may do and read.
 //! - [`config`]: the configuration file by section, and the settings the stages read.
+//! - [`oci`]: plugins as OCI artifacts: references, the artifact's layout, the registry
+//!   client, which components may load (signatures, pinned digests).
+//! - [`component`]: what a component file imports and exports, read without compiling it.
 //! - [`glob`], [`rate`], [`text`]: Redis's glob matcher, a token bucket, bounding and
 //!   escaping text a plugin controls.
 //! - [`examples`]: the example plugins, compiled and embedded.
@@ -51,6 +54,7 @@
 pub mod admin;
 pub mod app;
 pub mod cli;
+pub mod component;
 pub mod config;
 pub mod demo;
 pub mod effects;
@@ -59,6 +63,7 @@ pub mod gateway;
 pub mod glob;
 pub mod grants;
 pub mod message;
+pub mod oci;
 pub mod offline;
 pub mod plugins;
 pub mod rate;

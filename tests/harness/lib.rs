@@ -12,6 +12,7 @@ pub mod polyglot;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod registry;
 pub mod tls;
 pub mod webhook;
 

@@ -18,6 +18,7 @@ mod languages;
 mod loading;
 mod outage;
 mod outputs;
+mod registry;
 mod reload;
 mod routing;
 mod scenarios;

@@ -39,6 +39,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_plugin_queue_depth",
     "switchyard_plugin_parked",
     "switchyard_plugin_reloads",
+    "switchyard_components_refused",
     "switchyard_plugin_handle_seconds",
     "switchyard_output_calls",
     "switchyard_gateway_connections",
@@ -232,6 +233,18 @@ impl Collector for SwitchyardCollector {
                 ConstCounter::new(cache.rejected()),
             )?;
         }
+
+        let refusals = self.registry.admission().refusals();
+        counters(
+            &mut encoder,
+            "switchyard_components_refused",
+            "Components refused by [plugins.verify] and plugins.allowed_digests, pulled or \
+             dropped in the folder, by reason: unsigned, unknown_key, bad_signature, \
+             digest_mismatch, not_allowed.",
+            refusals
+                .iter()
+                .map(|(reason, count)| (vec![("reason", *reason)], *count)),
+        )?;
 
         let plugins = self.registry.metrics_view();
         let snapshots: Vec<_> = plugins.iter().map(|p| (p, p.stats.snapshot())).collect();

@@ -21,13 +21,15 @@ use crate::source::{Source, SourceStatus};
 /// Whether the host is ready to route, and why not.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
-    /// Subscribed and every plugin in the folder loaded or rejected.
+    /// Subscribed, every plugin in the folder loaded or rejected, and every registry source
+    /// installed.
     pub ready: bool,
     /// The subscriber connection's state.
     pub source: SourceStatus,
     /// Whether every plugin file in the folder has been loaded or rejected.
     pub plugins_scanned: bool,
-    /// Plugin files readiness waits for: new, still being written, or being loaded.
+    /// Plugin files readiness waits for: new, still being written, or being loaded; and
+    /// registry sources that have not installed a version yet (`NAME (registry source)`).
     pub plugins_pending: Vec<String>,
 }
 
@@ -35,12 +37,20 @@ pub struct Readiness {
 pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
     let source = source.status();
     let plugins_scanned = registry.scanned();
-    let plugins_pending = registry
+    let mut plugins_pending: Vec<String> = registry
         .pending()
         .map(|names| names.iter().map(ToString::to_string).collect())
         .unwrap_or_default();
+    // A plugin whose registry source has installed nothing yet has no file to wait for.
+    let sources_pending = registry.sources().map(|s| s.pending()).unwrap_or_default();
+    let sources_ready = sources_pending.is_empty();
+    plugins_pending.extend(
+        sources_pending
+            .into_iter()
+            .map(|name| format!("{name} (registry source)")),
+    );
     Readiness {
-        ready: source.connected && plugins_scanned,
+        ready: source.connected && plugins_scanned && sources_ready,
         source,
         plugins_scanned,
         plugins_pending,

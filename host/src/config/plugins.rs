@@ -90,6 +90,43 @@ pub struct PluginsConfig {
     /// user owns, is refused with a warning and the host runs without the cache.
     #[serde(default)]
     pub compile_cache: Option<PathBuf>,
+    /// Plugins pulled from registries into the folder: `oci://REGISTRY/REPOSITORY:TAG`
+    /// (followed: polled every `poll_s`) or `oci://REGISTRY/REPOSITORY@sha256:DIGEST`
+    /// (pinned). Each lands as `NAME.wasm` (and `NAME.toml`), NAME being the repository's
+    /// last segment. Readiness waits for all of them.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// How often tags in `sources` are looked up, in seconds.
+    #[serde(default = "default_poll_s")]
+    pub poll_s: u64,
+    /// Where pulled components are kept by digest, so a restart does not download them
+    /// again. Default: `.oci-cache` in the plugins folder (the folder's scan skips it).
+    #[serde(default)]
+    pub oci_cache: Option<PathBuf>,
+    /// Registries (`HOST:PORT`) spoken to over plain HTTP although they are not on this
+    /// machine (those on it always are).
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Component digests (`sha256:HEX`) that may load without a signature: pinning by hash.
+    /// With `verify.keys` as well, either suffices.
+    #[serde(default)]
+    pub allowed_digests: Vec<String>,
+    /// Signature checks: when keys are set, only components signed by one of them (or listed
+    /// in `allowed_digests`) load, pulled or dropped in the folder.
+    #[serde(default)]
+    pub verify: VerifyConfig,
+}
+
+/// `[plugins.verify]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// Public keys (PEM files, as `cosign generate-key-pair` writes `cosign.pub`), or the
+    /// PEM text itself. A component pulled from a registry must carry a cosign signature
+    /// (`cosign sign --key`) of its manifest digest by one of them; one dropped in the folder,
+    /// a `NAME.wasm.sig` beside it (`cosign sign-blob --key`).
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 impl PluginsConfig {
@@ -148,6 +185,38 @@ impl PluginsConfig {
                 self.max_wasm_mib
             ));
         }
+        if self.poll_s == 0 {
+            problems.push(format!("{origin}: plugins.poll_s must be at least 1"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            match source.parse::<crate::oci::PluginRef>() {
+                Err(error) => problems.push(format!("{origin}: plugins.sources[{i}]: {error}")),
+                Ok(reference) if !source.starts_with(crate::oci::reference::SCHEME) => {
+                    problems.push(format!(
+                        "{origin}: plugins.sources[{i}]: {source:?} must start with oci:// \
+                         ({reference})"
+                    ));
+                }
+                Ok(reference) => {
+                    if !names.insert(reference.default_name().to_owned()) {
+                        problems.push(format!(
+                            "{origin}: plugins.sources[{i}]: a second source for the plugin \
+                             name {:?} (the repository's last segment)",
+                            reference.default_name()
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, digest) in self.allowed_digests.iter().enumerate() {
+            if !crate::oci::reference::is_sha256(digest) {
+                problems.push(format!(
+                    "{origin}: plugins.allowed_digests[{i}]: {digest:?} is not sha256: followed \
+                     by 64 lowercase hexadecimal digits"
+                ));
+            }
+        }
     }
 }
 
@@ -171,6 +240,12 @@ impl Default for PluginsConfig {
             max_wasm_mib: default_max_wasm_mib(),
             drain_ms: default_drain_ms(),
             compile_cache: None,
+            sources: Vec::new(),
+            poll_s: default_poll_s(),
+            oci_cache: None,
+            insecure_registries: Vec::new(),
+            allowed_digests: Vec::new(),
+            verify: VerifyConfig::default(),
         }
     }
 }
@@ -233,6 +308,11 @@ fn default_max_wasm_mib() -> u64 {
 pub const MAX_WASM_MIB: u64 = 4096;
 
 /// Kubernetes' default grace period is 30 s; draining in 10 leaves room for the rest.
+/// A tag moved is seen within half a minute, at one small request per source.
+fn default_poll_s() -> u64 {
+    30
+}
+
 fn default_drain_ms() -> u64 {
     10_000
 }

@@ -25,9 +25,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use wasmtime::component::Component;
 
+use super::admission::Admission;
 use super::compile_cache::{CompileCache, Compiled};
 use super::files::{self, BoundedFile, FileError};
 use super::manifest::{Disclosure, MAX_MANIFEST_BYTES, Manifest};
+use crate::component::interface;
 use crate::config::{
     DEFAULT_DESCRIBE_DEADLINE_MS, GrantsConfig, MIN_QUEUE_BYTES, Policy, StreamsConfig,
 };
@@ -47,7 +49,7 @@ use crate::worker::host::{LOG_BURST, LOG_LINES_PER_SEC};
 use crate::worker::instance::Instance;
 use crate::worker::state::PluginContext;
 use crate::worker::version::{Description, LoadedPlugin};
-use crate::worker::worlds::{HandlerPre, World, interface};
+use crate::worker::worlds::{HandlerPre, World};
 use crate::{ContentHash, PluginName};
 
 /// The world a plugin must target, for error messages.
@@ -122,6 +124,9 @@ pub enum LoadError {
     /// `describe` answered something unusable.
     #[error("invalid description: {0}")]
     Invalid(String),
+    /// `[plugins.verify]` or `plugins.allowed_digests` do not let it load.
+    #[error("not trusted: {0}")]
+    Untrusted(String),
 }
 
 impl LoadError {
@@ -135,6 +140,7 @@ impl LoadError {
             LoadError::WrongWorld(_) => "world",
             LoadError::Describe(_) => "describe",
             LoadError::Invalid(_) => "invalid",
+            LoadError::Untrusted(_) => "trust",
         }
     }
 }
@@ -161,6 +167,8 @@ pub struct Loader {
     streams: Arc<StreamsConfig>,
     /// How long instantiation and `describe` of a new version may take together.
     describe_deadline: Duration,
+    /// Which files may load.
+    admission: Arc<Admission>,
 }
 
 /// What a load produced.
@@ -190,7 +198,19 @@ impl Loader {
             compile_cache: None,
             streams: Arc::default(),
             describe_deadline: Duration::from_millis(DEFAULT_DESCRIBE_DEADLINE_MS),
+            admission: Arc::new(Admission::open()),
         }
+    }
+
+    /// Loads only the files `admission` lets in.
+    pub fn with_admission(mut self, admission: Arc<Admission>) -> Self {
+        self.admission = admission;
+        self
+    }
+
+    /// Which files may load.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Gives instantiation and `describe` of a new version `deadline` together
@@ -300,6 +320,9 @@ impl Loader {
         manifest: Manifest,
     ) -> Result<LoadedPlugin, LoadError> {
         check_header(&bytes)?;
+        self.admission
+            .admit(&path, &bytes)
+            .map_err(|refusal| LoadError::Untrusted(refusal.to_string()))?;
         // The world decides the engine: an async handler needs the one with component-model
         // async, which the others avoid (it slows their calls).
         let interface = interface(&bytes).map_err(LoadError::Compile)?;
@@ -318,12 +341,13 @@ impl Loader {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "component compiled"
         );
-        let pre = HandlerPre::new(world, &self.runtime, &component).map_err(|e| {
-            LoadError::WrongWorld(match world {
-                World::Switchyard => format!("does not target {WORLD}: {e:#}"),
-                _ => format!("does not link as a {} component: {e:#}", world.label()),
-            })
-        })?;
+        let pre =
+            HandlerPre::new(world, self.runtime.linker_for(world), &component).map_err(|e| {
+                LoadError::WrongWorld(match world {
+                    World::Switchyard => format!("does not target {WORLD}: {e:#}"),
+                    _ => format!("does not link as a {} component: {e:#}", world.label()),
+                })
+            })?;
         if !world.describes_itself() && manifest.subscriptions.is_none() {
             return Err(LoadError::Manifest(format!(
                 "{}: a {} component has no describe, so its manifest must list what it \

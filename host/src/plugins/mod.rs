@@ -20,12 +20,19 @@
 //! is settled, so it is loaded or rejected like any other; a file that keeps changing for
 //! [`MAX_UNSETTLED`] is reported in the log and stops holding readiness back.
 //!
+//! # Registry sources and admission
+//!
+//! [`sources`] pull plugins from OCI registries into the folder (`plugins.sources`), and
+//! [`admission`] decides which files may load at all (`[plugins.verify]`,
+//! `plugins.allowed_digests`). Readiness also waits for every source's first version.
+//!
 //! # Removal
 //!
 //! A removed file's plugin leaves the routing table first; then its queue is closed and its
 //! workers handle what was already queued. Meanwhile `/plugins` lists it as draining; it
 //! leaves the list when all its workers are done.
 
+pub mod admission;
 pub mod compile_cache;
 pub mod files;
 pub mod loader;
@@ -33,6 +40,7 @@ pub mod manifest;
 mod registry;
 mod report;
 mod scan;
+pub mod sources;
 pub mod watcher;
 
 pub use registry::{Changes, Registry, UNSUBSCRIBE_SHARE, WorkerSettings};

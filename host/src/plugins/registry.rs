@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use super::compile_cache;
 use super::loader::{LoadError, Loaded, Loader};
 use super::scan::{FileStamp, Fingerprint, Pending, note_unsettled, scan, scan_one};
+use super::sources::Sources;
 use crate::PluginName;
 use crate::config::BreakerPolicy;
 use crate::config::WhenFull;
@@ -148,6 +149,8 @@ pub struct Registry {
     scanned: AtomicBool,
     /// How long a file must be unchanged to be looked at, in milliseconds.
     settle_ms: AtomicU64,
+    /// The registry sources filling the folder, if any.
+    sources: std::sync::OnceLock<Arc<Sources>>,
 }
 
 impl Registry {
@@ -164,7 +167,24 @@ impl Registry {
             stopped: AtomicBool::new(false),
             scanned: AtomicBool::new(false),
             settle_ms: AtomicU64::new(millis(DEFAULT_SETTLE)),
+            sources: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the registry sources that fill the folder: readiness waits for them, and
+    /// `/plugins` shows each plugin's.
+    pub fn set_sources(&self, sources: Arc<Sources>) {
+        let _ = self.sources.set(sources);
+    }
+
+    /// The registry sources, if any.
+    pub fn sources(&self) -> Option<&Arc<Sources>> {
+        self.sources.get()
+    }
+
+    /// Which files may load, and the refusals so far.
+    pub fn admission(&self) -> &Arc<super::admission::Admission> {
+        self.loader.admission()
     }
 
     /// Notes that `path` was just renamed into the folder: whatever is there now is complete

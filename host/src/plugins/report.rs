@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::registry::{Inner, LoadFailure, Registry, Slot};
+use super::sources::SourceStatus;
 use crate::config::GrantsConfig;
 use crate::stats::{PluginStats, StatsSnapshot};
 use crate::{ContentHash, PluginName};
@@ -53,6 +54,9 @@ pub struct PluginReport {
     /// Why the newest file was rejected, if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     load_error: Option<LoadFailure>,
+    /// The registry source it is pulled from, if it is (`plugins.sources`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceStatus>,
 }
 
 impl PluginReport {
@@ -177,7 +181,13 @@ impl Registry {
             queue_bytes_limit: None,
             reloads: 0,
             load_error: Some(failure.clone()),
+            source: None,
         }));
+        if let Some(sources) = self.sources() {
+            for report in &mut reports {
+                report.source = sources.status(report.name.as_str());
+            }
+        }
         reports.sort_by(|a, b| a.name.cmp(&b.name));
         reports
     }
@@ -233,6 +243,7 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
         queue_bytes_limit: Some(slot.inbox.bytes().1),
         reloads: slot.reloads,
         load_error: slot.load_error.clone(),
+        source: None,
     }
 }
 
