@@ -514,3 +514,105 @@ fn kubernetes_workers_share_one_consumer_group() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn kubernetes_registry_sidecar_pulls_signed_plugins_into_a_writable_folder() -> anyhow::Result<()> {
+    let folder = example_dir("registry");
+    let documents = documents_in(&folder)?;
+    let deployments = of_kind(&documents, "Deployment");
+    assert_eq!(deployments.len(), 1, "one Deployment");
+    let pod = &deployments[0]["spec"]["template"]["spec"];
+    let container = switchyard_container(pod)?;
+    let config = check_switchyard_container(container, Some(&folder.join("switchyard.toml")))?;
+
+    // The sources are references the host accepts, and the folder they land in is the
+    // pod's own, writable.
+    assert!(
+        !config.plugins.sources.is_empty(),
+        "the sidecar pulls its plugins"
+    );
+    assert!(
+        !volume(pod, "plugins")?["emptyDir"].is_badvalue(),
+        "the plugins folder is an emptyDir the host fills"
+    );
+    assert_ne!(
+        mount(container, "plugins")?["readOnly"].as_bool(),
+        Some(true),
+        "the host writes pulled plugins into the folder"
+    );
+
+    // The configuration file, the signing key and the registry credentials are mounted
+    // where the configuration and the environment say.
+    let mounted_from = |path: &Path| -> anyhow::Result<&Yaml> {
+        let mounts = container["volumeMounts"]
+            .as_vec()
+            .cloned()
+            .unwrap_or_default();
+        let found = mounts
+            .iter()
+            .find(|m| m["mountPath"].as_str().map(Path::new) == path.parent())
+            .ok_or_else(|| anyhow::anyhow!("nothing mounted at {}", path.display()))?;
+        volume(pod, found["name"].as_str().unwrap_or_default())
+    };
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    let config_path = args
+        .iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .map(Path::new)
+        .ok_or_else(|| anyhow::anyhow!("no --config in the container's args"))?;
+    let config_map = mounted_from(config_path)?["configMap"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let kustomization = of_kind(&documents, "Kustomization");
+    let generates = kustomization[0]["configMapGenerator"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .any(|g| {
+            g["name"].as_str() == Some(config_map.as_str())
+                && g["files"].as_vec().is_some_and(|files| {
+                    files.iter().any(|f| f.as_str() == Some("switchyard.toml"))
+                })
+        });
+    assert!(
+        generates,
+        "the kustomization generates {config_map} from switchyard.toml"
+    );
+    assert!(
+        !config.plugins.verify.keys.is_empty(),
+        "signatures are checked"
+    );
+    for key in &config.plugins.verify.keys {
+        let key = Path::new(key);
+        let secret = &mounted_from(key)?["secret"];
+        assert!(
+            !secret.is_badvalue(),
+            "{} comes from a Secret",
+            key.display()
+        );
+    }
+    let docker_config = container["env"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .find(|var| var["name"].as_str() == Some("DOCKER_CONFIG"))
+        .and_then(|var| var["value"].as_str())
+        .ok_or_else(|| anyhow::anyhow!("no DOCKER_CONFIG: where are the registry credentials?"))?;
+    let credentials = &mounted_from(&Path::new(docker_config).join("config.json"))?["secret"];
+    let items = credentials["items"].as_vec().cloned().unwrap_or_default();
+    assert!(
+        items
+            .iter()
+            .any(|item| item["key"].as_str() == Some(".dockerconfigjson")
+                && item["path"].as_str() == Some("config.json")),
+        "the docker-registry Secret's .dockerconfigjson is mounted as config.json"
+    );
+    Ok(())
+}
