@@ -282,7 +282,7 @@ impl Host {
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
         };
         let compile_cache = match &config.plugins.compile_cache {
-            Some(dir) => Some(CompileCache::open(dir, runtime.engine()).with_context(|| {
+            Some(dir) => Some(CompileCache::open(dir).with_context(|| {
                 format!("plugins.compile_cache: cannot create {}", dir.display())
             })?),
             None => None,

@@ -307,7 +307,19 @@ impl TestHost {
         what: &str,
         accept: impl Fn(&Value) -> bool,
     ) -> anyhow::Result<Value> {
-        eventually(PATIENCE, || async {
+        self.wait_plugin_within(name, what, PATIENCE, accept).await
+    }
+
+    /// [`TestHost::wait_plugin`], waiting up to `within`: for a load that compiles a large
+    /// component for the first time, which on a loaded machine takes seconds.
+    pub async fn wait_plugin_within(
+        &self,
+        name: &str,
+        what: &str,
+        within: Duration,
+        accept: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        eventually(within, || async {
             match self.plugin(name).await? {
                 Some(entry) if accept(&entry) => Ok(entry),
                 Some(entry) => bail!("plugin {name} is not {what}: {entry:#}"),

@@ -221,7 +221,9 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
     ));
     for (world, wasm, manifest) in &swaps {
         host.install("fwd", wasm, Some(manifest))?;
-        host.wait_plugin("fwd", "running the new world", |p| {
+        // Each world's component may be compiled here for the first time in the test run,
+        // while the other tests load the machine.
+        host.wait_plugin_within("fwd", "running the new world", PATIENCE * 3, |p| {
             p["version"]["world"] == *world
         })
         .await?;

@@ -86,11 +86,11 @@ impl Compiled {
     }
 }
 
-/// A folder of compiled components for one engine.
+/// A folder of compiled components, each keyed by its content and by the compatibility hash
+/// of the engine that compiled it: the host's two engines (see `worker::engine`) share it.
 #[derive(Debug)]
 pub struct CompileCache {
     dir: PathBuf,
-    engine: blake3::Hash,
     /// The tag key; `None` when the folder was refused, and the cache is off.
     key: Option<Key>,
     /// Artefacts that failed their tag or could not be loaded, since the cache was opened.
@@ -110,10 +110,8 @@ impl CompileCache {
     /// Opens (creating it when missing) the cache folder `dir` for `engine`. A folder the host
     /// cannot trust (see the module's documentation) gives a cache that is off, with a warning
     /// that says why; only failing to create the folder is an error.
-    pub fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
         create_private_dir(dir)?;
-        let mut hasher = Blake3Hasher(blake3::Hasher::new());
-        engine.precompile_compatibility_hash().hash(&mut hasher);
         let key = match trusted_key(dir) {
             Ok(key) => Some(key),
             Err(why) => {
@@ -126,7 +124,6 @@ impl CompileCache {
         };
         Ok(Self {
             dir: dir.to_owned(),
-            engine: hasher.0.finalize(),
             key,
             rejected: AtomicU64::new(0),
         })
@@ -149,20 +146,26 @@ impl CompileCache {
     }
 
     /// The artefact's path for a component whose bytes hash to `hash`.
-    fn path(&self, hash: &ContentHash) -> PathBuf {
+    fn path(&self, engine: &blake3::Hash, hash: &ContentHash) -> PathBuf {
         let mut key = blake3::Hasher::new();
         key.update(FORMAT);
-        key.update(self.engine.as_bytes());
+        key.update(engine.as_bytes());
         key.update(hash.as_bytes());
         let key = key.finalize().to_hex();
         self.dir.join(format!("{}.cwasm", &key[..32]))
     }
 
     /// The tag of `artefact` compiled from the component whose bytes hash to `hash`.
-    fn tag(&self, key: &Key, hash: &ContentHash, artefact: &[u8]) -> blake3::Hash {
+    fn tag(
+        &self,
+        key: &Key,
+        engine: &blake3::Hash,
+        hash: &ContentHash,
+        artefact: &[u8],
+    ) -> blake3::Hash {
         let mut mac = blake3::Hasher::new_keyed(&key.0);
         mac.update(FORMAT);
-        mac.update(self.engine.as_bytes());
+        mac.update(engine.as_bytes());
         mac.update(hash.as_bytes());
         mac.update(artefact);
         mac.finalize()
@@ -178,11 +181,12 @@ impl CompileCache {
         let Some(key) = &self.key else {
             return Ok((Component::new(engine, bytes)?, Compiled::Fresh));
         };
-        let path = self.path(hash);
+        let engine_hash = compatibility(engine);
+        let path = self.path(&engine_hash, hash);
         let limit = (bytes.len() as u64)
             .saturating_mul(ARTEFACT_BYTES_PER_COMPONENT_BYTE)
             .max(MIN_ARTEFACT_LIMIT);
-        match self.load(engine, key, hash, &path, limit) {
+        match self.load(engine, &engine_hash, key, hash, &path, limit) {
             Ok(Some(component)) => return Ok((component, Compiled::Cached)),
             Ok(None) => {}
             Err(why) => {
@@ -199,7 +203,13 @@ impl CompileCache {
         if let Err(error) = component
             .serialize()
             .map_err(std::io::Error::other)
-            .and_then(|artefact| self.store(&path, &artefact, &self.tag(key, hash, &artefact)))
+            .and_then(|artefact| {
+                self.store(
+                    &path,
+                    &artefact,
+                    &self.tag(key, &engine_hash, hash, &artefact),
+                )
+            })
         {
             tracing::warn!(dir = %self.dir.display(), "cannot write to the compile cache: {error}");
         }
@@ -211,6 +221,7 @@ impl CompileCache {
     fn load(
         &self,
         engine: &Engine,
+        engine_hash: &blake3::Hash,
         key: &Key,
         hash: &ContentHash,
         path: &Path,
@@ -227,7 +238,7 @@ impl CompileCache {
         let (artefact, tag) = tagged.split_at(split);
         let tag: [u8; TAG_BYTES] = tag.try_into().map_err(|_| "no tag".to_owned())?;
         // `blake3::Hash` compares in constant time.
-        if self.tag(key, hash, artefact) != blake3::Hash::from_bytes(tag) {
+        if self.tag(key, engine_hash, hash, artefact) != blake3::Hash::from_bytes(tag) {
             return Err(
                 "its tag does not match this component (an artefact of another component, or \
                  altered)"
@@ -253,6 +264,14 @@ impl CompileCache {
         file.persist(path).map_err(|e| e.error)?;
         Ok(())
     }
+}
+
+/// What tells `engine`'s compiled code apart from another engine's: Wasmtime's version, the
+/// engine's settings and the CPU features in use.
+fn compatibility(engine: &Engine) -> blake3::Hash {
+    let mut hasher = Blake3Hasher(blake3::Hasher::new());
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    hasher.0.finalize()
 }
 
 /// The folder's key, if the folder and the key can be trusted; otherwise why not.
@@ -397,7 +416,7 @@ mod tests {
     fn a_component_is_compiled_once_then_read_back() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(true);
-        let cache = CompileCache::open(&dir.path().join("cache"), &engine).unwrap();
+        let cache = CompileCache::open(&dir.path().join("cache")).unwrap();
         let hash = ContentHash::of(FORWARD);
 
         let (_, first) = cache.compile(&engine, FORWARD, &hash).unwrap();
@@ -413,7 +432,7 @@ mod tests {
         let hash = ContentHash::of(FORWARD);
         for epochs in [true, false] {
             let engine = engine(epochs);
-            let cache = CompileCache::open(dir.path(), &engine).unwrap();
+            let cache = CompileCache::open(dir.path()).unwrap();
             let (_, compiled) = cache.compile(&engine, FORWARD, &hash).unwrap();
             assert_eq!(compiled, Compiled::Fresh, "epochs {epochs}");
         }
@@ -424,7 +443,7 @@ mod tests {
     fn a_damaged_artefact_is_replaced_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(true);
-        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
         let hash = ContentHash::of(FORWARD);
         cache.compile(&engine, FORWARD, &hash).unwrap();
         let artefact = &artefacts(dir.path())[0];
@@ -440,7 +459,7 @@ mod tests {
     fn the_folder_is_private_to_the_host_user() {
         let dir = tempfile::tempdir().unwrap();
         let folder = dir.path().join("a/b");
-        CompileCache::open(&folder, &engine(true)).unwrap();
+        CompileCache::open(&folder).unwrap();
         let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
     }
@@ -454,7 +473,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(true);
         let hash = ContentHash::of(FORWARD);
-        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
         assert!(cache.enabled());
         cache.compile(&engine, FORWARD, &hash).unwrap();
         let key = dir.path().join(KEY_FILE);
@@ -463,7 +482,7 @@ mod tests {
         assert_eq!(std::fs::read(&key).unwrap().len(), KEY_BYTES);
 
         // A restart reads the same key, so what the last run compiled is used.
-        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
         let (_, compiled) = cache.compile(&engine, FORWARD, &hash).unwrap();
         assert_eq!(compiled, Compiled::Cached);
     }
@@ -472,12 +491,13 @@ mod tests {
     fn an_artefact_copied_over_another_components_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine(true);
-        let cache = CompileCache::open(dir.path(), &engine).unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
         let (x, y) = (ContentHash::of(METRICS_ROLLUP), ContentHash::of(FORWARD));
         cache.compile(&engine, METRICS_ROLLUP, &x).unwrap();
         cache.compile(&engine, FORWARD, &y).unwrap();
-        let y_artefact = std::fs::read(cache.path(&y)).unwrap();
-        std::fs::copy(cache.path(&x), cache.path(&y)).unwrap();
+        let e = compatibility(&engine);
+        let y_artefact = std::fs::read(cache.path(&e, &y)).unwrap();
+        std::fs::copy(cache.path(&e, &x), cache.path(&e, &y)).unwrap();
 
         let (component, compiled) = cache.compile(&engine, FORWARD, &y).unwrap();
         assert_eq!(compiled, Compiled::Fresh);
@@ -487,13 +507,13 @@ mod tests {
             component.serialize().unwrap(),
             y_artefact[..y_artefact.len() - TAG_BYTES]
         );
-        assert_eq!(std::fs::read(cache.path(&y)).unwrap(), y_artefact);
+        assert_eq!(std::fs::read(cache.path(&e, &y)).unwrap(), y_artefact);
 
         // An artefact with a tag made under another key (another folder's) is refused too.
         let other = tempfile::tempdir().unwrap();
-        let foreign = CompileCache::open(other.path(), &engine).unwrap();
+        let foreign = CompileCache::open(other.path()).unwrap();
         foreign.compile(&engine, FORWARD, &y).unwrap();
-        std::fs::copy(foreign.path(&y), cache.path(&y)).unwrap();
+        std::fs::copy(foreign.path(&e, &y), cache.path(&e, &y)).unwrap();
         let (_, compiled) = cache.compile(&engine, FORWARD, &y).unwrap();
         assert_eq!((compiled, cache.rejected()), (Compiled::Fresh, 2));
     }
@@ -505,7 +525,7 @@ mod tests {
         let hash = ContentHash::of(FORWARD);
         for mode in [0o777, 0o770, 0o1777] {
             chmod(dir.path(), mode);
-            let cache = CompileCache::open(dir.path(), &engine).unwrap();
+            let cache = CompileCache::open(dir.path()).unwrap();
             assert!(!cache.enabled(), "mode {mode:o}");
             for _ in 0..2 {
                 let (_, compiled) = cache.compile(&engine, FORWARD, &hash).unwrap();
@@ -516,20 +536,19 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
         chmod(dir.path(), 0o755);
-        assert!(CompileCache::open(dir.path(), &engine).unwrap().enabled());
+        assert!(CompileCache::open(dir.path()).unwrap().enabled());
     }
 
     #[test]
     fn a_key_others_may_read_or_a_special_file_turns_the_cache_off() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = engine(true);
-        CompileCache::open(dir.path(), &engine).unwrap();
+        CompileCache::open(dir.path()).unwrap();
         let key = dir.path().join(KEY_FILE);
         chmod(&key, 0o644);
-        assert!(!CompileCache::open(dir.path(), &engine).unwrap().enabled());
+        assert!(!CompileCache::open(dir.path()).unwrap().enabled());
 
         std::fs::remove_file(&key).unwrap();
         std::os::unix::fs::symlink("/dev/zero", &key).unwrap();
-        assert!(!CompileCache::open(dir.path(), &engine).unwrap().enabled());
+        assert!(!CompileCache::open(dir.path()).unwrap().enabled());
     }
 }

@@ -328,11 +328,10 @@ impl Loader {
         let interface = interface(&bytes).map_err(LoadError::Compile)?;
         let world = World::of_exports(&interface.exports).map_err(LoadError::WrongWorld)?;
         let started = std::time::Instant::now();
+        let engine = self.runtime.engine_for(world);
         let (component, compiled) = match &self.compile_cache {
-            Some(cache) if !world.is_async() => cache.compile(self.runtime.engine(), &bytes, &hash),
-            // The cache's artefacts are keyed to the synchronous engine's settings.
-            _ => Component::new(self.runtime.engine_for(world), &bytes)
-                .map(|component| (component, Compiled::Fresh)),
+            Some(cache) => cache.compile(engine, &bytes, &hash),
+            None => Component::new(engine, &bytes).map(|component| (component, Compiled::Fresh)),
         }
         .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         tracing::debug!(
