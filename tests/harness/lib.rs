@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod gateway;
 pub mod memory;
+pub mod otlp;
 pub mod polyglot;
 pub mod process;
 pub mod proxy;
