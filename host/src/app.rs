@@ -34,6 +34,7 @@ use crate::source::embedded::EmbeddedBroker;
 use crate::source::redis::{CLIENT_NAME_PREFIX, COMMAND_TIMEOUT, RedisSource};
 use crate::source::streams::{StreamBackend, StreamReaders};
 use crate::stats::PluginStats;
+use crate::trace::Tracing;
 use crate::worker::engine::Runtime;
 use crate::worker::queue::HostBudget;
 
@@ -276,7 +277,10 @@ impl Host {
         )
         .with_limits(EffectLimits::from_config(config))
         .with_sharded(ShardedChannels::new(&config.redis.sharded_channels))
-        .with_own_redis(config.redis.url.expose());
+        .with_own_redis(config.redis.url.expose())
+        .with_tracing(Arc::new(
+            Tracing::start(&config.tracing.settings()).context("[tracing]")?,
+        ));
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),
@@ -484,6 +488,9 @@ impl Host {
             self.source.stop_streams().await;
             // What plugins sent while draining is written before the connections close.
             self.effects.flush().await;
+            // The spans of the last messages go too, within a few seconds, off the runtime.
+            let tracing = self.effects.tracing().clone();
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
             true
         };
         let drained = tokio::time::timeout_at(deadline, drain)

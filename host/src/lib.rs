@@ -40,6 +40,8 @@
 //! - [`oci`]: plugins as OCI artifacts: references, the artifact's layout, the registry
 //!   client, which components may load (signatures, pinned digests).
 //! - [`component`]: what a component file imports and exports, read without compiling it.
+//! - [`trace`]: OpenTelemetry spans of handled messages and their effects, and trace context
+//!   in and out; [`crypto`]: the TLS primitives its exporter and the registry client share.
 //! - [`glob`], [`rate`], [`text`]: Redis's glob matcher, a token bucket, bounding and
 //!   escaping text a plugin controls.
 //! - [`examples`]: the example plugins, compiled and embedded.
@@ -56,6 +58,7 @@ pub mod app;
 pub mod cli;
 pub mod component;
 pub mod config;
+pub mod crypto;
 pub mod demo;
 pub mod effects;
 pub mod examples;
@@ -74,6 +77,7 @@ pub mod stats;
 pub mod status;
 pub mod stream_entry;
 pub mod text;
+pub mod trace;
 pub mod worker;
 
 use std::fmt;

@@ -24,4 +24,5 @@ mod routing;
 mod scenarios;
 mod streams;
 mod tls;
+mod tracing;
 mod worlds;

@@ -234,6 +234,20 @@ impl Collector for SwitchyardCollector {
             )?;
         }
 
+        if let Some(counts) = self.registry.tracing().counts() {
+            counters(
+                &mut encoder,
+                "switchyard_trace_spans",
+                "Spans handed to the trace collector, by result: exported, or failed (the \
+                 collector refused them, or was away or too slow; they are lost, the messages \
+                 are not).",
+                [
+                    ("exported", counts.exported.load(Ordering::Relaxed)),
+                    ("failed", counts.failed.load(Ordering::Relaxed)),
+                ]
+                .map(|(result, value)| (vec![("result", result)], value)),
+            )?;
+        }
         let refusals = self.registry.admission().refusals();
         counters(
             &mut encoder,

@@ -20,6 +20,7 @@ mod outputs;
 mod plugins;
 mod redis;
 mod streams;
+mod traces;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,6 +43,7 @@ pub use plugins::{
 };
 pub use redis::{DEFAULT_REDIS_URL, RedisConfig, RedisUrl};
 pub use streams::{StartFrom, StreamOverride, StreamSettings, StreamsConfig, default_consumer};
+pub use traces::{OtlpProtocol, TracingConfig, TracingSettings};
 
 use env::{ENV_KEYS, EnvType, env_value, misspelt_env_key, redact, set};
 use outputs::check_output_tables;
@@ -77,6 +79,9 @@ pub struct Config {
     /// The browser gateway (off unless `listen` is set).
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// OpenTelemetry trace export (off unless an OTLP endpoint is set).
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 /// A configuration that could not be used, with every problem found.
@@ -99,7 +104,8 @@ impl Config {
     /// The configuration from `file` (or the defaults), overridden by the environment `env`:
     /// `REDIS_URL`, or `REDIS_HOST` (and `REDIS_PORT`), as Redis deployments set them, then
     /// `SWITCHYARD_<SECTION>_<KEY>` for every key of `[redis]`, `[plugins]`, `[admin]`,
-    /// `[invalidation]`, `[streams]` and `[gateway]` (but its `tokens`)
+    /// `[invalidation]`, `[streams]` and `[gateway]` (but its `tokens`), and the standard
+    /// `OTEL_*` variables for what `[tracing]` leaves unset
     /// (`SWITCHYARD_PLUGINS_QUEUE_CAPACITY=8192`); a variable naming one of these sections
     /// but none of its keys is logged as ignored. Values of string-typed
     /// keys are text as they are; the others are read as TOML when they parse as such
@@ -170,12 +176,13 @@ impl Config {
         if !shape.is_empty() {
             return Err(secret_free(ConfigError { problems: shape }));
         }
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
+        let mut config: Config = table.try_into().map_err(|e: toml::de::Error| {
             secret_free(ConfigError::one(format!(
                 "{origin}: {}",
                 e.to_string().trim_end()
             )))
         })?;
+        config.tracing.resolve(env);
         config.validate(&origin).map_err(secret_free)?;
         config.warn_about_outputs();
         Ok(config)
@@ -255,6 +262,7 @@ impl Config {
         self.plugins.check(origin, &mut problems);
         self.gateway.check(origin, &mut problems);
         self.streams.check(origin, &mut problems);
+        self.tracing.check(origin, &mut problems);
         self.effects.check(origin, &self.plugins, &mut problems);
         for (name, output) in &self.outputs {
             for (key, problem) in output.check() {

@@ -31,6 +31,7 @@ use crate::PluginName;
 use crate::config::Config;
 use crate::glob::Glob;
 use crate::stats::PluginStats;
+use crate::trace::Tracing;
 use loop_guard::Flows;
 use outputs::{OutputError, Outputs, Reply};
 
@@ -111,6 +112,8 @@ pub struct Effects {
     sharded: Arc<ShardedChannels>,
     /// Where the host's own Redis is, as `(address, database)`, for plugins that name it.
     own_redis: Option<(redis::ConnectionAddr, i64)>,
+    /// Spans of handled messages and their effects (off by default).
+    tracing: Arc<Tracing>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -278,6 +281,7 @@ impl Effects {
             broadcast,
             sharded: Arc::default(),
             own_redis: None,
+            tracing: Arc::default(),
             runtime,
         }
     }
@@ -287,6 +291,17 @@ impl Effects {
     pub fn with_own_redis(mut self, url: &str) -> Self {
         self.own_redis = redis_location(url);
         self
+    }
+
+    /// Records spans with `tracing`.
+    pub fn with_tracing(mut self, tracing: Arc<Tracing>) -> Self {
+        self.tracing = tracing;
+        self
+    }
+
+    /// The host's tracing.
+    pub fn tracing(&self) -> &Arc<Tracing> {
+        &self.tracing
     }
 
     /// Whether `url` names the host's own Redis: the same host, port and database,
@@ -415,11 +430,14 @@ impl Effects {
         name: &str,
         payload: &[u8],
         remaining: Duration,
+        trace: &[(String, String)],
     ) -> Result<Reply, EffectError> {
         let budget = crate::config::output_budget(remaining);
         // `Outputs::call` bounds itself by `budget` and says which limit ended it; a second
         // timeout here would only race it with a vaguer message.
-        let call = self.outputs.call(name, from.as_str(), payload, budget);
+        let call = self
+            .outputs
+            .call(name, from.as_str(), payload, budget, trace);
         Ok(self.runtime.block_on(call)?)
     }
 

@@ -295,6 +295,7 @@ impl Outputs {
         plugin: &str,
         payload: &[u8],
         within: Duration,
+        trace: &[(String, String)],
     ) -> Result<Reply, OutputError> {
         let Some(output) = self.outputs.get(name) else {
             return match &self.capture_any {
@@ -314,13 +315,13 @@ impl Outputs {
         let result = if local {
             // A line written here takes microseconds and waits on nothing remote: it needs no
             // share of the deadline, so a plugin near its end can still write it.
-            call(output, name, plugin, payload, within).await
+            call(output, name, plugin, payload, within, trace).await
         } else if within.is_zero() {
             Err(no_time_left(within))
         } else {
             // The `http` kind keeps within the budget by itself, attempt by attempt; this
             // bounds the other kinds (a stuck Redis) and is a safety net for all.
-            tokio::time::timeout(within, call(output, name, plugin, payload, within))
+            tokio::time::timeout(within, call(output, name, plugin, payload, within, trace))
                 .await
                 .unwrap_or_else(|_| Err(no_time_left(within)))
         };
@@ -419,9 +420,10 @@ async fn call(
     plugin: &str,
     payload: &[u8],
     within: Duration,
+    trace: &[(String, String)],
 ) -> Result<Reply, String> {
     match &output.kind {
-        Kind::Http(http) => call_http(http, &output.counters, name, payload, within).await,
+        Kind::Http(http) => call_http(http, &output.counters, name, payload, within, trace).await,
         Kind::File(file) => {
             let line = json_line(plugin, payload);
             let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
@@ -471,13 +473,15 @@ enum Retryable {
     Failure(String),
 }
 
-/// Calls a webhook: attempts, retries and backoffs all end within `within`.
+/// Calls a webhook: attempts, retries and backoffs all end within `within`. `trace` (the
+/// `traceparent` and `tracestate` of the call's span, if traced) is sent as headers.
 async fn call_http(
     http: &Http,
     counters: &Counters,
     name: &str,
     payload: &[u8],
     within: Duration,
+    trace: &[(String, String)],
 ) -> Result<Reply, String> {
     let Http {
         client,
@@ -503,13 +507,13 @@ async fn call_http(
         } else {
             (*timeout, false)
         };
-        let sent = client
+        let mut request = client
             .request(method.clone(), url.clone())
-            .headers(headers.clone())
-            .timeout(limit)
-            .body(payload.to_vec())
-            .send()
-            .await;
+            .headers(headers.clone());
+        for (name, value) in trace {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        let sent = request.timeout(limit).body(payload.to_vec()).send().await;
         let outcome = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -661,7 +665,7 @@ mod tests {
         );
         let outputs = Outputs::from_config(&config).unwrap();
         let err = outputs
-            .call("hook", "p", b"{}", Duration::from_secs(2))
+            .call("hook", "p", b"{}", Duration::from_secs(2), &[])
             .await
             .unwrap_err()
             .to_string();
@@ -689,13 +693,16 @@ mod tests {
             (&b"{\"n\":1}"[..], Duration::from_secs(1)),
             (b"two", Duration::ZERO),
         ] {
-            outputs.call("audit", "p", payload, within).await.unwrap();
+            outputs
+                .call("audit", "p", payload, within, &[])
+                .await
+                .unwrap();
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(text.contains("\"two\""));
         let err = outputs
-            .call("nope", "p", b"", Duration::from_secs(1))
+            .call("nope", "p", b"", Duration::from_secs(1), &[])
             .await
             .unwrap_err();
         assert!(matches!(err, OutputError::Undefined(_)));

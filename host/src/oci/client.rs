@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Once;
 
 use bytes::Bytes;
 use oci_client::Client;
@@ -98,7 +97,7 @@ impl Registry {
         explicit: Option<Credentials>,
         max_wasm_bytes: u64,
     ) -> Self {
-        install_crypto_provider();
+        crate::crypto::install_crypto_provider();
         let mut plain: Vec<String> = insecure.to_vec();
         plain.extend(
             references
@@ -360,15 +359,6 @@ fn is_not_found(error: &oci_client::errors::OciDistributionError) -> bool {
         }),
         _ => false,
     }
-}
-
-/// The TLS library needs one process-wide set of primitives; the host's other TLS
-/// connections use the same.
-fn install_crypto_provider() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
 }
 
 /// Where the Docker configuration file is: `$DOCKER_CONFIG/config.json`, else

@@ -182,6 +182,11 @@ impl Registry {
         self.sources.get()
     }
 
+    /// The host's tracing.
+    pub fn tracing(&self) -> &Arc<crate::trace::Tracing> {
+        self.loader.effects().tracing()
+    }
+
     /// Which files may load, and the refusals so far.
     pub fn admission(&self) -> &Arc<super::admission::Admission> {
         self.loader.admission()

@@ -7,6 +7,8 @@
 //! Names the plugin supplies (channels, keys, outputs) appear in refusals and logs bounded
 //! and escaped ([`text`]), and so do its `log` lines, its name and its version.
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tracing::Level as TraceLevel;
 
 use super::bindings::switchyard::plugin::host::Host;
@@ -112,36 +114,185 @@ impl HostState {
 
 impl Host for HostState {
     fn publish(&mut self, channel: String, payload: Vec<u8>) -> Result<u32, Error> {
-        self.check_publish(&channel)?;
-        let plugin = &self.plugin;
-        plugin
-            .effects
-            .publish(
-                &plugin.name,
-                &self.stats,
-                channel.into_bytes(),
-                payload,
-                self.call_deadline,
-            )
-            .map_err(|error| self.refused(error))
+        let span = self.effect_span("publish", &channel, SpanKind::Producer, payload.len());
+        let result = self.check_publish(&channel).and_then(|()| {
+            let plugin = &self.plugin;
+            plugin
+                .effects
+                .publish(
+                    &plugin.name,
+                    &self.stats,
+                    channel.into_bytes(),
+                    payload,
+                    self.call_deadline,
+                )
+                .map_err(|error| self.refused(error))
+        });
+        end_effect(span, &result);
+        result
     }
 
     fn send(&mut self, channel: String, payload: Vec<u8>) -> Result<(), Error> {
-        self.check_publish(&channel)?;
-        let plugin = &self.plugin;
-        plugin
-            .effects
-            .send(
-                &plugin.name,
-                &self.stats,
-                channel.into_bytes(),
-                payload,
-                self.call_deadline,
-            )
-            .map_err(|error| self.refused(error))
+        let span = self.effect_span("send", &channel, SpanKind::Producer, payload.len());
+        let result = self.check_publish(&channel).and_then(|()| {
+            let plugin = &self.plugin;
+            plugin
+                .effects
+                .send(
+                    &plugin.name,
+                    &self.stats,
+                    channel.into_bytes(),
+                    payload,
+                    self.call_deadline,
+                )
+                .map_err(|error| self.refused(error))
+        });
+        end_effect(span, &result);
+        result
     }
 
     fn invalidate(&mut self, keys: Vec<String>) -> Result<u32, Error> {
+        let span = self.effect_span(
+            "invalidate",
+            keys.first().map_or("", String::as_str),
+            SpanKind::Internal,
+            keys.len(),
+        );
+        let result = self.invalidate_keys(keys);
+        end_effect(span, &result);
+        result
+    }
+
+    fn call_output(&mut self, name: String, payload: Vec<u8>) -> Result<OutputReply, Error> {
+        let span = self.effect_span("call", &name, SpanKind::Client, payload.len());
+        let trace = span
+            .as_ref()
+            .map(crate::trace::carrier_of)
+            .unwrap_or_default();
+        let result = self.call_named_output(name, payload, &trace);
+        if let (Some(span), Ok(reply)) = (&span, &result) {
+            crate::trace::annotate(
+                span,
+                vec![KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(reply.status),
+                )],
+            );
+        }
+        end_effect(span, &result);
+        result
+    }
+
+    fn config(&mut self, key: String) -> Option<String> {
+        self.plugin.settings.get(&key).map(str::to_owned)
+    }
+
+    fn log(&mut self, level: Level, text: String) {
+        if !self.plugin.log_limit.admit() {
+            self.stats.record_log_dropped(&self.plugin.name);
+            return;
+        }
+        // Cut, then escaped: a line holds no newline or escape sequence of the plugin's.
+        let text = text::escaped(text::truncate(&text, MAX_LOG_LINE));
+        let plugin = self.name();
+        let version = text::loggable(&self.plugin.version, text::MAX_QUOTED_NAME);
+        // A traced message's lines carry its trace and span, to find them from the trace.
+        let (trace_id, span_id) = match &self.trace {
+            Some(cx) => {
+                use opentelemetry::trace::TraceContextExt as _;
+                let context = cx.span().span_context().clone();
+                (
+                    Some(context.trace_id().to_string()),
+                    Some(context.span_id().to_string()),
+                )
+            }
+            None => (None, None),
+        };
+        macro_rules! emit {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "switchyard::plugin",
+                    $level,
+                    %plugin,
+                    %version,
+                    trace_id = trace_id.as_deref(),
+                    span_id = span_id.as_deref(),
+                    "{text}"
+                )
+            };
+        }
+        match level {
+            Level::Trace => emit!(TraceLevel::TRACE),
+            Level::Debug => emit!(TraceLevel::DEBUG),
+            Level::Info => emit!(TraceLevel::INFO),
+            Level::Warn => emit!(TraceLevel::WARN),
+            Level::Error => emit!(TraceLevel::ERROR),
+        }
+    }
+}
+
+/// What the plugin is told when an effect did not happen. The text tells the two ways a
+/// Redis effect fails apart: at once, because Redis is not connected or refused the command
+/// ("Redis unavailable: ..."), or by running out of the plugin's deadline while waiting
+/// ("no answer within the plugin's deadline ..."), so that a plugin (and its operator) can see
+/// that an outage failed fast rather than used up the call. A payload over the limit is
+/// `invalid` (sending it again fails again); a full outgoing queue names its setting.
+fn unavailable(error: EffectError) -> Error {
+    match error {
+        EffectError::PayloadTooLarge { .. } => Error::Invalid(error.to_string()),
+        EffectError::OutgoingFull { .. } => Error::Unavailable(error.to_string()),
+        // Texts that already name Redis (the fast path while a write has failed) are kept.
+        EffectError::Unavailable(why) if why.contains("Redis") => Error::Unavailable(why),
+        EffectError::Unavailable(why) => Error::Unavailable(format!("Redis unavailable: {why}")),
+        other => Error::Unavailable(other.to_string()),
+    }
+}
+
+fn list(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+impl HostState {
+    /// Starts the span of an effect (`operation` on `target`) of the message being handled,
+    /// when it is traced.
+    fn effect_span(
+        &self,
+        operation: &str,
+        target: &str,
+        kind: SpanKind,
+        size: usize,
+    ) -> Option<opentelemetry::Context> {
+        let parent = self.trace.as_ref()?;
+        let mut attributes = vec![
+            KeyValue::new("switchyard.plugin", self.plugin.name.as_str().to_owned()),
+            KeyValue::new("switchyard.effect", operation.to_owned()),
+        ];
+        match kind {
+            SpanKind::Producer => attributes.extend([
+                KeyValue::new("messaging.system", "redis"),
+                KeyValue::new("messaging.operation.type", "send"),
+                KeyValue::new("messaging.destination.name", target.to_owned()),
+                KeyValue::new("messaging.message.body.size", size as i64),
+            ]),
+            SpanKind::Client => {
+                attributes.push(KeyValue::new("switchyard.output", target.to_owned()))
+            }
+            _ => attributes.push(KeyValue::new("switchyard.keys", size as i64)),
+        }
+        self.plugin.effects.tracing().child(
+            parent,
+            format!("{operation} {target}"),
+            kind,
+            attributes,
+        )
+    }
+
+    /// `invalidate`, under the grants and the loop guard.
+    fn invalidate_keys(&mut self, keys: Vec<String>) -> Result<u32, Error> {
         let plugin = &self.plugin;
         if let Some(key) = keys
             .iter()
@@ -177,7 +328,13 @@ impl Host for HostState {
             .map_err(unavailable)
     }
 
-    fn call_output(&mut self, name: String, payload: Vec<u8>) -> Result<OutputReply, Error> {
+    /// `call-output`, under the grants; `trace` goes with an HTTP call as its headers.
+    fn call_named_output(
+        &mut self,
+        name: String,
+        payload: Vec<u8>,
+        trace: &[(String, String)],
+    ) -> Result<OutputReply, Error> {
         let plugin = &self.plugin;
         if !plugin.grants.may_call(&name) {
             return Err(self.deny(format!(
@@ -189,64 +346,22 @@ impl Host for HostState {
         }
         plugin
             .effects
-            .call_output(&plugin.name, &name, &payload, self.remaining())
+            .call_output(&plugin.name, &name, &payload, self.remaining(), trace)
             .map(|reply| OutputReply {
                 status: reply.status,
                 body: reply.body,
             })
             .map_err(unavailable)
     }
-
-    fn config(&mut self, key: String) -> Option<String> {
-        self.plugin.settings.get(&key).map(str::to_owned)
-    }
-
-    fn log(&mut self, level: Level, text: String) {
-        if !self.plugin.log_limit.admit() {
-            self.stats.record_log_dropped(&self.plugin.name);
-            return;
-        }
-        // Cut, then escaped: a line holds no newline or escape sequence of the plugin's.
-        let text = text::escaped(text::truncate(&text, MAX_LOG_LINE));
-        let plugin = self.name();
-        let version = text::loggable(&self.plugin.version, text::MAX_QUOTED_NAME);
-        macro_rules! emit {
-            ($level:expr) => {
-                tracing::event!(target: "switchyard::plugin", $level, %plugin, %version, "{text}")
-            };
-        }
-        match level {
-            Level::Trace => emit!(TraceLevel::TRACE),
-            Level::Debug => emit!(TraceLevel::DEBUG),
-            Level::Info => emit!(TraceLevel::INFO),
-            Level::Warn => emit!(TraceLevel::WARN),
-            Level::Error => emit!(TraceLevel::ERROR),
-        }
-    }
 }
 
-/// What the plugin is told when an effect did not happen. The text tells the two ways a
-/// Redis effect fails apart: at once, because Redis is not connected or refused the command
-/// ("Redis unavailable: ..."), or by running out of the plugin's deadline while waiting
-/// ("no answer within the plugin's deadline ..."), so that a plugin (and its operator) can see
-/// that an outage failed fast rather than used up the call. A payload over the limit is
-/// `invalid` (sending it again fails again); a full outgoing queue names its setting.
-fn unavailable(error: EffectError) -> Error {
-    match error {
-        EffectError::PayloadTooLarge { .. } => Error::Invalid(error.to_string()),
-        EffectError::OutgoingFull { .. } => Error::Unavailable(error.to_string()),
-        // Texts that already name Redis (the fast path while a write has failed) are kept.
-        EffectError::Unavailable(why) if why.contains("Redis") => Error::Unavailable(why),
-        EffectError::Unavailable(why) => Error::Unavailable(format!("Redis unavailable: {why}")),
-        other => Error::Unavailable(other.to_string()),
-    }
-}
-
-fn list(items: &[String]) -> String {
-    if items.is_empty() {
-        "none".to_owned()
-    } else {
-        items.join(", ")
+/// Ends an effect's span with its result: a refusal or failure is its error status.
+fn end_effect<T>(span: Option<opentelemetry::Context>, result: &Result<T, Error>) {
+    if let Some(span) = span {
+        match result {
+            Ok(_) => crate::trace::end(&span, Ok(())),
+            Err(error) => crate::trace::end(&span, Err(&render_error(error))),
+        }
     }
 }
 

@@ -78,10 +78,15 @@ impl Instance {
             })
     }
 
-    /// Calls the handler with one message. After a failure whose reason poisons the
-    /// instance, the instance must be dropped.
-    pub fn handle(&mut self, envelope: Envelope) -> Result<(), Failure> {
+    /// Calls the handler with one message, under the span `trace` if it is traced. After a
+    /// failure whose reason poisons the instance, the instance must be dropped.
+    pub fn handle(
+        &mut self,
+        envelope: Envelope,
+        trace: Option<opentelemetry::Context>,
+    ) -> Result<(), Failure> {
         self.arm();
+        self.store.data_mut().trace = trace;
         let result = match &self.bindings {
             Bindings::Switchyard(bindings) => {
                 let message = switchyard_message(envelope);

@@ -46,6 +46,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 
 use crate::PluginName;
 use crate::config::BreakerPolicy;
@@ -427,6 +428,44 @@ fn mark_parked(stats: &PluginStats, backoff: Duration) {
     stats.parked_until_ms.store(until, Ordering::Relaxed);
 }
 
+/// The consumer span of `envelope` for `version`, when the host traces: under the context
+/// the message carries, begun when it was read, with the messaging attributes.
+fn consumer_span(version: &LoadedPlugin, envelope: &Envelope) -> Option<opentelemetry::Context> {
+    let tracing = version.context.effects.tracing();
+    if !tracing.is_on() {
+        return None;
+    }
+    let fields = envelope.entry.as_ref().map_or(&[][..], |e| &e.fields[..]);
+    let parent = tracing.parent_of(fields, &envelope.payload);
+    let channel = String::from_utf8_lossy(&envelope.channel).into_owned();
+    let queue_wait = SystemTime::now()
+        .duration_since(envelope.received_at)
+        .unwrap_or_default();
+    let mut attributes = vec![
+        KeyValue::new("messaging.system", "redis"),
+        KeyValue::new("messaging.operation.type", "process"),
+        KeyValue::new("messaging.destination.name", channel.clone()),
+        KeyValue::new("messaging.message.body.size", envelope.payload.len() as i64),
+        KeyValue::new(
+            "switchyard.plugin",
+            version.context.name.as_str().to_owned(),
+        ),
+        KeyValue::new("switchyard.plugin.version", version.context.version.clone()),
+        KeyValue::new("switchyard.plugin.hash", version.context.hash.to_string()),
+        KeyValue::new("switchyard.subscription", envelope.subscription.to_string()),
+        KeyValue::new("switchyard.queue_wait_ms", queue_wait.as_secs_f64() * 1e3),
+    ];
+    if let Some(entry) = &envelope.entry {
+        attributes.push(KeyValue::new("messaging.message.id", entry.id.clone()));
+    }
+    tracing.consumer(
+        &parent,
+        format!("process {channel}"),
+        envelope.received_at,
+        attributes,
+    )
+}
+
 struct Worker {
     plugin: PluginName,
     current: Arc<ArcSwap<LoadedPlugin>>,
@@ -536,8 +575,21 @@ impl Worker {
             self.stats.record_failure(&self.plugin, &failure);
             return (Err(failure.message), now);
         };
-        let outcome = instance.handle(envelope);
+        let span = consumer_span(version, &envelope);
+        let outcome = instance.handle(envelope, span.clone());
         let finished = Instant::now();
+        if let Some(span) = span {
+            match &outcome {
+                Ok(()) => crate::trace::end(&span, Ok(())),
+                Err(failure) => {
+                    crate::trace::annotate(
+                        &span,
+                        vec![KeyValue::new("error.type", failure.reason.as_str())],
+                    );
+                    crate::trace::end(&span, Err(&failure.message));
+                }
+            }
+        }
         self.stats
             .handle_times
             .0

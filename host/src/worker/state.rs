@@ -78,6 +78,8 @@ pub struct HostState {
     /// Bytes held in host resources the plugin made (other hosts' worlds: messages, clients,
     /// connections), counted against its memory cap.
     held: usize,
+    /// The span of the message being handled, when traced: the parent of its effects' spans.
+    pub(crate) trace: Option<opentelemetry::Context>,
 }
 
 impl HostState {
@@ -92,6 +94,7 @@ impl HostState {
             wasi: sealed_wasi(),
             table: ResourceTable::new(),
             held: 0,
+            trace: None,
         }
     }
 

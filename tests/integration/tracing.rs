@@ -1,0 +1,197 @@
+//! Traces, exported to a real OTLP receiver that decodes the protocol: the consumer span of a
+//! message joins its publisher's trace, its effects are its children, a webhook receives the
+//! same trace, a failure is the span's error, and a receiver that is down costs spans only.
+
+use switchyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
+use switchyard_tests::webhook::Webhook;
+use switchyard_tests::{FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins};
+
+use crate::faults::stat;
+
+/// A publisher's context: trace and span ids it chose, sampled.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT_ID: &str = "00f067aa0ba902b7";
+
+fn tracing_config(receiver: &OtlpReceiver) -> String {
+    format!(
+        "[tracing]\notlp_endpoint = {:?}\nexport_interval_ms = 100\nservice_name = \"router-test\"\n",
+        receiver.endpoint()
+    )
+}
+
+fn named<'a>(spans: &'a [ReceivedSpan], prefix: &str) -> Option<&'a ReceivedSpan> {
+    spans.iter().find(|span| span.name.starts_with(prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_entry_s_trace_continues_through_the_plugin_to_its_publish_and_webhook()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let receiver = OtlpReceiver::start().await?;
+    let webhook = Webhook::start().await?;
+    let config = format!(
+        "{}\n[outputs.hook]\nkind = \"http\"\nurl = {:?}\n",
+        tracing_config(&receiver),
+        webhook.url("/hook")
+    );
+    let manifest = "[subscriptions]\nstreams = [\"orders\"]\n[grants]\npublish = \
+                    [\"probe-results\"]\noutputs = [\"hook\"]\n[config]\noutput = \"hook\"\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("probe", plugins::OUTPUT_PROBE, Some(manifest))],
+    )
+    .await?;
+    let mut results = Subscriber::new(&redis, &["probe-results"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    let entry: String = redis::cmd("XADD")
+        .arg("orders")
+        .arg("*")
+        .arg("traceparent")
+        .arg(format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .arg("payload")
+        .arg(r#"{"order":42}"#)
+        .query_async(&mut connection)
+        .await?;
+    results.take(1, PATIENCE).await?;
+
+    let spans = receiver
+        .wait_for_spans(
+            "the message's consumer span and its effects",
+            PATIENCE,
+            |spans| {
+                named(spans, "process orders").is_some()
+                    && named(spans, "call hook").is_some()
+                    && (named(spans, "publish probe-results").is_some()
+                        || named(spans, "send probe-results").is_some())
+            },
+        )
+        .await?;
+    let consumer = named(&spans, "process orders").expect("waited for");
+    assert_eq!(consumer.trace_id, TRACE_ID, "{consumer:?}");
+    assert_eq!(consumer.parent_span_id.as_deref(), Some(PARENT_ID));
+    assert_eq!(consumer.kind, "consumer");
+    assert_eq!(consumer.attributes["switchyard.plugin"], "probe");
+    assert_eq!(consumer.attributes["messaging.message.id"], entry);
+    assert_eq!(consumer.attributes["messaging.destination.name"], "orders");
+    assert_eq!(consumer.resource["service.name"], "router-test");
+    let call = named(&spans, "call hook").expect("waited for");
+    let publish = named(&spans, "publish probe-results")
+        .or_else(|| named(&spans, "send probe-results"))
+        .expect("waited for");
+    for child in [call, publish] {
+        assert_eq!(child.trace_id, TRACE_ID, "{child:?}");
+        assert_eq!(
+            child.parent_span_id.as_deref(),
+            Some(consumer.span_id.as_str())
+        );
+    }
+    assert_eq!(call.kind, "client");
+    assert_eq!(call.attributes["http.response.status_code"], "200");
+    assert_eq!(publish.kind, "producer");
+
+    // The webhook received the call's context: the same trace, the call's span as parent.
+    let request = webhook.requests().pop().expect("the webhook was called");
+    let traceparent = request
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(traceparent, format!("00-{TRACE_ID}-{}-01", call.span_id));
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_message_s_span_carries_the_error_and_a_payload_field_can_parent_it()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let receiver = OtlpReceiver::start().await?;
+    let config = format!(
+        "{}payload_field = \"traceparent\"\n",
+        tracing_config(&receiver)
+    );
+    let manifest = "[subscriptions]\npatterns = [\"fault:*\"]\n[grants]\npublish = [\"faults\"]\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("faulty", plugins::FAULTY, Some(manifest))],
+    )
+    .await?;
+    // Not JSON: a new trace. The fixture fails on `error`.
+    redis.publish("fault:x", "error").await?;
+    let spans = receiver
+        .wait_for_spans("the failed message's span", PATIENCE, |spans| {
+            named(spans, "process fault:x").is_some()
+        })
+        .await?;
+    let failed = named(&spans, "process fault:x").expect("waited for");
+    assert_eq!(failed.status_code, "error", "{failed:?}");
+    assert!(failed.status_message.contains("failed"), "{failed:?}");
+    assert_eq!(failed.attributes["error.type"], "error");
+    assert_eq!(failed.parent_span_id, None, "a new trace");
+    host.wait_plugin("faulty", "counting the failure", |p| stat(p, "failed") == 1)
+        .await?;
+
+    // A JSON payload's traceparent field parents the span (the fixture answers `ok` to
+    // anything it does not know).
+    redis
+        .publish(
+            "fault:json",
+            format!(r#"{{"traceparent":"00-{TRACE_ID}-{PARENT_ID}-01","order":1}}"#).as_str(),
+        )
+        .await?;
+    let spans = receiver
+        .wait_for_spans("the JSON message's span", PATIENCE, |spans| {
+            named(spans, "process fault:json").is_some()
+        })
+        .await?;
+    let joined = named(&spans, "process fault:json").expect("waited for");
+    assert_eq!(joined.trace_id, TRACE_ID);
+    assert_eq!(joined.parent_span_id.as_deref(), Some(PARENT_ID));
+    assert_eq!(joined.status_code, "unset");
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_is_down_costs_spans_not_messages() -> anyhow::Result<()> {
+    const MESSAGES: usize = 500;
+    let redis = RedisServer::start().await?;
+    let mut receiver = OtlpReceiver::start().await?;
+    let host = TestHost::start_configured(
+        &redis,
+        &tracing_config(&receiver),
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
+    receiver.stop().await;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis
+        .publish_all((0..MESSAGES).map(|i| ("fwd:x", i.to_string())))
+        .await?;
+    let got = out.take(MESSAGES, PATIENCE).await?;
+    assert_eq!(got.len(), MESSAGES, "every message forwarded");
+    let failed = switchyard_tests::eventually(PATIENCE, || async {
+        let value =
+            crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="failed"}"#)
+                .await?
+                .unwrap_or(0);
+        anyhow::ensure!(value > 0, "no failed export counted yet");
+        Ok(value)
+    })
+    .await?;
+    assert!(failed > 0);
+
+    // Back up: spans flow again.
+    receiver.restart().await?;
+    redis.publish("fwd:after", "1").await?;
+    receiver
+        .wait_for_spans("a span after the receiver came back", PATIENCE, |spans| {
+            named(spans, "process fwd:after").is_some()
+        })
+        .await?;
+    host.stop().await?;
+    Ok(())
+}
