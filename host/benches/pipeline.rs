@@ -8,7 +8,8 @@
 //!    sharing a consumer group, against a bare consumer), 10. gateway fan-out (1,000 WebSocket
 //!    clients on one channel, against a bare WebSocket fan-out relay), 11. a burst from
 //!    `redis-benchmark` against Switchyard as shipped, 12. the cost of a message in each world
-//!    Switchyard runs (its own and other hosts'), next to `forward`.
+//!    Switchyard runs (its own and other hosts'), next to `forward`, 13. what tracing costs
+//!    (off, on at ratio 0.01 and 1.0) against the relay.
 //!
 //! ```sh
 //! cargo bench -p switchyard --bench pipeline                      # everything, ~9 min on 2 cores
@@ -26,7 +27,7 @@
 //!
 //! - one module per section, named as in [`SECTIONS`]: `throughput`, `latency`, `fanout`,
 //!   `patterns`, `payload`, `hotswap`, `startup`, `memory`, `streams`, `gateway`, `burst`,
-//!   `worlds`;
+//!   `worlds`, `tracing`;
 //! - `bench`: what every section shares ([`Bench`]) and the runs most are made of;
 //! - `table`: the printed table and the numbers in its cells;
 //! - `harness`: the processes under test, the publisher and the receiver;
@@ -66,6 +67,8 @@ mod streams;
 mod table;
 #[path = "pipeline/throughput.rs"]
 mod throughput;
+#[path = "pipeline/tracing.rs"]
+mod tracing;
 #[path = "pipeline/websocket.rs"]
 mod websocket;
 #[path = "pipeline/worlds.rs"]
@@ -94,6 +97,7 @@ const SECTIONS: &[(u8, &str)] = &[
     (10, "gateway"),
     (11, "burst"),
     (12, "worlds"),
+    (13, "tracing"),
 ];
 
 /// Benchmarks Switchyard's whole pipeline against a bare relay.
@@ -104,8 +108,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
-    /// hotswap, startup, memory, streams, gateway, burst, worlds), comma-separated. Default:
-    /// all.
+    /// hotswap, startup, memory, streams, gateway, burst, worlds, tracing), comma-separated.
+    /// Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Messages per throughput run (overrides the mode's default).
@@ -319,6 +323,7 @@ impl Bench {
                 10 => self.gateway().await,
                 11 => self.bursts().await,
                 12 => self.worlds().await,
+                13 => self.tracing().await,
                 _ => Ok(()),
             }
             .with_context(|| format!("section {section}"))?;

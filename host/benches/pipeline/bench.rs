@@ -100,7 +100,21 @@ impl Bench {
         copies: u64,
         window: u64,
     ) -> anyhow::Result<HostRun> {
-        let host = Switchyard::start(url, &self.setup(plugins)).await?;
+        self.switchyard_run_with(url, &self.setup(plugins), count, size, copies, window)
+            .await
+    }
+
+    /// [`Bench::switchyard_run`] with the host set up as `setup` says.
+    pub(super) async fn switchyard_run_with(
+        &self,
+        url: &str,
+        setup: &HostSetup<'_>,
+        count: u64,
+        size: usize,
+        copies: u64,
+        window: u64,
+    ) -> anyhow::Result<HostRun> {
+        let host = Switchyard::start(url, setup).await?;
         let cpu = harness::cpu_time(host.pid())?;
         let transfer = harness::transfer(url, OUTPUT_PATTERN, count, size, copies, window).await;
         let cpu = harness::cpu_time(host.pid())? - cpu;
