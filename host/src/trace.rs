@@ -167,15 +167,13 @@ impl Tracing {
         received_at: SystemTime,
         attributes: Vec<KeyValue>,
     ) -> Option<Context> {
-        let active = self.active.as_ref()?;
-        let span = active
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Consumer)
-            .with_start_time(received_at)
-            .with_attributes(attributes)
-            .start_with_context(&active.tracer, parent);
-        Some(parent.with_span(span))
+        self.open(
+            parent,
+            name,
+            SpanKind::Consumer,
+            Some(received_at),
+            attributes,
+        )
     }
 
     /// Starts a child span of `parent` (a consumer span's context).
@@ -186,14 +184,28 @@ impl Tracing {
         kind: SpanKind,
         attributes: Vec<KeyValue>,
     ) -> Option<Context> {
+        self.open(parent, name, kind, None, attributes)
+    }
+
+    /// Starts a span of `kind` under `parent`, at `start` or now.
+    fn open(
+        &self,
+        parent: &Context,
+        name: String,
+        kind: SpanKind,
+        start: Option<SystemTime>,
+        attributes: Vec<KeyValue>,
+    ) -> Option<Context> {
         let active = self.active.as_ref()?;
-        let span = active
+        let mut builder = active
             .tracer
             .span_builder(name)
             .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(&active.tracer, parent);
-        Some(parent.with_span(span))
+            .with_attributes(attributes);
+        if let Some(start) = start {
+            builder = builder.with_start_time(start);
+        }
+        Some(parent.with_span(builder.start_with_context(&active.tracer, parent)))
     }
 
     /// Exports what is left, waiting at most a few seconds; tracing is over.

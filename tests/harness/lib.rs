@@ -382,6 +382,19 @@ pub fn copy_plugin(
     Ok(())
 }
 
+/// How many distinct numbers the payloads of `received` hold (those that are numbers):
+/// with [`RedisServer::publish_steadily`]'s traffic, the messages that came through at least
+/// once.
+pub fn distinct_numbers(received: &[Received]) -> usize {
+    let mut seen: Vec<usize> = received
+        .iter()
+        .filter_map(|m| m.payload_str().parse().ok())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
 /// Reads a built plugin.
 pub fn read_plugin(path: &str) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("cannot read plugin {path}: {e}"))

@@ -263,6 +263,31 @@ impl RedisServer {
             .with_context(|| format!("PUBLISH to redis-server on port {}", self.port))
     }
 
+    /// Publishes `0`, `1`, ... `count - 1` as text on `channel` from a task of its own, one
+    /// at a time with a short pause every hundred: steady traffic while a test changes the
+    /// host. The task ends with the last publish; await it to know they were all sent.
+    pub async fn publish_steadily(
+        &self,
+        channel: &str,
+        count: usize,
+    ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+        let mut connection = self.connection().await?;
+        let channel = channel.to_owned();
+        Ok(tokio::spawn(async move {
+            for i in 0..count {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(i.to_string())
+                    .query_async::<i64>(&mut connection)
+                    .await?;
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            anyhow::Ok(())
+        }))
+    }
+
     /// Publishes every `(channel, payload)` in order, as one pipeline: they reach the server
     /// back to back, faster than any plugin handles them.
     pub async fn publish_all<C, P>(

@@ -71,6 +71,21 @@ fn mount<'a>(container: &'a Yaml, name: &str) -> anyhow::Result<&'a Yaml> {
         .ok_or_else(|| anyhow::anyhow!("no {name} volume mount"))
 }
 
+/// The file a container's `--config` argument names.
+fn config_arg(container: &Yaml) -> anyhow::Result<&Path> {
+    let args: Vec<&str> = container["args"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(Yaml::as_str)
+        .collect();
+    args.iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .map(|path| Path::new(*path))
+        .ok_or_else(|| anyhow::anyhow!("no --config in the container's args"))
+}
+
 /// The pod's volume named `name`.
 fn volume<'a>(pod: &'a Yaml, name: &str) -> anyhow::Result<&'a Yaml> {
     pod["volumes"]
@@ -381,18 +396,7 @@ fn kubernetes_workers_share_one_consumer_group() -> anyhow::Result<()> {
 
     // The configuration file the container names is switchyard.toml, from the ConfigMap the
     // kustomization generates, mounted where --config looks.
-    let args: Vec<&str> = container["args"]
-        .as_vec()
-        .into_iter()
-        .flatten()
-        .filter_map(Yaml::as_str)
-        .collect();
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .map(Path::new)
-        .ok_or_else(|| anyhow::anyhow!("no --config in the container's args"))?;
+    let config_path = config_arg(container)?;
     assert_eq!(
         config_path.file_name().and_then(|n| n.to_str()),
         Some("switchyard.toml")
@@ -554,18 +558,7 @@ fn kubernetes_registry_sidecar_pulls_signed_plugins_into_a_writable_folder() -> 
             .ok_or_else(|| anyhow::anyhow!("nothing mounted at {}", path.display()))?;
         volume(pod, found["name"].as_str().unwrap_or_default())
     };
-    let args: Vec<&str> = container["args"]
-        .as_vec()
-        .into_iter()
-        .flatten()
-        .filter_map(Yaml::as_str)
-        .collect();
-    let config_path = args
-        .iter()
-        .position(|a| *a == "--config")
-        .and_then(|i| args.get(i + 1))
-        .map(Path::new)
-        .ok_or_else(|| anyhow::anyhow!("no --config in the container's args"))?;
+    let config_path = config_arg(container)?;
     let config_map = mounted_from(config_path)?["configMap"]["name"]
         .as_str()
         .unwrap_or_default()

@@ -9,8 +9,8 @@ use switchyard::oci::PluginRef;
 use switchyard::oci::commands::{self, Access};
 use switchyard_tests::registry::{RegistryServer, SigningKey};
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins, read_plugin, rebuilt,
-    switchyard_binary,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, distinct_numbers, plugins,
+    read_plugin, rebuilt, switchyard_binary,
 };
 
 use crate::faults::stat;
@@ -116,22 +116,7 @@ async fn a_host_follows_a_moved_tag_under_traffic_without_losing_a_message() -> 
     assert_eq!(entry["source"]["reference"], reference.as_str(), "{entry}");
 
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    let publisher = {
-        let mut connection = redis.connection().await?;
-        tokio::spawn(async move {
-            for i in 0..MESSAGES {
-                redis::cmd("PUBLISH")
-                    .arg("fwd:x")
-                    .arg(i.to_string())
-                    .query_async::<i64>(&mut connection)
-                    .await?;
-                if i % 100 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            anyhow::Ok(())
-        })
-    };
+    let publisher = redis.publish_steadily("fwd:x", MESSAGES).await?;
     let moved = push(
         work.path(),
         &rebuilt(&read_plugin(plugins::FORWARD), "v2"),
@@ -151,13 +136,11 @@ async fn a_host_follows_a_moved_tag_under_traffic_without_losing_a_message() -> 
     );
     publisher.await??;
     let got = out.take_flowing(MESSAGES, PATIENCE).await?;
-    let mut seen: Vec<usize> = got
-        .iter()
-        .filter_map(|m| m.payload_str().parse().ok())
-        .collect();
-    seen.sort_unstable();
-    seen.dedup();
-    assert_eq!(seen.len(), MESSAGES, "every message forwarded once");
+    assert_eq!(
+        distinct_numbers(&got),
+        MESSAGES,
+        "every message forwarded once"
+    );
     host.stop().await?;
     Ok(())
 }

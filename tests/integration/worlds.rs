@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins, read_plugin,
-    switchyard_binary,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, distinct_numbers, plugins,
+    read_plugin, switchyard_binary,
 };
 
 use crate::faults::stat;
@@ -190,22 +190,7 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
     let host =
         TestHost::start(&redis, &[("fwd", plugins::FORWARD, Some(FORWARD_MANIFEST))]).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    let publisher = {
-        let mut connection = redis.connection().await?;
-        tokio::spawn(async move {
-            for i in 0..MESSAGES {
-                redis::cmd("PUBLISH")
-                    .arg("fwd:x")
-                    .arg(i.to_string())
-                    .query_async::<i64>(&mut connection)
-                    .await?;
-                if i % 100 == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            anyhow::Ok(())
-        })
-    };
+    let publisher = redis.publish_steadily("fwd:x", MESSAGES).await?;
     // forward → each foreign handler → forward again, while the publisher runs.
     let mut swaps: Vec<(&str, Vec<u8>, String)> = CASES
         .iter()
@@ -230,13 +215,11 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
     }
     publisher.await??;
     let got = out.take_flowing(MESSAGES, PATIENCE).await?;
-    let mut seen: Vec<usize> = got
-        .iter()
-        .filter_map(|m| m.payload_str().parse().ok())
-        .collect();
-    seen.sort_unstable();
-    seen.dedup();
-    assert_eq!(seen.len(), MESSAGES, "every message forwarded once");
+    assert_eq!(
+        distinct_numbers(&got),
+        MESSAGES,
+        "every message forwarded once"
+    );
     host.stop().await?;
     Ok(())
 }

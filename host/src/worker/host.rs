@@ -7,6 +7,9 @@
 //! Names the plugin supplies (channels, keys, outputs) appear in refusals and logs bounded
 //! and escaped ([`text`]), and so do its `log` lines, its name and its version.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use tracing::Level as TraceLevel;
@@ -15,8 +18,10 @@ use super::bindings::switchyard::plugin::host::Host;
 use super::bindings::switchyard::plugin::types::{self, Error, Level, OutputReply};
 use super::state::HostState;
 
-use crate::effects::EffectError;
+use crate::PluginName;
 use crate::effects::loop_guard::{Feedback, LOOP_RATE_PER_SEC};
+use crate::effects::{EffectError, Effects};
+use crate::stats::PluginStats;
 use crate::text::{self, quoted};
 
 /// Longest `log` line kept; the rest is cut, so a plugin cannot flood the host's log with one
@@ -114,41 +119,11 @@ impl HostState {
 
 impl Host for HostState {
     fn publish(&mut self, channel: String, payload: Vec<u8>) -> Result<u32, Error> {
-        let span = self.effect_span("publish", &channel, SpanKind::Producer, payload.len());
-        let result = self.check_publish(&channel).and_then(|()| {
-            let plugin = &self.plugin;
-            plugin
-                .effects
-                .publish(
-                    &plugin.name,
-                    &self.stats,
-                    channel.into_bytes(),
-                    payload,
-                    self.call_deadline,
-                )
-                .map_err(|error| self.refused(error))
-        });
-        end_effect(span, &result);
-        result
+        self.out_on_channel("publish", channel, payload, Effects::publish)
     }
 
     fn send(&mut self, channel: String, payload: Vec<u8>) -> Result<(), Error> {
-        let span = self.effect_span("send", &channel, SpanKind::Producer, payload.len());
-        let result = self.check_publish(&channel).and_then(|()| {
-            let plugin = &self.plugin;
-            plugin
-                .effects
-                .send(
-                    &plugin.name,
-                    &self.stats,
-                    channel.into_bytes(),
-                    payload,
-                    self.call_deadline,
-                )
-                .map_err(|error| self.refused(error))
-        });
-        end_effect(span, &result);
-        result
+        self.out_on_channel("send", channel, payload, Effects::send)
     }
 
     fn invalidate(&mut self, keys: Vec<String>) -> Result<u32, Error> {
@@ -289,6 +264,39 @@ impl HostState {
             kind,
             attributes,
         )
+    }
+
+    /// `publish` or `send` (`operation`, done by `effect`) of `payload` on `channel`, under
+    /// the grants and the loop guard, in a span when the message is traced.
+    fn out_on_channel<T>(
+        &mut self,
+        operation: &str,
+        channel: String,
+        payload: Vec<u8>,
+        effect: impl FnOnce(
+            &Effects,
+            &PluginName,
+            &Arc<PluginStats>,
+            Vec<u8>,
+            Vec<u8>,
+            Instant,
+        ) -> Result<T, EffectError>,
+    ) -> Result<T, Error> {
+        let span = self.effect_span(operation, &channel, SpanKind::Producer, payload.len());
+        let result = self.check_publish(&channel).and_then(|()| {
+            let plugin = &self.plugin;
+            effect(
+                &plugin.effects,
+                &plugin.name,
+                &self.stats,
+                channel.into_bytes(),
+                payload,
+                self.call_deadline,
+            )
+            .map_err(|error| self.refused(error))
+        });
+        end_effect(span, &result);
+        result
     }
 
     /// `invalidate`, under the grants and the loop guard.
