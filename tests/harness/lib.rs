@@ -382,6 +382,20 @@ pub fn copy_plugin(
     Ok(())
 }
 
+/// Waits for `publisher` ([`RedisServer::publish_steadily`] of `count` messages) to finish,
+/// then for each of its messages to arrive on `out`: fails naming how many did.
+pub async fn assert_each_arrived(
+    out: &mut Subscriber,
+    publisher: tokio::task::JoinHandle<anyhow::Result<()>>,
+    count: usize,
+) -> anyhow::Result<()> {
+    publisher.await??;
+    let got = out.take_flowing(count, PATIENCE).await?;
+    let arrived = distinct_numbers(&got);
+    anyhow::ensure!(arrived == count, "{arrived} of {count} messages arrived");
+    Ok(())
+}
+
 /// How many distinct numbers the payloads of `received` hold (those that are numbers):
 /// with [`RedisServer::publish_steadily`]'s traffic, the messages that came through at least
 /// once.

@@ -9,7 +9,7 @@ use switchyard::oci::PluginRef;
 use switchyard::oci::commands::{self, Access};
 use switchyard_tests::registry::{RegistryServer, SigningKey};
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, distinct_numbers, plugins,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_each_arrived, plugins,
     read_plugin, rebuilt, switchyard_binary,
 };
 
@@ -134,13 +134,7 @@ async fn a_host_follows_a_moved_tag_under_traffic_without_losing_a_message() -> 
         took < Duration::from_secs(1) + PATIENCE / 2,
         "swapped {took:?} after the tag moved, with poll_s = 1"
     );
-    publisher.await??;
-    let got = out.take_flowing(MESSAGES, PATIENCE).await?;
-    assert_eq!(
-        distinct_numbers(&got),
-        MESSAGES,
-        "every message forwarded once"
-    );
+    assert_each_arrived(&mut out, publisher, MESSAGES).await?;
     host.stop().await?;
     Ok(())
 }

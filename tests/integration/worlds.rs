@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, distinct_numbers, plugins,
+    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_each_arrived, plugins,
     read_plugin, switchyard_binary,
 };
 
@@ -213,13 +213,7 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
         })
         .await?;
     }
-    publisher.await??;
-    let got = out.take_flowing(MESSAGES, PATIENCE).await?;
-    assert_eq!(
-        distinct_numbers(&got),
-        MESSAGES,
-        "every message forwarded once"
-    );
+    assert_each_arrived(&mut out, publisher, MESSAGES).await?;
     host.stop().await?;
     Ok(())
 }
