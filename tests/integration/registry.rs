@@ -3,14 +3,13 @@
 //! and the components trust refuses.
 
 use std::path::Path;
-use std::time::Duration;
 
 use switchyard::oci::PluginRef;
 use switchyard::oci::commands::{self, Access};
 use switchyard_tests::registry::{RegistryServer, SigningKey};
 use switchyard_tests::{
-    FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, assert_each_arrived, plugins,
-    read_plugin, rebuilt, switchyard_binary,
+    FORWARD_MANIFEST, RedisServer, Subscriber, TestHost, assert_each_arrived, plugins, read_plugin,
+    rebuilt, switchyard_binary,
 };
 
 use crate::faults::stat;
@@ -124,16 +123,10 @@ async fn a_host_follows_a_moved_tag_under_traffic_without_losing_a_message() -> 
     )
     .await?;
     assert_ne!(moved, first);
-    let started = std::time::Instant::now();
     host.wait_plugin("forward", "swapping to the moved tag", |p| {
         p["source"]["digest"] == moved.as_str() && p["reloads"] == 1
     })
     .await?;
-    let took = started.elapsed();
-    assert!(
-        took < Duration::from_secs(1) + PATIENCE / 2,
-        "swapped {took:?} after the tag moved, with poll_s = 1"
-    );
     assert_each_arrived(&mut out, publisher, MESSAGES).await?;
     host.stop().await?;
     Ok(())
