@@ -67,13 +67,12 @@ impl Tracing {
             return Ok(Self::off());
         };
         crate::crypto::install_crypto_provider();
-        use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+        use opentelemetry_otlp::WithExportConfig as _;
         let exporter = match settings.protocol {
             OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
                 .with_timeout(EXPORT_TIMEOUT)
-                .with_headers(HashMap::new())
                 .build()?,
             OtlpProtocol::Grpc => anyhow::bail!(
                 "tracing.protocol = \"grpc\" is not available in this build: use \

@@ -110,14 +110,7 @@ impl Artifact {
 
 /// `sha256:HEX` of `bytes`, as OCI names blobs.
 pub fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    let hash = sha2::Sha256::digest(bytes);
-    let mut text = String::with_capacity(71);
-    text.push_str("sha256:");
-    for byte in hash {
-        text.push_str(&format!("{byte:02x}"));
-    }
-    text
+    super::trust::Digest::of_bytes(bytes).to_string()
 }
 
 /// The artifact's creation time: `SOURCE_DATE_EPOCH` (reproducible builds' convention) or

@@ -25,7 +25,7 @@ pub fn install(dir: &Path, name: &str, artifact: &Artifact) -> io::Result<PathBu
 }
 
 /// Replaces `path` (in `dir`) with `bytes` through a synced dotfile and a rename.
-fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

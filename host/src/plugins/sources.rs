@@ -420,23 +420,26 @@ impl Cache {
                 })
                 .collect(),
         };
-        write(
+        oci::folder::replace(
             &self.dir,
             &entry.with_extension("wasm"),
             &pulled.artifact.wasm,
-        )?;
-        write(
+        )
+        .context("writing a cached component")?;
+        oci::folder::replace(
             &self.dir,
             &entry.with_extension("json"),
             &serde_json::to_vec(&record)?,
-        )?;
+        )
+        .context("writing a cached component's record")?;
         let mut last = self.index();
         last.insert(reference.to_string(), pulled.digest.clone());
-        write(
+        oci::folder::replace(
             &self.dir,
             &self.dir.join("references.json"),
             &serde_json::to_vec(&last)?,
         )
+        .context("writing the cache's index")
     }
 
     /// The digest `reference` pointed at when last installed.
@@ -450,16 +453,4 @@ impl Cache {
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default()
     }
-}
-
-/// Writes `path` through a dotfile in `dir` and a rename.
-fn write(dir: &Path, path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let staging = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    std::fs::write(&staging, bytes).with_context(|| format!("writing {}", staging.display()))?;
-    std::fs::rename(&staging, path).with_context(|| format!("renaming to {}", path.display()))
 }
