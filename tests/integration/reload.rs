@@ -138,6 +138,16 @@ async fn added_plugin_starts_receiving_without_restart() -> anyhow::Result<()> {
     )?;
     host.wait_plugin("forward", "running", |p| p["state"] == "running")
         .await?;
+    // The host subscribes for the new plugin just after it reports running;
+    // `fwded:*` above is the other pattern.
+    eventually(PATIENCE, || async {
+        anyhow::ensure!(
+            redis.pubsub_numpat().await? == 2,
+            "fwd:* not subscribed yet"
+        );
+        Ok(())
+    })
+    .await?;
     redis.publish("fwd:late", "y").await?;
     let got = out.take(1, PATIENCE).await?;
     assert_eq!(got[0].channel_str(), "fwded:late");
