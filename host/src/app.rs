@@ -190,6 +190,7 @@ impl Host {
             }
             Broker::Redis(_) | Broker::Embedded(_) => None,
         };
+        let tracing = Arc::new(Tracing::start(&config.tracing.settings()).context("[tracing]")?);
         let stop_source = CancellationToken::new();
         let mut tasks = Vec::new();
         let gateway_source = match &broker {
@@ -217,7 +218,8 @@ impl Host {
                     StreamBackend::Cluster(Arc::new(client)),
                     stop_source.clone(),
                 )
-                .with_max_entry_bytes(config.plugins.max_payload_bytes);
+                .with_max_entry_bytes(config.plugins.max_payload_bytes)
+                .with_tracing(tracing.clone());
                 (
                     Source::Cluster(source, Arc::new(streams)),
                     Publisher::Cluster(publisher),
@@ -250,7 +252,8 @@ impl Host {
                     StreamBackend::Single(Arc::new(client)),
                     stop_source.clone(),
                 )
-                .with_max_entry_bytes(config.plugins.max_payload_bytes);
+                .with_max_entry_bytes(config.plugins.max_payload_bytes)
+                .with_tracing(tracing.clone());
                 (
                     Source::Redis(source, Arc::new(streams)),
                     Publisher::Redis(publisher),
@@ -278,9 +281,7 @@ impl Host {
         .with_limits(EffectLimits::from_config(config))
         .with_sharded(ShardedChannels::new(&config.redis.sharded_channels))
         .with_own_redis(config.redis.url.expose())
-        .with_tracing(Arc::new(
-            Tracing::start(&config.tracing.settings()).context("[tracing]")?,
-        ));
+        .with_tracing(tracing);
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),

@@ -36,6 +36,9 @@ pub(crate) enum Outcome {
     Oversize(String),
 }
 
+/// An entry's outcome, and the consumer span it was handled in when traced.
+pub(crate) type Settled = (Outcome, Option<opentelemetry::Context>);
+
 /// Reports an entry's outcome to its reader exactly once: when finished, or when dropped
 /// unfinished (the entry was not handled).
 #[derive(Debug, Default)]
@@ -56,8 +59,14 @@ impl Ticket {
         std::mem::take(self)
     }
 
-    /// Reports how `handle` went, by `version`.
-    pub fn finish(mut self, result: Result<(), String>, version: &ContentHash) {
+    /// Reports how `handle` went, by `version`, in the consumer span `trace` if traced:
+    /// what the reader does next with the entry (acknowledge, retry, dead-letter) joins it.
+    pub fn finish(
+        mut self,
+        result: Result<(), String>,
+        version: &ContentHash,
+        trace: Option<opentelemetry::Context>,
+    ) {
         if let Some((index, tally)) = self.report.take() {
             let outcome = match result {
                 Ok(()) => Outcome::Handled,
@@ -66,7 +75,7 @@ impl Ticket {
                     version: *version,
                 },
             };
-            tally.report(index, outcome);
+            tally.report_traced(index, outcome, trace);
         }
     }
 }
@@ -84,8 +93,8 @@ impl Drop for Ticket {
 /// task from a worker thread is a cross-thread hand-off.
 #[derive(Debug)]
 pub(crate) struct Tally {
-    /// By the entry's index in its batch.
-    outcomes: Mutex<Vec<Option<Outcome>>>,
+    /// By the entry's index in its batch, with the entry's consumer span when traced.
+    outcomes: Mutex<Vec<Option<Settled>>>,
     /// Tickets that have not reported yet.
     open: AtomicUsize,
     settled: Notify,
@@ -101,13 +110,17 @@ impl Tally {
     }
 
     pub(crate) fn report(&self, index: usize, outcome: Outcome) {
+        self.report_traced(index, outcome, None);
+    }
+
+    fn report_traced(&self, index: usize, outcome: Outcome, trace: Option<opentelemetry::Context>) {
         if let Some(slot) = self
             .outcomes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get_mut(index)
         {
-            *slot = Some(outcome);
+            *slot = Some((outcome, trace));
         }
         if self.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Keeps a permit if the reader is not waiting yet.
@@ -117,13 +130,13 @@ impl Tally {
 
     /// Waits until every ticket has reported (each does, when finished or dropped), then
     /// gives the outcomes in entry order.
-    pub(crate) async fn settled(&self) -> Vec<Outcome> {
+    pub(crate) async fn settled(&self) -> Vec<Settled> {
         while self.open.load(Ordering::Acquire) > 0 {
             self.settled.notified().await;
         }
         std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()))
             .into_iter()
-            .map(|outcome| outcome.unwrap_or(Outcome::Skipped))
+            .map(|settled| settled.unwrap_or((Outcome::Skipped, None)))
             .collect()
     }
 }
@@ -149,8 +162,11 @@ mod tests {
     fn a_dropped_ticket_reports_the_entry_skipped() {
         let tally = Arc::new(Tally::new(2));
         drop(Ticket::new(0, tally.clone()));
-        Ticket::new(1, tally.clone()).finish(Ok(()), &ContentHash::of(b""));
-        let outcomes = futures::executor::block_on(tally.settled());
+        Ticket::new(1, tally.clone()).finish(Ok(()), &ContentHash::of(b""), None);
+        let outcomes: Vec<Outcome> = futures::executor::block_on(tally.settled())
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect();
         assert!(matches!(
             outcomes.as_slice(),
             [Outcome::Skipped, Outcome::Handled]
@@ -168,11 +184,18 @@ mod tests {
         // Out of order, as workers of a plugin with concurrency > 1 finish them.
         tickets
             .remove(2)
-            .finish(Err("no".into()), &ContentHash::of(b""));
-        tickets.remove(0).finish(Ok(()), &ContentHash::of(b""));
+            .finish(Err("no".into()), &ContentHash::of(b""), None);
+        tickets
+            .remove(0)
+            .finish(Ok(()), &ContentHash::of(b""), None);
         assert!(settled.as_mut().now_or_never().is_none(), "one still open");
         drop(tickets);
-        let outcomes = settled.now_or_never().expect("every ticket reported");
+        let outcomes: Vec<Outcome> = settled
+            .now_or_never()
+            .expect("every ticket reported")
+            .into_iter()
+            .map(|(outcome, _)| outcome)
+            .collect();
         assert!(matches!(
             outcomes.as_slice(),
             [Outcome::Handled, Outcome::Skipped, Outcome::Failed { .. }]

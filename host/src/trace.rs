@@ -21,7 +21,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanExporter,
+    SpanExporter, SpanProcessor,
 };
 
 use crate::config::{OtlpProtocol, TracingSettings};
@@ -32,6 +32,10 @@ pub const CONTEXT_FIELDS: [&str; 2] = ["traceparent", "tracestate"];
 /// How long the exporter may take over one batch before it counts as failed.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Finished spans waiting for the exporter, at most; more are dropped (and counted) until
+/// it catches up. The SDK's default: a second of a few thousand traced messages.
+pub const QUEUE_SPANS: usize = 2048;
+
 /// Spans by what became of them.
 #[derive(Debug, Default)]
 pub struct SpanCounts {
@@ -39,6 +43,19 @@ pub struct SpanCounts {
     pub exported: AtomicU64,
     /// Handed to the collector and refused, or not answered (down, timeout).
     pub failed: AtomicU64,
+    /// Not handed to the collector: the queue was full (the collector slower than the
+    /// traffic, or away).
+    pub dropped: AtomicU64,
+    /// Queued for the exporter, ever.
+    queued: AtomicU64,
+}
+
+impl SpanCounts {
+    /// Spans queued and not yet exported or failed.
+    fn waiting(&self) -> u64 {
+        let done = self.exported.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed);
+        self.queued.load(Ordering::Relaxed).saturating_sub(done)
+    }
 }
 
 /// A host's tracing: off, or a tracer exporting to a collector.
@@ -52,6 +69,8 @@ struct Active {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     payload_field: Option<String>,
+    /// Whether `payload_field` is written into JSON payloads going out.
+    write_payload_field: bool,
     counts: Arc<SpanCounts>,
 }
 
@@ -89,16 +108,19 @@ impl Tracing {
         for (key, value) in &settings.resource {
             resource = resource.with_attribute(KeyValue::new(key.clone(), value.clone()));
         }
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(
-                BatchSpanProcessor::builder(exporter)
-                    .with_batch_config(
-                        BatchConfigBuilder::default()
-                            .with_scheduled_delay(settings.export_interval)
-                            .build(),
-                    )
+        let batches = BatchSpanProcessor::builder(exporter)
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(QUEUE_SPANS)
+                    .with_scheduled_delay(settings.export_interval)
                     .build(),
             )
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(Bounded {
+                inner: batches,
+                counts: counts.clone(),
+            })
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                 settings.sample_ratio,
             ))))
@@ -111,6 +133,7 @@ impl Tracing {
                 provider,
                 tracer,
                 payload_field: settings.payload_field.clone(),
+                write_payload_field: settings.write_payload_field,
                 counts,
             }),
         })
@@ -121,7 +144,7 @@ impl Tracing {
         self.active.is_some()
     }
 
-    /// Spans exported and failed so far; `None` when off.
+    /// Spans exported, failed and dropped so far; `None` when off.
     pub fn counts(&self) -> Option<&SpanCounts> {
         self.active.as_ref().map(|a| a.counts.as_ref())
     }
@@ -157,54 +180,115 @@ impl Tracing {
         TraceContextPropagator::new().extract(&carrier)
     }
 
-    /// Starts the consumer span of a message handled by `plugin`, under `parent`, begun when
-    /// the message was read (`received_at`): its queue wait is inside it.
+    /// `payload` as it goes out in the span `cx`: when `tracing.write_payload_field` is on
+    /// and it is a JSON object, with the payload field (and `tracestate`) set to `cx`'s
+    /// context, its other members kept in their order and spelling. Anything else goes out
+    /// untouched.
+    pub fn stamp(&self, cx: &Context, payload: Vec<u8>) -> Vec<u8> {
+        let Some(active) = &self.active else {
+            return payload;
+        };
+        let Some(field) = active
+            .payload_field
+            .as_deref()
+            .filter(|_| active.write_payload_field)
+        else {
+            return payload;
+        };
+        if payload.trim_ascii_start().first() != Some(&b'{') {
+            return payload;
+        }
+        let carrier = carrier_of(cx);
+        let context: Vec<(&str, &str)> = carrier
+            .iter()
+            .map(|(name, value)| {
+                let name = if name == "traceparent" {
+                    field
+                } else {
+                    name.as_str()
+                };
+                (name, value.as_str())
+            })
+            .collect();
+        with_members(&payload, &context).unwrap_or(payload)
+    }
+
+    /// Starts the consumer span of a message, under `parent`, begun when the message was
+    /// read (`received_at`): its queue wait is inside it. `details` (the span's name and
+    /// attributes) is called only when the span is sampled.
     pub fn consumer(
         &self,
         parent: &Context,
-        name: String,
         received_at: SystemTime,
-        attributes: Vec<KeyValue>,
+        details: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> Option<Context> {
         self.open(
             parent,
-            name,
             SpanKind::Consumer,
             Some(received_at),
-            attributes,
+            Vec::new(),
+            details,
         )
     }
 
-    /// Starts a child span of `parent` (a consumer span's context).
+    /// Starts a child span of `parent` (a consumer span's context); `details` as for
+    /// [`consumer`](Self::consumer).
     pub fn child(
         &self,
         parent: &Context,
-        name: String,
         kind: SpanKind,
-        attributes: Vec<KeyValue>,
+        details: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> Option<Context> {
-        self.open(parent, name, kind, None, attributes)
+        self.open(parent, kind, None, Vec::new(), details)
     }
 
-    /// Starts a span of `kind` under `parent`, at `start` or now.
+    /// Starts a span of `kind` begun at `start`, under `parent` (or a new trace when it holds
+    /// none), linked to the spans of `links`: for work done for many messages at once, as a
+    /// stream read. `details` as for [`consumer`](Self::consumer).
+    pub fn since(
+        &self,
+        parent: &Context,
+        kind: SpanKind,
+        start: SystemTime,
+        links: &[Context],
+        details: impl FnOnce() -> (String, Vec<KeyValue>),
+    ) -> Option<Context> {
+        let links = links
+            .iter()
+            .map(|cx| cx.span().span_context().clone())
+            .filter(|span| span.is_valid())
+            .map(opentelemetry::trace::Link::with_context)
+            .collect();
+        self.open(parent, kind, Some(start), links, details)
+    }
+
+    /// Starts a span of `kind` under `parent`, at `start` or now. The sampler decides before
+    /// the name and attributes are built: a span left out costs its ids and nothing else,
+    /// and still carries the trace onwards (unsampled) to what it calls.
     fn open(
         &self,
         parent: &Context,
-        name: String,
         kind: SpanKind,
         start: Option<SystemTime>,
-        attributes: Vec<KeyValue>,
+        links: Vec<opentelemetry::trace::Link>,
+        details: impl FnOnce() -> (String, Vec<KeyValue>),
     ) -> Option<Context> {
+        use opentelemetry::trace::Span as _;
         let active = self.active.as_ref()?;
-        let mut builder = active
-            .tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes);
+        let mut builder = active.tracer.span_builder("").with_kind(kind);
+        if !links.is_empty() {
+            builder = builder.with_links(links);
+        }
         if let Some(start) = start {
             builder = builder.with_start_time(start);
         }
-        Some(parent.with_span(builder.start_with_context(&active.tracer, parent)))
+        let mut span = builder.start_with_context(&active.tracer, parent);
+        if span.is_recording() {
+            let (name, attributes) = details();
+            span.update_name(name);
+            span.set_attributes(attributes);
+        }
+        Some(parent.with_span(span))
     }
 
     /// Exports what is left, waiting at most a few seconds; tracing is over.
@@ -215,6 +299,15 @@ impl Tracing {
             tracing::warn!("the last spans were not exported: {error}");
         }
     }
+}
+
+/// Where a callee adds its spans: under `cx`, recorded by `tracing`.
+#[derive(Debug, Clone, Copy)]
+pub struct Under<'a> {
+    /// The host's tracing.
+    pub tracing: &'a Tracing,
+    /// The parent span's context.
+    pub cx: &'a Context,
 }
 
 /// Ends the span of `cx` with `outcome`: an error's text becomes its status.
@@ -231,17 +324,115 @@ pub fn annotate(cx: &Context, attributes: Vec<KeyValue>) {
     cx.span().set_attributes(attributes);
 }
 
-/// The `traceparent` and `tracestate` of `cx`, as headers or stream entry fields; empty when
-/// `cx` holds no sampled span.
+/// The `traceparent` and `tracestate` of `cx`, as headers, stream entry fields or payload
+/// members; a `tracestate` only when it holds something, nothing when `cx` holds no valid
+/// span (an unsampled one is valid: it passes the decision on).
 pub fn carrier_of(cx: &Context) -> Vec<(String, String)> {
     if !cx.span().span_context().is_valid() {
         return Vec::new();
     }
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(cx, &mut carrier);
-    let mut pairs: Vec<(String, String)> = carrier.into_iter().collect();
+    let mut pairs: Vec<(String, String)> = carrier
+        .into_iter()
+        .filter(|(_, value)| !value.is_empty())
+        .collect();
     pairs.sort();
     pairs
+}
+
+/// The batch processor, with its queue bounded here so that what it would drop is counted:
+/// a span finished while [`QUEUE_SPANS`] wait is dropped before it reaches the queue.
+#[derive(Debug)]
+struct Bounded<P> {
+    inner: P,
+    counts: Arc<SpanCounts>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.counts.waiting() >= QUEUE_SPANS as u64 {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.counts.queued.fetch_add(1, Ordering::Relaxed);
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The JSON object `payload` with the string members `set` in place of any of the same
+/// name (added at the end when absent), its other members kept in their order and their
+/// values byte for byte; `None` when `payload` is not a JSON object.
+fn with_members(payload: &[u8], set: &[(&str, &str)]) -> Option<Vec<u8>> {
+    use serde_json::value::RawValue;
+    let members: Members<'_> = serde_json::from_slice(payload).ok()?;
+    let mut out = Vec::with_capacity(payload.len() + 128);
+    out.push(b'{');
+    let kept = members
+        .0
+        .iter()
+        .filter(|(name, _)| !set.iter().any(|(key, _)| key == name))
+        .map(|(name, value)| (serde_json::to_string(name), value.get().to_owned()));
+    let added = set.iter().map(|(name, value)| {
+        (
+            serde_json::to_string(name),
+            serde_json::to_string(value).unwrap_or_default(),
+        )
+    });
+    for (index, (name, value)) in kept.chain(added).enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(name.ok()?.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.push(b'}');
+    return Some(out);
+
+    /// A JSON object's members in order, their values as written.
+    struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+    impl<'de> serde::Deserialize<'de> for Members<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Members<'de>;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a JSON object")
+                }
+
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Self::Value, A::Error> {
+                    let mut members = Vec::new();
+                    while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                        members.push(member);
+                    }
+                    Ok(Members(members))
+                }
+            }
+            deserializer.deserialize_map(Visit)
+        }
+    }
 }
 
 /// The exporter, counting what it exports and what fails.
@@ -274,5 +465,52 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn a_payload_member_is_replaced_in_place_of_order_and_the_rest_kept_as_written() {
+        let payload = br#"{ "user" : 42, "traceparent": "old", "tags": [1, 2 ,3] }"#;
+        let out = with_members(payload, &[("traceparent", PARENT)]).expect("an object");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!(r#"{{"user":42,"tags":[1, 2 ,3],"traceparent":"{PARENT}"}}"#)
+        );
+    }
+
+    #[test]
+    fn only_json_objects_are_rewritten() {
+        for payload in [&b"[1,2]"[..], b"\"text\"", b"{not json", b"plain", b""] {
+            assert_eq!(with_members(payload, &[("traceparent", PARENT)]), None);
+        }
+        assert_eq!(
+            with_members(b"{}", &[("traceparent", PARENT), ("tracestate", "a=b")]).unwrap(),
+            format!(r#"{{"traceparent":"{PARENT}","tracestate":"a=b"}}"#).into_bytes()
+        );
+    }
+
+    #[test]
+    fn a_context_read_from_a_payload_is_the_one_written_back() {
+        let settings = crate::config::TracingConfig {
+            otlp_endpoint: Some("http://127.0.0.1:9".to_owned()),
+            payload_field: Some("trace".to_owned()),
+            write_payload_field: true,
+            ..Default::default()
+        }
+        .settings();
+        let tracing = Tracing::start(&settings).expect("tracing starts");
+        let parent = tracing.parent_of(&[], format!(r#"{{"trace":"{PARENT}"}}"#).as_bytes());
+        assert_eq!(
+            tracing.stamp(&parent, br#"{"a":1}"#.to_vec()),
+            format!(r#"{{"a":1,"trace":"{PARENT}"}}"#).into_bytes()
+        );
+        assert_eq!(tracing.stamp(&parent, b"not json".to_vec()), b"not json");
+        tracing.shutdown();
     }
 }

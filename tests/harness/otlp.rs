@@ -95,6 +95,8 @@ pub struct ReceivedSpan {
     pub resource: BTreeMap<String, String>,
     /// The names of the span's events, in order.
     pub events: Vec<String>,
+    /// The spans it links to, as (trace id, span id) in hex, in order.
+    pub links: Vec<(String, String)>,
     /// When the span started, in nanoseconds since the Unix epoch.
     pub start_unix_nanos: u64,
     /// When the span ended, in nanoseconds since the Unix epoch.
@@ -116,6 +118,11 @@ impl ReceivedSpan {
             status_message: status.message,
             resource: resource.clone(),
             events: span.events.into_iter().map(|event| event.name).collect(),
+            links: span
+                .links
+                .iter()
+                .map(|link| (hex(&link.trace_id), hex(&link.span_id)))
+                .collect(),
             start_unix_nanos: span.start_time_unix_nano,
             end_unix_nanos: span.end_time_unix_nano,
         }

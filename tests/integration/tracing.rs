@@ -98,8 +98,210 @@ async fn a_stream_entry_s_trace_continues_through_the_plugin_to_its_publish_and_
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert_eq!(traceparent, format!("00-{TRACE_ID}-{}-01", call.span_id));
+    // The request's own span, the first attempt, is the call's child.
+    let attempt = spans
+        .iter()
+        .find(|span| span.name == "POST")
+        .expect("exported with the call");
+    assert_eq!(
+        attempt.parent_span_id.as_deref(),
+        Some(call.span_id.as_str())
+    );
+    assert_eq!(attempt.kind, "client");
+    assert_eq!(attempt.attributes["http.response.status_code"], "200");
+    assert!(!attempt.attributes.contains_key("http.request.resend_count"));
+    assert_eq!(traceparent, format!("00-{TRACE_ID}-{}-01", attempt.span_id));
+
+    // The entry's acknowledgement joins its trace; the read that brought it is linked to it.
+    let spans = receiver
+        .wait_for_spans("the entry's ack and read", PATIENCE, |spans| {
+            named(spans, "ack orders").is_some() && named(spans, "receive orders").is_some()
+        })
+        .await?;
+    let ack = named(&spans, "ack orders").expect("waited for");
+    assert_eq!(ack.trace_id, TRACE_ID);
+    assert_eq!(
+        ack.parent_span_id.as_deref(),
+        Some(consumer.span_id.as_str())
+    );
+    assert_eq!(ack.attributes["messaging.operation.type"], "settle");
+    let read = named(&spans, "receive orders").expect("waited for");
+    assert_eq!(read.attributes["messaging.operation.type"], "receive");
+    assert_eq!(read.attributes["messaging.batch.message_count"], "1");
+    assert_eq!(
+        read.links,
+        vec![(TRACE_ID.to_owned(), PARENT_ID.to_owned())],
+        "{read:?}"
+    );
     host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_s_retries_dead_letter_and_a_webhook_s_retries_are_in_its_trace()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let receiver = OtlpReceiver::start().await?;
+    // The first answer is a 500: the call is retried once.
+    let webhook = Webhook::failing_first(1).await?;
+    let config = format!(
+        "{}\n[streams]\nblock_ms = 100\n\n[outputs.hook]\nkind = \"http\"\nurl = {:?}\nbackoff_ms = 10\n",
+        tracing_config(&receiver),
+        webhook.url("/hook")
+    );
+    let manifest = "[subscriptions]\nstreams = [\"jobs\"]\n[stream]\nmax_deliveries = 2\n\
+                    retry_backoff_ms = 20\n[grants]\npublish = [\"probe-results\"]\n\
+                    outputs = [\"hook\"]\n[config]\noutput = \"hook\"\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("probe", plugins::OUTPUT_PROBE, Some(manifest))],
+    )
+    .await?;
+    let mut connection = redis.connection().await?;
+    let _: String = redis::cmd("XADD")
+        .arg("jobs")
+        .arg("*")
+        .arg("traceparent")
+        .arg(format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .arg("payload")
+        .arg("x")
+        .query_async(&mut connection)
+        .await?;
+    let spans = receiver
+        .wait_for_spans("two attempts of the webhook call", PATIENCE, |spans| {
+            spans.iter().filter(|span| span.name == "POST").count() == 2
+        })
+        .await?;
+    let call = named(&spans, "call hook").expect("exported before its attempts ended");
+    let attempts: Vec<&ReceivedSpan> = spans.iter().filter(|span| span.name == "POST").collect();
+    for attempt in &attempts {
+        assert_eq!(
+            attempt.parent_span_id.as_deref(),
+            Some(call.span_id.as_str())
+        );
+    }
+    let statuses: Vec<&str> = attempts
+        .iter()
+        .map(|span| span.attributes["http.response.status_code"].as_str())
+        .collect();
+    assert_eq!(statuses, ["503", "200"], "{attempts:?}");
+    assert_eq!(attempts[0].status_code, "error");
+    assert_eq!(attempts[1].attributes["http.request.resend_count"], "1");
+    // Each request carried its own attempt's context.
+    let sent: Vec<String> = webhook
+        .requests()
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let expected: Vec<String> = attempts
+        .iter()
+        .map(|a| format!("00-{TRACE_ID}-{}-01", a.span_id))
+        .collect();
+    assert_eq!(sent, expected);
+    host.stop().await?;
+
+    // A plugin that fails on every delivery: retried, then dead-lettered, all in the trace.
+    let failing = "[subscriptions]\nstreams = [\"jobs2\"]\n[stream]\nmax_deliveries = 2\n\
+                   retry_backoff_ms = 20\n[grants]\npublish = [\"faults\"]\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("faulty", plugins::FAULTY, Some(failing))],
+    )
+    .await?;
+    let _: String = redis::cmd("XADD")
+        .arg("jobs2")
+        .arg("*")
+        .arg("traceparent")
+        .arg(format!("00-{TRACE_ID}-{PARENT_ID}-01"))
+        .arg("payload")
+        .arg("error")
+        .query_async(&mut connection)
+        .await?;
+    let spans = receiver
+        .wait_for_spans("the entry's retry and dead letter", PATIENCE, |spans| {
+            named(spans, "dead-letter jobs2").is_some()
+                && spans.iter().filter(|s| s.name == "process jobs2").count() == 2
+        })
+        .await?;
+    let handles: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|span| span.name == "process jobs2")
+        .collect();
+    let retry = named(&spans, "retry jobs2").expect("before the second delivery");
+    let dead = named(&spans, "dead-letter jobs2").expect("waited for");
+    for span in [retry, dead] {
+        assert_eq!(span.trace_id, TRACE_ID, "{span:?}");
+    }
+    // The retry hangs under the first handling, the dead letter under the last.
+    let parents: Vec<Option<&str>> = [retry, dead]
+        .iter()
+        .map(|span| span.parent_span_id.as_deref())
+        .collect();
+    let handle_ids: Vec<Option<&str>> = handles.iter().map(|h| Some(h.span_id.as_str())).collect();
+    assert_eq!(parents, handle_ids, "{spans:#?}");
+    assert_eq!(retry.attributes["switchyard.deliveries"], "1");
+    assert_eq!(dead.kind, "producer");
+    assert_eq!(dead.attributes["messaging.destination.name"], "jobs2:dead");
+    assert!(
+        dead.attributes["switchyard.dead.error"].contains("failed"),
+        "{dead:?}"
+    );
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_carry_their_context_in_the_payload_only_when_asked() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let receiver = OtlpReceiver::start().await?;
+    let incoming = format!(r#"{{"n":1,"traceparent":"00-{TRACE_ID}-{PARENT_ID}-01"}}"#);
+    for write in [false, true] {
+        let config = format!(
+            "{}payload_field = \"traceparent\"\nwrite_payload_field = {write}\n",
+            tracing_config(&receiver)
+        );
+        let host = TestHost::start_configured(
+            &redis,
+            &config,
+            &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+        )
+        .await?;
+        let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+        let channel = format!("fwd:{write}");
+        redis.publish(&channel, incoming.as_str()).await?;
+        let got = out.take(1, PATIENCE).await?;
+        let payload = String::from_utf8(got[0].payload.to_vec())?;
+        if write {
+            let spans = receiver
+                .wait_for_spans("the forward's publish", PATIENCE, |spans| {
+                    named(spans, "send fwded:true").is_some()
+                        || named(spans, "publish fwded:true").is_some()
+                })
+                .await?;
+            let publish = named(&spans, "send fwded:true")
+                .or_else(|| named(&spans, "publish fwded:true"))
+                .expect("waited for");
+            assert_eq!(publish.trace_id, TRACE_ID);
+            assert_eq!(
+                payload,
+                format!(
+                    r#"{{"n":1,"traceparent":"00-{TRACE_ID}-{}-01"}}"#,
+                    publish.span_id
+                )
+            );
+        } else {
+            assert_eq!(payload, incoming, "untouched unless asked");
+        }
+        host.stop().await?;
+    }
     Ok(())
 }
 
@@ -192,6 +394,50 @@ async fn a_receiver_that_is_down_costs_spans_not_messages() -> anyhow::Result<()
             named(spans, "process fwd:after").is_some()
         })
         .await?;
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_beyond_the_exporter_s_queue_are_dropped_and_counted_not_messages()
+-> anyhow::Result<()> {
+    const MESSAGES: usize = 6_000;
+    let redis = RedisServer::start().await?;
+    // A collector that takes connections and never answers: every export waits for its
+    // timeout while spans pile up behind it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", silent.local_addr()?);
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            connections.push(connection);
+        }
+    });
+    let config = format!("[tracing]\notlp_endpoint = {endpoint:?}\nexport_interval_ms = 100\n");
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis
+        .publish_all((0..MESSAGES).map(|i| ("fwd:x", i.to_string())))
+        .await?;
+    let got = out.take(MESSAGES, PATIENCE).await?;
+    assert_eq!(got.len(), MESSAGES, "every message forwarded");
+    // Two spans a message (process, and send or publish), far more than the queue holds.
+    let dropped = switchyard_tests::eventually(PATIENCE, || async {
+        let value =
+            crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="dropped"}"#)
+                .await?
+                .unwrap_or(0);
+        anyhow::ensure!(value > 0, "no dropped span counted yet");
+        Ok(value)
+    })
+    .await?;
+    assert!(dropped <= 2 * MESSAGES as u64, "{dropped}");
+    held.abort();
     host.stop().await?;
     Ok(())
 }

@@ -238,12 +238,13 @@ impl Collector for SwitchyardCollector {
             counters(
                 &mut encoder,
                 "switchyard_trace_spans",
-                "Spans handed to the trace collector, by result: exported, or failed (the \
-                 collector refused them, or was away or too slow; they are lost, the messages \
-                 are not).",
+                "Finished spans by result: exported, failed (the collector refused them, or \
+                 was away or too slow), or dropped (more were waiting for the exporter than \
+                 its queue holds). Failed and dropped spans are lost; the messages are not.",
                 [
                     ("exported", counts.exported.load(Ordering::Relaxed)),
                     ("failed", counts.failed.load(Ordering::Relaxed)),
+                    ("dropped", counts.dropped.load(Ordering::Relaxed)),
                 ]
                 .map(|(result, value)| (vec![("result", result)], value)),
             )?;

@@ -45,6 +45,12 @@ pub struct TracingConfig {
     /// `tracestate` beside it is read too.
     #[serde(default)]
     pub payload_field: Option<String>,
+    /// Also write that field (and `tracestate`) into the JSON object payloads plugins
+    /// `publish` and `send`, set to the context of the publish span, so that the next
+    /// subscriber joins the trace. Off by default: payloads go out exactly as the plugin
+    /// made them.
+    #[serde(default)]
+    pub write_payload_field: bool,
     /// How often finished spans are sent to the collector, in milliseconds.
     #[serde(default = "default_export_interval_ms")]
     pub export_interval_ms: u64,
@@ -64,6 +70,7 @@ impl Default for TracingConfig {
             service_name: None,
             resource: BTreeMap::new(),
             payload_field: None,
+            write_payload_field: false,
             export_interval_ms: default_export_interval_ms(),
         }
     }
@@ -84,6 +91,8 @@ pub struct TracingSettings {
     pub resource: BTreeMap<String, String>,
     /// The JSON payload field carrying a `traceparent`, if read.
     pub payload_field: Option<String>,
+    /// Whether that field is written into JSON payloads plugins publish.
+    pub write_payload_field: bool,
     /// How often finished spans are sent.
     pub export_interval: std::time::Duration,
 }
@@ -120,6 +129,12 @@ impl TracingConfig {
         if self.payload_field.as_deref() == Some("") {
             problems.push(format!(
                 "{origin}: tracing.payload_field must name a field, or be left out"
+            ));
+        }
+        if self.write_payload_field && self.payload_field.is_none() {
+            problems.push(format!(
+                "{origin}: tracing.write_payload_field needs tracing.payload_field, the name \
+                 of the field to write (\"traceparent\")"
             ));
         }
     }
@@ -186,6 +201,7 @@ impl TracingConfig {
                 .unwrap_or_else(|| "switchyard".to_owned()),
             resource: self.resource.clone(),
             payload_field: self.payload_field.clone(),
+            write_payload_field: self.write_payload_field,
             export_interval: std::time::Duration::from_millis(self.export_interval_ms),
         }
     }

@@ -430,9 +430,13 @@ impl Effects {
         name: &str,
         payload: &[u8],
         remaining: Duration,
-        trace: &[(String, String)],
+        trace: Option<&opentelemetry::Context>,
     ) -> Result<Reply, EffectError> {
         let budget = crate::config::output_budget(remaining);
+        let trace = trace.map(|cx| crate::trace::Under {
+            tracing: &self.tracing,
+            cx,
+        });
         // `Outputs::call` bounds itself by `budget` and says which limit ended it; a second
         // timeout here would only race it with a vaguer message.
         let call = self

@@ -38,8 +38,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use opentelemetry::KeyValue;
+
 use crate::config::{HttpMethod, OutputConfig, expand_env};
 use crate::rate::TokenBucket;
+use crate::trace::Under;
 
 /// What an output answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,7 +298,7 @@ impl Outputs {
         plugin: &str,
         payload: &[u8],
         within: Duration,
-        trace: &[(String, String)],
+        trace: Option<Under<'_>>,
     ) -> Result<Reply, OutputError> {
         let Some(output) = self.outputs.get(name) else {
             return match &self.capture_any {
@@ -420,7 +423,7 @@ async fn call(
     plugin: &str,
     payload: &[u8],
     within: Duration,
-    trace: &[(String, String)],
+    trace: Option<Under<'_>>,
 ) -> Result<Reply, String> {
     match &output.kind {
         Kind::Http(http) => call_http(http, &output.counters, name, payload, within, trace).await,
@@ -465,6 +468,14 @@ async fn call(
     }
 }
 
+/// Why one webhook attempt got no answer.
+enum NoAnswer {
+    /// Worth another attempt (a connection error, the output's timeout).
+    Retry(String),
+    /// Not: the budget ran out, or the answer could not be read.
+    GiveUp(String),
+}
+
 /// How one webhook attempt ended, when it is worth another.
 enum Retryable {
     /// A 5xx answer, kept: it is returned if no retry follows.
@@ -473,15 +484,16 @@ enum Retryable {
     Failure(String),
 }
 
-/// Calls a webhook: attempts, retries and backoffs all end within `within`. `trace` (the
-/// `traceparent` and `tracestate` of the call's span, if traced) is sent as headers.
+/// Calls a webhook: attempts, retries and backoffs all end within `within`. Under a traced
+/// call (`trace`), each attempt is an HTTP client span, whose context goes with the request
+/// as its `traceparent` and `tracestate` headers.
 async fn call_http(
     http: &Http,
     counters: &Counters,
     name: &str,
     payload: &[u8],
     within: Duration,
-    trace: &[(String, String)],
+    trace: Option<Under<'_>>,
 ) -> Result<Reply, String> {
     let Http {
         client,
@@ -507,44 +519,63 @@ async fn call_http(
         } else {
             (*timeout, false)
         };
+        let span = trace.and_then(|under| attempt_span(under, method, url, attempt));
+        let carrier = span
+            .as_ref()
+            .or(trace.map(|under| under.cx))
+            .map(crate::trace::carrier_of)
+            .unwrap_or_default();
         let mut request = client
             .request(method.clone(), url.clone())
             .headers(headers.clone());
-        for (name, value) in trace {
+        for (name, value) in &carrier {
             request = request.header(name.as_str(), value.as_str());
         }
         let sent = request.timeout(limit).body(payload.to_vec()).send().await;
-        let outcome = match sent {
+        let answered = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
-                let (body, cut) = read_body(response, *max_reply)
-                    .await
-                    .map_err(|e| format!("reading the answer failed: {}", describe(e, url)))?;
-                if cut {
-                    counters.truncated.fetch_add(1, Ordering::Relaxed);
-                    if counters.truncation_log.admit() {
-                        tracing::warn!(
-                            output = name,
-                            status,
-                            max_reply_bytes = *max_reply,
-                            "webhook reply cut at max_reply_bytes; the rest was not read"
-                        );
+                match read_body(response, *max_reply).await {
+                    Ok((body, cut)) => {
+                        if cut {
+                            counters.truncated.fetch_add(1, Ordering::Relaxed);
+                            if counters.truncation_log.admit() {
+                                tracing::warn!(
+                                    output = name,
+                                    status,
+                                    max_reply_bytes = *max_reply,
+                                    "webhook reply cut at max_reply_bytes; the rest was not read"
+                                );
+                            }
+                        }
+                        Ok(Reply { status, body })
                     }
+                    Err(e) => Err(NoAnswer::GiveUp(format!(
+                        "reading the answer failed: {}",
+                        describe(e, url)
+                    ))),
                 }
-                let reply = Reply { status, body };
-                if status < 500 {
-                    return Ok(reply);
-                }
-                Retryable::Answer(reply)
             }
             Err(e) if e.is_timeout() && cut_by_budget => {
-                return Err(no_time_left(within));
+                Err(NoAnswer::GiveUp(no_time_left(within)))
             }
-            Err(e) if e.is_timeout() => Retryable::Failure(format!(
+            Err(e) if e.is_timeout() => Err(NoAnswer::Retry(format!(
                 "timed out: no answer within timeout_ms ({} ms)",
                 timeout.as_millis()
-            )),
-            Err(e) => Retryable::Failure(format!("request failed: {}", describe(e, url))),
+            ))),
+            Err(e) => Err(NoAnswer::Retry(format!(
+                "request failed: {}",
+                describe(e, url)
+            ))),
+        };
+        if let Some(span) = span {
+            end_attempt(&span, &answered);
+        }
+        let outcome = match answered {
+            Ok(reply) if reply.status < 500 => return Ok(reply),
+            Ok(reply) => Retryable::Answer(reply),
+            Err(NoAnswer::GiveUp(why)) => return Err(why),
+            Err(NoAnswer::Retry(why)) => Retryable::Failure(why),
         };
         let attempts = attempt + 1;
         let out_of_time = tokio::time::Instant::now() + wait >= end;
@@ -572,6 +603,55 @@ async fn call_http(
         );
         tokio::time::sleep(wait).await;
         wait = wait.saturating_mul(2);
+    }
+}
+
+/// The client span of webhook attempt `attempt` (0 for the first) under `under`, with the
+/// HTTP conventions' attributes. The URL's path and query stay out: they may hold a token.
+fn attempt_span(
+    under: Under<'_>,
+    method: &reqwest::Method,
+    url: &reqwest::Url,
+    attempt: u32,
+) -> Option<opentelemetry::Context> {
+    under
+        .tracing
+        .child(under.cx, opentelemetry::trace::SpanKind::Client, || {
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", method.as_str().to_owned()),
+                KeyValue::new("server.address", url.host_str().unwrap_or("").to_owned()),
+                KeyValue::new("url.scheme", url.scheme().to_owned()),
+            ];
+            if let Some(port) = url.port_or_known_default() {
+                attributes.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            if attempt > 0 {
+                attributes.push(KeyValue::new(
+                    "http.request.resend_count",
+                    i64::from(attempt),
+                ));
+            }
+            (method.as_str().to_owned(), attributes)
+        })
+}
+
+/// Ends an attempt's span: a 5xx answer or no answer is its error.
+fn end_attempt(span: &opentelemetry::Context, answered: &Result<Reply, NoAnswer>) {
+    match answered {
+        Ok(reply) => {
+            let status = i64::from(reply.status);
+            crate::trace::annotate(
+                span,
+                vec![KeyValue::new("http.response.status_code", status)],
+            );
+            if reply.status >= 500 {
+                crate::trace::annotate(span, vec![KeyValue::new("error.type", status.to_string())]);
+                crate::trace::end(span, Err(&format!("HTTP status {status}")));
+            } else {
+                crate::trace::end(span, Ok(()));
+            }
+        }
+        Err(NoAnswer::Retry(why) | NoAnswer::GiveUp(why)) => crate::trace::end(span, Err(why)),
     }
 }
 
@@ -665,7 +745,7 @@ mod tests {
         );
         let outputs = Outputs::from_config(&config).unwrap();
         let err = outputs
-            .call("hook", "p", b"{}", Duration::from_secs(2), &[])
+            .call("hook", "p", b"{}", Duration::from_secs(2), None)
             .await
             .unwrap_err()
             .to_string();
@@ -694,7 +774,7 @@ mod tests {
             (b"two", Duration::ZERO),
         ] {
             outputs
-                .call("audit", "p", payload, within, &[])
+                .call("audit", "p", payload, within, None)
                 .await
                 .unwrap();
         }
@@ -702,7 +782,7 @@ mod tests {
         assert_eq!(text.lines().count(), 2);
         assert!(text.contains("\"two\""));
         let err = outputs
-            .call("nope", "p", b"", Duration::from_secs(1), &[])
+            .call("nope", "p", b"", Duration::from_secs(1), None)
             .await
             .unwrap_err();
         assert!(matches!(err, OutputError::Undefined(_)));

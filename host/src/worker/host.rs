@@ -140,11 +140,7 @@ impl Host for HostState {
 
     fn call_output(&mut self, name: String, payload: Vec<u8>) -> Result<OutputReply, Error> {
         let span = self.effect_span("call", &name, SpanKind::Client, payload.len());
-        let trace = span
-            .as_ref()
-            .map(crate::trace::carrier_of)
-            .unwrap_or_default();
-        let result = self.call_named_output(name, payload, &trace);
+        let result = self.call_named_output(name, payload, span.as_ref());
         if let (Some(span), Ok(reply)) = (&span, &result) {
             crate::trace::annotate(
                 span,
@@ -242,28 +238,28 @@ impl HostState {
         size: usize,
     ) -> Option<opentelemetry::Context> {
         let parent = self.trace.as_ref()?;
-        let mut attributes = vec![
-            KeyValue::new("switchyard.plugin", self.plugin.name.as_str().to_owned()),
-            KeyValue::new("switchyard.effect", operation.to_owned()),
-        ];
-        match kind {
-            SpanKind::Producer => attributes.extend([
-                KeyValue::new("messaging.system", "redis"),
-                KeyValue::new("messaging.operation.type", "send"),
-                KeyValue::new("messaging.destination.name", target.to_owned()),
-                KeyValue::new("messaging.message.body.size", size as i64),
-            ]),
-            SpanKind::Client => {
-                attributes.push(KeyValue::new("switchyard.output", target.to_owned()))
-            }
-            _ => attributes.push(KeyValue::new("switchyard.keys", size as i64)),
-        }
-        self.plugin.effects.tracing().child(
-            parent,
-            format!("{operation} {target}"),
-            kind,
-            attributes,
-        )
+        self.plugin
+            .effects
+            .tracing()
+            .child(parent, kind.clone(), || {
+                let mut attributes = vec![
+                    KeyValue::new("switchyard.plugin", self.plugin.name.as_str().to_owned()),
+                    KeyValue::new("switchyard.effect", operation.to_owned()),
+                ];
+                match kind {
+                    SpanKind::Producer => attributes.extend([
+                        KeyValue::new("messaging.system", "redis"),
+                        KeyValue::new("messaging.operation.type", "send"),
+                        KeyValue::new("messaging.destination.name", target.to_owned()),
+                        KeyValue::new("messaging.message.body.size", size as i64),
+                    ]),
+                    SpanKind::Client => {
+                        attributes.push(KeyValue::new("switchyard.output", target.to_owned()))
+                    }
+                    _ => attributes.push(KeyValue::new("switchyard.keys", size as i64)),
+                }
+                (format!("{operation} {target}"), attributes)
+            })
     }
 
     /// `publish` or `send` (`operation`, done by `effect`) of `payload` on `channel`, under
@@ -283,6 +279,10 @@ impl HostState {
         ) -> Result<T, EffectError>,
     ) -> Result<T, Error> {
         let span = self.effect_span(operation, &channel, SpanKind::Producer, payload.len());
+        let payload = match &span {
+            Some(cx) => self.plugin.effects.tracing().stamp(cx, payload),
+            None => payload,
+        };
         let result = self.check_publish(&channel).and_then(|()| {
             let plugin = &self.plugin;
             effect(
@@ -336,12 +336,12 @@ impl HostState {
             .map_err(unavailable)
     }
 
-    /// `call-output`, under the grants; `trace` goes with an HTTP call as its headers.
+    /// `call-output`, under the grants, in the call's span `trace` when traced.
     fn call_named_output(
         &mut self,
         name: String,
         payload: Vec<u8>,
-        trace: &[(String, String)],
+        trace: Option<&opentelemetry::Context>,
     ) -> Result<OutputReply, Error> {
         let plugin = &self.plugin;
         if !plugin.grants.may_call(&name) {

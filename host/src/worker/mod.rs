@@ -437,33 +437,30 @@ fn consumer_span(version: &LoadedPlugin, envelope: &Envelope) -> Option<opentele
     }
     let fields = envelope.entry.as_ref().map_or(&[][..], |e| &e.fields[..]);
     let parent = tracing.parent_of(fields, &envelope.payload);
-    let channel = String::from_utf8_lossy(&envelope.channel).into_owned();
-    let queue_wait = SystemTime::now()
-        .duration_since(envelope.received_at)
-        .unwrap_or_default();
-    let mut attributes = vec![
-        KeyValue::new("messaging.system", "redis"),
-        KeyValue::new("messaging.operation.type", "process"),
-        KeyValue::new("messaging.destination.name", channel.clone()),
-        KeyValue::new("messaging.message.body.size", envelope.payload.len() as i64),
-        KeyValue::new(
-            "switchyard.plugin",
-            version.context.name.as_str().to_owned(),
-        ),
-        KeyValue::new("switchyard.plugin.version", version.context.version.clone()),
-        KeyValue::new("switchyard.plugin.hash", version.context.hash.to_string()),
-        KeyValue::new("switchyard.subscription", envelope.subscription.to_string()),
-        KeyValue::new("switchyard.queue_wait_ms", queue_wait.as_secs_f64() * 1e3),
-    ];
-    if let Some(entry) = &envelope.entry {
-        attributes.push(KeyValue::new("messaging.message.id", entry.id.clone()));
-    }
-    tracing.consumer(
-        &parent,
-        format!("process {channel}"),
-        envelope.received_at,
-        attributes,
-    )
+    tracing.consumer(&parent, envelope.received_at, || {
+        let channel = String::from_utf8_lossy(&envelope.channel).into_owned();
+        let queue_wait = SystemTime::now()
+            .duration_since(envelope.received_at)
+            .unwrap_or_default();
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "redis"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", channel.clone()),
+            KeyValue::new("messaging.message.body.size", envelope.payload.len() as i64),
+            KeyValue::new(
+                "switchyard.plugin",
+                version.context.name.as_str().to_owned(),
+            ),
+            KeyValue::new("switchyard.plugin.version", version.context.version.clone()),
+            KeyValue::new("switchyard.plugin.hash", version.context.hash.to_string()),
+            KeyValue::new("switchyard.subscription", envelope.subscription.to_string()),
+            KeyValue::new("switchyard.queue_wait_ms", queue_wait.as_secs_f64() * 1e3),
+        ];
+        if let Some(entry) = &envelope.entry {
+            attributes.push(KeyValue::new("messaging.message.id", entry.id.clone()));
+        }
+        (format!("process {channel}"), attributes)
+    })
 }
 
 struct Worker {
@@ -504,10 +501,10 @@ impl Worker {
                 self.stats.record_shed(&self.plugin, ShedReason::Parked, "");
                 continue;
             }
-            let (outcome, finished) = self.handle(&version, envelope, now);
+            let (outcome, finished, span) = self.handle(&version, envelope, now);
             let ok = outcome.is_ok();
             if let Some(ticket) = ticket {
-                ticket.finish(outcome, &version.hash);
+                ticket.finish(outcome, &version.hash, span);
             }
             if let Some(backoff) = self
                 .seat
@@ -540,13 +537,14 @@ impl Worker {
     }
 
     /// Handles one message on a live instance (built if needed), taken from the queue at
-    /// `now`; whether it succeeded (or why not), and when it was over.
+    /// `now`; whether it succeeded (or why not), when it was over, and its consumer span
+    /// when traced.
     fn handle(
         &mut self,
         version: &Arc<LoadedPlugin>,
         envelope: Envelope,
         mut now: Instant,
-    ) -> (Result<(), String>, Instant) {
+    ) -> (Result<(), String>, Instant, Option<opentelemetry::Context>) {
         if self.live.is_none() {
             match Instance::new(version.clone(), self.stats.clone()) {
                 Ok(instance) => {
@@ -559,7 +557,7 @@ impl Worker {
                         message: format!("cannot instantiate: {e:#}"),
                     };
                     self.stats.record_failure(&self.plugin, &failure);
-                    return (Err(failure.message), Instant::now());
+                    return (Err(failure.message), Instant::now(), None);
                 }
             }
             // The handle time leaves instantiation out.
@@ -573,20 +571,20 @@ impl Worker {
                 message: "no instance".to_owned(),
             };
             self.stats.record_failure(&self.plugin, &failure);
-            return (Err(failure.message), now);
+            return (Err(failure.message), now, None);
         };
         let span = consumer_span(version, &envelope);
         let outcome = instance.handle(envelope, span.clone());
         let finished = Instant::now();
-        if let Some(span) = span {
+        if let Some(span) = &span {
             match &outcome {
-                Ok(()) => crate::trace::end(&span, Ok(())),
+                Ok(()) => crate::trace::end(span, Ok(())),
                 Err(failure) => {
                     crate::trace::annotate(
-                        &span,
+                        span,
                         vec![KeyValue::new("error.type", failure.reason.as_str())],
                     );
-                    crate::trace::end(&span, Err(&failure.message));
+                    crate::trace::end(span, Err(&failure.message));
                 }
             }
         }
@@ -614,6 +612,6 @@ impl Worker {
                 Err(failure.message)
             }
         };
-        (outcome, finished)
+        (outcome, finished, span)
     }
 }

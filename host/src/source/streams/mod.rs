@@ -52,6 +52,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::router::StreamTarget;
+use crate::trace::Tracing;
 use reader::Reader;
 
 /// How readers connect: to one server, or to a cluster (commands routed by key).
@@ -69,6 +70,8 @@ pub struct StreamReaders {
     shutdown: CancellationToken,
     /// Entries larger than this (`plugins.max_payload_bytes`) are dead-lettered unhandled.
     max_entry_bytes: usize,
+    /// Where reads, acknowledgements, retries and dead letters are traced.
+    tracing: Arc<Tracing>,
     running: Mutex<Vec<Running>>,
     /// Readers told to stop, still acknowledging their last batches.
     stopping: Mutex<Vec<JoinHandle<()>>>,
@@ -87,6 +90,7 @@ impl StreamReaders {
             backend,
             shutdown,
             max_entry_bytes: crate::effects::DEFAULT_MAX_PAYLOAD_BYTES,
+            tracing: Arc::new(Tracing::off()),
             running: Mutex::new(Vec::new()),
             stopping: Mutex::new(Vec::new()),
         }
@@ -97,6 +101,12 @@ impl StreamReaders {
     /// message with a larger payload.
     pub fn with_max_entry_bytes(mut self, bytes: usize) -> Self {
         self.max_entry_bytes = bytes;
+        self
+    }
+
+    /// Traces each read, and what becomes of each traced entry, with `tracing`.
+    pub fn with_tracing(mut self, tracing: Arc<Tracing>) -> Self {
+        self.tracing = tracing;
         self
     }
 
@@ -124,6 +134,7 @@ impl StreamReaders {
                 target: target.clone(),
                 backend: self.backend.clone(),
                 max_entry_bytes: self.max_entry_bytes,
+                tracing: self.tracing.clone(),
                 stop: stop.clone(),
                 stats: target.inbox.stats().streams.clone(),
             };

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +17,7 @@ use crate::config::{StartFrom, StreamSettings};
 use crate::router::StreamTarget;
 use crate::source::redis::{BACKOFF_MAX, BACKOFF_MIN, Backoff, HEALTHY_SESSION};
 use crate::stream_entry::{StreamStats, Tally};
+use crate::trace::Tracing;
 
 /// Batches a reader keeps in its plugin's queue. Two are enough to keep the plugin busy:
 /// the next batch is read while the plugin handles the current one, so it is queued before
@@ -56,6 +57,8 @@ pub(super) struct InFlight {
     /// Entries done with (handled, dead-lettered, deleted meanwhile) whose `XACK` is still
     /// to be sent.
     pub(super) done: Vec<String>,
+    /// The consumer spans of the traced ones among them, whose acknowledgement joins them.
+    pub(super) done_traces: Vec<opentelemetry::Context>,
 }
 
 /// The reader of one (plugin, stream) pair.
@@ -63,6 +66,7 @@ pub(super) struct Reader {
     pub(super) target: StreamTarget,
     pub(super) backend: StreamBackend,
     pub(super) max_entry_bytes: usize,
+    pub(super) tracing: Arc<Tracing>,
     pub(super) stop: CancellationToken,
     pub(super) stats: Arc<StreamStats>,
 }
@@ -158,15 +162,15 @@ impl Reader {
                     *retries = later;
                     due
                 };
-                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.flush(&mut conn, in_flight).await?;
                 self.retry(&mut conn, due, in_flight).await?;
             } else if busy && (!room || caught_up || claim_due) {
                 // A claim waits for the batches in flight too: `XAUTOCLAIM` would take this
                 // consumer's own queued entries once they idled past `claim_idle`.
-                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.flush(&mut conn, in_flight).await?;
                 self.settle_oldest(&mut conn, in_flight, retries).await?;
             } else if claim_due {
-                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.flush(&mut conn, in_flight).await?;
                 let (entries, cursor) = self.auto_claim(&mut conn, &claim_cursor).await?;
                 if cursor == "0-0" {
                     next_claim = now + claim_every;
@@ -189,13 +193,11 @@ impl Reader {
                 // Read ahead while the plugin works, without blocking (a blocking read
                 // would hold up retries falling due meanwhile); the acknowledgement of the
                 // batch just done goes in the same round trip.
-                let entries = self
-                    .ack_and_read_ahead(&mut conn, &mut in_flight.done)
-                    .await?;
+                let entries = self.ack_and_read_ahead(&mut conn, in_flight).await?;
                 caught_up = entries.is_empty();
                 self.queue(entries, HashMap::new(), in_flight);
             } else {
-                self.flush(&mut conn, &mut in_flight.done).await?;
+                self.flush(&mut conn, in_flight).await?;
                 caught_up = false;
                 let wake = retries
                     .iter()
@@ -268,8 +270,11 @@ impl Reader {
         id: &str,
         block: Option<Duration>,
     ) -> redis::RedisResult<Vec<RawEntry>> {
+        let started = SystemTime::now();
         let reply = conn.query(&self.read_cmd(id, block)).await?;
-        Ok(read_reply_entries(reply))
+        let entries = read_reply_entries(reply);
+        self.trace_read(started, "XREADGROUP", &entries);
+        Ok(entries)
     }
 
     /// Acknowledges `done` and reads new entries without blocking, in one pipeline: one
@@ -277,20 +282,22 @@ impl Reader {
     async fn ack_and_read_ahead(
         &self,
         conn: &mut Connection,
-        done: &mut Vec<String>,
+        in_flight: &mut InFlight,
     ) -> redis::RedisResult<Vec<RawEntry>> {
-        if done.is_empty() {
+        if in_flight.done.is_empty() {
             return self.read_group(conn, ">", None).await;
         }
+        let started = SystemTime::now();
         let mut pipe = redis::pipe();
-        pipe.add_command(self.ack_cmd(done))
+        pipe.add_command(self.ack_cmd(&in_flight.done))
             .ignore()
             .add_command(self.read_cmd(">", None));
         // An error reply to either command fails the whole pipeline.
         let reply = conn.query_pipe(&pipe).await?.into_iter().next();
-        self.count_acked(done.len());
-        done.clear();
-        Ok(reply.map(read_reply_entries).unwrap_or_default())
+        self.acked(in_flight, started);
+        let entries = reply.map(read_reply_entries).unwrap_or_default();
+        self.trace_read(started, "XREADGROUP", &entries);
+        Ok(entries)
     }
 
     /// `XAUTOCLAIM key group consumer min-idle cursor COUNT n`: entries and the next cursor.
@@ -300,6 +307,7 @@ impl Reader {
         cursor: &str,
     ) -> redis::RedisResult<(Vec<RawEntry>, String)> {
         let settings = self.settings();
+        let started = SystemTime::now();
         let reply = conn
             .query(
                 redis::cmd("XAUTOCLAIM")
@@ -315,6 +323,7 @@ impl Reader {
         let mut parts = into_array(reply).into_iter();
         let next = parts.next().and_then(text).unwrap_or_else(|| "0-0".into());
         let entries = parts.next().map(entries_of).unwrap_or_default();
+        self.trace_read(started, "XAUTOCLAIM", &entries);
         Ok((entries, next))
     }
 
