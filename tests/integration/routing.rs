@@ -178,11 +178,11 @@ async fn metrics_move_with_the_traffic() -> anyhow::Result<()> {
     host.wait_plugin("forward", "done", |p| p["stats"]["handled"] == 10)
         .await?;
 
+    // A scrape that does not ask for OpenMetrics gets the Prometheus text format.
     let response = reqwest::get(format!("http://{}/metrics", host.admin())).await?;
-    assert!(
-        response.headers()["content-type"]
-            .to_str()?
-            .starts_with("application/openmetrics-text")
+    assert_eq!(
+        response.headers()["content-type"].to_str()?,
+        "text/plain; version=0.0.4; charset=utf-8"
     );
     let text = response.text().await?;
     let value = |series: &str| -> Option<f64> {

@@ -1,8 +1,13 @@
-//! `/metrics`: Prometheus (OpenMetrics) text, read from the counters the stages already keep.
+//! `/metrics`: Prometheus text, read from the counters the stages already keep.
 //!
 //! Nothing on the message path knows about Prometheus: a collector reads the atomics at
 //! scrape time, so a scrape costs the scraper, not the messages. Labels are bounded: plugin
 //! names, output names, fixed outcomes; never channel names.
+//!
+//! Two formats, chosen by the scraper's `Accept` ([`Format::negotiate`]): OpenMetrics, which
+//! carries the trace exemplars of `switchyard_plugin_handle_seconds`, for a scraper that asks
+//! for it (Prometheus does); the Prometheus text format 0.0.4, without exemplars, for anyone
+//! else, since its parsers refuse them.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -53,6 +58,68 @@ pub const METRIC_NAMES: &[&str] = &[
     "switchyard_gateway_oversize",
     "switchyard_gateway_buffered_bytes",
 ];
+
+/// The text formats `/metrics` answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0: the handle-time histogram carries exemplars; ends with `# EOF`.
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4: no exemplars.
+    PrometheusText,
+}
+
+/// The media type a scraper names to ask for OpenMetrics.
+const OPENMETRICS_TYPE: &str = "application/openmetrics-text";
+
+impl Format {
+    /// The format for a request with these `Accept` header values: OpenMetrics when they
+    /// accept `application/openmetrics-text` (any version, with a `q` above 0) at least as
+    /// much as `text/plain`; the Prometheus text format otherwise, as for no header or `*/*`.
+    pub fn negotiate<'a>(accept: impl IntoIterator<Item = &'a str>) -> Self {
+        let (mut openmetrics, mut text) = (0.0_f32, 0.0_f32);
+        for range in accept.into_iter().flat_map(|value| value.split(',')) {
+            let mut parts = range.split(';');
+            let media_type = parts.next().unwrap_or_default().trim();
+            let quality = parts
+                .filter_map(|parameter| parameter.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, value)| value.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if media_type.eq_ignore_ascii_case(OPENMETRICS_TYPE) {
+                openmetrics = openmetrics.max(quality);
+            } else if media_type.eq_ignore_ascii_case("text/plain")
+                || media_type.eq_ignore_ascii_case("text/*")
+            {
+                text = text.max(quality);
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= text {
+            Self::OpenMetrics
+        } else {
+            Self::PrometheusText
+        }
+    }
+
+    /// The response's `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::PrometheusText => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+
+    /// Every metric in `metrics`, in this format.
+    pub fn encode(self, metrics: &MetricsRegistry) -> Result<String, std::fmt::Error> {
+        let mut body = String::new();
+        match self {
+            Self::OpenMetrics => prometheus_client::encoding::text::encode(&mut body, metrics)?,
+            Self::PrometheusText => {
+                prometheus_client::encoding::prometheus_text::encode(&mut body, metrics)?;
+            }
+        }
+        Ok(body)
+    }
+}
 
 /// Reads every stage's counters on each scrape.
 #[derive(Debug)]
@@ -430,7 +497,6 @@ impl Collector for SwitchyardCollector {
             plugin
                 .stats
                 .handle_times
-                .0
                 .encode(family.encode_family(&labels)?)?;
         }
         let outputs = self.outputs.report();
@@ -544,4 +610,140 @@ fn encode_gateway(encoder: &mut DescriptorEncoder, stats: &GatewayStats) -> std:
         "Bytes the gateway's subscriptions hold for clients that have not read them.",
         ConstGauge::new(gauge(&stats.buffered_bytes)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::Context;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+
+    use super::*;
+    use crate::stats::HandleTimes;
+
+    /// An `Accept` of the shape Prometheus sends: every format it reads, best first.
+    const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;\
+        escaping=allow-utf-8;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,\
+        text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,\
+        */*;q=0.2";
+
+    #[test]
+    fn openmetrics_only_for_a_scraper_that_asks_for_it() {
+        for (accept, expected) in [
+            (&[][..], Format::PrometheusText),
+            (&["*/*"][..], Format::PrometheusText),
+            (&["text/plain; version=0.0.4"][..], Format::PrometheusText),
+            (&["application/json"][..], Format::PrometheusText),
+            (
+                &["application/openmetrics-text; version=1.0.0"][..],
+                Format::OpenMetrics,
+            ),
+            (&["Application/OpenMetrics-Text"][..], Format::OpenMetrics),
+            (&[PROMETHEUS_ACCEPT][..], Format::OpenMetrics),
+            (
+                &["text/html", "application/openmetrics-text"][..],
+                Format::OpenMetrics,
+            ),
+            (
+                &["application/openmetrics-text;q=0"][..],
+                Format::PrometheusText,
+            ),
+            (
+                &["application/openmetrics-text;q=0.2, text/plain;q=0.9"][..],
+                Format::PrometheusText,
+            ),
+            (
+                &["text/plain, application/openmetrics-text"][..],
+                Format::OpenMetrics,
+            ),
+        ] {
+            assert_eq!(
+                Format::negotiate(accept.iter().copied()),
+                expected,
+                "{accept:?}"
+            );
+        }
+    }
+
+    /// A registry holding one plugin's handle times, after a sampled call of 3 ms and an
+    /// unsampled one of 30 µs (so the 3 ms bucket counts 2, cumulatively).
+    fn traced_handle_times() -> MetricsRegistry {
+        let times = HandleTimes::default();
+        let span = |flags| {
+            Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("a trace id"),
+                SpanId::from_hex("00f067aa0ba902b7").expect("a span id"),
+                flags,
+                true,
+                TraceState::default(),
+            ))
+        };
+        times.observe(0.003, Some(&span(TraceFlags::SAMPLED)));
+        times.observe(0.00003, Some(&span(TraceFlags::NOT_SAMPLED)));
+        let mut metrics = MetricsRegistry::default();
+        metrics.register(
+            "switchyard_plugin_handle_seconds",
+            "Duration of handle calls.",
+            times,
+        );
+        metrics
+    }
+
+    #[test]
+    fn openmetrics_carries_the_exemplar_of_a_sampled_call_in_its_bucket() {
+        let text = Format::OpenMetrics
+            .encode(&traced_handle_times())
+            .expect("encodes");
+        let with_exemplars: Vec<&str> = text.lines().filter(|l| l.contains(" # {")).collect();
+        assert_eq!(with_exemplars.len(), 1, "{text}");
+        // `SERIES VALUE # {LABELS} EXEMPLAR_VALUE TIMESTAMP`, in the bucket 2.56 ms..10.24 ms.
+        let (sample, exemplar) = with_exemplars[0].split_once(" # ").expect("an exemplar");
+        assert_eq!(
+            sample,
+            r#"switchyard_plugin_handle_seconds_bucket{le="0.01024"} 2"#
+        );
+        let (labels, rest) = exemplar.split_once("} ").expect("labels");
+        assert_eq!(
+            labels,
+            r#"{trace_id="4bf92f3577b34da6a3ce929d0e0e4736",span_id="00f067aa0ba902b7""#
+        );
+        let numbers: Vec<f64> = rest
+            .split(' ')
+            .map(|n| n.parse().expect("a number"))
+            .collect();
+        assert_eq!(numbers.len(), 2, "value and timestamp: {rest}");
+        assert_eq!(numbers[0], 0.003);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs_f64();
+        assert!((now - 60.0..=now).contains(&numbers[1]), "{rest}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn prometheus_text_has_the_same_buckets_and_no_exemplar() {
+        let text = Format::PrometheusText
+            .encode(&traced_handle_times())
+            .expect("encodes");
+        assert!(
+            !text
+                .lines()
+                .any(|l| !l.starts_with('#') && l.contains(" # ")),
+            "{text}"
+        );
+        assert!(!text.contains("trace_id"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == r#"switchyard_plugin_handle_seconds_bucket{le="0.01024"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "switchyard_plugin_handle_seconds_count 2"),
+            "{text}"
+        );
+    }
 }

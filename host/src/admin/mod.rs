@@ -8,7 +8,7 @@ pub mod metrics;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
@@ -113,21 +113,34 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
     (code, Json(readiness))
 }
 
-/// Prometheus text of every counter.
-async fn metrics_text(State(state): State<Arc<AdminState>>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.metrics) {
-        Ok(()) => (
+/// Prometheus text of every counter: OpenMetrics, with exemplars, when the scraper's `Accept`
+/// asks for it; the Prometheus text format otherwise (see [`metrics::Format`]).
+async fn metrics_text(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let format = metrics::Format::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    );
+    // The answer depends on `Accept`: a cache in between must keep the two apart.
+    match format.encode(&state.metrics) {
+        Ok(body) => (
             StatusCode::OK,
-            [(
-                axum::http::header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
+            [
+                (header::CONTENT_TYPE, format.content_type()),
+                (header::VARY, "Accept"),
+            ],
             body,
         ),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::VARY, "Accept"),
+            ],
             format!("cannot encode metrics: {e}"),
         ),
     }

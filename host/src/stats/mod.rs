@@ -6,26 +6,143 @@
 pub mod outcome;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
+
+use opentelemetry::trace::TraceContextExt as _;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::PluginName;
 use crate::stream_entry::StreamStats;
 use crate::text;
 use outcome::{Failure, FailureCounters, FailureCounts, ShedCounters, ShedCounts, ShedReason};
 
-/// How long `handle` calls take, for `switchyard_plugin_handle_seconds`.
-#[derive(Debug)]
-pub struct HandleTimes(pub prometheus_client::metrics::histogram::Histogram);
+/// How long `handle` calls take, for `switchyard_plugin_handle_seconds`; when the host traces,
+/// each bucket also keeps the trace of the latest sampled message that fell in it (an
+/// OpenMetrics exemplar), so a slow bucket leads to a trace of a slow call.
+///
+/// Its form is set by the first call it observes: a plain histogram when that call came
+/// without a consumer span (tracing is off), one with exemplars when it came with one. Tracing
+/// is on or off for the host's whole life, so every later call agrees (one that does not is
+/// still counted, without an exemplar). With tracing off a call therefore costs what it always
+/// did: one lock of the histogram, no allocation. With exemplars the crate's histogram takes a
+/// second lock around the first on every call, and a sampled call copies its ids into its
+/// bucket's exemplar (the map of exemplars allocates only while it grows to one per bucket).
+#[derive(Debug, Default)]
+pub struct HandleTimes {
+    form: OnceLock<HandleHistogram>,
+}
 
-impl Default for HandleTimes {
-    /// Buckets from 10 µs to about 10 s, a factor of 4 apart: a warm trivial call sits in the
-    /// first, the default 100 ms deadline in the tenth.
-    fn default() -> Self {
-        Self(prometheus_client::metrics::histogram::Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(1e-5, 4.0, 11),
-        ))
+/// The two forms of [`HandleTimes`].
+#[derive(Debug)]
+enum HandleHistogram {
+    /// Tracing is off: no exemplars.
+    Plain(Histogram),
+    /// Tracing is on: sampled calls leave their trace as their bucket's exemplar.
+    Traced(HistogramWithExemplars<TraceExemplar>),
+}
+
+/// Buckets from 10 µs to about 10 s, a factor of 4 apart: a warm trivial call sits in the
+/// first, the default 100 ms deadline in the tenth.
+fn handle_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(1e-5, 4.0, 11)
+}
+
+impl HandleTimes {
+    /// Counts one call that took `seconds`; `span` is its consumer span, present when the host
+    /// traces. A sampled span becomes the exemplar of the call's bucket.
+    pub fn observe(&self, seconds: f64, span: Option<&opentelemetry::Context>) {
+        let form = self.form.get_or_init(|| match span {
+            None => HandleHistogram::Plain(Histogram::new(handle_buckets())),
+            Some(_) => HandleHistogram::Traced(HistogramWithExemplars::new(handle_buckets())),
+        });
+        match form {
+            HandleHistogram::Plain(histogram) => histogram.observe(seconds),
+            HandleHistogram::Traced(histogram) => {
+                let exemplar = span.and_then(TraceExemplar::of);
+                let at = exemplar.is_some().then(SystemTime::now);
+                histogram.observe(seconds, exemplar, at);
+            }
+        }
     }
+}
+
+impl EncodeMetric for HandleTimes {
+    /// The histogram, with its exemplars where the format carries them (OpenMetrics does, the
+    /// Prometheus text format does not).
+    fn encode(&self, encoder: MetricEncoder) -> std::fmt::Result {
+        match self.form.get() {
+            Some(HandleHistogram::Plain(histogram)) => histogram.encode(encoder),
+            Some(HandleHistogram::Traced(histogram)) => histogram.encode(encoder),
+            // No call yet: every bucket empty, and the form still open.
+            None => Histogram::new(handle_buckets()).encode(encoder),
+        }
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// The trace and span ids of a sampled consumer span, as lowercase hex (as W3C `traceparent`
+/// and OTLP JSON write them): the labels of an exemplar. Held inline, so recording one
+/// allocates nothing; 63 characters of labels, within the 128 OpenMetrics allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceExemplar {
+    trace_id: [u8; 32],
+    span_id: [u8; 16],
+}
+
+impl TraceExemplar {
+    /// The ids of the span in `cx`, if it is sampled: an unsampled span never reaches the
+    /// collector, so its ids would lead nowhere.
+    pub fn of(cx: &opentelemetry::Context) -> Option<Self> {
+        let span = cx.span();
+        let ids = span.span_context();
+        if !ids.is_sampled() || !ids.is_valid() {
+            return None;
+        }
+        let mut exemplar = Self {
+            trace_id: [0; 32],
+            span_id: [0; 16],
+        };
+        write_hex(&ids.trace_id().to_bytes(), &mut exemplar.trace_id);
+        write_hex(&ids.span_id().to_bytes(), &mut exemplar.span_id);
+        Some(exemplar)
+    }
+
+    /// The trace id, 32 hex digits.
+    pub fn trace_id(&self) -> &str {
+        hex_str(&self.trace_id)
+    }
+
+    /// The span id, 16 hex digits.
+    pub fn span_id(&self) -> &str {
+        hex_str(&self.span_id)
+    }
+}
+
+impl EncodeLabelSet for TraceExemplar {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        [("trace_id", self.trace_id()), ("span_id", self.span_id())].encode(encoder)
+    }
+}
+
+/// Writes `bytes` as lowercase hex into `out`, two digits a byte.
+fn write_hex(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+}
+
+/// Hex digits written by [`write_hex`] as text (always ASCII; empty if they were not).
+fn hex_str(digits: &[u8]) -> &str {
+    std::str::from_utf8(digits).unwrap_or_default()
 }
 
 /// Counters of one plugin, shared by the router (accepted, shed) and its workers.
@@ -278,4 +395,56 @@ pub(crate) fn millis_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::Context;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+
+    use super::*;
+
+    fn span(flags: TraceFlags) -> Context {
+        Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").expect("a trace id"),
+            SpanId::from_hex("b7ad6b7169203331").expect("a span id"),
+            flags,
+            true,
+            TraceState::default(),
+        ))
+    }
+
+    #[test]
+    fn a_sampled_span_gives_its_ids_in_lowercase_hex() {
+        let exemplar = TraceExemplar::of(&span(TraceFlags::SAMPLED)).expect("sampled");
+        assert_eq!(exemplar.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(exemplar.span_id(), "b7ad6b7169203331");
+    }
+
+    #[test]
+    fn an_unsampled_or_empty_span_gives_no_exemplar() {
+        assert_eq!(TraceExemplar::of(&span(TraceFlags::NOT_SAMPLED)), None);
+        assert_eq!(TraceExemplar::of(&Context::new()), None);
+    }
+
+    #[test]
+    fn the_first_call_sets_the_form_and_a_later_one_of_the_other_kind_still_counts() {
+        let untraced = HandleTimes::default();
+        untraced.observe(0.001, None);
+        untraced.observe(0.001, Some(&span(TraceFlags::SAMPLED)));
+        assert!(matches!(
+            untraced.form.get(),
+            Some(HandleHistogram::Plain(_))
+        ));
+
+        let traced = HandleTimes::default();
+        traced.observe(0.001, Some(&span(TraceFlags::NOT_SAMPLED)));
+        traced.observe(0.001, None);
+        assert!(matches!(
+            traced.form.get(),
+            Some(HandleHistogram::Traced(_))
+        ));
+    }
 }

@@ -576,6 +576,9 @@ impl Worker {
         let span = consumer_span(version, &envelope);
         let outcome = instance.handle(envelope, span.clone());
         let finished = Instant::now();
+        self.stats
+            .handle_times
+            .observe((finished - now).as_secs_f64(), span.as_ref());
         if let Some(span) = &span {
             match &outcome {
                 Ok(()) => crate::trace::end(span, Ok(())),
@@ -588,10 +591,6 @@ impl Worker {
                 }
             }
         }
-        self.stats
-            .handle_times
-            .0
-            .observe((finished - now).as_secs_f64());
         let outcome = match outcome {
             Ok(()) => {
                 self.stats.handled.fetch_add(1, Ordering::Relaxed);
