@@ -93,10 +93,7 @@ impl Tracing {
                 .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
                 .with_timeout(EXPORT_TIMEOUT)
                 .build()?,
-            OtlpProtocol::Grpc => anyhow::bail!(
-                "tracing.protocol = \"grpc\" is not available in this build: use \
-                 \"http/protobuf\" (port 4318 on the OpenTelemetry Collector)"
-            ),
+            OtlpProtocol::Grpc => grpc_exporter(endpoint)?,
         };
         let counts = Arc::new(SpanCounts::default());
         let exporter = Counting {
@@ -299,6 +296,37 @@ impl Tracing {
             tracing::warn!("the last spans were not exported: {error}");
         }
     }
+}
+
+/// The OTLP/gRPC exporter to the collector at `endpoint`, its base address
+/// (`http://collector:4317`).
+///
+/// The channel's connection runs as tasks on the runtime this is called on, the host's; the
+/// batch processor's thread only waits for the answers they deliver. So the exporter must be
+/// built inside that runtime, and a collector that cannot be reached holds up no worker.
+fn grpc_exporter(endpoint: &str) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    use anyhow::Context as _;
+    use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
+    anyhow::ensure!(
+        tokio::runtime::Handle::try_current().is_ok(),
+        "tracing over gRPC is started from within a tokio runtime, where its connection runs"
+    );
+    let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("tracing.otlp_endpoint {endpoint:?} is not a gRPC address"))?
+        // Unbounded by default: a collector that drops SYNs would hold each export for the
+        // kernel's connect timeout (minutes), while spans pile up and are dropped.
+        .connect_timeout(EXPORT_TIMEOUT)
+        .timeout(EXPORT_TIMEOUT);
+    if endpoint.starts_with("https://") {
+        channel = channel
+            .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            .with_context(|| format!("TLS to {endpoint} with the system's root certificates"))?;
+    }
+    Ok(opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_channel(channel.connect_lazy())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()?)
 }
 
 /// Where a callee adds its spans: under `cx`, recorded by `tracing`.

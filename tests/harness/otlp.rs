@@ -1,8 +1,11 @@
-//! A real OpenTelemetry collector endpoint for tests: an OTLP/HTTP receiver for traces.
+//! A real OpenTelemetry collector endpoint for tests: an OTLP receiver for traces, over HTTP
+//! or over gRPC.
 //!
-//! [`OtlpReceiver`] serves `POST /v1/traces` on a free loopback port and decodes every export
-//! request with the protocol's own generated types (`opentelemetry-proto`, through prost), so
-//! a test sees what a real collector would have received. It accepts:
+//! [`OtlpReceiver`] listens on a free loopback port and decodes every export request with the
+//! protocol's own generated types (`opentelemetry-proto`, through prost), so a test sees what
+//! a real collector would have received.
+//!
+//! Started with [`OtlpReceiver::start`], it serves OTLP/HTTP, `POST /v1/traces`, and accepts:
 //!
 //! - protobuf (`application/x-protobuf`), the exporters' default, and OTLP's JSON mapping
 //!   (`application/json`: ids in hex, enums as integers);
@@ -14,16 +17,25 @@
 //! rejection, which [`OtlpReceiver::wait_for_spans`] reports on timeout: a malformed export
 //! fails the test with its reason, not as a span that never came.
 //!
+//! Started with [`OtlpReceiver::start_grpc`], it serves OTLP/gRPC instead: the
+//! `TraceService/Export` call over HTTP/2 without TLS (tonic's server, the service
+//! `opentelemetry-proto` generates), uncompressed. It answers with an empty
+//! `ExportTraceServiceResponse`; a call it refuses (another service or method, a message that
+//! does not decode, a compression it does not take) is answered with its gRPC status and
+//! recorded as a rejection the same way.
+//!
 //! Spans are kept flattened ([`ReceivedSpan`]): ids in lowercase hex, attribute values as
 //! text, and the attributes of the span's resource copied onto it.
 //!
 //! [`OtlpReceiver::stop`] takes the collector down (the port refuses connections, open ones
 //! are closed) and [`OtlpReceiver::restart`] brings it back on the same port, for tests of
 //! what the system under test does while its collector is away. Spans received before a stop
-//! are kept. The server runs on the runtime of the caller of [`OtlpReceiver::start`].
+//! are kept; a receiver comes back speaking the protocol it was started with. The server runs
+//! on the runtime of the caller of [`OtlpReceiver::start`] or [`OtlpReceiver::start_grpc`].
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -36,6 +48,9 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse as _, Response};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -48,6 +63,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{BoxFuture, Service};
 
 /// The path exporters post traces to, under [`OtlpReceiver::endpoint`].
 pub const TRACES_PATH: &str = "/v1/traces";
@@ -148,6 +164,15 @@ fn lock(record: &Record) -> MutexGuard<'_, Received> {
     record.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The OTLP transport a receiver serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// OTLP/HTTP: `POST /v1/traces`, protobuf or JSON.
+    Http,
+    /// OTLP/gRPC: `TraceService/Export` over HTTP/2 without TLS.
+    Grpc,
+}
+
 /// The serving task of a running receiver.
 struct Server {
     /// Cancelled to stop accepting and close connections once their requests are answered.
@@ -156,40 +181,89 @@ struct Server {
 }
 
 impl Server {
-    /// Serves OTLP/HTTP on `listener`, recording into `record`.
-    fn spawn(listener: TcpListener, record: Record) -> Self {
-        let app = axum::Router::new()
-            .route(TRACES_PATH, axum::routing::post(export))
-            .fallback(unknown_route)
-            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-            .with_state(record);
+    /// Serves OTLP over `transport` on `listener`, recording into `record`.
+    fn spawn(listener: TcpListener, record: Record, transport: Transport) -> Self {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
-        let task = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await
-            {
-                tracing::warn!(%error, "the OTLP receiver stopped serving");
-            }
-        });
+        let task = match transport {
+            Transport::Http => tokio::spawn(serve_http(listener, record, signal)),
+            Transport::Grpc => tokio::spawn(serve_grpc(listener, record, signal)),
+        };
         Self { shutdown, task }
     }
 }
 
-/// An OTLP/HTTP trace receiver on a loopback port; stops when dropped.
+/// Serves OTLP/HTTP on `listener` until `signal`.
+async fn serve_http(
+    listener: TcpListener,
+    record: Record,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    let app = axum::Router::new()
+        .route(TRACES_PATH, axum::routing::post(export))
+        .fallback(unknown_route)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(record);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .await
+    {
+        tracing::warn!(%error, "the OTLP receiver stopped serving");
+    }
+}
+
+/// Serves OTLP/gRPC on `listener` until `signal`: then it stops accepting, sends each
+/// connection a GOAWAY, and returns once their calls are answered and they are closed.
+async fn serve_grpc(
+    listener: TcpListener,
+    record: Record,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    let traces = TraceServiceServer::new(GrpcTraces {
+        record: record.clone(),
+    })
+    .max_decoding_message_size(MAX_BODY_BYTES);
+    let service = RecordRefusals {
+        inner: traces,
+        record,
+    };
+    if let Err(error) = tonic::transport::Server::builder()
+        .serve_with_incoming_shutdown(
+            service,
+            tonic::transport::server::TcpIncoming::from(listener),
+            signal,
+        )
+        .await
+    {
+        tracing::warn!(%error, "the OTLP gRPC receiver stopped serving");
+    }
+}
+
+/// An OTLP trace receiver on a loopback port; stops when dropped.
 pub struct OtlpReceiver {
     /// Where it listens; kept across [`OtlpReceiver::restart`].
     addr: SocketAddr,
+    /// What it speaks; kept across [`OtlpReceiver::restart`].
+    transport: Transport,
     record: Record,
     /// `None` between [`OtlpReceiver::stop`] and [`OtlpReceiver::restart`].
     server: Option<Server>,
 }
 
 impl OtlpReceiver {
-    /// Starts a receiver on a port of 127.0.0.1 that the kernel picks, so no other server can
-    /// be holding it.
+    /// Starts an OTLP/HTTP receiver on a port of 127.0.0.1 that the kernel picks, so no other
+    /// server can be holding it.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_serving(Transport::Http).await
+    }
+
+    /// Starts an OTLP/gRPC receiver, like [`OtlpReceiver::start`] otherwise.
+    pub async fn start_grpc() -> anyhow::Result<Self> {
+        Self::start_serving(Transport::Grpc).await
+    }
+
+    /// Starts a receiver speaking `transport` on a free port of 127.0.0.1.
+    async fn start_serving(transport: Transport) -> anyhow::Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .context("binding the OTLP receiver to 127.0.0.1:0")?;
@@ -197,16 +271,22 @@ impl OtlpReceiver {
             .local_addr()
             .context("reading the OTLP receiver's address")?;
         let record = Record::default();
-        let server = Server::spawn(listener, record.clone());
+        let server = Server::spawn(listener, record.clone(), transport);
         Ok(Self {
             addr,
+            transport,
             record,
             server: Some(server),
         })
     }
 
-    /// The base URL an exporter is given, `http://127.0.0.1:PORT`; traces go to
-    /// [`TRACES_PATH`] under it.
+    /// What the receiver speaks.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The base URL an exporter is given, `http://127.0.0.1:PORT`: over HTTP traces go to
+    /// [`TRACES_PATH`] under it, over gRPC it is the whole address.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -296,7 +376,7 @@ impl OtlpReceiver {
         let listener = TcpListener::bind(self.addr)
             .await
             .with_context(|| format!("binding the OTLP receiver to {} again", self.addr))?;
-        self.server = Some(Server::spawn(listener, self.record.clone()));
+        self.server = Some(Server::spawn(listener, self.record.clone(), self.transport));
         Ok(())
     }
 }
@@ -307,6 +387,73 @@ impl Drop for OtlpReceiver {
             server.shutdown.cancel();
             server.task.abort();
         }
+    }
+}
+
+/// The gRPC trace service: records the spans of every export call.
+struct GrpcTraces {
+    record: Record,
+}
+
+#[tonic::async_trait]
+impl TraceService for GrpcTraces {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = flatten(request.into_inner());
+        let mut received = lock(&self.record);
+        received.requests += 1;
+        received.spans.extend(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// The gRPC server's service: `inner`, with every call it refuses recorded as a rejection.
+#[derive(Clone)]
+struct RecordRefusals<S> {
+    inner: S,
+    record: Record,
+}
+
+type GrpcRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type GrpcResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl<S> Service<GrpcRequest> for RecordRefusals<S>
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = GrpcResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<GrpcResponse, Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: GrpcRequest) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let record = self.record.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            // A refusal is answered at once, its status in the headers (`trailers-only`); a
+            // success sends its status in trailers, after the message.
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && status.code() != tonic::Code::Ok
+            {
+                lock(&record).rejections.push(format!(
+                    "{path}: {:?}: {}",
+                    status.code(),
+                    status.message()
+                ));
+            }
+            Ok(response)
+        })
     }
 }
 
@@ -555,13 +702,16 @@ fn hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    //! The receiver against the real OTLP/HTTP exporter, in each encoding it can send.
+    //! The receiver against the real OTLP exporters: over HTTP in each encoding it can send,
+    //! and over gRPC.
 
     use opentelemetry::trace::{
         Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
     };
     use opentelemetry::{Array, KeyValue, Value};
-    use opentelemetry_otlp::{Compression, Protocol, WithExportConfig as _, WithHttpConfig as _};
+    use opentelemetry_otlp::{
+        Compression, Protocol, SpanExporter, WithExportConfig as _, WithHttpConfig as _,
+    };
     use opentelemetry_sdk::Resource;
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tokio::runtime::Runtime;
@@ -576,27 +726,42 @@ mod tests {
         child_id: String,
     }
 
-    /// Sends a `parent` span and its `child` through the real exporter to `endpoint`, one
-    /// request per span. Runs on the test's own thread: the exporter's blocking client must
-    /// not run on the receiver's runtime.
-    fn export_trace(
+    /// The real OTLP/HTTP exporter to the receiver at `endpoint`.
+    fn http_exporter(
         endpoint: &str,
         protocol: Protocol,
         compression: Option<Compression>,
-    ) -> anyhow::Result<Sent> {
+    ) -> anyhow::Result<SpanExporter> {
         // reqwest configures TLS even for plain HTTP, and where the build enables rustls
         // without choosing its primitives (the host's registry client does), building a client
         // panics unless a process-wide provider is installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        let mut exporter = SpanExporter::builder()
             .with_http()
             .with_protocol(protocol)
             .with_endpoint(format!("{endpoint}{TRACES_PATH}"));
         if let Some(compression) = compression {
             exporter = exporter.with_compression(compression);
         }
+        Ok(exporter.build()?)
+    }
+
+    /// The real OTLP/gRPC exporter to the receiver at `endpoint`; its channel runs on
+    /// `runtime`.
+    fn grpc_exporter(runtime: &Runtime, endpoint: &str) -> anyhow::Result<SpanExporter> {
+        let _entered = runtime.enter();
+        Ok(SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()?)
+    }
+
+    /// Sends a `parent` span and its `child` through `exporter`, one request per span. Runs
+    /// on the test's own thread: an exporter waits for its answer there, off the receiver's
+    /// runtime.
+    fn export_trace(exporter: SpanExporter) -> anyhow::Result<Sent> {
         let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.build()?)
+            .with_simple_exporter(exporter)
             .with_resource(
                 Resource::builder_empty()
                     .with_service_name("otlp-self-test")
@@ -694,7 +859,7 @@ mod tests {
             (Protocol::HttpJson, None),
         ] {
             let receiver = runtime.block_on(OtlpReceiver::start())?;
-            let sent = export_trace(&receiver.endpoint(), protocol, compression)?;
+            let sent = export_trace(http_exporter(&receiver.endpoint(), protocol, compression)?)?;
             check_trace(&runtime, &receiver, &sent)
                 .with_context(|| format!("{protocol:?} with compression {compression:?}"))?;
             assert_eq!(receiver.requests(), 2, "one request per span");
@@ -707,7 +872,11 @@ mod tests {
     fn restart_serves_the_same_port_and_keeps_what_arrived() -> anyhow::Result<()> {
         let runtime = Runtime::new()?;
         let mut receiver = runtime.block_on(OtlpReceiver::start())?;
-        let first = export_trace(&receiver.endpoint(), Protocol::HttpBinary, None)?;
+        let first = export_trace(http_exporter(
+            &receiver.endpoint(),
+            Protocol::HttpBinary,
+            None,
+        )?)?;
         check_trace(&runtime, &receiver, &first)?;
 
         runtime.block_on(receiver.stop());
@@ -717,7 +886,11 @@ mod tests {
         assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
 
         runtime.block_on(receiver.restart())?;
-        let second = export_trace(&receiver.endpoint(), Protocol::HttpBinary, None)?;
+        let second = export_trace(http_exporter(
+            &receiver.endpoint(),
+            Protocol::HttpBinary,
+            None,
+        )?)?;
         check_trace(&runtime, &receiver, &first)?;
         check_trace(&runtime, &receiver, &second)?;
         assert_eq!(receiver.requests(), 4);
@@ -732,6 +905,82 @@ mod tests {
             message.contains("no span named missing") && message.contains("\"child\" x2"),
             "{message}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn decodes_what_the_real_grpc_exporter_sends_before_and_after_a_restart() -> anyhow::Result<()>
+    {
+        let runtime = Runtime::new()?;
+        let mut receiver = runtime.block_on(OtlpReceiver::start_grpc())?;
+        assert_eq!(receiver.transport(), Transport::Grpc);
+        let first = export_trace(grpc_exporter(&runtime, &receiver.endpoint())?)?;
+        check_trace(&runtime, &receiver, &first)?;
+        assert_eq!(receiver.requests(), 2, "one call per span");
+
+        runtime.block_on(receiver.stop());
+        let refused = std::net::TcpStream::connect(receiver.addr)
+            .map(drop)
+            .map_err(|error| error.kind());
+        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+
+        runtime.block_on(receiver.restart())?;
+        assert_eq!(receiver.transport(), Transport::Grpc);
+        let second = export_trace(grpc_exporter(&runtime, &receiver.endpoint())?)?;
+        check_trace(&runtime, &receiver, &first)?;
+        check_trace(&runtime, &receiver, &second)?;
+        assert_eq!(receiver.requests(), 4);
+        assert_eq!(receiver.rejections(), Vec::<String>::new());
+        Ok(())
+    }
+
+    /// Calls `path` on the gRPC receiver at `endpoint` with `message` (protobuf bytes) as a
+    /// raw gRPC request, and returns the status it answered with.
+    async fn raw_grpc_call(endpoint: &str, path: &str, message: &[u8]) -> anyhow::Result<String> {
+        let mut channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect()
+            .await?;
+        // One uncompressed length-prefixed message.
+        let mut frame = vec![0];
+        frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        frame.extend_from_slice(message);
+        let request = tonic::codegen::http::Request::post(format!("{endpoint}{path}"))
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .body(tonic::body::Body::new(axum::body::Body::from(frame)))?;
+        std::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+        let response = Service::call(&mut channel, request).await?;
+        let status = tonic::Status::from_header_map(response.headers())
+            .context("no status in the answer's headers")?;
+        Ok(format!("{:?}", status.code()))
+    }
+
+    #[tokio::test]
+    async fn records_each_grpc_call_it_refuses_with_its_status() -> anyhow::Result<()> {
+        const SERVICE: &str = "/opentelemetry.proto.collector.trace.v1.TraceService";
+        let receiver = OtlpReceiver::start_grpc().await?;
+        let endpoint = receiver.endpoint();
+        let unknown = raw_grpc_call(&endpoint, &format!("{SERVICE}/Missing"), &[]).await?;
+        // Field 1, length-delimited, 5 bytes long, of which 1 follows.
+        let truncated =
+            raw_grpc_call(&endpoint, &format!("{SERVICE}/Export"), &[0x0a, 5, 1]).await?;
+        assert_eq!(
+            (unknown.as_str(), truncated.as_str()),
+            ("Unimplemented", "Internal")
+        );
+
+        let rejections = receiver.rejections();
+        assert_eq!(rejections.len(), 2, "{rejections:?}");
+        assert!(
+            rejections[0].starts_with(&format!("{SERVICE}/Missing: Unimplemented")),
+            "{rejections:?}"
+        );
+        assert!(
+            rejections[1].starts_with(&format!("{SERVICE}/Export: Internal")),
+            "{rejections:?}"
+        );
+        assert_eq!(receiver.requests(), 0);
+        assert_eq!(receiver.spans(), Vec::new());
         Ok(())
     }
 }

@@ -441,3 +441,112 @@ async fn spans_beyond_the_exporter_s_queue_are_dropped_and_counted_not_messages(
     host.stop().await?;
     Ok(())
 }
+
+/// `[tracing]` exporting to `receiver` over gRPC.
+fn grpc_tracing_config(receiver: &OtlpReceiver) -> String {
+    format!("{}protocol = \"grpc\"\n", tracing_config(receiver))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_grpc_a_message_s_consumer_span_and_its_publish_reach_the_collector()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let receiver = OtlpReceiver::start_grpc().await?;
+    let config = format!(
+        "{}payload_field = \"traceparent\"\n",
+        grpc_tracing_config(&receiver)
+    );
+    let manifest = "[subscriptions]\npatterns = [\"fault:*\"]\n[grants]\npublish = [\"faults\"]\n";
+    let host = TestHost::start_configured(
+        &redis,
+        &config,
+        &[("faulty", plugins::FAULTY, Some(manifest))],
+    )
+    .await?;
+    // The fixture answers anything it does not know with a publish on `faults`.
+    redis
+        .publish(
+            "fault:grpc",
+            format!(r#"{{"traceparent":"00-{TRACE_ID}-{PARENT_ID}-01","order":7}}"#).as_str(),
+        )
+        .await?;
+    let spans = receiver
+        .wait_for_spans(
+            "the message's consumer span and its publish",
+            PATIENCE,
+            |spans| {
+                named(spans, "process fault:grpc").is_some()
+                    && named(spans, "publish faults").is_some()
+            },
+        )
+        .await?;
+    let consumer = named(&spans, "process fault:grpc").expect("waited for");
+    assert_eq!(consumer.trace_id, TRACE_ID, "{consumer:?}");
+    assert_eq!(consumer.parent_span_id.as_deref(), Some(PARENT_ID));
+    assert_eq!(consumer.kind, "consumer");
+    assert_eq!(consumer.attributes["switchyard.plugin"], "faulty");
+    assert_eq!(consumer.resource["service.name"], "router-test");
+    let publish = named(&spans, "publish faults").expect("waited for");
+    assert_eq!(publish.trace_id, TRACE_ID, "{publish:?}");
+    assert_eq!(
+        publish.parent_span_id.as_deref(),
+        Some(consumer.span_id.as_str())
+    );
+    assert_eq!(publish.kind, "producer");
+    assert_eq!(receiver.rejections(), Vec::<String>::new());
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_grpc_a_collector_that_is_down_costs_spans_and_export_resumes_when_it_is_back()
+-> anyhow::Result<()> {
+    const MESSAGES: usize = 500;
+    let redis = RedisServer::start().await?;
+    let mut receiver = OtlpReceiver::start_grpc().await?;
+    let host = TestHost::start_configured(
+        &redis,
+        &grpc_tracing_config(&receiver),
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    let failed = || async {
+        crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="failed"}"#)
+            .await
+            .map(Option::unwrap_or_default)
+    };
+
+    // Down before the exporter ever connected, then with a connection it had made: each time
+    // every message is forwarded, spans fail and are counted, and export resumes once the
+    // collector is back.
+    for round in ["never-connected", "reconnected"] {
+        receiver.stop().await;
+        let failed_before = failed().await?;
+        redis
+            .publish_all((0..MESSAGES).map(|i| (format!("fwd:{round}"), i.to_string())))
+            .await?;
+        let got = out.take(MESSAGES, PATIENCE).await?;
+        assert_eq!(got.len(), MESSAGES, "{round}: every message forwarded");
+        switchyard_tests::eventually(PATIENCE, || async {
+            let now = failed().await?;
+            anyhow::ensure!(now > failed_before, "{round}: no failed export counted yet");
+            Ok(())
+        })
+        .await?;
+
+        receiver.restart().await?;
+        let after = format!("fwd:after-{round}");
+        redis.publish(&after, "1").await?;
+        receiver
+            .wait_for_spans(
+                &format!("{round}: a span after the collector came back"),
+                PATIENCE,
+                |spans| named(spans, &format!("process {after}")).is_some(),
+            )
+            .await?;
+        out.take(1, PATIENCE).await?;
+    }
+    host.stop().await?;
+    Ok(())
+}

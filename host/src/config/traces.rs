@@ -12,7 +12,8 @@ pub enum OtlpProtocol {
     #[default]
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
-    /// OTLP over gRPC (port 4317 by custom).
+    /// OTLP over gRPC, `TraceService/Export` at ENDPOINT, the collector's address without a
+    /// path (port 4317 by custom).
     #[serde(rename = "grpc")]
     Grpc,
 }
@@ -21,12 +22,14 @@ pub enum OtlpProtocol {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracingConfig {
-    /// Where the collector listens (`http://collector:4318`). Tracing is off when unset and
-    /// neither `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` nor `OTEL_EXPORTER_OTLP_ENDPOINT` is.
+    /// Where the collector listens: `http://collector:4318` for `http/protobuf` (the host
+    /// posts to `/v1/traces` under it), `http://collector:4317` for `grpc` (no path). Tracing
+    /// is off when unset and neither `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` nor
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
-    /// `http/protobuf` (default; else `OTEL_EXPORTER_OTLP_PROTOCOL`). `grpc` is recognised
-    /// and refused: this build exports over HTTP only.
+    /// `http/protobuf` (default) or `grpc`; else `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`.
     #[serde(default)]
     pub protocol: Option<OtlpProtocol>,
     /// The share of new traces recorded, 0 to 1 (default 1; else `OTEL_TRACES_SAMPLER_ARG`).
@@ -119,11 +122,14 @@ impl TracingConfig {
                 "{origin}: tracing.export_interval_ms must be at least 1"
             ));
         }
-        if self.protocol == Some(OtlpProtocol::Grpc) {
+        if self.protocol == Some(OtlpProtocol::Grpc)
+            && let Some(endpoint) = &self.otlp_endpoint
+            && has_path(endpoint)
+        {
+            // gRPC calls go to the service's own path: one given here would be ignored.
             problems.push(format!(
-                "{origin}: tracing.protocol = \"grpc\" (or OTEL_EXPORTER_OTLP_PROTOCOL=grpc) is \
-                 not built into this host: use \"http/protobuf\" (port 4318 on the \
-                 OpenTelemetry Collector)"
+                "{origin}: tracing.otlp_endpoint for tracing.protocol = \"grpc\" is the \
+                 collector's address without a path (http://collector:4317), got {endpoint:?}"
             ));
         }
         if self.payload_field.as_deref() == Some("") {
@@ -207,6 +213,16 @@ impl TracingConfig {
     }
 }
 
+/// Whether the `http://` or `https://` URL `endpoint` goes on past its host and port (a
+/// trailing `/` aside).
+fn has_path(endpoint: &str) -> bool {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    rest.find(['/', '?', '#'])
+        .is_some_and(|start| !matches!(&rest[start..], "/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +297,67 @@ mod tests {
             problems[1].contains("tracing.otlp_endpoint"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn grpc_takes_the_collector_s_address_and_refuses_one_with_a_path() {
+        let grpc = |endpoint: &str| {
+            let mut config = TracingConfig {
+                protocol: Some(OtlpProtocol::Grpc),
+                otlp_endpoint: Some(endpoint.to_owned()),
+                ..TracingConfig::default()
+            };
+            config.resolve(&[]);
+            let mut problems = Vec::new();
+            config.check("f.toml", &mut problems);
+            (config.settings(), problems)
+        };
+        for endpoint in [
+            "http://c:4317",
+            "http://c:4317/",
+            "https://collector.example",
+        ] {
+            let (settings, problems) = grpc(endpoint);
+            assert_eq!(problems, Vec::<String>::new(), "{endpoint}");
+            assert_eq!(settings.protocol, OtlpProtocol::Grpc);
+            assert_eq!(settings.endpoint.as_deref(), Some(endpoint));
+        }
+        for endpoint in [
+            "http://c:4318/v1/traces",
+            "http://c:4317/otlp",
+            "http://c:4317?x=1",
+        ] {
+            let (_, problems) = grpc(endpoint);
+            assert_eq!(problems.len(), 1, "{endpoint}: {problems:?}");
+            assert!(
+                problems[0].contains("tracing.otlp_endpoint")
+                    && problems[0].contains("without a path"),
+                "{problems:?}"
+            );
+        }
+
+        // From the variables: the traces endpoint loses an HTTP path, and is then the address.
+        let mut from_env = TracingConfig::default();
+        from_env.resolve(&env(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317"),
+        ]));
+        let mut problems = Vec::new();
+        from_env.check("env", &mut problems);
+        assert_eq!(problems, Vec::<String>::new());
+        let settings = from_env.settings();
+        assert_eq!(
+            (settings.protocol, settings.endpoint.as_deref()),
+            (OtlpProtocol::Grpc, Some("http://c:4317"))
+        );
+
+        // A path is the HTTP exporter's business, as before.
+        let mut problems = Vec::new();
+        TracingConfig {
+            otlp_endpoint: Some("http://c:4318/base".to_owned()),
+            ..TracingConfig::default()
+        }
+        .check("f.toml", &mut problems);
+        assert_eq!(problems, Vec::<String>::new());
     }
 }
