@@ -10,6 +10,7 @@ mod contain_effects;
 mod contain_files;
 mod contain_gateway;
 mod contain_sleep;
+mod contract;
 mod faults;
 mod gateway;
 mod glob_differential;
