@@ -78,7 +78,8 @@ impl Instance {
         })
     }
 
-    /// Calls the handler with one message, under the span `trace` if it is traced. After a
+    /// Calls the handler with one message, under the span `trace` if it is traced (a plugin
+    /// of the current contract reads that span's context in `message.trace`). After a
     /// failure whose reason poisons the instance, the instance must be dropped.
     pub fn handle(
         &mut self,
