@@ -6,6 +6,7 @@ use switchyard_plugin_build::{Embed, build, write_constants};
 
 const PLUGINS: &[&str] = &[
     "forward",
+    "forward-0-4",
     "notify-router",
     "chat-moderator",
     "cache-invalidator",

@@ -22,12 +22,9 @@ use crate::component::{Interface, interface};
 use crate::config::{Config, GrantsConfig, Policy};
 use crate::effects::outputs::{Captured, Outputs, Reply};
 use crate::plugins::PluginReport;
-use crate::plugins::loader::{WORLD, world_version};
+use crate::plugins::loader::WORLD;
 use crate::source::embedded::{EmbeddedBroker, Published};
 use crate::worker::worlds::World;
-
-/// The interface every plugin exports, without its version.
-const HANDLER: &str = "switchyard:plugin/handler";
 
 /// How long one input may keep the plugin busy before `test` gives up on it.
 const INPUT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -124,8 +121,8 @@ pub async fn check(target: &Target) -> anyhow::Result<CheckReport> {
                 file: target.wasm.clone(),
                 size: bytes.len() as u64,
                 world: match World::of_exports(&exports) {
-                    Ok(World::Switchyard) | Err(_) => WORLD,
-                    Ok(world) => world.label(),
+                    Ok(world) => world.contract().unwrap_or(world.label()),
+                    Err(_) => WORLD,
                 },
                 name: report.name.to_string(),
                 manifest: target.manifest(),
@@ -163,25 +160,11 @@ fn missing(requested: &[String], granted: &[String]) -> Vec<String> {
 }
 
 /// The top-level import and export names of a component, after checking that it exports
-/// the handler interface in the version this host runs.
+/// the handler of a world this host runs (for Switchyard's own, in a version it runs).
 fn checked_interface(bytes: &[u8]) -> Result<(Vec<String>, Vec<String>), String> {
     let Interface { imports, exports } = interface(bytes)?;
-    if World::of_exports(&exports).map_err(|why| format!("not a plugin: {why}"))?
-        != World::Switchyard
-    {
-        return Ok((imports, exports));
-    }
-    let handler = exports
-        .iter()
-        .find_map(|name| name.strip_prefix(HANDLER)?.strip_prefix('@'));
-    match handler {
-        Some(version) if version == world_version() => Ok((imports, exports)),
-        Some(version) => Err(format!(
-            "built for {HANDLER}@{version}; this host runs {WORLD}: rebuild it against the \
-             WIT in this release"
-        )),
-        None => Err(format!("does not export {HANDLER}")),
-    }
+    World::of_exports(&exports).map_err(|why| format!("not a plugin: {why}"))?;
+    Ok((imports, exports))
 }
 
 /// One line of a `switchyard test` input file.
@@ -556,7 +539,7 @@ pub fn render_check(report: &CheckReport) -> String {
         report.size.div_ceil(1024)
     );
     let _ = writeln!(out, "  plugin name:   {}", report.name);
-    if report.world == WORLD {
+    if World::of_exports(&report.exports).is_ok_and(World::describes_itself) {
         let _ = writeln!(
             out,
             "  describe:      {} {}",

@@ -6,6 +6,7 @@ mod browser;
 mod budgets;
 mod cluster;
 mod concurrency;
+mod contract;
 mod contain_effects;
 mod contain_files;
 mod contain_gateway;

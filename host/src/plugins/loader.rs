@@ -52,10 +52,11 @@ use crate::worker::version::{Description, LoadedPlugin};
 use crate::worker::worlds::{HandlerPre, World};
 use crate::{ContentHash, PluginName};
 
-/// The world a plugin must target, for error messages.
-pub const WORLD: &str = "switchyard:plugin/plugin@0.4.0";
+/// The world of the current contract, which new plugins target (the host also runs plugins
+/// built for earlier versions: see [`World`]).
+pub const WORLD: &str = "switchyard:plugin/plugin@0.5.0";
 
-/// The contract's package version (`0.4.0`): what guests put in their imports' names.
+/// The contract's package version (`0.5.0`): what guests put in their imports' names.
 pub fn world_version() -> &'static str {
     WORLD.rsplit_once('@').map_or("", |(_, version)| version)
 }
@@ -342,9 +343,9 @@ impl Loader {
         );
         let pre =
             HandlerPre::new(world, self.runtime.linker_for(world), &component).map_err(|e| {
-                LoadError::WrongWorld(match world {
-                    World::Switchyard => format!("does not target {WORLD}: {e:#}"),
-                    _ => format!("does not link as a {} component: {e:#}", world.label()),
+                LoadError::WrongWorld(match world.contract() {
+                    Some(contract) => format!("does not target {contract}: {e:#}"),
+                    None => format!("does not link as a {} component: {e:#}", world.label()),
                 })
             })?;
         if !world.describes_itself() && manifest.subscriptions.is_none() {

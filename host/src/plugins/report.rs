@@ -76,7 +76,8 @@ pub struct VersionReport {
     /// The version `describe` gave (empty for other hosts' worlds, which have no
     /// `describe`).
     pub version: String,
-    /// The world the component is written for: `switchyard:plugin`, or another host's.
+    /// The world the component is written for: `switchyard:plugin@0.5.0` (or `@0.4.0`, the
+    /// previous contract), or another host's.
     pub world: &'static str,
     /// Content hash of the `.wasm`.
     pub hash: ContentHash,

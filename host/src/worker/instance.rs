@@ -19,7 +19,7 @@ use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
 use super::worlds::wasi_messaging::{self, MessageData};
 use super::worlds::wasmcloud::BrokerMessage;
-use super::worlds::{Bindings, spin_redis3};
+use super::worlds::{Bindings, spin_redis3, switchyard04};
 use crate::message::Subscription;
 use crate::stats::PluginStats;
 use crate::stats::outcome::{Failure, FailureReason};
@@ -65,20 +65,21 @@ impl Instance {
     /// new version (the loader's) takes no longer than that in all.
     /// Components of other hosts' worlds have no `describe`: `None`.
     pub fn describe(&mut self) -> Result<Option<types::PluginInfo>, Failure> {
-        let Bindings::Switchyard(bindings) = &self.bindings else {
-            return Ok(None);
+        let answer = match &self.bindings {
+            Bindings::Switchyard(bindings) => bindings
+                .switchyard_plugin_handler()
+                .call_describe(&mut self.store),
+            Bindings::Switchyard04(bindings) => switchyard04::describe(bindings, &mut self.store),
+            _ => return Ok(None),
         };
-        bindings
-            .switchyard_plugin_handler()
-            .call_describe(&mut self.store)
-            .map(Some)
-            .map_err(|trap| Failure {
-                reason: trap_reason(&trap),
-                message: describe_trap(&trap, &self.version),
-            })
+        answer.map(Some).map_err(|trap| Failure {
+            reason: trap_reason(&trap),
+            message: describe_trap(&trap, &self.version),
+        })
     }
 
-    /// Calls the handler with one message, under the span `trace` if it is traced. After a
+    /// Calls the handler with one message, under the span `trace` if it is traced (a plugin
+    /// of the current contract reads that span's context in `message.trace`). After a
     /// failure whose reason poisons the instance, the instance must be dropped.
     pub fn handle(
         &mut self,
@@ -89,12 +90,18 @@ impl Instance {
         self.store.data_mut().trace = trace;
         let result = match &self.bindings {
             Bindings::Switchyard(bindings) => {
-                let message = switchyard_message(envelope);
+                let trace = self.store.data().trace.as_ref().and_then(trace_context);
+                let message = switchyard_message(envelope, trace);
                 bindings
                     .switchyard_plugin_handler()
                     .call_handle(&mut self.store, &message)
                     .map(|answer| answer.map_err(|error| render_error(&error)))
             }
+            Bindings::Switchyard04(bindings) => switchyard04::handle(
+                bindings,
+                &mut self.store,
+                switchyard_message(envelope, None),
+            ),
             Bindings::WasiMessaging(bindings) => self
                 .store
                 .data_mut()
@@ -150,8 +157,8 @@ impl Instance {
     }
 }
 
-/// A message as `switchyard:plugin` gives it to `handle`.
-fn switchyard_message(envelope: Envelope) -> Message {
+/// A message as `switchyard:plugin` gives it to `handle`, with the trace context `trace`.
+fn switchyard_message(envelope: Envelope, trace: Option<types::TraceContext>) -> Message {
     Message {
         channel: text(envelope.channel),
         subscription: {
@@ -180,7 +187,26 @@ fn switchyard_message(envelope: Envelope) -> Message {
                     .collect()
             })
             .unwrap_or_default(),
+        trace,
     }
+}
+
+/// The trace context a plugin sees for the call traced by the span of `cx`: its
+/// `traceparent` and `tracestate`, sampled or not; `None` when the span's context is not
+/// valid (which a span the host opened always is).
+fn trace_context(cx: &opentelemetry::Context) -> Option<types::TraceContext> {
+    let mut context = types::TraceContext {
+        traceparent: String::new(),
+        tracestate: String::new(),
+    };
+    for (name, value) in crate::trace::carrier_of(cx) {
+        match name.as_str() {
+            "traceparent" => context.traceparent = value,
+            "tracestate" => context.tracestate = value,
+            _ => {}
+        }
+    }
+    (!context.traceparent.is_empty()).then_some(context)
 }
 
 /// A message as the WASI messaging draft gives it to `handle`: the channel as its topic, the

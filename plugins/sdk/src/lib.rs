@@ -48,7 +48,7 @@ pub mod bindings {
 
 use bindings::switchyard::plugin::host;
 pub use bindings::switchyard::plugin::types::{
-    Capabilities, Error, Level, Message, OutputReply, PluginInfo, Subscription,
+    Capabilities, Error, Level, Message, OutputReply, PluginInfo, Subscription, TraceContext,
 };
 
 /// A Switchyard plugin.
@@ -233,6 +233,16 @@ impl Message {
             .iter()
             .find(|(field, _)| field == name)
             .map(|(_, value)| value.as_slice())
+    }
+
+    /// The W3C `traceparent` of this call's span (`00-<trace id>-<span id>-<flags>`), when
+    /// the host traces: put it in what the plugin publishes or sends to its own services, and
+    /// their work joins this message's trace as a child of this call. `None` when tracing is
+    /// off. [`Message::trace`] also holds the `tracestate`.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.trace
+            .as_ref()
+            .map(|context| context.traceparent.as_str())
     }
 
     /// The payload as UTF-8 text, or `Error::Invalid` if it is not.
