@@ -879,11 +879,7 @@ mod tests {
         )?)?;
         check_trace(&runtime, &receiver, &first)?;
 
-        runtime.block_on(receiver.stop());
-        let refused = std::net::TcpStream::connect(receiver.addr)
-            .map(drop)
-            .map_err(|error| error.kind());
-        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+        stop_refusing(&runtime, &mut receiver);
 
         runtime.block_on(receiver.restart())?;
         let second = export_trace(http_exporter(
@@ -908,6 +904,15 @@ mod tests {
         Ok(())
     }
 
+    /// Stops `receiver` and checks that its port refuses connections.
+    fn stop_refusing(runtime: &Runtime, receiver: &mut OtlpReceiver) {
+        runtime.block_on(receiver.stop());
+        let refused = std::net::TcpStream::connect(receiver.addr)
+            .map(drop)
+            .map_err(|error| error.kind());
+        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+    }
+
     #[test]
     fn decodes_what_the_real_grpc_exporter_sends_before_and_after_a_restart() -> anyhow::Result<()>
     {
@@ -918,11 +923,7 @@ mod tests {
         check_trace(&runtime, &receiver, &first)?;
         assert_eq!(receiver.requests(), 2, "one call per span");
 
-        runtime.block_on(receiver.stop());
-        let refused = std::net::TcpStream::connect(receiver.addr)
-            .map(drop)
-            .map_err(|error| error.kind());
-        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+        stop_refusing(&runtime, &mut receiver);
 
         runtime.block_on(receiver.restart())?;
         assert_eq!(receiver.transport(), Transport::Grpc);

@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use switchyard_tests::otlp::{OtlpReceiver, ReceivedSpan};
-use switchyard_tests::{FORWARD_MANIFEST, PATIENCE, RedisServer, Subscriber, TestHost, plugins};
+use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost};
 
 /// Messages published; each gets a sampled consumer span.
 const MESSAGES: usize = 5;
@@ -123,12 +123,7 @@ async fn handle_time_buckets_carry_the_trace_of_a_sampled_message_for_openmetric
         "[tracing]\notlp_endpoint = {:?}\nexport_interval_ms = 100\nsample_ratio = 1.0\n",
         receiver.endpoint()
     );
-    let host = TestHost::start_configured(
-        &redis,
-        &config,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = crate::tracing::forward_host(&redis, &config).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
     let before = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
     for i in 0..MESSAGES {

@@ -23,6 +23,58 @@ fn named<'a>(spans: &'a [ReceivedSpan], prefix: &str) -> Option<&'a ReceivedSpan
     spans.iter().find(|span| span.name.starts_with(prefix))
 }
 
+/// A host running forward, configured with `config`.
+pub(crate) async fn forward_host(redis: &RedisServer, config: &str) -> anyhow::Result<TestHost> {
+    TestHost::start_configured(
+        redis,
+        config,
+        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
+    )
+    .await
+}
+
+/// A host running the `faulty` fixture on `fault:*`, allowed to publish on `faults`,
+/// configured with `config`.
+async fn faulty_host(redis: &RedisServer, config: &str) -> anyhow::Result<TestHost> {
+    let manifest = "[subscriptions]\npatterns = [\"fault:*\"]\n[grants]\npublish = [\"faults\"]\n";
+    TestHost::start_configured(
+        redis,
+        config,
+        &[("faulty", plugins::FAULTY, Some(manifest))],
+    )
+    .await
+}
+
+/// The spans `host` counted as `result` (`exported`, `failed`, `dropped`) so far.
+async fn spans_counted(host: &TestHost, result: &str) -> anyhow::Result<u64> {
+    let series = format!("switchyard_trace_spans_total{{result=\"{result}\"}}");
+    Ok(crate::faults::metric(host, &series).await?.unwrap_or(0))
+}
+
+/// Publishes `messages` on `channel`, checks that forward delivered every one to `out`, then
+/// waits until `host` has counted more than `before` spans as `result`; returns the count.
+async fn forward_all_then_count_spans(
+    redis: &RedisServer,
+    out: &mut Subscriber,
+    host: &TestHost,
+    channel: &str,
+    messages: usize,
+    result: &str,
+    before: u64,
+) -> anyhow::Result<u64> {
+    redis
+        .publish_all((0..messages).map(|i| (channel, i.to_string())))
+        .await?;
+    let got = out.take(messages, PATIENCE).await?;
+    assert_eq!(got.len(), messages, "{channel}: every message forwarded");
+    switchyard_tests::eventually(PATIENCE, || async {
+        let now = spans_counted(host, result).await?;
+        anyhow::ensure!(now > before, "{channel}: no span counted as {result} yet");
+        Ok(now)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_entry_s_trace_continues_through_the_plugin_to_its_publish_and_webhook()
 -> anyhow::Result<()> {
@@ -314,13 +366,7 @@ async fn a_failing_message_s_span_carries_the_error_and_a_payload_field_can_pare
         "{}payload_field = \"traceparent\"\n",
         tracing_config(&receiver)
     );
-    let manifest = "[subscriptions]\npatterns = [\"fault:*\"]\n[grants]\npublish = [\"faults\"]\n";
-    let host = TestHost::start_configured(
-        &redis,
-        &config,
-        &[("faulty", plugins::FAULTY, Some(manifest))],
-    )
-    .await?;
+    let host = faulty_host(&redis, &config).await?;
     // Not JSON: a new trace. The fixture fails on `error`.
     redis.publish("fault:x", "error").await?;
     let spans = receiver
@@ -362,29 +408,10 @@ async fn a_receiver_that_is_down_costs_spans_not_messages() -> anyhow::Result<()
     const MESSAGES: usize = 500;
     let redis = RedisServer::start().await?;
     let mut receiver = OtlpReceiver::start().await?;
-    let host = TestHost::start_configured(
-        &redis,
-        &tracing_config(&receiver),
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = forward_host(&redis, &tracing_config(&receiver)).await?;
     receiver.stop().await;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis
-        .publish_all((0..MESSAGES).map(|i| ("fwd:x", i.to_string())))
-        .await?;
-    let got = out.take(MESSAGES, PATIENCE).await?;
-    assert_eq!(got.len(), MESSAGES, "every message forwarded");
-    let failed = switchyard_tests::eventually(PATIENCE, || async {
-        let value =
-            crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="failed"}"#)
-                .await?
-                .unwrap_or(0);
-        anyhow::ensure!(value > 0, "no failed export counted yet");
-        Ok(value)
-    })
-    .await?;
-    assert!(failed > 0);
+    forward_all_then_count_spans(&redis, &mut out, &host, "fwd:x", MESSAGES, "failed", 0).await?;
 
     // Back up: spans flow again.
     receiver.restart().await?;
@@ -414,28 +441,12 @@ async fn spans_beyond_the_exporter_s_queue_are_dropped_and_counted_not_messages(
         }
     });
     let config = format!("[tracing]\notlp_endpoint = {endpoint:?}\nexport_interval_ms = 100\n");
-    let host = TestHost::start_configured(
-        &redis,
-        &config,
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = forward_host(&redis, &config).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    redis
-        .publish_all((0..MESSAGES).map(|i| ("fwd:x", i.to_string())))
-        .await?;
-    let got = out.take(MESSAGES, PATIENCE).await?;
-    assert_eq!(got.len(), MESSAGES, "every message forwarded");
+    let dropped =
+        forward_all_then_count_spans(&redis, &mut out, &host, "fwd:x", MESSAGES, "dropped", 0)
+            .await?;
     // Two spans a message (process, and send or publish), far more than the queue holds.
-    let dropped = switchyard_tests::eventually(PATIENCE, || async {
-        let value =
-            crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="dropped"}"#)
-                .await?
-                .unwrap_or(0);
-        anyhow::ensure!(value > 0, "no dropped span counted yet");
-        Ok(value)
-    })
-    .await?;
     assert!(dropped <= 2 * MESSAGES as u64, "{dropped}");
     held.abort();
     host.stop().await?;
@@ -456,13 +467,7 @@ async fn over_grpc_a_message_s_consumer_span_and_its_publish_reach_the_collector
         "{}payload_field = \"traceparent\"\n",
         grpc_tracing_config(&receiver)
     );
-    let manifest = "[subscriptions]\npatterns = [\"fault:*\"]\n[grants]\npublish = [\"faults\"]\n";
-    let host = TestHost::start_configured(
-        &redis,
-        &config,
-        &[("faulty", plugins::FAULTY, Some(manifest))],
-    )
-    .await?;
+    let host = faulty_host(&redis, &config).await?;
     // The fixture answers anything it does not know with a publish on `faults`.
     redis
         .publish(
@@ -504,35 +509,19 @@ async fn over_grpc_a_collector_that_is_down_costs_spans_and_export_resumes_when_
     const MESSAGES: usize = 500;
     let redis = RedisServer::start().await?;
     let mut receiver = OtlpReceiver::start_grpc().await?;
-    let host = TestHost::start_configured(
-        &redis,
-        &grpc_tracing_config(&receiver),
-        &[("forward", plugins::FORWARD, Some(FORWARD_MANIFEST))],
-    )
-    .await?;
+    let host = forward_host(&redis, &grpc_tracing_config(&receiver)).await?;
     let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
-    let failed = || async {
-        crate::faults::metric(&host, r#"switchyard_trace_spans_total{result="failed"}"#)
-            .await
-            .map(Option::unwrap_or_default)
-    };
 
     // Down before the exporter ever connected, then with a connection it had made: each time
     // every message is forwarded, spans fail and are counted, and export resumes once the
     // collector is back.
     for round in ["never-connected", "reconnected"] {
         receiver.stop().await;
-        let failed_before = failed().await?;
-        redis
-            .publish_all((0..MESSAGES).map(|i| (format!("fwd:{round}"), i.to_string())))
-            .await?;
-        let got = out.take(MESSAGES, PATIENCE).await?;
-        assert_eq!(got.len(), MESSAGES, "{round}: every message forwarded");
-        switchyard_tests::eventually(PATIENCE, || async {
-            let now = failed().await?;
-            anyhow::ensure!(now > failed_before, "{round}: no failed export counted yet");
-            Ok(())
-        })
+        let before = spans_counted(&host, "failed").await?;
+        let channel = format!("fwd:{round}");
+        forward_all_then_count_spans(
+            &redis, &mut out, &host, &channel, MESSAGES, "failed", before,
+        )
         .await?;
 
         receiver.restart().await?;
