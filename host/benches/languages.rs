@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
     let mut rust_per_message = None;
     for (lang, wasm) in builds {
         if !wasm.is_file() {
-            println!("{lang:<11} (not built: run `cargo test --workspace` first)");
+            println!("{lang:<11} (not built: run `cargo test` first)");
             continue;
         }
         let size = std::fs::metadata(&wasm)?.len();

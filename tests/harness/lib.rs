@@ -37,7 +37,7 @@ pub mod plugins {
 
 /// The `switchyard` binary of this build (`target/<profile>/switchyard`, beside the test
 /// binary's `deps` folder), for tests that need a host in a process of its own, to kill it.
-/// `cargo test --workspace` builds it; when it is missing (a test run of this package alone)
+/// `cargo test` builds it; when it is missing (a test run of this package alone)
 /// it is built here, once.
 pub fn switchyard_binary() -> anyhow::Result<PathBuf> {
     static BUILT: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -67,7 +67,7 @@ impl Bench {
             table.row(stats.row("notify-router-py", wasm.len(), false));
         } else {
             note = Some(format!(
-                "   notify-router-py: not measured, {} is not built (`cargo test --workspace` \
+                "   notify-router-py: not measured, {} is not built (`cargo test` \
                  builds it)",
                 python.display()
             ));
