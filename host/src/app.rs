@@ -197,6 +197,12 @@ impl Host {
             Broker::Redis(redis) => GatewaySource::Redis(Box::new(redis.client()?)),
             Broker::Embedded(broker) => GatewaySource::Embedded(broker.clone()),
         };
+        // Replies to plugins' requests come on a subscription of their own (on a cluster, to
+        // its first seed node: classic pub/sub reaches every node).
+        let replies_client = match &broker {
+            Broker::Redis(redis) => Some(redis.client()?),
+            Broker::Embedded(_) => None,
+        };
         let (source, publisher) = match broker {
             Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
                 let seeds = redis.cluster_seeds().unwrap_or_default();
@@ -282,6 +288,10 @@ impl Host {
         .with_sharded(ShardedChannels::new(&config.redis.sharded_channels))
         .with_own_redis(config.redis.url.expose())
         .with_tracing(tracing);
+        let effects = match replies_client {
+            Some(client) => effects.with_replies_from(client),
+            None => effects,
+        };
         let limits = Limits {
             deadline: config.deadline(),
             memory: usize::try_from(config.plugins.memory_mib << 20).unwrap_or(usize::MAX),

@@ -163,6 +163,65 @@ async fn a_publish_outside_the_grant_is_refused_to_other_hosts_handlers() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasmcloud_request_is_answered_through_its_reply_to_or_fails_without_one()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // The same component on both sides: `asker` turns `ask:X` into a request on `svc:X` and
+    // publishes the reply on `answered:X`; `answerer` answers every request it gets, on its
+    // reply-to, which needs no grant.
+    let asker = "[subscriptions]\npatterns = [\"ask:*\"]\n\
+                 [grants]\npublish = [\"svc:*\", \"answered:*\"]\n\
+                 [limits]\ndeadline_ms = 10000\n";
+    let answerer = "[subscriptions]\npatterns = [\"svc:yes*\"]\n";
+    let host = TestHost::start(
+        &redis,
+        &[
+            ("asker", plugins::WASMCLOUD_FORWARD, Some(asker)),
+            ("answerer", plugins::WASMCLOUD_FORWARD, Some(answerer)),
+        ],
+    )
+    .await?;
+    let mut answered = Subscriber::new(&redis, &[], &["answered:*"]).await?;
+    let mut requests = Subscriber::new(&redis, &[], &["svc:*"]).await?;
+
+    redis.publish("ask:yes1", "hello").await?;
+    let got = answered.take(1, PATIENCE).await?;
+    assert_eq!(got[0].channel_str(), "answered:yes1");
+    assert_eq!(&got[0].payload[..], b"re: hello");
+    // Other subscribers see the request as sent: the reply channel, then the body.
+    let request = requests.take(1, PATIENCE).await?;
+    assert_eq!(request[0].channel_str(), "svc:yes1");
+    let wire = &request[0].payload[..];
+    assert!(
+        wire.starts_with(b"\0switchyard-reply-to:__switchyard:reply:")
+            && wire.ends_with(b"\nhello"),
+        "{}",
+        String::from_utf8_lossy(wire)
+    );
+
+    // Nobody answers on svc:no*: the request fails when its timeout is spent.
+    redis.publish("ask:no1", "anyone?").await?;
+    let entry = host
+        .wait_plugin("asker", "failing the unanswered request", |p| {
+            stat(p, "failed") == 1
+        })
+        .await?;
+    assert!(
+        entry["stats"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no reply to the request on \"svc:no1\" within 2000 ms")),
+        "{entry}"
+    );
+    assert_eq!(stat(&entry, "handled"), 1, "{entry}");
+    let answerer = host.plugin("answerer").await?.expect("answerer is listed");
+    assert_eq!(stat(&answerer, "handled"), 1, "{answerer}");
+    assert_eq!(stat(&answerer, "denied"), 0, "{answerer}");
+    assert!(answered.next(Duration::from_millis(300)).await.is_err());
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_world_needs_subscriptions_in_its_manifest() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     for case in CASES {

@@ -15,6 +15,7 @@
 
 pub mod loop_guard;
 pub mod outputs;
+pub mod replies;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -34,6 +35,7 @@ use crate::stats::PluginStats;
 use crate::trace::Tracing;
 use loop_guard::Flows;
 use outputs::{OutputError, Outputs, Reply};
+use replies::{Awaited, Replies};
 
 /// Messages waiting to be written to Redis, from every plugin's `send` and `publish`. When
 /// full, a plugin's next call waits (up to its deadline) for room. Bytes are bounded too
@@ -114,6 +116,8 @@ pub struct Effects {
     own_redis: Option<(redis::ConnectionAddr, i64)>,
     /// Spans of handled messages and their effects (off by default).
     tracing: Arc<Tracing>,
+    /// Requests waiting for their replies.
+    replies: Arc<Replies>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -201,6 +205,9 @@ pub trait InProcessBroker: Send + Sync {
     fn publish_from(&self, from: Option<&PluginName>, channel: Bytes, payload: Bytes) -> u32;
     /// Removes `keys`; returns how many existed, as `UNLINK` does.
     fn unlink(&self, keys: &[String]) -> u32;
+    /// Every message published from now on, as `(channel, payload)`, until the receiver is
+    /// dropped.
+    fn watch(&self) -> mpsc::UnboundedReceiver<(Bytes, Bytes)>;
 }
 
 impl std::fmt::Debug for Publisher {
@@ -270,6 +277,10 @@ impl Effects {
             queue
         });
         let limits = EffectLimits::default();
+        let replies = match &publisher {
+            Publisher::Embedded(broker) => Replies::embedded(broker.clone()),
+            Publisher::Redis(_) | Publisher::Cluster(_) => Replies::none(),
+        };
         Self {
             publisher,
             outgoing,
@@ -282,6 +293,7 @@ impl Effects {
             sharded: Arc::default(),
             own_redis: None,
             tracing: Arc::default(),
+            replies: Arc::new(replies),
             runtime,
         }
     }
@@ -290,6 +302,12 @@ impl Effects {
     /// names it by address is recognised ([`Effects::is_own_redis`]).
     pub fn with_own_redis(mut self, url: &str) -> Self {
         self.own_redis = redis_location(url);
+        self
+    }
+
+    /// Receives the replies to plugins' requests through `client`'s server.
+    pub fn with_replies_from(mut self, client: redis::Client) -> Self {
+        self.replies = Arc::new(Replies::redis(client));
         self
     }
 
@@ -495,6 +513,25 @@ impl Effects {
                 Ok(())
             }
         }
+    }
+
+    /// A reply channel for a request, listened to before this returns (waiting at most
+    /// until `deadline` for the subscription).
+    ///
+    /// Must be called from a worker thread, never from inside the async runtime.
+    pub fn open_reply_channel(&self, deadline: Instant) -> Result<Awaited, EffectError> {
+        let replies = self.replies.clone();
+        self.block_on(
+            deadline.saturating_duration_since(Instant::now()),
+            async move { replies.open().await.map_err(EffectError::Unavailable) },
+        )
+    }
+
+    /// The reply `awaited` gets within `within`, if any.
+    ///
+    /// Must be called from a worker thread, never from inside the async runtime.
+    pub fn await_reply(&self, awaited: Awaited, within: Duration) -> Option<Bytes> {
+        self.runtime.block_on(awaited.reply(within))
     }
 
     /// Refuses a payload over `plugins.max_payload_bytes`: every plugin of this host would

@@ -200,4 +200,17 @@ impl InProcessBroker for EmbeddedBroker {
     fn unlink(&self, keys: &[String]) -> u32 {
         EmbeddedBroker::unlink(self, keys)
     }
+
+    fn watch(&self) -> mpsc::UnboundedReceiver<(Bytes, Bytes)> {
+        let mut published = self.tap();
+        let (watcher, watched) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(message) = published.recv().await {
+                if watcher.send((message.channel, message.payload)).is_err() {
+                    break;
+                }
+            }
+        });
+        watched
+    }
 }

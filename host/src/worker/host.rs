@@ -45,6 +45,10 @@ impl HostState {
     /// a grant for it, and the loop guard lets it through.
     fn check_publish(&self, channel: &str) -> Result<(), Error> {
         let plugin = &self.plugin;
+        if self.reply_to.as_deref() == Some(channel) {
+            // The answer to the request in hand, on the host's reply channel that named it.
+            return Ok(());
+        }
         if crate::message::is_reserved(channel.as_bytes()) {
             return Err(self.deny(format!(
                 "channel {} is reserved for the host",
@@ -96,7 +100,7 @@ impl HostState {
 
     /// What the plugin is told when a `publish` or `send` did not happen; refusals by the
     /// host's own limits are counted.
-    fn refused(&self, error: EffectError) -> Error {
+    pub(in crate::worker) fn refused(&self, error: EffectError) -> Error {
         match &error {
             EffectError::PayloadTooLarge { .. } => {
                 self.stats
@@ -264,7 +268,7 @@ impl HostState {
 
     /// `publish` or `send` (`operation`, done by `effect`) of `payload` on `channel`, under
     /// the grants and the loop guard, in a span when the message is traced.
-    fn out_on_channel<T>(
+    pub(in crate::worker) fn out_on_channel<T>(
         &mut self,
         operation: &str,
         channel: String,

@@ -113,10 +113,12 @@ impl Instance {
                 })
                 .map(|answer| answer.map_err(|error| wasi_messaging::render_error(&error))),
             Bindings::Wasmcloud(bindings) => {
+                let (reply_to, body) = crate::effects::replies::unwrap(envelope.payload);
+                self.store.data_mut().reply_to.clone_from(&reply_to);
                 let message = BrokerMessage {
                     subject: text(envelope.channel),
-                    body: Vec::from(envelope.payload),
-                    reply_to: None,
+                    body: Vec::from(body),
+                    reply_to,
                 };
                 bindings
                     .wasmcloud_messaging_handler()

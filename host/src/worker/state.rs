@@ -80,6 +80,9 @@ pub struct HostState {
     held: usize,
     /// The span of the message being handled, when traced: the parent of its effects' spans.
     pub(crate) trace: Option<opentelemetry::Context>,
+    /// The reply channel of the request being handled, if it is one: the plugin may publish
+    /// its answer there without a grant, during this call only.
+    pub(crate) reply_to: Option<String>,
 }
 
 impl HostState {
@@ -95,6 +98,7 @@ impl HostState {
             table: ResourceTable::new(),
             held: 0,
             trace: None,
+            reply_to: None,
         }
     }
 
@@ -121,6 +125,7 @@ impl HostState {
     /// Starts the clock of one call.
     pub fn begin_call(&mut self) {
         self.call_deadline = Instant::now() + self.plugin.deadline;
+        self.reply_to = None;
     }
 
     /// What is left of the current call's deadline.
