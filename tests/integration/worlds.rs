@@ -222,6 +222,39 @@ async fn a_wasmcloud_request_is_answered_through_its_reply_to_or_fails_without_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_foreign_component_holds_in_the_host_counts_against_its_memory_cap()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // The WASI messaging fixture, given `hoard`, makes 64 KiB messages in the host without
+    // end. The deadline is long, so only the memory cap can stop it.
+    let manifest = "[subscriptions]\npatterns = [\"fwd:*\"]\n[grants]\npublish = [\"fwded:*\"]\n\
+                    [limits]\nmemory_mib = 16\ndeadline_ms = 30000\n";
+    let host = TestHost::start(
+        &redis,
+        &[("fwd", plugins::MESSAGING_FORWARD, Some(manifest))],
+    )
+    .await?;
+    let mut out = Subscriber::new(&redis, &[], &["fwded:*"]).await?;
+    redis.publish("fwd:hoard", "hoard").await?;
+    let entry = host
+        .wait_plugin("fwd", "failing the hoarding call", |p| {
+            stat(p, "failed") == 1
+        })
+        .await?;
+    let error = entry["stats"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("host resources") && error.contains("memory cap"),
+        "{entry}"
+    );
+    // The plugin goes on with a fresh instance.
+    redis.publish("fwd:after", "still here").await?;
+    let got = out.take(1, PATIENCE).await?;
+    assert_eq!(got[0].channel_str(), "fwded:after");
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_world_needs_subscriptions_in_its_manifest() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     for case in CASES {
