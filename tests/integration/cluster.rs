@@ -1,6 +1,6 @@
 //! The host on a real Redis Cluster (three primaries, one replica each): sharded channels on
-//! the shard owning each slot, subscriptions surviving a failover, and streams shared by two
-//! hosts.
+//! the shard owning each slot, subscriptions surviving a failover, keyspace notifications
+//! from every primary, and streams shared by two hosts.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -249,6 +249,120 @@ async fn subscriptions_come_back_after_a_primary_fails_over() -> anyhow::Result<
     cluster.wait_healthy(WAIT).await?;
     spublish(&cluster, &rooms[0], "rejoined").await?;
     reports.until(WAIT, |r| r["payload"] == "rejoined").await?;
+    host.stop().await?;
+    Ok(())
+}
+
+/// Turns on keyspace notifications on every node of `cluster` (replicas too, so that a
+/// promoted one notifies at once).
+async fn notify_keyspace_events(cluster: &RedisCluster) -> anyhow::Result<()> {
+    for url in cluster.urls() {
+        let mut node = redis::Client::open(url)?
+            .get_multiplexed_async_connection()
+            .await?;
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("KEA")
+            .exec_async(&mut node)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes `key` (a `SET`) until the host reports its `set` event, within [`WAIT`] (a shard
+/// that just changed hands may refuse writes, or write before the host hears it).
+async fn write_until_heard(
+    cluster: &RedisCluster,
+    reports: &mut Reports,
+    key: &str,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let channel = format!("__keyspace@0__:{key}");
+    loop {
+        if let Ok(mut connection) = cluster.connection().await {
+            let _: Result<(), _> = connection.set(key, "again").await;
+        }
+        let heard = reports
+            .until(Duration::from_millis(500), |r| {
+                r["channel"] == channel.as_str()
+            })
+            .await;
+        if heard.is_ok() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no event of {key} within {WAIT:?}"
+        );
+    }
+}
+
+/// Writes each of `keys` once with `write` and checks that the host reports each event
+/// exactly once, with the key's keyspace channel and `event` as the payload.
+async fn each_write_heard_once(
+    cluster: &RedisCluster,
+    reports: &mut Reports,
+    keys: &[String],
+    event: &str,
+) -> anyhow::Result<()> {
+    let mut connection = cluster.connection().await?;
+    for key in keys {
+        match event {
+            "del" => connection.del::<_, ()>(key).await?,
+            _ => connection.set::<_, _, ()>(key, event).await?,
+        }
+    }
+    let mut heard = Vec::new();
+    for _ in keys {
+        let report = reports.next(WAIT).await?;
+        assert_eq!(report["payload"], event, "{report}");
+        heard.push(report["channel"].as_str().unwrap_or_default().to_owned());
+    }
+    heard.sort();
+    let mut expected: Vec<String> = keys.iter().map(|k| format!("__keyspace@0__:{k}")).collect();
+    expected.sort();
+    assert_eq!(heard, expected);
+    let more = reports.next(Duration::from_millis(500)).await;
+    assert!(more.is_err(), "one report per event: {more:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyspace_events_of_every_shard_arrive_once_and_follow_a_failover() -> anyhow::Result<()> {
+    let mut cluster = RedisCluster::start(3, 1).await?;
+    notify_keyspace_events(&cluster).await?;
+    let keys = cluster.names_on_distinct_primaries("user:", 3).await?;
+    let mut reports = Reports::new(&cluster, &["heard"]).await?;
+    let host = host(
+        &cluster,
+        "",
+        &[(
+            "keys",
+            echo(
+                "heard",
+                "patterns = [\"__keyspace@0__:user:*\"]\ntag = \"keys\"",
+            ),
+        )],
+    )
+    .await?;
+
+    // A key on each primary: each write is heard once, though the node-local notification
+    // reaches only that primary's subscribers.
+    each_write_heard_once(&cluster, &mut reports, &keys, "set").await?;
+
+    let slot = cluster.slot(&keys[0]).await?;
+    let killed = cluster.fail_primary_of(slot, WAIT).await?;
+    // The promoted replica's events arrive once the host has found it.
+    write_until_heard(&cluster, &mut reports, &keys[0]).await?;
+    while reports.next(Duration::from_millis(500)).await.is_ok() {}
+    each_write_heard_once(&cluster, &mut reports, &keys, "del").await?;
+
+    // The old primary comes back as a replica: replicas replay writes and would notify them
+    // again, but the host does not listen to them.
+    cluster.restart(killed).await?;
+    cluster.wait_healthy(WAIT).await?;
+    each_write_heard_once(&cluster, &mut reports, &keys, "set").await?;
     host.stop().await?;
     Ok(())
 }

@@ -11,7 +11,9 @@
 //! control task applies changes (subscribe the new, barrier, unsubscribe the gone, as
 //! [`super::redis`] does) and watches the cluster each second: `CLUSTER INFO` and a `PING`
 //! to every primary decide readiness (a shard without a reachable primary turns it off), and
-//! `CLUSTER SLOTS` shows when the shape changed (a failover, a slot moved). A connection
+//! `CLUSTER SLOTS` shows when the shape changed (a failover, a slot moved). Keyspace and
+//! keyevent notifications are node-local: they are subscribed on every primary instead
+//! (see [`super::cluster_nodes`]), and each tick follows the primaries. A connection
 //! that only listens sends nothing that would make the client notice a new shape, so on a
 //! change the control task subscribes everything again: the client then finds each
 //! subscription's current owner (a no-op where it already is). Messages published on a shard
@@ -30,6 +32,7 @@ use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::cluster_nodes::{NodeSubscriptions, is_node_local, node_local};
 use super::redis::{
     BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, names_of,
 };
@@ -77,9 +80,11 @@ impl ClusterSource {
             Ok::<(), Infallible>(())
         };
         let client = cluster_client(config, seeds, Some(on_push))?;
+        let nodes = NodeSubscriptions::new(&config.client()?, router.clone());
         let (handle, updates, status) = ControlHandle::new("cluster source");
         let control = Control {
             client,
+            nodes,
             router,
             status,
             desired: BTreeSet::new(),
@@ -109,6 +114,8 @@ impl ClusterSource {
 
 struct Control {
     client: redis::cluster::ClusterClient,
+    /// Keyspace notifications, subscribed on every primary.
+    nodes: NodeSubscriptions,
     router: Arc<Router>,
     status: Arc<Mutex<SourceStatus>>,
     desired: BTreeSet<Subscription>,
@@ -194,6 +201,9 @@ impl Control {
             }
             _ => return,
         };
+        if let Err(e) = self.nodes.follow(&primaries_of(&shape)).await {
+            tracing::warn!("{e}; retrying on the next check");
+        }
         let same = self.shape.as_ref() == Some(&shape);
         if same && !self.resubscribe_pending && self.confirm_again == 0 {
             return;
@@ -292,6 +302,10 @@ impl Control {
                         let desired = self.desired.clone();
                         match subscribe(&mut connection, &desired, true).await {
                             Ok(()) => {
+                                self.nodes.add(&node_local(&desired)).await.ok();
+                                if let Err(e) = self.follow_primaries(&mut connection).await {
+                                    tracing::warn!("{e}; retrying on the next check");
+                                }
                                 self.active = desired;
                                 self.router.apply_now(None);
                                 self.report_subscribed();
@@ -341,7 +355,11 @@ impl Control {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let added: BTreeSet<_> = self.desired.difference(&self.active).cloned().collect();
-            match subscribe(connection, &added, true).await {
+            let subscribed = match subscribe(connection, &added, true).await {
+                Ok(()) => self.subscribe_on_primaries(connection, &added).await,
+                Err(e) => Err(e),
+            };
+            match subscribed {
                 Ok(()) => {
                     self.active.extend(added);
                     break;
@@ -377,11 +395,49 @@ impl Control {
             // Harmless: what arrives for them is routed to no one.
             tracing::warn!("cluster unsubscribe failed: {e}");
         }
+        self.nodes.remove(&node_local(&removed)).await;
         for subscription in &removed {
             self.active.remove(subscription);
         }
         self.report_subscribed();
         Ok(())
+    }
+
+    /// Subscribes the node-local members of `added` on every primary connected, then makes
+    /// sure every current primary is (the first such subscription connects to them all).
+    async fn subscribe_on_primaries(
+        &mut self,
+        connection: &mut ClusterConnection,
+        added: &BTreeSet<Subscription>,
+    ) -> anyhow::Result<()> {
+        let added = node_local(added);
+        if added.is_empty() {
+            return Ok(());
+        }
+        self.nodes.add(&added).await?;
+        self.follow_primaries(connection)
+            .await
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// Asks the cluster for its primaries and holds the node-local subscriptions on them.
+    async fn follow_primaries(&mut self, connection: &mut ClusterConnection) -> Result<(), String> {
+        if self.nodes.is_empty() {
+            return Ok(());
+        }
+        let slots = tokio::time::timeout(
+            HEALTH_TIMEOUT,
+            connection.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            ),
+        )
+        .await
+        .map_err(|_| format!("CLUSTER SLOTS: no answer within {HEALTH_TIMEOUT:?}"))?
+        .map_err(|e| format!("CLUSTER SLOTS: {e}"))?;
+        self.nodes
+            .follow(&primaries_of(&primaries_by_slot_range(slots)))
+            .await
     }
 
     fn report_subscribed(&self) {
@@ -406,6 +462,9 @@ async fn subscribe(
     on: bool,
 ) -> anyhow::Result<()> {
     let prefix = if on { "" } else { "UN" };
+    // Keyspace notifications are held on every primary, apart.
+    let set: BTreeSet<Subscription> = set.iter().filter(|s| !is_node_local(s)).cloned().collect();
+    let set = &set;
     let channels = names_of(set, "channel");
     if !channels.is_empty() {
         let result = if on {
@@ -438,6 +497,14 @@ async fn subscribe(
         })?;
     }
     Ok(())
+}
+
+/// The addresses of the primaries in `shape`.
+fn primaries_of(shape: &[(i64, i64, String)]) -> BTreeSet<String> {
+    shape
+        .iter()
+        .map(|(_, _, primary)| primary.clone())
+        .collect()
 }
 
 /// `(first slot, last slot, primary address)` of every range in a `CLUSTER SLOTS` reply,

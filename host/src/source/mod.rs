@@ -15,6 +15,7 @@
 //!   running plugins offline.
 
 pub mod cluster;
+mod cluster_nodes;
 pub mod embedded;
 pub mod redis;
 pub mod streams;
