@@ -197,6 +197,11 @@ impl Host {
             Broker::Redis(redis) => GatewaySource::Redis(Box::new(redis.client()?)),
             Broker::Embedded(broker) => GatewaySource::Embedded(broker.clone()),
         };
+        // Where key subscriptions that name no database look: the one the URL selects.
+        let database = match &broker {
+            Broker::Redis(redis) => redis.database(),
+            Broker::Embedded(_) => 0,
+        };
         let (source, publisher) = match broker {
             Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
                 let seeds = redis.cluster_seeds().unwrap_or_default();
@@ -301,6 +306,7 @@ impl Host {
         )
         .with_max_size(config.plugins.max_wasm_mib << 20)
         .with_streams(config.streams.clone())
+        .with_database(database)
         .with_describe_deadline(config.describe_deadline());
         if let Some(cache) = compile_cache {
             loader = loader.with_compile_cache(cache);

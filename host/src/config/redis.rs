@@ -52,6 +52,19 @@ impl RedisConfig {
         Duration::from_millis(self.health_timeout_ms)
     }
 
+    /// The database `url` selects (`/N`), 0 when it names none. For a cluster, always 0.
+    pub fn database(&self) -> u32 {
+        if self.cluster_seeds().is_some() {
+            return 0;
+        }
+        redis::Client::open(self.url.expose())
+            .ok()
+            .and_then(|client| {
+                u32::try_from(client.get_connection_info().redis_settings().db()).ok()
+            })
+            .unwrap_or(0)
+    }
+
     /// Whether any TLS file is set.
     fn has_tls_files(&self) -> bool {
         self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
