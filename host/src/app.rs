@@ -250,6 +250,7 @@ impl Host {
                     publisher.clone(),
                     router.clone(),
                     redis.health_timeout(),
+                    redis.set_keyspace_events,
                     stop_source.clone(),
                 )?;
                 tasks.push(task);

@@ -16,12 +16,14 @@
 
 pub mod cluster;
 pub mod embedded;
+mod keyspace;
 pub mod redis;
 pub mod streams;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::keyspace::MissingFlags;
 use crate::message::Subscription;
 use crate::router::RoutingTable;
 
@@ -110,6 +112,9 @@ pub struct SourceStatus {
     pub reconnects: u64,
     /// The last connection error, if the connection is down.
     pub last_error: Option<String>,
+    /// What Redis's `notify-keyspace-events` lacks for the plugins' key subscriptions, when
+    /// it lacks something (see [`crate::keyspace`]): the host is not ready meanwhile.
+    pub keyspace_events: Option<MissingFlags>,
 }
 
 /// The subscriber side of a broker.
@@ -138,10 +143,24 @@ impl Source {
                 source.update(subscriptions, table).await
             }
             Source::Cluster(source, streams) => {
+                if !table.keyspace_flags().is_empty() {
+                    // Each node publishes only its own keys' notifications, and the cluster
+                    // client subscribes patterns on one node.
+                    tracing::warn!(
+                        "key subscriptions on a Redis Cluster see the notifications of one node \
+                         only: they are supported on a single server for now"
+                    );
+                }
                 streams.update(table.streams());
                 source.update(subscriptions, table).await
             }
             Source::Embedded(broker) => {
+                if !table.keyspace_flags().is_empty() {
+                    tracing::warn!(
+                        "key subscriptions need a Redis server: the in-process broker has no \
+                         keys, and publishes no keyspace notifications"
+                    );
+                }
                 for target in table.streams() {
                     tracing::warn!(
                         plugin = %target.inbox.plugin(),
