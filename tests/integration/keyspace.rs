@@ -236,3 +236,82 @@ async fn the_host_turns_notifications_on_when_allowed() -> anyhow::Result<()> {
     assert!(seen.drain_for(Duration::from_millis(300)).await.is_empty());
     host.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_that_lost_the_setting_the_host_sets_it_again() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let host = launch(&redis, "[redis]\nset_keyspace_events = true\n", "").await?;
+    host.wait_ready().await?;
+    assert!(
+        redis
+            .config_get("notify-keyspace-events")
+            .await?
+            .contains('K')
+    );
+
+    // A server restarted from its configuration has lost what CONFIG SET changed.
+    redis.restart().await?;
+    assert_eq!(redis.config_get("notify-keyspace-events").await?, "");
+
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    // Writes until one is reported: the host reconnects, sets the flags again, and then
+    // hears of every write.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        redis::cmd("SET")
+            .arg("user:9")
+            .arg("v")
+            .exec_async(&mut connection)
+            .await?;
+        match seen.next(Duration::from_millis(200)).await {
+            Ok(got) => {
+                assert_eq!(events(&[got]), pairs(&[("user:9", "set")]));
+                break;
+            }
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(e) => return Err(e.context("no key event after the restart")),
+        }
+    }
+    // Reports of earlier writes that were slow to come are all of the same set.
+    let late = seen.drain_for(Duration::from_millis(300)).await;
+    assert!(
+        events(&late)
+            .iter()
+            .all(|pair| pair == &pairs(&[("user:9", "set")])[0])
+    );
+    assert!(
+        redis
+            .config_get("notify-keyspace-events")
+            .await?
+            .contains('K')
+    );
+    redis::cmd("DEL")
+        .arg("user:9")
+        .exec_async(&mut connection)
+        .await?;
+    assert_eq!(
+        events(&seen.take(1, PATIENCE).await?),
+        pairs(&[("user:9", "del")])
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_event_rejects_the_manifest_naming_the_field() -> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    let host = launch(&redis, "", "events = [\"set\", \"expird\"]").await?;
+    host.wait_ready().await?;
+    let entry = host
+        .wait_plugin("echo", "rejected", |p| p["state"] == "failed")
+        .await?;
+    assert_eq!(entry["load_error"]["kind"], "manifest", "{entry}");
+    let message = entry["load_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("subscriptions.events") && message.contains("\"expird\""),
+        "{message}"
+    );
+    // Nothing subscribes to keyspace channels for it.
+    assert_eq!(redis.pubsub_numpat().await?, 0);
+    host.stop().await
+}
