@@ -6,19 +6,31 @@ use std::time::Duration;
 use serde_json::Value;
 use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, eventually, plugins};
 
-/// The echo fixture listening to changes of `user:*` keys, reporting on `seen`; `extra` adds
-/// lines to its `[subscriptions]`.
-fn keys_manifest(extra: &str) -> String {
+/// The key subscription most tests use.
+const USER_KEYS: &str = "keys = [\"user:*\"]";
+
+/// The echo fixture with `subscriptions` as its `[subscriptions]`, reporting on `seen`.
+fn keys_manifest(subscriptions: &str) -> String {
     format!(
-        "[grants]\npublish = [\"seen\"]\n[subscriptions]\nkeys = [\"user:*\"]\n{extra}\n\
+        "[grants]\npublish = [\"seen\"]\n[subscriptions]\n{subscriptions}\n\
          [config]\nreply = \"seen\"\n"
     )
 }
 
-/// Starts a host with the echo fixture as `keys_manifest(extra)`, configured by `config`,
-/// without waiting for readiness.
+/// Starts a host with the echo fixture listening to [`USER_KEYS`] and `extra` lines of
+/// `[subscriptions]`, configured by `config`, without waiting for readiness.
 async fn launch(redis: &RedisServer, config: &str, extra: &str) -> anyhow::Result<TestHost> {
-    let manifest = keys_manifest(extra);
+    launch_with(redis, config, &format!("{USER_KEYS}\n{extra}")).await
+}
+
+/// Starts a host with the echo fixture and `subscriptions`, configured by `config`, without
+/// waiting for readiness.
+async fn launch_with(
+    redis: &RedisServer,
+    config: &str,
+    subscriptions: &str,
+) -> anyhow::Result<TestHost> {
+    let manifest = keys_manifest(subscriptions);
     TestHost::launch(&redis.url(), config, |dir| {
         switchyard_tests::copy_plugin(
             dir,
@@ -103,7 +115,8 @@ async fn write_keys(redis: &RedisServer) -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_key_change_reaches_the_plugin_once_with_its_event() -> anyhow::Result<()> {
     let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
-    let host = launch(&redis, "", "").await?;
+    // Redis sends two notifications for user:1, one per pattern: the plugin sees one.
+    let host = launch_with(&redis, "", "keys = [\"user:*\", \"user:1\"]").await?;
     host.wait_ready().await?;
     let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
 
@@ -128,9 +141,13 @@ async fn each_key_change_reaches_the_plugin_once_with_its_event() -> anyhow::Res
     );
     let plugin = host.plugin("echo").await?.expect("echo is loaded");
     assert_eq!(
-        plugin["version"]["keys"][0],
-        "keys user:* in database 0 (every event)"
+        plugin["version"]["keys"],
+        serde_json::json!([
+            "keys user:* in database 0 (every event)",
+            "keys user:1 in database 0 (every event)"
+        ])
     );
+    assert_eq!(redis.pubsub_numpat().await?, 2);
     host.stop().await
 }
 
