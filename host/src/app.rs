@@ -203,6 +203,11 @@ impl Host {
             Broker::Redis(redis) => Some(redis.client()?),
             Broker::Embedded(_) => None,
         };
+        // Where key subscriptions that name no database look: the one the URL selects.
+        let database = match &broker {
+            Broker::Redis(redis) => redis.database(),
+            Broker::Embedded(_) => 0,
+        };
         let (source, publisher) = match broker {
             Broker::Redis(redis) if redis.cluster_seeds().is_some() => {
                 let seeds = redis.cluster_seeds().unwrap_or_default();
@@ -251,6 +256,7 @@ impl Host {
                     publisher.clone(),
                     router.clone(),
                     redis.health_timeout(),
+                    redis.set_keyspace_events,
                     stop_source.clone(),
                 )?;
                 tasks.push(task);
@@ -311,6 +317,7 @@ impl Host {
         )
         .with_max_size(config.plugins.max_wasm_mib << 20)
         .with_streams(config.streams.clone())
+        .with_database(database)
         .with_describe_deadline(config.describe_deadline());
         if let Some(cache) = compile_cache {
             loader = loader.with_compile_cache(cache);

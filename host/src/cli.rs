@@ -567,6 +567,9 @@ pub fn effective_settings(config: &Config) -> String {
             masked.join(", ")
         );
     }
+    if config.redis.set_keyspace_events {
+        out.push_str("set_keyspace_events = true\n");
+    }
     if !config.redis.sharded_channels.is_empty() {
         let _ = writeln!(
             out,

@@ -33,6 +33,8 @@
 //!
 //! - [`message`]: subscriptions, how a delivery arrived, the delivery itself, the host's
 //!   reserved channels.
+//! - [`keyspace`]: key subscriptions, the keyspace events Redis publishes and the
+//!   `notify-keyspace-events` flags they need.
 //! - [`stream_entry`]: a stream entry on its way to a plugin and the ticket that reports back.
 //! - [`stats`]: each plugin's counters, written by every stage, read by `/plugins`.
 //! - [`grants`]: what a plugin version may do and read.
@@ -65,6 +67,7 @@ pub mod examples;
 pub mod gateway;
 pub mod glob;
 pub mod grants;
+pub mod keyspace;
 pub mod message;
 pub mod oci;
 pub mod offline;

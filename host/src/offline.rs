@@ -130,6 +130,7 @@ pub async fn check(target: &Target) -> anyhow::Result<CheckReport> {
                     "name": version.declared_name,
                     "version": version.version,
                     "subscriptions": version.subscriptions,
+                    "keys": version.keys,
                     "requested": requested,
                 }),
                 imports,
@@ -552,10 +553,11 @@ pub fn render_check(report: &CheckReport) -> String {
             "  describe:      none in this world; subscriptions come from the manifest"
         );
     }
-    let subscriptions: Vec<String> = report.describe["subscriptions"]
-        .as_array()
-        .map(|items| items.iter().map(text).collect())
-        .unwrap_or_default();
+    let subscriptions: Vec<String> = ["subscriptions", "keys"]
+        .into_iter()
+        .filter_map(|field| report.describe[field].as_array())
+        .flat_map(|items| items.iter().map(text))
+        .collect();
     let _ = writeln!(out, "  subscriptions: {}", list(&subscriptions));
     let requested: GrantsConfig =
         serde_json::from_value(report.describe["requested"].clone()).unwrap_or_default();

@@ -278,15 +278,12 @@ async fn write_until_heard(
     key: &str,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + WAIT;
-    let channel = format!("__keyspace@0__:{key}");
     loop {
         if let Ok(mut connection) = cluster.connection().await {
             let _: Result<(), _> = connection.set(key, "again").await;
         }
         let heard = reports
-            .until(Duration::from_millis(500), |r| {
-                r["channel"] == channel.as_str()
-            })
+            .until(Duration::from_millis(500), |r| r["channel"] == key)
             .await;
         if heard.is_ok() {
             return Ok(());
@@ -298,8 +295,9 @@ async fn write_until_heard(
     }
 }
 
-/// Writes each of `keys` once with `write` and checks that the host reports each event
-/// exactly once, with the key's keyspace channel and `event` as the payload.
+/// Writes each of `keys` once (`SET` to the value `event`, or `DEL` for `del`) and checks
+/// that the host reports each event exactly once, with the key as the channel and `event` as
+/// the payload.
 async fn each_write_heard_once(
     cluster: &RedisCluster,
     reports: &mut Reports,
@@ -320,7 +318,7 @@ async fn each_write_heard_once(
         heard.push(report["channel"].as_str().unwrap_or_default().to_owned());
     }
     heard.sort();
-    let mut expected: Vec<String> = keys.iter().map(|k| format!("__keyspace@0__:{k}")).collect();
+    let mut expected = keys.to_vec();
     expected.sort();
     assert_eq!(heard, expected);
     let more = reports.next(Duration::from_millis(500)).await;
@@ -331,21 +329,36 @@ async fn each_write_heard_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyspace_events_of_every_shard_arrive_once_and_follow_a_failover() -> anyhow::Result<()> {
     let mut cluster = RedisCluster::start(3, 1).await?;
-    notify_keyspace_events(&cluster).await?;
     let keys = cluster.names_on_distinct_primaries("user:", 3).await?;
     let mut reports = Reports::new(&cluster, &["heard"]).await?;
-    let host = host(
-        &cluster,
-        "",
-        &[(
-            "keys",
-            echo(
-                "heard",
-                "patterns = [\"__keyspace@0__:user:*\"]\ntag = \"keys\"",
-            ),
-        )],
-    )
+    let url = cluster.seed_url().replace("redis://", "redis+cluster://");
+    let manifest = "[subscriptions]\nkeys = [\"user:*\"]\n[grants]\npublish = [\"heard\"]\n\
+                    [config]\nreply = \"heard\"\ntag = \"keys\"\n";
+    let host = TestHost::launch(&url, "", |dir: &Path| {
+        copy_plugin(dir, "keys", Path::new(plugins::ECHO), Some(manifest))
+    })
     .await?;
+
+    // Notifications are off on every node: the host is not ready, and says so.
+    let body = eventually(WAIT, || async {
+        let (status, body) = host.get("/readyz").await?;
+        anyhow::ensure!(
+            status == 503 && !body["source"]["keyspace_events"].is_null(),
+            "/readyz: {status} {body}"
+        );
+        Ok(body)
+    })
+    .await?;
+    let missing = &body["source"]["keyspace_events"];
+    assert!(
+        missing["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("on 3 of 3 primaries")),
+        "{missing}"
+    );
+    assert_eq!(missing["missing"][0], "K", "{missing}");
+    notify_keyspace_events(&cluster).await?;
+    host.wait_ready().await?;
 
     // A key on each primary: each write is heard once, though the node-local notification
     // reaches only that primary's subscribers.

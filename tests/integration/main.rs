@@ -15,6 +15,7 @@ mod exemplars;
 mod faults;
 mod gateway;
 mod glob_differential;
+mod keyspace;
 mod kubernetes;
 mod languages;
 mod loading;

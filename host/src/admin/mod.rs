@@ -21,8 +21,9 @@ use crate::source::{Source, SourceStatus};
 /// Whether the host is ready to route, and why not.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Readiness {
-    /// Subscribed, every plugin in the folder loaded or rejected, and every registry source
-    /// installed.
+    /// Subscribed, every plugin in the folder loaded or rejected, every registry source
+    /// installed, and Redis publishing the keyspace notifications key subscriptions need
+    /// (`source.keyspace_events` says what it lacks).
     pub ready: bool,
     /// The subscriber connection's state.
     pub source: SourceStatus,
@@ -50,7 +51,10 @@ pub(crate) fn readiness(source: &Source, registry: &Registry) -> Readiness {
             .map(|name| format!("{name} (registry source)")),
     );
     Readiness {
-        ready: source.connected && plugins_scanned && sources_ready,
+        ready: source.connected
+            && source.keyspace_events.is_none()
+            && plugins_scanned
+            && sources_ready,
         source,
         plugins_scanned,
         plugins_pending,

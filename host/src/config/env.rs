@@ -19,6 +19,7 @@ pub(super) const ENV_KEYS: &[(&str, &[(&str, EnvType)])] = &[
             ("cluster_nodes", EnvType::Toml),
             ("sharded_channels", EnvType::Toml),
             ("health_timeout_ms", EnvType::Toml),
+            ("set_keyspace_events", EnvType::Toml),
         ],
     ),
     (

@@ -44,12 +44,30 @@ pub struct RedisConfig {
     /// busy that long (a `SAVE`, a slow script) is treated as gone.
     #[serde(default = "default_health_timeout_ms")]
     pub health_timeout_ms: u64,
+    /// Whether the host may turn on the keyspace notifications its plugins' key subscriptions
+    /// need (`CONFIG SET notify-keyspace-events`, adding the missing flags to those set).
+    /// Off, the host only reads the setting, and is not ready while flags are missing.
+    #[serde(default)]
+    pub set_keyspace_events: bool,
 }
 
 impl RedisConfig {
     /// [`RedisConfig::health_timeout_ms`].
     pub fn health_timeout(&self) -> Duration {
         Duration::from_millis(self.health_timeout_ms)
+    }
+
+    /// The database `url` selects (`/N`), 0 when it names none. For a cluster, always 0.
+    pub fn database(&self) -> u32 {
+        if self.cluster_seeds().is_some() {
+            return 0;
+        }
+        redis::Client::open(self.url.expose())
+            .ok()
+            .and_then(|client| {
+                u32::try_from(client.get_connection_info().redis_settings().db()).ok()
+            })
+            .unwrap_or(0)
     }
 
     /// Whether any TLS file is set.
@@ -198,6 +216,7 @@ impl Default for RedisConfig {
             cluster_nodes: Vec::new(),
             sharded_channels: Vec::new(),
             health_timeout_ms: default_health_timeout_ms(),
+            set_keyspace_events: false,
         }
     }
 }
@@ -289,6 +308,22 @@ mod tests {
         let config =
             Config::from_toml("[redis]\nurl = \"rediss://cache:6380\"\n", "c.toml").unwrap();
         assert!(config.redis.client().is_ok());
+    }
+
+    #[test]
+    fn the_database_is_the_urls() {
+        let config = |url: &str| {
+            Config::from_toml(&format!("[redis]\nurl = {url:?}\n"), "c.toml")
+                .unwrap()
+                .redis
+        };
+        assert_eq!(config("redis://a:1/3").database(), 3);
+        assert_eq!(config("redis://a:1").database(), 0);
+        let keys = Config::from_toml("[redis]\nset_keyspace_events = true\n", "c.toml").unwrap();
+        assert!(keys.redis.set_keyspace_events);
+        let err =
+            Config::from_toml("[redis]\nset_keyspace_events = \"yes\"\n", "c.toml").unwrap_err();
+        assert!(err.to_string().contains("set_keyspace_events"), "{err}");
     }
 
     #[test]

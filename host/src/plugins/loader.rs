@@ -166,6 +166,8 @@ pub struct Loader {
     max_size: u64,
     compile_cache: Option<Arc<CompileCache>>,
     streams: Arc<StreamsConfig>,
+    /// The database of key subscriptions that name none: the one `redis.url` selects.
+    database: u32,
     /// How long instantiation and `describe` of a new version may take together.
     describe_deadline: Duration,
     /// Which files may load.
@@ -198,6 +200,7 @@ impl Loader {
             max_size: u64::MAX,
             compile_cache: None,
             streams: Arc::default(),
+            database: 0,
             describe_deadline: Duration::from_millis(DEFAULT_DESCRIBE_DEADLINE_MS),
             admission: Arc::new(Admission::open()),
         }
@@ -224,6 +227,13 @@ impl Loader {
     /// Reads plugins' streams with `config`'s settings (and each manifest's overrides).
     pub fn with_streams(mut self, config: StreamsConfig) -> Self {
         self.streams = Arc::new(config);
+        self
+    }
+
+    /// Puts key subscriptions that name no database in `database` (the one `redis.url`
+    /// selects).
+    pub fn with_database(mut self, database: u32) -> Self {
+        self.database = database;
         self
     }
 
@@ -351,7 +361,7 @@ impl Loader {
         if !world.describes_itself() && manifest.subscriptions.is_none() {
             return Err(LoadError::Manifest(format!(
                 "{}: a {} component has no describe, so its manifest must list what it \
-                 listens to: [subscriptions] with channels, patterns, sharded or streams",
+                 listens to: [subscriptions] with channels, patterns, sharded, streams or keys",
                 path.with_extension("toml").display(),
                 world.label()
             )));
@@ -410,7 +420,8 @@ impl Loader {
                     outputs: Vec::new(),
                 },
             });
-        let description = Description::from_wit(info, manifest.subscriptions.as_ref())?;
+        let description =
+            Description::from_wit(info, manifest.subscriptions.as_ref(), self.database)?;
         let grants = Grants::new(self.grants_for(&name, &manifest, &description));
         let loop_guard = LoopGuard::new(&description.subscriptions);
         Ok(LoadedPlugin {
@@ -556,6 +567,13 @@ impl Loader {
                 "limits.memory_mib",
                 format!("limits.memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {mib}"),
             ));
+        }
+        if let Some(Err(keys)) = manifest
+            .subscriptions
+            .as_ref()
+            .map(|s| s.key_subscriptions(self.database))
+        {
+            problems.extend(keys);
         }
         if problems.is_empty() {
             return Ok(());
@@ -740,12 +758,23 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
 
 impl Description {
     /// Checks and converts `describe`'s answer; the manifest's subscriptions, if any, replace
-    /// the plugin's own.
+    /// the plugin's own. Key subscriptions come from the manifest alone, in `database` unless
+    /// it names one.
     fn from_wit(
         info: types::PluginInfo,
         overridden: Option<&super::manifest::SubscriptionsOverride>,
+        database: u32,
     ) -> Result<Self, LoadError> {
         let mut problems = Vec::new();
+        // Checked with the rest of the manifest before compiling: an error here is unlikely.
+        let keys = match overridden.map(|o| o.key_subscriptions(database)) {
+            None => Vec::new(),
+            Some(Ok(keys)) => keys,
+            Some(Err(wrong)) => {
+                problems.extend(wrong.into_iter().map(|(_, problem)| problem));
+                Vec::new()
+            }
+        };
         if info.name.trim().is_empty() {
             problems.push("name is empty".to_owned());
         }
@@ -791,6 +820,7 @@ impl Description {
                 name: info.name,
                 version: info.version,
                 subscriptions,
+                keys,
                 requested: GrantsConfig {
                     publish: capabilities.publish,
                     invalidate: capabilities.invalidate,

@@ -11,6 +11,9 @@
 //! patterns = ["orders:*"]
 //! sharded = ["room:{42}"]  # SSUBSCRIBE
 //! streams = ["jobs"]       # XREADGROUP, at least once
+//! keys = ["user:*"]        # changes of keys: PSUBSCRIBE __keyspace@DB__:user:*
+//! events = ["set", "del"]  # which key events (every event when left out)
+//! database = 0             # the keys' database (that of redis.url when left out)
 //!
 //! [stream]              # how its streams are read (overrides the host's [streams])
 //! group = "billing"
@@ -38,10 +41,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::config::{GrantsConfig, StreamOverride};
 use crate::grants::Settings;
+use crate::keyspace::{Events, KeySubscription};
 
 /// The largest manifest the host reads, in bytes: a manifest is grants, subscriptions, limits
 /// and a few settings, a few hundred bytes to a few KiB. Settings too large for this belong in
@@ -97,6 +102,95 @@ pub struct SubscriptionsOverride {
     /// Streams, read through the plugin's consumer group.
     #[serde(default)]
     pub streams: Vec<String>,
+    /// Redis glob patterns of keys whose changes the plugin hears of, through keyspace
+    /// notifications (see [`crate::keyspace`]).
+    #[serde(default)]
+    pub keys: Vec<String>,
+    /// The key events that reach the plugin (`set`, `hset`, `del`, `expired`, ...); every
+    /// event when absent.
+    pub events: Option<Vec<String>>,
+    /// The database of `keys`; the one `redis.url` selects when absent.
+    pub database: Option<u32>,
+}
+
+impl SubscriptionsOverride {
+    /// The key subscriptions listed, in `database_default` unless `database` says otherwise;
+    /// or what is wrong with them, as (key, problem) pairs.
+    pub fn key_subscriptions(
+        &self,
+        database_default: u32,
+    ) -> Result<Vec<KeySubscription>, Vec<(&'static str, String)>> {
+        let mut problems = Vec::new();
+        if self.keys.is_empty() {
+            for (key, set) in [
+                ("subscriptions.events", self.events.is_some()),
+                ("subscriptions.database", self.database.is_some()),
+            ] {
+                if set {
+                    problems.push((
+                        key,
+                        format!(
+                            "{key} applies to key subscriptions, but subscriptions.keys is empty"
+                        ),
+                    ));
+                }
+            }
+            return if problems.is_empty() {
+                Ok(Vec::new())
+            } else {
+                Err(problems)
+            };
+        }
+        let events = match &self.events {
+            None => Events::all(),
+            Some(names) => Events::only(names).unwrap_or_else(|problem| {
+                problems.push((
+                    "subscriptions.events",
+                    format!("subscriptions.events: {problem}"),
+                ));
+                Events::all()
+            }),
+        };
+        let database = self.database.unwrap_or(database_default);
+        let mut keys = Vec::new();
+        for pattern in &self.keys {
+            if pattern.is_empty() {
+                problems.push((
+                    "subscriptions.keys",
+                    "subscriptions.keys: an empty pattern matches no key".to_owned(),
+                ));
+                continue;
+            }
+            let subscription = KeySubscription {
+                database,
+                keys: Bytes::from(pattern.clone()),
+                events: events.clone(),
+            };
+            // The router tells a key subscription from a pattern by the subscription, so one
+            // plugin cannot have the same pattern both ways.
+            let channels = subscription.pattern();
+            if self
+                .patterns
+                .iter()
+                .any(|p| p.as_bytes() == channels.as_ref())
+            {
+                problems.push((
+                    "subscriptions.keys",
+                    format!(
+                        "subscriptions.keys: {pattern:?} is also in subscriptions.patterns as {:?}: \
+                         list it once",
+                        String::from_utf8_lossy(&channels)
+                    ),
+                ));
+            }
+            keys.push(subscription);
+        }
+        if problems.is_empty() {
+            Ok(keys)
+        } else {
+            Err(problems)
+        }
+    }
 }
 
 /// `[limits]`
@@ -216,6 +310,76 @@ mod tests {
         assert!(
             err.contains("dir/p.toml") && err.contains("grants"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn key_subscriptions_take_events_and_a_database() {
+        let manifest = Manifest::parse(
+            "[subscriptions]\nkeys = [\"user:*\"]\nevents = [\"del\"]\ndatabase = 2\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let subscriptions = manifest.subscriptions.unwrap();
+        assert_eq!(subscriptions.keys, ["user:*"]);
+        assert_eq!(
+            subscriptions.events.as_deref(),
+            Some(&["del".to_owned()][..])
+        );
+        assert_eq!(subscriptions.database, Some(2));
+        let err =
+            Manifest::parse("[subscriptions]\ndatabase = -1\n", Path::new("p.toml")).unwrap_err();
+        assert!(err.contains("database"), "{err}");
+
+        let keys = subscriptions.key_subscriptions(0).unwrap();
+        assert_eq!(keys[0].pattern().as_ref(), b"__keyspace@2__:user:*");
+        assert!(keys[0].events.admits(b"del") && !keys[0].events.admits(b"set"));
+    }
+
+    #[test]
+    fn key_subscriptions_default_to_every_event_in_the_urls_database() {
+        let manifest =
+            Manifest::parse("[subscriptions]\nkeys = [\"a:*\"]\n", Path::new("p.toml")).unwrap();
+        let keys = manifest
+            .subscriptions
+            .unwrap()
+            .key_subscriptions(5)
+            .unwrap();
+        assert_eq!(keys[0].database, 5);
+        assert_eq!(keys[0].events, Events::all());
+    }
+
+    #[test]
+    fn key_subscription_problems_name_the_field() {
+        let problems = |text: &str| {
+            let manifest = Manifest::parse(text, Path::new("p.toml")).unwrap();
+            manifest
+                .subscriptions
+                .unwrap()
+                .key_subscriptions(0)
+                .unwrap_err()
+                .into_iter()
+                .map(|(key, problem)| {
+                    assert!(problem.starts_with(key), "{problem}");
+                    key
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("[subscriptions]\nkeys = [\"a\"]\nevents = [\"sett\"]\n"),
+            ["subscriptions.events"]
+        );
+        assert_eq!(
+            problems("[subscriptions]\nchannels = [\"c\"]\nevents = [\"del\"]\ndatabase = 1\n"),
+            ["subscriptions.events", "subscriptions.database"]
+        );
+        assert_eq!(
+            problems("[subscriptions]\nkeys = [\"\"]\n"),
+            ["subscriptions.keys"]
+        );
+        assert_eq!(
+            problems("[subscriptions]\nkeys = [\"u:*\"]\npatterns = [\"__keyspace@0__:u:*\"]\n"),
+            ["subscriptions.keys"]
         );
     }
 

@@ -485,6 +485,7 @@ impl Registry {
                     .map(|slot| {
                         let current = slot.current.load();
                         Route::new(slot.inbox.clone(), &current.description.subscriptions)
+                            .with_keys(&current.description.keys)
                             .with_stream_settings(current.stream.clone())
                     })
                     .collect(),

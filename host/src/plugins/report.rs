@@ -89,6 +89,10 @@ pub struct VersionReport {
     pub loaded_at_ms: u64,
     /// Its subscriptions, as `channel NAME` or `pattern GLOB`.
     pub subscriptions: Vec<String>,
+    /// Its key subscriptions, as `keys GLOB in database N (EVENTS)`; each is subscribed as
+    /// the pattern `__keyspace@N__:GLOB`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
     /// What it is allowed to do.
     pub grants: GrantsConfig,
     /// What it asked for in `describe`.
@@ -233,6 +237,7 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            keys: description.keys.iter().map(ToString::to_string).collect(),
             grants: current.grants.config().clone(),
             requested: description.requested.clone(),
             settings: current.settings.keys().map(str::to_owned).collect(),

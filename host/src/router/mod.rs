@@ -11,6 +11,14 @@
 //! on the connection's subscriptions, and they arrive back to back, so the rule picks exactly
 //! one of them, provided the table does not change in the middle of that run.
 //!
+//! # Key subscriptions
+//!
+//! A plugin's key subscription (see [`crate::keyspace`]) is, on the wire, a pattern like any
+//! other: `__keyspace@DB__:KEYS`, shared with every plugin that needs the same one. What
+//! differs is delivery: the plugin sees the key as the channel and the event as the payload,
+//! and only for the events it listed; others are dropped here, before its queue. A table
+//! without key subscriptions skips both steps.
+//!
 //! # Switching tables
 //!
 //! Tables therefore change only at *barriers*: the source publishes a marker on a private

@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::config::StreamSettings;
 use crate::glob::Glob;
+use crate::keyspace::{Events, Flags, KeySubscription};
 use crate::message::{Delivery, Subscription, Via};
 use crate::worker::{Envelope, Inbox};
 
@@ -31,12 +32,23 @@ impl StreamTarget {
     }
 }
 
+/// How a key subscription's notifications become the plugin's messages.
+struct KeyRoute {
+    /// The length of `__keyspace@DB__:`, cut from the channel to leave the key.
+    prefix_len: usize,
+    /// The events that reach the plugin.
+    events: Events,
+}
+
 /// One plugin's entry: its queue and its subscriptions, in the order it listed them.
 pub struct Route {
     inbox: Inbox,
     subscriptions: Vec<Subscription>,
     /// One matcher per subscription (`None` for exact channels), same order.
     matchers: Vec<Option<Glob>>,
+    /// For each subscription that is a key subscription's pattern, how to deliver it; same
+    /// order, `None` for the others.
+    keyed: Vec<Option<KeyRoute>>,
     /// How its streams are read, if it has any.
     stream_settings: Arc<StreamSettings>,
 }
@@ -57,11 +69,42 @@ impl Route {
                 _ => None,
             })
             .collect();
+        let keyed = subscriptions.iter().map(|_| None).collect();
         Self {
             inbox,
             subscriptions,
             matchers,
+            keyed,
             stream_settings: Arc::default(),
+        }
+    }
+
+    /// Adds `keys`, after the route's other subscriptions: each is the pattern of its
+    /// keyspace channels, delivered with the key as the channel and only for its events.
+    pub fn with_keys(mut self, keys: &[KeySubscription]) -> Self {
+        for key in keys {
+            let pattern = Subscription::Pattern(key.pattern());
+            // A duplicate counts once, as in `new`.
+            if self.subscriptions.contains(&pattern) {
+                continue;
+            }
+            self.matchers.push(Some(Glob::new(pattern.name().to_vec())));
+            self.subscriptions.push(pattern);
+            self.keyed.push(Some(KeyRoute {
+                prefix_len: key.prefix_len(),
+                events: key.events.clone(),
+            }));
+        }
+        self
+    }
+
+    /// Whether the delivery of subscription `index` with `payload` is for the plugin: always,
+    /// unless that is a key subscription and the payload (the event) is not one of its
+    /// events.
+    fn admits(&self, index: usize, payload: &[u8]) -> bool {
+        match self.keyed.get(index) {
+            Some(Some(key)) => key.events.admits(payload),
+            _ => true,
         }
     }
 
@@ -96,6 +139,9 @@ pub struct RoutingTable {
     by_channel: HashMap<Bytes, Targets>,
     by_pattern: HashMap<Bytes, Targets>,
     by_sharded: HashMap<Bytes, Targets>,
+    /// The `notify-keyspace-events` flags the key subscriptions need; none without any. A
+    /// table without key subscriptions routes without looking at them at all.
+    keyspace_flags: Flags,
 }
 
 impl RoutingTable {
@@ -104,7 +150,11 @@ impl RoutingTable {
         let mut by_channel: HashMap<Bytes, Targets> = HashMap::new();
         let mut by_pattern: HashMap<Bytes, Targets> = HashMap::new();
         let mut by_sharded: HashMap<Bytes, Targets> = HashMap::new();
+        let mut keyspace_flags = Flags::NONE;
         for (r, route) in routes.iter().enumerate() {
+            for key in route.keyed.iter().flatten() {
+                keyspace_flags |= key.events.flags();
+            }
             for (s, subscription) in route.subscriptions.iter().enumerate() {
                 let index = match subscription {
                     Subscription::Channel(name) => by_channel.entry(name.clone()),
@@ -120,7 +170,14 @@ impl RoutingTable {
             by_channel,
             by_pattern,
             by_sharded,
+            keyspace_flags,
         }
+    }
+
+    /// The `notify-keyspace-events` flags the table's key subscriptions need (none when it
+    /// has none).
+    pub fn keyspace_flags(&self) -> Flags {
+        self.keyspace_flags
     }
 
     /// Every (plugin, stream) pair to read through a consumer group.
@@ -170,10 +227,12 @@ impl RoutingTable {
             Via::Pattern(pattern) => self.by_pattern.get(pattern),
             Via::Sharded => self.by_sharded.get(&delivery.channel),
         };
-        let mut chosen = targets
-            .into_iter()
-            .flatten()
-            .filter(|&&(r, s)| s == 0 || !self.routes[r].earlier_match(s, &delivery.channel));
+        let keyed = !self.keyspace_flags.is_empty();
+        let mut chosen = targets.into_iter().flatten().filter(|&&(r, s)| {
+            (s == 0 || !self.routes[r].earlier_match(s, &delivery.channel))
+                // A key subscription's events not asked for never reach the plugin.
+                && (!keyed || self.routes[r].admits(s, &delivery.payload))
+        });
         let Some(mut current) = chosen.next() else {
             return 0;
         };
@@ -205,6 +264,15 @@ impl RoutingTable {
         received_at: SystemTime,
     ) {
         let route = &self.routes[r];
+        // A key subscription's plugin gets the key: the channel without `__keyspace@DB__:`,
+        // sharing its buffer.
+        let channel = if !self.keyspace_flags.is_empty()
+            && let Some(Some(key)) = route.keyed.get(s)
+        {
+            channel.slice(key.prefix_len.min(channel.len())..)
+        } else {
+            channel
+        };
         route.inbox.offer(Envelope {
             channel,
             subscription: route.subscriptions[s].clone(),
@@ -304,6 +372,51 @@ mod tests {
         assert!(rx_a.try_take().is_none() && rx_b.try_take().is_none());
         publish(&table, "m:2");
         assert_eq!(rx_b.try_take().unwrap().subscription, pattern("m:*"));
+    }
+
+    #[test]
+    fn key_subscriptions_deliver_the_key_and_only_their_events() {
+        let keys = test_inbox("keys");
+        let rx_keys = keys.clone();
+        let raw = test_inbox("raw");
+        let rx_raw = raw.clone();
+        let subscription = KeySubscription {
+            database: 0,
+            keys: Bytes::from_static(b"user:*"),
+            events: Events::only(&["del", "expired"]).unwrap(),
+        };
+        let table = RoutingTable::new(vec![
+            Route::new(keys, &[]).with_keys(std::slice::from_ref(&subscription)),
+            // Another plugin subscribing the same notifications as a plain pattern.
+            Route::new(raw, &[pattern("__keyspace@0__:user:*")]),
+        ]);
+        assert_eq!(
+            table.subscriptions().into_iter().collect::<Vec<_>>(),
+            [pattern("__keyspace@0__:user:*")]
+        );
+        assert_eq!(table.keyspace_flags().to_string(), "Kgx");
+
+        let notification = |event: &'static str| Delivery {
+            payload: Bytes::from_static(event.as_bytes()),
+            ..delivery("__keyspace@0__:user:1", &pattern("__keyspace@0__:user:*"))
+        };
+        assert_eq!(table.dispatch(notification("set")), 1);
+        let got = rx_raw.try_take().unwrap();
+        assert_eq!(got.channel.as_ref(), b"__keyspace@0__:user:1");
+        assert!(rx_keys.try_take().is_none(), "an event it did not ask for");
+
+        assert_eq!(table.dispatch(notification("del")), 2);
+        let got = rx_keys.try_take().unwrap();
+        assert_eq!(got.channel.as_ref(), b"user:1");
+        assert_eq!(got.payload.as_ref(), b"del");
+        assert_eq!(got.subscription, pattern("__keyspace@0__:user:*"));
+        assert_eq!(rx_raw.try_take().unwrap().payload.as_ref(), b"del");
+    }
+
+    #[test]
+    fn a_table_without_key_subscriptions_needs_no_flags() {
+        let table = RoutingTable::new(vec![Route::new(test_inbox("p"), &[pattern("a*")])]);
+        assert!(table.keyspace_flags().is_empty());
     }
 
     #[test]

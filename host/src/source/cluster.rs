@@ -80,7 +80,11 @@ impl ClusterSource {
             Ok::<(), Infallible>(())
         };
         let client = cluster_client(config, seeds, Some(on_push))?;
-        let nodes = NodeSubscriptions::new(&config.client()?, router.clone());
+        let nodes = NodeSubscriptions::new(
+            &config.client()?,
+            router.clone(),
+            config.set_keyspace_events,
+        );
         let (handle, updates, status) = ControlHandle::new("cluster source");
         let control = Control {
             client,
@@ -204,6 +208,7 @@ impl Control {
         if let Err(e) = self.nodes.follow(&primaries_of(&shape)).await {
             tracing::warn!("{e}; retrying on the next check");
         }
+        self.report_keyspace();
         let same = self.shape.as_ref() == Some(&shape);
         if same && !self.resubscribe_pending && self.confirm_again == 0 {
             return;
@@ -332,6 +337,7 @@ impl Control {
                     update = updates.recv() => {
                         let update = update?;
                         self.desired = update.subscriptions;
+                        self.nodes.set_needed(update.table.keyspace_flags());
                         self.router.apply_now(Some(update.table));
                         let _ = update.done.send(Ok(()));
                     }
@@ -350,6 +356,7 @@ impl Control {
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         self.desired = wanted;
+        self.nodes.set_needed(table.keyspace_flags());
         let barrier = self.router.stage(table);
         let started = Instant::now();
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
@@ -435,9 +442,29 @@ impl Control {
         .await
         .map_err(|_| format!("CLUSTER SLOTS: no answer within {HEALTH_TIMEOUT:?}"))?
         .map_err(|e| format!("CLUSTER SLOTS: {e}"))?;
-        self.nodes
+        let followed = self
+            .nodes
             .follow(&primaries_of(&primaries_by_slot_range(slots)))
-            .await
+            .await;
+        self.report_keyspace();
+        followed
+    }
+
+    /// Reports what the primaries' `notify-keyspace-events` lack, logging a change.
+    fn report_keyspace(&self) {
+        let missing = self.nodes.missing();
+        self.set_status(|status| {
+            if status.keyspace_events == missing {
+                return;
+            }
+            match &missing {
+                Some(missing) => tracing::error!(missing = ?missing.missing, "{}", missing.reason),
+                None => tracing::info!(
+                    "every primary now publishes the keyspace notifications key subscriptions need"
+                ),
+            }
+            status.keyspace_events = missing;
+        });
     }
 
     fn report_subscribed(&self) {

@@ -13,6 +13,11 @@
 //! loses its own, and a connection that broke is opened again. Events on a shard while it has
 //! no reachable primary, and until the next tick finds its new one, are lost (pub/sub is at
 //! most once).
+//!
+//! Each primary's `notify-keyspace-events` is checked as on a single server (see
+//! [`super::keyspace`]): when it is connected, when the flags the subscriptions need change,
+//! and on every tick while a node lacks some. With `redis.set_keyspace_events` the host adds
+//! them on that node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -24,6 +29,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, PushInfo, PushKind};
 
 use super::redis::names_of;
+use crate::keyspace::{Flags, MissingFlags};
 use crate::message::{Delivery, Subscription};
 use crate::router::Router;
 
@@ -56,6 +62,10 @@ pub struct NodeSubscriptions {
     wanted: BTreeSet<Subscription>,
     /// A connection to each primary (`host:port`), with its subscriptions.
     nodes: BTreeMap<String, Node>,
+    /// The `notify-keyspace-events` flags the key subscriptions need.
+    needed: Flags,
+    /// Whether to add missing flags (`redis.set_keyspace_events`).
+    set_missing: bool,
 }
 
 /// One primary's connection.
@@ -63,12 +73,16 @@ struct Node {
     connection: MultiplexedConnection,
     /// Cleared when the connection is lost.
     alive: Arc<AtomicBool>,
+    /// Whether its `notify-keyspace-events` has been checked for the flags needed now.
+    checked: bool,
+    /// What the last check found missing there.
+    missing: Option<MissingFlags>,
 }
 
 impl NodeSubscriptions {
     /// Node-local subscriptions reached with the settings of `seed` (credentials, database,
     /// TLS), delivered to `router`.
-    pub fn new(seed: &redis::Client, router: Arc<Router>) -> Self {
+    pub fn new(seed: &redis::Client, router: Arc<Router>, set_missing: bool) -> Self {
         let template = seed.get_connection_info().clone();
         let settings = template
             .redis_settings()
@@ -79,7 +93,42 @@ impl NodeSubscriptions {
             router,
             wanted: BTreeSet::new(),
             nodes: BTreeMap::new(),
+            needed: Flags::NONE,
+            set_missing,
         }
+    }
+
+    /// Records the flags the routing table's key subscriptions need; every primary is checked
+    /// again on the next [`NodeSubscriptions::follow`] when they changed.
+    pub fn set_needed(&mut self, needed: Flags) {
+        if needed != self.needed {
+            self.needed = needed;
+            for node in self.nodes.values_mut() {
+                node.checked = false;
+            }
+        }
+    }
+
+    /// What some primary's `notify-keyspace-events` lacks, naming the primaries concerned;
+    /// `None` when every connected primary has what is needed.
+    pub fn missing(&self) -> Option<MissingFlags> {
+        let lacking: Vec<(&String, &MissingFlags)> = self
+            .nodes
+            .iter()
+            .filter_map(|(address, node)| Some((address, node.missing.as_ref()?)))
+            .collect();
+        let (_, first) = lacking.first()?;
+        let addresses: Vec<&str> = lacking.iter().map(|(a, _)| a.as_str()).collect();
+        Some(MissingFlags {
+            reason: format!(
+                "on {} of {} primaries ({}): {}",
+                lacking.len(),
+                self.nodes.len(),
+                addresses.join(", "),
+                first.reason
+            ),
+            ..(*first).clone()
+        })
     }
 
     /// Whether there is a node-local subscription.
@@ -115,6 +164,7 @@ impl NodeSubscriptions {
         }
         if self.wanted.is_empty() {
             self.nodes.clear();
+            self.needed = Flags::NONE;
         }
     }
 
@@ -144,6 +194,14 @@ impl NodeSubscriptions {
                 }
                 Ok(Err(e)) => failures.push(format!("{address}: {e}")),
                 Err(_) => failures.push(format!("{address}: no answer within {NODE_TIMEOUT:?}")),
+            }
+        }
+        for node in self.nodes.values_mut() {
+            if !node.checked || node.missing.is_some() {
+                node.missing =
+                    super::keyspace::check(&mut node.connection, self.needed, self.set_missing)
+                        .await;
+                node.checked = true;
             }
         }
         if failures.is_empty() {
@@ -198,7 +256,12 @@ impl NodeSubscriptions {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         change(&mut connection, &self.wanted, true).await?;
-        Ok(Node { connection, alive })
+        Ok(Node {
+            connection,
+            alive,
+            checked: false,
+            missing: None,
+        })
     }
 }
 

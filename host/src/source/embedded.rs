@@ -184,6 +184,7 @@ impl EmbeddedBroker {
             streams: 0,
             reconnects: 0,
             last_error: None,
+            keyspace_events: None,
         }
     }
 

@@ -17,12 +17,14 @@
 pub mod cluster;
 mod cluster_nodes;
 pub mod embedded;
+mod keyspace;
 pub mod redis;
 pub mod streams;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use crate::keyspace::MissingFlags;
 use crate::message::Subscription;
 use crate::router::RoutingTable;
 
@@ -111,6 +113,9 @@ pub struct SourceStatus {
     pub reconnects: u64,
     /// The last connection error, if the connection is down.
     pub last_error: Option<String>,
+    /// What Redis's `notify-keyspace-events` lacks for the plugins' key subscriptions, when
+    /// it lacks something (see [`crate::keyspace`]): the host is not ready meanwhile.
+    pub keyspace_events: Option<MissingFlags>,
 }
 
 /// The subscriber side of a broker.
@@ -143,6 +148,12 @@ impl Source {
                 source.update(subscriptions, table).await
             }
             Source::Embedded(broker) => {
+                if !table.keyspace_flags().is_empty() {
+                    tracing::warn!(
+                        "key subscriptions need a Redis server: the in-process broker has no \
+                         keys, and publishes no keyspace notifications"
+                    );
+                }
                 for target in table.streams() {
                     tracing::warn!(
                         plugin = %target.inbox.plugin(),

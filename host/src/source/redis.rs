@@ -17,6 +17,10 @@
 //! jitter ([`Backoff`]), then subscribes the current set again. Messages published while it
 //! was down are lost (pub/sub is at-most-once); the outage is logged, counted and shown by
 //! readiness.
+//!
+//! When plugins have key subscriptions, the control task also checks, on every connection
+//! and change of subscriptions, that Redis publishes the keyspace notifications they need
+//! (see [`super::keyspace`]).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -32,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{ControlHandle, SourceStatus, Update};
+use crate::keyspace::Flags;
 use crate::message::{Delivery, Subscription};
 use crate::router::{Router, RoutingTable};
 
@@ -67,6 +72,10 @@ pub const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Every host names its subscriber connection `switchyard-<instance>`.
 pub const CLIENT_NAME_PREFIX: &str = "switchyard-";
+/// While Redis lacks keyspace notifications that key subscriptions need, how often the host
+/// reads the setting again, so that an operator's `CONFIG SET` makes it ready without a
+/// restart.
+pub const KEYSPACE_RECHECK: Duration = Duration::from_secs(2);
 /// Subscriptions per (P)SUBSCRIBE command, to keep each command a reasonable size.
 const SUBSCRIBE_BATCH: usize = 1000;
 
@@ -78,12 +87,14 @@ pub struct RedisSource {
 
 impl RedisSource {
     /// Starts the control task, which connects (retrying until Redis answers) and keeps the
-    /// connection subscribed until `shutdown`.
+    /// connection subscribed until `shutdown`. With `set_keyspace_events`, it turns on the
+    /// keyspace notifications key subscriptions need rather than only reporting them missing.
     pub fn start(
         client: &redis::Client,
         publisher: ConnectionManager,
         router: Arc<Router>,
         health_timeout: Duration,
+        set_keyspace_events: bool,
         shutdown: CancellationToken,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
         let info = client.get_connection_info().clone();
@@ -100,6 +111,8 @@ impl RedisSource {
             router,
             status,
             desired: BTreeSet::new(),
+            keyspace_flags: Flags::NONE,
+            set_keyspace_events,
             health_timeout,
         };
         let task = tokio::spawn(control.run(updates, shutdown));
@@ -176,6 +189,10 @@ struct Control {
     router: Arc<Router>,
     status: Arc<Mutex<SourceStatus>>,
     desired: BTreeSet<Subscription>,
+    /// The `notify-keyspace-events` flags the desired table's key subscriptions need.
+    keyspace_flags: Flags,
+    /// Whether to add missing flags (`redis.set_keyspace_events`).
+    set_keyspace_events: bool,
     /// How long a health-check PING may go unanswered.
     health_timeout: Duration,
 }
@@ -300,6 +317,8 @@ impl Control {
         session.active = desired;
         self.router.apply_now(None);
         self.report_subscribed(&session.active);
+        // A restarted server may have lost a setting made with CONFIG SET: check again.
+        self.check_keyspace(&mut session.connection).await;
         Ok(session)
     }
 
@@ -318,9 +337,13 @@ impl Control {
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         loop {
+            let keyspace_missing = self.keyspace_missing();
             tokio::select! {
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
                 why = session.lost.recv() => return SessionEnd::Lost(why.unwrap_or(Lost::Closed)),
+                () = tokio::time::sleep(KEYSPACE_RECHECK), if keyspace_missing => {
+                    self.check_keyspace(&mut session.connection).await;
+                }
                 update = updates.recv() => {
                     let Some(update) = update else { return SessionEnd::Shutdown };
                     let result = self.apply(&mut session, update.subscriptions, update.table).await;
@@ -352,6 +375,7 @@ impl Control {
                 update = updates.recv() => {
                     let Some(update) = update else { return false };
                     self.desired = update.subscriptions;
+                    self.keyspace_flags = update.table.keyspace_flags();
                     self.router.apply_now(Some(update.table));
                     let _ = update.done.send(Ok(()));
                 }
@@ -367,6 +391,7 @@ impl Control {
         table: RoutingTable,
     ) -> anyhow::Result<()> {
         self.desired = wanted.clone();
+        self.keyspace_flags = table.keyspace_flags();
         let added: BTreeSet<_> = wanted.difference(&session.active).cloned().collect();
         let removed: BTreeSet<_> = session.active.difference(&wanted).cloned().collect();
 
@@ -399,7 +424,43 @@ impl Control {
             session.active.remove(subscription);
         }
         self.report_subscribed(&session.active);
+        self.check_keyspace(&mut session.connection).await;
         Ok(())
+    }
+
+    /// Whether the last check found keyspace notifications missing.
+    fn keyspace_missing(&self) -> bool {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keyspace_events
+            .is_some()
+    }
+
+    /// Checks (and with `redis.set_keyspace_events`, sets) the keyspace notifications the
+    /// key subscriptions need, on the subscriber's own connection, and reports what is
+    /// missing; clears the report when nothing needs them.
+    async fn check_keyspace(&self, connection: &mut MultiplexedConnection) {
+        let missing =
+            super::keyspace::check(connection, self.keyspace_flags, self.set_keyspace_events).await;
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        // Logged when it changes, not at every check while it lasts.
+        if status.keyspace_events != missing {
+            match &missing {
+                Some(missing) => tracing::warn!(
+                    configured = %missing.configured,
+                    needed = %missing.needed,
+                    missing = %missing.missing.concat(),
+                    "{}",
+                    missing.reason
+                ),
+                None if !self.keyspace_flags.is_empty() => tracing::info!(
+                    "Redis now publishes the keyspace notifications key subscriptions need"
+                ),
+                None => {}
+            }
+        }
+        status.keyspace_events = missing;
     }
 
     fn report_subscribed(&self, active: &BTreeSet<Subscription>) {

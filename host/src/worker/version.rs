@@ -10,6 +10,7 @@ use super::state::PluginContext;
 use super::worlds::HandlerPre;
 use crate::ContentHash;
 use crate::config::{GrantsConfig, StreamSettings};
+use crate::keyspace::KeySubscription;
 use crate::message::Subscription;
 
 /// What a plugin says about itself, checked.
@@ -21,6 +22,9 @@ pub struct Description {
     pub version: String,
     /// What it listens to, in its order (after any override by its manifest).
     pub subscriptions: Vec<Subscription>,
+    /// The keys whose changes it hears of (from its manifest), after its subscriptions in
+    /// order of preference.
+    pub keys: Vec<KeySubscription>,
     /// The capabilities it asks for.
     pub requested: GrantsConfig,
 }

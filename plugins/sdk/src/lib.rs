@@ -30,6 +30,15 @@
 //! messages (so a plugin may keep running totals in `self`), and starts over with a fresh value
 //! if the instance has to be rebuilt after a trap.
 //!
+//! # Key changes
+//!
+//! A plugin whose manifest lists `[subscriptions] keys = ["user:*"]` hears of writes to those
+//! keys (Redis keyspace notifications): each [`Message`] has the key as its `channel`
+//! (`user:42`) and the event as its `payload` (`set`, `hset`, `del`, `expired`, ...), and its
+//! `subscription` is [`Subscription::Pattern`] of the channels the host subscribed,
+//! `__keyspace@0__:user:*`. A later version of the contract will give key subscriptions a
+//! variant of their own; until then, a pattern starting with `__keyspace@` tells them apart.
+//!
 //! The raw WIT bindings are in [`bindings`]; plugins should not need them.
 
 #![deny(missing_docs)]

@@ -1,0 +1,334 @@
+//! Key subscriptions: writes to keys reach a plugin as keyspace events, once each, only the
+//! events it asked for; and readiness says why when Redis publishes no notifications.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_tests::{PATIENCE, RedisServer, Subscriber, TestHost, eventually, plugins};
+
+/// The key subscription most tests use.
+const USER_KEYS: &str = "keys = [\"user:*\"]";
+
+/// The echo fixture with `subscriptions` as its `[subscriptions]`, reporting on `seen`.
+fn keys_manifest(subscriptions: &str) -> String {
+    format!(
+        "[grants]\npublish = [\"seen\"]\n[subscriptions]\n{subscriptions}\n\
+         [config]\nreply = \"seen\"\n"
+    )
+}
+
+/// Starts a host with the echo fixture listening to [`USER_KEYS`] and `extra` lines of
+/// `[subscriptions]`, configured by `config`, without waiting for readiness.
+async fn launch(redis: &RedisServer, config: &str, extra: &str) -> anyhow::Result<TestHost> {
+    launch_with(redis, config, &format!("{USER_KEYS}\n{extra}")).await
+}
+
+/// Starts a host with the echo fixture and `subscriptions`, configured by `config`, without
+/// waiting for readiness.
+async fn launch_with(
+    redis: &RedisServer,
+    config: &str,
+    subscriptions: &str,
+) -> anyhow::Result<TestHost> {
+    let manifest = keys_manifest(subscriptions);
+    TestHost::launch(&redis.url(), config, |dir| {
+        switchyard_tests::copy_plugin(
+            dir,
+            "echo",
+            std::path::Path::new(plugins::ECHO),
+            Some(&manifest),
+        )
+    })
+    .await
+}
+
+/// The (key, event) pairs of echo reports, after checking each came through the keyspace
+/// pattern.
+fn events(received: &[switchyard_tests::Received]) -> Vec<(String, String)> {
+    received
+        .iter()
+        .map(|r| {
+            let report: Value = serde_json::from_slice(&r.payload).expect("echo reports are JSON");
+            assert_eq!(report["subscription"], "pattern:__keyspace@0__:user:*");
+            (
+                report["channel"].as_str().unwrap_or_default().to_owned(),
+                report["payload"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
+    expected
+        .iter()
+        .map(|(key, event)| ((*key).to_owned(), (*event).to_owned()))
+        .collect()
+}
+
+/// Runs the writes every test makes: a string set, a hash set, a delete, a key that expires
+/// (awaited), and a write to a key no subscription matches.
+async fn write_keys(redis: &RedisServer) -> anyhow::Result<()> {
+    let mut connection = redis.connection().await?;
+    redis::cmd("SET")
+        .arg("user:1")
+        .arg("a")
+        .exec_async(&mut connection)
+        .await?;
+    redis::cmd("HSET")
+        .arg("user:2")
+        .arg("f")
+        .arg("v")
+        .exec_async(&mut connection)
+        .await?;
+    redis::cmd("DEL")
+        .arg("user:1")
+        .exec_async(&mut connection)
+        .await?;
+    redis::cmd("SET")
+        .arg("other:1")
+        .arg("x")
+        .exec_async(&mut connection)
+        .await?;
+    redis::cmd("SET")
+        .arg("user:3")
+        .arg("v")
+        .arg("PX")
+        .arg(50)
+        .exec_async(&mut connection)
+        .await?;
+    // Gone, by Redis's active expiry or by this very read (which expires it lazily): either
+    // way Redis has published `expired`.
+    eventually(PATIENCE, || {
+        let mut connection = connection.clone();
+        async move {
+            let exists: i64 = redis::cmd("EXISTS")
+                .arg("user:3")
+                .query_async(&mut connection)
+                .await?;
+            anyhow::ensure!(exists == 0, "user:3 has not expired yet");
+            Ok(())
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_change_reaches_the_plugin_once_with_its_event() -> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    // Redis sends two notifications for user:1, one per pattern: the plugin sees one.
+    let host = launch_with(&redis, "", "keys = [\"user:*\", \"user:1\"]").await?;
+    host.wait_ready().await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    write_keys(&redis).await?;
+
+    let got = events(&seen.take(6, PATIENCE).await?);
+    assert_eq!(
+        got,
+        pairs(&[
+            ("user:1", "set"),
+            ("user:2", "hset"),
+            ("user:1", "del"),
+            ("user:3", "set"),
+            // SET with PX also sets the time to live.
+            ("user:3", "expire"),
+            ("user:3", "expired"),
+        ])
+    );
+    assert!(
+        seen.drain_for(Duration::from_millis(300)).await.is_empty(),
+        "an event was delivered twice, or one of other:1 was delivered"
+    );
+    let plugin = host.plugin("echo").await?.expect("echo is loaded");
+    assert_eq!(
+        plugin["version"]["keys"],
+        serde_json::json!([
+            "keys user:* in database 0 (every event)",
+            "keys user:1 in database 0 (every event)"
+        ])
+    );
+    assert_eq!(redis.pubsub_numpat().await?, 2);
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_list_keeps_the_other_events_from_the_plugin() -> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    let host = launch(&redis, "", "events = [\"del\"]").await?;
+    host.wait_ready().await?;
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+
+    write_keys(&redis).await?;
+
+    let got = seen.take(1, PATIENCE).await?;
+    assert_eq!(events(&got), pairs(&[("user:1", "del")]));
+    // The plugin's first call: it was never called for the set and hset before.
+    let report: Value = serde_json::from_slice(&got[0].payload)?;
+    assert_eq!(report["seq"], 1);
+    assert!(
+        seen.drain_for(Duration::from_millis(300)).await.is_empty(),
+        "an event it did not ask for reached the plugin"
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notifications_readiness_names_the_missing_flags() -> anyhow::Result<()> {
+    // The harness's server, like Redis by default, publishes no keyspace notifications.
+    let redis = RedisServer::start().await?;
+    assert_eq!(redis.config_get("notify-keyspace-events").await?, "");
+    let host = launch(&redis, "", "events = [\"set\", \"hset\", \"expired\"]").await?;
+
+    let body = eventually(PATIENCE, || async {
+        let (status, body) = host.get("/readyz").await?;
+        anyhow::ensure!(
+            status == 503 && !body["source"]["keyspace_events"].is_null(),
+            "/readyz: {status} {body}"
+        );
+        Ok(body)
+    })
+    .await?;
+    let missing = &body["source"]["keyspace_events"];
+    assert_eq!(missing["missing"], serde_json::json!(["K", "$", "h", "x"]));
+    let reason = missing["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("notify-keyspace-events") && reason.contains("flags K, $, h, x missing"),
+        "{reason}"
+    );
+    assert!(reason.contains("redis.set_keyspace_events"), "{reason}");
+    assert_eq!(body["source"]["connected"], true);
+
+    // The operator fixes Redis: the host sees it without a restart, and events flow.
+    let mut connection = redis.connection().await?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$hx")
+        .exec_async(&mut connection)
+        .await?;
+    let body = host.wait_readiness(200).await?;
+    assert!(body["source"]["keyspace_events"].is_null(), "{body}");
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    redis::cmd("SET")
+        .arg("user:7")
+        .arg("v")
+        .exec_async(&mut connection)
+        .await?;
+    assert_eq!(
+        events(&seen.take(1, PATIENCE).await?),
+        pairs(&[("user:7", "set")])
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_turns_notifications_on_when_allowed() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    // Flags already set are kept.
+    let mut connection = redis.connection().await?;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("El")
+        .exec_async(&mut connection)
+        .await?;
+    let host = launch(
+        &redis,
+        "[redis]\nset_keyspace_events = true\n",
+        "events = [\"set\", \"del\"]",
+    )
+    .await?;
+    host.wait_ready().await?;
+    let configured = redis.config_get("notify-keyspace-events").await?;
+    for flag in ['K', 'E', 'g', '$', 'l'] {
+        assert!(configured.contains(flag), "{flag} not in {configured:?}");
+    }
+
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    write_keys(&redis).await?;
+    assert_eq!(
+        events(&seen.take(3, PATIENCE).await?),
+        pairs(&[("user:1", "set"), ("user:1", "del"), ("user:3", "set")])
+    );
+    assert!(seen.drain_for(Duration::from_millis(300)).await.is_empty());
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_that_lost_the_setting_the_host_sets_it_again() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let host = launch(&redis, "[redis]\nset_keyspace_events = true\n", "").await?;
+    host.wait_ready().await?;
+    assert!(
+        redis
+            .config_get("notify-keyspace-events")
+            .await?
+            .contains('K')
+    );
+
+    // A server restarted from its configuration has lost what CONFIG SET changed.
+    redis.restart().await?;
+    assert_eq!(redis.config_get("notify-keyspace-events").await?, "");
+
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut connection = redis.connection().await?;
+    // Writes until one is reported: the host reconnects, sets the flags again, and then
+    // hears of every write.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        redis::cmd("SET")
+            .arg("user:9")
+            .arg("v")
+            .exec_async(&mut connection)
+            .await?;
+        match seen.next(Duration::from_millis(200)).await {
+            Ok(got) => {
+                assert_eq!(events(&[got]), pairs(&[("user:9", "set")]));
+                break;
+            }
+            Err(_) if tokio::time::Instant::now() < deadline => continue,
+            Err(e) => return Err(e.context("no key event after the restart")),
+        }
+    }
+    // Reports of earlier writes that were slow to come are all of the same set.
+    let late = seen.drain_for(Duration::from_millis(300)).await;
+    assert!(
+        events(&late)
+            .iter()
+            .all(|pair| pair == &pairs(&[("user:9", "set")])[0])
+    );
+    assert!(
+        redis
+            .config_get("notify-keyspace-events")
+            .await?
+            .contains('K')
+    );
+    redis::cmd("DEL")
+        .arg("user:9")
+        .exec_async(&mut connection)
+        .await?;
+    assert_eq!(
+        events(&seen.take(1, PATIENCE).await?),
+        pairs(&[("user:9", "del")])
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_event_rejects_the_manifest_naming_the_field() -> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    let host = launch(&redis, "", "events = [\"set\", \"expird\"]").await?;
+    host.wait_ready().await?;
+    let entry = host
+        .wait_plugin("echo", "rejected", |p| p["state"] == "failed")
+        .await?;
+    assert_eq!(entry["load_error"]["kind"], "manifest", "{entry}");
+    let message = entry["load_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("subscriptions.events") && message.contains("\"expird\""),
+        "{message}"
+    );
+    // Nothing subscribes to keyspace channels for it.
+    assert_eq!(redis.pubsub_numpat().await?, 0);
+    host.stop().await
+}
