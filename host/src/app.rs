@@ -260,6 +260,12 @@ impl Host {
                     stop_source.clone(),
                 )?;
                 tasks.push(task);
+                let (tracking, task) = crate::source::tracking::Tracking::start(
+                    &client,
+                    router.clone(),
+                    stop_source.clone(),
+                );
+                tasks.push(task);
                 let streams = StreamReaders::new(
                     StreamBackend::Single(Arc::new(client)),
                     stop_source.clone(),
@@ -267,7 +273,7 @@ impl Host {
                 .with_max_entry_bytes(config.plugins.max_payload_bytes)
                 .with_tracing(tracing.clone());
                 (
-                    Source::Redis(source, Arc::new(streams)),
+                    Source::Redis(source, Arc::new(streams), tracking),
                     Publisher::Redis(publisher),
                 )
             }

@@ -131,6 +131,7 @@ pub async fn check(target: &Target) -> anyhow::Result<CheckReport> {
                     "version": version.version,
                     "subscriptions": version.subscriptions,
                     "keys": version.keys,
+                    "tracking": version.tracking,
                     "requested": requested,
                 }),
                 imports,
@@ -553,10 +554,12 @@ pub fn render_check(report: &CheckReport) -> String {
             "  describe:      none in this world; subscriptions come from the manifest"
         );
     }
+    let tracked = report.describe["tracking"].as_array().into_iter().flatten();
     let subscriptions: Vec<String> = ["subscriptions", "keys"]
         .into_iter()
         .filter_map(|field| report.describe[field].as_array())
         .flat_map(|items| items.iter().map(text))
+        .chain(tracked.map(|prefix| format!("tracking {}", text(prefix))))
         .collect();
     let _ = writeln!(out, "  subscriptions: {}", list(&subscriptions));
     let requested: GrantsConfig =

@@ -381,6 +381,65 @@ async fn keyspace_events_of_every_shard_arrive_once_and_follow_a_failover() -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_keys_of_every_shard_are_invalidated_once_and_a_failover_flushes()
+-> anyhow::Result<()> {
+    let mut cluster = RedisCluster::start(3, 1).await?;
+    let keys = cluster.names_on_distinct_primaries("cache:", 3).await?;
+    let mut reports = Reports::new(&cluster, &["heard"]).await?;
+    let url = cluster.seed_url().replace("redis://", "redis+cluster://");
+    let manifest = "[subscriptions]\ntracking = [\"cache:\"]\n[grants]\npublish = [\"heard\"]\n\
+                    [config]\nreply = \"heard\"\ntag = \"tracked\"\n";
+    let host = TestHost::launch(&url, "", |dir: &Path| {
+        copy_plugin(dir, "tracked", Path::new(plugins::ECHO), Some(manifest))
+    })
+    .await?;
+    host.wait_ready().await?;
+
+    // A write on each shard: each invalidation once, from the primary that owns the key.
+    let mut connection = cluster.connection().await?;
+    for key in &keys {
+        connection.set::<_, _, ()>(key, "v").await?;
+    }
+    let mut heard = Vec::new();
+    for _ in &keys {
+        let report = reports.next(WAIT).await?;
+        assert_eq!(report["payload"], "invalidate", "{report}");
+        heard.push(report["channel"].as_str().unwrap_or_default().to_owned());
+    }
+    heard.sort();
+    let mut expected = keys.clone();
+    expected.sort();
+    assert_eq!(heard, expected);
+    assert!(reports.next(Duration::from_millis(500)).await.is_err());
+
+    // A primary lost: a flush, and the promoted replica's keys are tracked again.
+    let slot = cluster.slot(&keys[0]).await?;
+    cluster.fail_primary_of(slot, WAIT).await?;
+    reports.until(WAIT, |r| r["payload"] == "flush").await?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(mut connection) = cluster.connection().await {
+            let _: Result<(), _> = connection.set(&keys[0], "again").await;
+        }
+        let invalidated = reports
+            .until(Duration::from_millis(500), |r| {
+                r["channel"] == keys[0].as_str() && r["payload"] == "invalidate"
+            })
+            .await;
+        if invalidated.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} not tracked again within {WAIT:?}",
+            keys[0]
+        );
+    }
+    host.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hosts_share_streams_on_different_shards() -> anyhow::Result<()> {
     let cluster = RedisCluster::start(3, 1).await?;
     let streams = cluster.names_on_distinct_primaries("orders:", 2).await?;

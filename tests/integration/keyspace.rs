@@ -332,3 +332,109 @@ async fn a_misspelt_event_rejects_the_manifest_naming_the_field() -> anyhow::Res
     assert_eq!(redis.pubsub_numpat().await?, 0);
     host.stop().await
 }
+
+/// The (channel, payload) of the next echo report, within [`PATIENCE`].
+async fn next_report(seen: &mut Subscriber) -> anyhow::Result<(String, String, String)> {
+    let received = seen.take(1, PATIENCE).await?;
+    let report: Value = serde_json::from_slice(&received[0].payload)?;
+    let text = |field: &str| report[field].as_str().unwrap_or_default().to_owned();
+    Ok((text("channel"), text("payload"), text("subscription")))
+}
+
+/// The id of the host's tracking connection, the one client with tracking on.
+async fn tracking_client(redis: &RedisServer) -> anyhow::Result<i64> {
+    let mut connection = redis.connection().await?;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut connection)
+        .await?;
+    let ids: Vec<i64> = list
+        .lines()
+        .filter(|line| {
+            line.split(' ').any(|field| {
+                field
+                    .strip_prefix("flags=")
+                    .is_some_and(|f| f.contains('t'))
+            })
+        })
+        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+        .collect();
+    anyhow::ensure!(ids.len() == 1, "one tracking client, not {ids:?}:\n{list}");
+    Ok(ids[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_lost()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let host = launch_with(&redis, "", "tracking = [\"cache:\", \"cache:user:\"]").await?;
+    host.wait_ready().await?;
+    let entry = host.plugin("echo").await?.expect("echo is listed");
+    assert_eq!(
+        entry["version"]["tracking"],
+        serde_json::json!(["cache:", "cache:user:"])
+    );
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut writer = redis.connection().await?;
+
+    // A write by another client to a tracked key: one invalidation, under the first prefix
+    // that matches. A key outside the prefixes: none.
+    redis::cmd("SET")
+        .arg("other:1")
+        .arg("x")
+        .exec_async(&mut writer)
+        .await?;
+    redis::cmd("SET")
+        .arg("cache:user:1")
+        .arg("x")
+        .exec_async(&mut writer)
+        .await?;
+    let (channel, payload, subscription) = next_report(&mut seen).await?;
+    assert_eq!(
+        (channel.as_str(), payload.as_str()),
+        ("cache:user:1", "invalidate")
+    );
+    assert_eq!(subscription, "pattern:cache:*");
+
+    // Redis flushing its keys is a null invalidation: one flush message.
+    redis::cmd("FLUSHALL").exec_async(&mut writer).await?;
+    let (channel, payload, _) = next_report(&mut seen).await?;
+    assert_eq!((channel.as_str(), payload.as_str()), ("", "flush"));
+
+    // The tracking connection killed: a flush, then tracking resumes by itself.
+    let killed = tracking_client(&redis).await?;
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(killed)
+        .exec_async(&mut writer)
+        .await?;
+    let (channel, payload, _) = next_report(&mut seen).await?;
+    assert_eq!((channel.as_str(), payload.as_str()), ("", "flush"));
+    let resumed = eventually(PATIENCE, || async {
+        let id = tracking_client(&redis).await?;
+        anyhow::ensure!(id != killed, "still the killed client");
+        Ok(id)
+    })
+    .await?;
+    assert_ne!(resumed, killed);
+    redis::cmd("DEL")
+        .arg("cache:2")
+        .exec_async(&mut writer)
+        .await?;
+    redis::cmd("SET")
+        .arg("cache:2")
+        .arg("y")
+        .exec_async(&mut writer)
+        .await?;
+    let (channel, payload, _) = next_report(&mut seen).await?;
+    assert_eq!(
+        (channel.as_str(), payload.as_str()),
+        ("cache:2", "invalidate")
+    );
+    assert!(
+        seen.next(Duration::from_millis(300)).await.is_err(),
+        "one message per invalidation"
+    );
+    host.stop().await
+}

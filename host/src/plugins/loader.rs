@@ -361,7 +361,8 @@ impl Loader {
         if !world.describes_itself() && manifest.subscriptions.is_none() {
             return Err(LoadError::Manifest(format!(
                 "{}: a {} component has no describe, so its manifest must list what it \
-                 listens to: [subscriptions] with channels, patterns, sharded, streams or keys",
+                 listens to: [subscriptions] with channels, patterns, sharded, streams, keys or \
+                 tracking",
                 path.with_extension("toml").display(),
                 world.label()
             )));
@@ -775,6 +776,9 @@ impl Description {
                 Vec::new()
             }
         };
+        let tracking: Vec<Bytes> = overridden
+            .map(|o| o.tracking.iter().map(|p| Bytes::from(p.clone())).collect())
+            .unwrap_or_default();
         if info.name.trim().is_empty() {
             problems.push("name is empty".to_owned());
         }
@@ -821,6 +825,7 @@ impl Description {
                 version: info.version,
                 subscriptions,
                 keys,
+                tracking,
                 requested: GrantsConfig {
                     publish: capabilities.publish,
                     invalidate: capabilities.invalidate,

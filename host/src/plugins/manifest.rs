@@ -14,6 +14,7 @@
 //! keys = ["user:*"]        # changes of keys: PSUBSCRIBE __keyspace@DB__:user:*
 //! events = ["set", "del"]  # which key events (every event when left out)
 //! database = 0             # the keys' database (that of redis.url when left out)
+//! tracking = ["cache:"]    # invalidations of keys with these prefixes: CLIENT TRACKING BCAST
 //!
 //! [stream]              # how its streams are read (overrides the host's [streams])
 //! group = "billing"
@@ -111,6 +112,10 @@ pub struct SubscriptionsOverride {
     pub events: Option<Vec<String>>,
     /// The database of `keys`; the one `redis.url` selects when absent.
     pub database: Option<u32>,
+    /// Key prefixes whose invalidations of client-side caching the plugin hears of
+    /// (`CLIENT TRACKING ... BCAST PREFIX`); `""` is every key.
+    #[serde(default)]
+    pub tracking: Vec<String>,
 }
 
 impl SubscriptionsOverride {

@@ -486,6 +486,7 @@ impl Registry {
                         let current = slot.current.load();
                         Route::new(slot.inbox.clone(), &current.description.subscriptions)
                             .with_keys(&current.description.keys)
+                            .with_tracking(&current.description.tracking)
                             .with_stream_settings(current.stream.clone())
                     })
                     .collect(),

@@ -93,6 +93,9 @@ pub struct VersionReport {
     /// the pattern `__keyspace@N__:GLOB`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// The key prefixes whose client-side caching invalidations it hears of.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tracking: Vec<String>,
     /// What it is allowed to do.
     pub grants: GrantsConfig,
     /// What it asked for in `describe`.
@@ -238,6 +241,11 @@ fn slot_report(name: &PluginName, slot: &Slot, state: PluginState) -> PluginRepo
                 .map(ToString::to_string)
                 .collect(),
             keys: description.keys.iter().map(ToString::to_string).collect(),
+            tracking: description
+                .tracking
+                .iter()
+                .map(|prefix| String::from_utf8_lossy(prefix).into_owned())
+                .collect(),
             grants: current.grants.config().clone(),
             requested: description.requested.clone(),
             settings: current.settings.keys().map(str::to_owned).collect(),

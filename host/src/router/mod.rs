@@ -19,6 +19,18 @@
 //! and only for the events it listed; others are dropped here, before its queue. A table
 //! without key subscriptions skips both steps.
 //!
+//! # Tracked keys
+//!
+//! A plugin may also track key prefixes (`[subscriptions] tracking = ["cache:"]`): the source
+//! asks Redis for client-side caching invalidations of those keys (`CLIENT TRACKING ON BCAST
+//! PREFIX ...`) on connections of its own, and hands each to the router
+//! ([`Router::invalidate_tracked`]). A tracking plugin gets a message per invalidated key
+//! (the key as the channel, `invalidate` as the payload), once, under its first prefix that
+//! matches; and one `flush` message (empty channel) whenever every key may have changed:
+//! Redis flushed its tracking table, or a tracking connection was lost. Invalidations do not
+//! pass the barrier rule above: they come from other connections, and each is routed by the
+//! table in force when it arrives.
+//!
 //! # Switching tables
 //!
 //! Tables therefore change only at *barriers*: the source publishes a marker on a private
@@ -42,7 +54,7 @@ use tokio::sync::oneshot;
 
 use crate::message::{Delivery, RESERVED_PREFIX, Via, is_reserved};
 
-pub use table::{Route, RoutingTable, StreamTarget};
+pub use table::{FLUSH, INVALIDATE, Route, RoutingTable, StreamTarget};
 
 /// Routes deliveries through the table in force and switches tables at barriers.
 pub struct Router {
@@ -125,6 +137,13 @@ impl Router {
         if self.table.load().dispatch(delivery) == 0 {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Hands an invalidation of client-side caching (`Some(key)`) or a flush (`None`) to the
+    /// plugins tracking it, through the table in force (see
+    /// [`RoutingTable::dispatch_invalidation`]).
+    pub fn invalidate_tracked(&self, key: Option<&Bytes>) {
+        self.table.load().dispatch_invalidation(key);
     }
 
     /// Stages `table` to take over at the returned barrier.

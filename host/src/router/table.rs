@@ -49,6 +49,9 @@ pub struct Route {
     /// For each subscription that is a key subscription's pattern, how to deliver it; same
     /// order, `None` for the others.
     keyed: Vec<Option<KeyRoute>>,
+    /// The key prefixes whose client-side caching invalidations it hears of, each with the
+    /// subscription its messages name (`pattern("PREFIX*")`).
+    tracking: Vec<(Bytes, Subscription)>,
     /// How its streams are read, if it has any.
     stream_settings: Arc<StreamSettings>,
 }
@@ -75,6 +78,7 @@ impl Route {
             subscriptions,
             matchers,
             keyed,
+            tracking: Vec::new(),
             stream_settings: Arc::default(),
         }
     }
@@ -108,6 +112,21 @@ impl Route {
         }
     }
 
+    /// Adds `prefixes` of keys whose client-side caching invalidations the plugin hears of
+    /// (duplicates after the first are ignored).
+    pub fn with_tracking(mut self, prefixes: &[Bytes]) -> Self {
+        for prefix in prefixes {
+            if self.tracking.iter().any(|(p, _)| p == prefix) {
+                continue;
+            }
+            let mut pattern = prefix.to_vec();
+            pattern.push(b'*');
+            self.tracking
+                .push((prefix.clone(), Subscription::Pattern(pattern.into())));
+        }
+        self
+    }
+
     /// Reads the route's streams with `settings`.
     pub fn with_stream_settings(mut self, settings: Arc<StreamSettings>) -> Self {
         self.stream_settings = settings;
@@ -128,6 +147,11 @@ impl Route {
         )
     }
 }
+
+/// The payload of a tracked key's invalidation.
+pub const INVALIDATE: &[u8] = b"invalidate";
+/// The payload of the message that says every tracked key may have changed.
+pub const FLUSH: &[u8] = b"flush";
 
 /// Where a subscription's deliveries go: (route index, subscription index in that route).
 type Targets = Vec<(usize, usize)>;
@@ -178,6 +202,46 @@ impl RoutingTable {
     /// has none).
     pub fn keyspace_flags(&self) -> Flags {
         self.keyspace_flags
+    }
+
+    /// Every key prefix some plugin tracks: what the source must ask Redis to track.
+    pub fn tracking_prefixes(&self) -> BTreeSet<Bytes> {
+        self.routes
+            .iter()
+            .flat_map(|route| route.tracking.iter().map(|(prefix, _)| prefix.clone()))
+            .collect()
+    }
+
+    /// Hands an invalidation of client-side caching to each plugin tracking the key, once:
+    /// `Some(key)` as a message with the key as the channel and `invalidate` as the payload;
+    /// `None` ("anything may have changed": Redis flushed, or the tracking connection was
+    /// lost) as one message with an empty channel and `flush` as the payload to every
+    /// tracking plugin. Returns how many plugins it was offered to.
+    pub fn dispatch_invalidation(&self, key: Option<&Bytes>) -> usize {
+        let received_at = SystemTime::now();
+        let mut offered = 0;
+        for route in &self.routes {
+            let tracked = match key {
+                Some(key) => route.tracking.iter().find(|(p, _)| key.starts_with(p)),
+                None => route.tracking.first(),
+            };
+            let Some((_, subscription)) = tracked else {
+                continue;
+            };
+            let (channel, payload) = match key {
+                Some(key) => (key.clone(), Bytes::from_static(INVALIDATE)),
+                None => (Bytes::new(), Bytes::from_static(FLUSH)),
+            };
+            route.inbox.offer(Envelope {
+                channel,
+                subscription: subscription.clone(),
+                payload,
+                received_at,
+                entry: None,
+            });
+            offered += 1;
+        }
+        offered
     }
 
     /// Every (plugin, stream) pair to read through a consumer group.

@@ -13,7 +13,7 @@
 //! to every primary decide readiness (a shard without a reachable primary turns it off), and
 //! `CLUSTER SLOTS` shows when the shape changed (a failover, a slot moved). Keyspace and
 //! keyevent notifications are node-local: they are subscribed on every primary instead
-//! (see [`super::cluster_nodes`]), and each tick follows the primaries. A connection
+//! (see [`super::nodes`]), and each tick follows the primaries. A connection
 //! that only listens sends nothing that would make the client notice a new shape, so on a
 //! change the control task subscribes everything again: the client then finds each
 //! subscription's current owner (a no-op where it already is). Messages published on a shard
@@ -32,7 +32,7 @@ use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::cluster_nodes::{NodeSubscriptions, is_node_local, node_local};
+use super::nodes::{NodeSubscriptions, is_node_local, node_local};
 use super::redis::{
     BACKOFF_MAX, BACKOFF_MIN, BARRIER_TIMEOUT, Backoff, count_subscriptions, names_of,
 };
@@ -338,6 +338,7 @@ impl Control {
                         let update = update?;
                         self.desired = update.subscriptions;
                         self.nodes.set_needed(update.table.keyspace_flags());
+                        self.nodes.set_tracking(&update.table.tracking_prefixes()).await;
                         self.router.apply_now(Some(update.table));
                         let _ = update.done.send(Ok(()));
                     }
@@ -357,6 +358,7 @@ impl Control {
     ) -> anyhow::Result<()> {
         self.desired = wanted;
         self.nodes.set_needed(table.keyspace_flags());
+        self.nodes.set_tracking(&table.tracking_prefixes()).await;
         let barrier = self.router.stage(table);
         let started = Instant::now();
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
@@ -411,17 +413,17 @@ impl Control {
     }
 
     /// Subscribes the node-local members of `added` on every primary connected, then makes
-    /// sure every current primary is (the first such subscription connects to them all).
+    /// sure every current primary is connected (the first node-local subscription or tracked
+    /// prefix connects to them all).
     async fn subscribe_on_primaries(
         &mut self,
         connection: &mut ClusterConnection,
         added: &BTreeSet<Subscription>,
     ) -> anyhow::Result<()> {
-        let added = node_local(added);
-        if added.is_empty() {
+        self.nodes.add(&node_local(added)).await?;
+        if self.nodes.is_empty() {
             return Ok(());
         }
-        self.nodes.add(&added).await?;
         self.follow_primaries(connection)
             .await
             .map_err(anyhow::Error::msg)

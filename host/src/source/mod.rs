@@ -15,11 +15,12 @@
 //!   running plugins offline.
 
 pub mod cluster;
-mod cluster_nodes;
 pub mod embedded;
 mod keyspace;
+mod nodes;
 pub mod redis;
 pub mod streams;
+pub mod tracking;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -121,8 +122,12 @@ pub struct SourceStatus {
 /// The subscriber side of a broker.
 #[derive(Clone)]
 pub enum Source {
-    /// A Redis server, and the readers of plugins' streams on it.
-    Redis(redis::RedisSource, Arc<streams::StreamReaders>),
+    /// A Redis server, the readers of plugins' streams on it, and its key tracking.
+    Redis(
+        redis::RedisSource,
+        Arc<streams::StreamReaders>,
+        tracking::Tracking,
+    ),
     /// A Redis Cluster, and the readers of plugins' streams on it.
     Cluster(cluster::ClusterSource, Arc<streams::StreamReaders>),
     /// The in-process broker.
@@ -139,8 +144,9 @@ impl Source {
         table: RoutingTable,
     ) -> anyhow::Result<()> {
         match self {
-            Source::Redis(source, streams) => {
+            Source::Redis(source, streams, tracking) => {
                 streams.update(table.streams());
+                tracking.update(table.tracking_prefixes()).await;
                 source.update(subscriptions, table).await
             }
             Source::Cluster(source, streams) => {
@@ -148,6 +154,12 @@ impl Source {
                 source.update(subscriptions, table).await
             }
             Source::Embedded(broker) => {
+                if !table.tracking_prefixes().is_empty() {
+                    tracing::warn!(
+                        "key tracking needs a Redis server: the in-process broker sends no \
+                         invalidations"
+                    );
+                }
                 if !table.keyspace_flags().is_empty() {
                     tracing::warn!(
                         "key subscriptions need a Redis server: the in-process broker has no \
@@ -179,7 +191,7 @@ impl Source {
     /// The connection's current state.
     pub fn status(&self) -> SourceStatus {
         match self {
-            Source::Redis(source, streams) => SourceStatus {
+            Source::Redis(source, streams, _) => SourceStatus {
                 streams: streams.count(),
                 ..source.status()
             },
@@ -193,7 +205,7 @@ impl Source {
 
     /// Stops the stream readers, after each has acknowledged what its plugin handled.
     pub async fn stop_streams(&self) {
-        if let Source::Redis(_, streams) | Source::Cluster(_, streams) = self {
+        if let Source::Redis(_, streams, _) | Source::Cluster(_, streams) = self {
             streams.stop().await;
         }
     }

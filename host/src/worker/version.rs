@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+
 use super::state::PluginContext;
 use super::worlds::HandlerPre;
 use crate::ContentHash;
@@ -25,6 +27,9 @@ pub struct Description {
     /// The keys whose changes it hears of (from its manifest), after its subscriptions in
     /// order of preference.
     pub keys: Vec<KeySubscription>,
+    /// The key prefixes whose client-side caching invalidations it hears of (from its
+    /// manifest; see [`crate::router`]).
+    pub tracking: Vec<Bytes>,
     /// The capabilities it asks for.
     pub requested: GrantsConfig,
 }

@@ -1,12 +1,20 @@
-//! Subscriptions a Redis Cluster keeps on one node: keyspace and keyevent notifications
-//! (`__keyspace@DB__:KEY`, `__keyevent@DB__:EVENT`). A node publishes them only to its own
-//! subscribers, never across the cluster bus, so a subscriber on one node of a 3-primary
-//! cluster hears about a third of the keys.
+//! Connections to each node that serves keys (every primary of a cluster; the server
+//! itself otherwise), for what Redis says only about the keys of the node one is connected to.
 //!
-//! The cluster source therefore subscribes them on every primary, each over a RESP3 connection
-//! of its own whose messages go to the router like the cluster client's. A write happens on
-//! the primary that owns its key, so every event arrives once. Replicas replay their primary's
-//! writes and notify them again, so they are not subscribed.
+//! **Node-local subscriptions.** Keyspace and keyevent notifications (`__keyspace@DB__:KEY`,
+//! `__keyevent@DB__:EVENT`) go only to the subscribers of the node where the key changed,
+//! never across the cluster bus, so a subscriber on one node of a 3-primary cluster hears
+//! about a third of the keys. The cluster source therefore subscribes them on every primary,
+//! each over a RESP3 connection of its own whose messages go to the router like the cluster
+//! client's. A write happens on the primary that owns its key, so every event arrives once.
+//! Replicas replay their primary's writes and notify them again, so they are not subscribed.
+//!
+//! **Tracked keys.** For plugins that track key prefixes, each connection also turns on
+//! client-side caching invalidations: `CLIENT TRACKING ON BCAST PREFIX ... NOLOOP` (prefixes
+//! that another one covers are left out: Redis refuses overlapping ones). Each invalidated key
+//! goes to the router; a `null` invalidation (Redis flushed its table) and the loss of a
+//! connection go as one flush, since keys may have changed unseen. A change of the prefixes
+//! turns tracking off and on again, and is a flush too.
 //!
 //! The primaries are followed on every health tick of the cluster source (`CLUSTER SLOTS`,
 //! each second): a promoted replica gets a connection, a node that is no longer a primary
@@ -25,8 +33,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
-use redis::{ConnectionAddr, PushInfo, PushKind};
+use redis::{ConnectionAddr, PushInfo, PushKind, Value};
 
 use super::redis::names_of;
 use crate::keyspace::{Flags, MissingFlags};
@@ -66,6 +75,8 @@ pub struct NodeSubscriptions {
     needed: Flags,
     /// Whether to add missing flags (`redis.set_keyspace_events`).
     set_missing: bool,
+    /// The key prefixes tracked on every node (none covering another).
+    tracking: BTreeSet<Bytes>,
 }
 
 /// One primary's connection.
@@ -95,7 +106,32 @@ impl NodeSubscriptions {
             nodes: BTreeMap::new(),
             needed: Flags::NONE,
             set_missing,
+            tracking: BTreeSet::new(),
         }
+    }
+
+    /// Tracks `prefixes` on every node from now on. A change turns tracking off and on again
+    /// on each connected node, and the router flushes the tracking plugins, since
+    /// invalidations in between are not seen.
+    pub async fn set_tracking(&mut self, prefixes: &BTreeSet<Bytes>) {
+        let prefixes = outermost(prefixes);
+        if prefixes == self.tracking {
+            return;
+        }
+        self.tracking = prefixes;
+        let mut failed = Vec::new();
+        for (address, node) in &mut self.nodes {
+            if let Err(e) = track(&mut node.connection, &self.tracking).await {
+                tracing::warn!(node = %address, "cannot change client tracking: {e}; connecting again");
+                failed.push(address.clone());
+            }
+        }
+        // A connection that could not change is opened again on the next follow.
+        self.nodes.retain(|address, _| !failed.contains(address));
+        if self.is_empty() {
+            self.nodes.clear();
+        }
+        self.router.invalidate_tracked(None);
     }
 
     /// Records the flags the routing table's key subscriptions need; every primary is checked
@@ -131,9 +167,10 @@ impl NodeSubscriptions {
         })
     }
 
-    /// Whether there is a node-local subscription.
+    /// Whether there is nothing to hold on the nodes: no node-local subscription and no
+    /// tracked prefix.
     pub fn is_empty(&self) -> bool {
-        self.wanted.is_empty()
+        self.wanted.is_empty() && self.tracking.is_empty()
     }
 
     /// Subscribes `added` on every primary connected; it is also subscribed on those
@@ -163,8 +200,10 @@ impl NodeSubscriptions {
             }
         }
         if self.wanted.is_empty() {
-            self.nodes.clear();
             self.needed = Flags::NONE;
+        }
+        if self.is_empty() {
+            self.nodes.clear();
         }
     }
 
@@ -172,16 +211,24 @@ impl NodeSubscriptions {
     /// node: connects to new primaries and to those whose connection broke, and drops nodes
     /// that are no longer primaries. Returns the nodes it could not subscribe, with why.
     pub async fn follow(&mut self, primaries: &BTreeSet<String>) -> Result<(), String> {
-        if self.wanted.is_empty() {
+        if self.is_empty() {
             return Ok(());
         }
+        let mut dropped_live = false;
         self.nodes.retain(|address, node| {
             let keep = primaries.contains(address) && node.alive.load(Ordering::Relaxed);
             if !keep {
-                tracing::info!(node = %address, "keyspace notifications: dropping the connection to a node that is no longer a primary or was lost");
+                // Marked lost first, so that closing it does not flush a second time.
+                dropped_live |= node.alive.swap(false, Ordering::Relaxed);
+                tracing::info!(node = %address, "dropping the connection to a node that is no longer a primary or was lost");
             }
             keep
         });
+        if dropped_live && !self.tracking.is_empty() {
+            // Its keys are someone else's now, and may have changed unseen in the handover
+            // (a lost connection flushed when it was lost).
+            self.router.invalidate_tracked(None);
+        }
         let mut failures = Vec::new();
         for address in primaries {
             if self.nodes.contains_key(address) {
@@ -189,7 +236,12 @@ impl NodeSubscriptions {
             }
             match tokio::time::timeout(NODE_TIMEOUT * 2, self.open(address)).await {
                 Ok(Ok(node)) => {
-                    tracing::info!(node = %address, subscriptions = self.wanted.len(), "keyspace notifications subscribed on a primary");
+                    tracing::info!(
+                        node = %address,
+                        subscriptions = self.wanted.len(),
+                        tracked_prefixes = self.tracking.len(),
+                        "connected to a node for keyspace notifications and key tracking"
+                    );
                     self.nodes.insert(address.clone(), node);
                 }
                 Ok(Err(e)) => failures.push(format!("{address}: {e}")),
@@ -197,7 +249,9 @@ impl NodeSubscriptions {
             }
         }
         for node in self.nodes.values_mut() {
-            if !node.checked || node.missing.is_some() {
+            if self.needed.is_empty() {
+                node.missing = None;
+            } else if !node.checked || node.missing.is_some() {
                 node.missing =
                     super::keyspace::check(&mut node.connection, self.needed, self.set_missing)
                         .await;
@@ -208,7 +262,7 @@ impl NodeSubscriptions {
             Ok(())
         } else {
             Err(format!(
-                "cannot subscribe keyspace notifications on {}",
+                "cannot hold keyspace notifications and key tracking on {}",
                 failures.join("; ")
             ))
         }
@@ -238,12 +292,31 @@ impl NodeSubscriptions {
         let (router, lost) = (self.router.clone(), alive.clone());
         let on_push = move |push: PushInfo| {
             match push.kind {
-                PushKind::Disconnection => lost.store(false, Ordering::Relaxed),
+                // Only the first loss flushes: the push may come more than once.
+                PushKind::Disconnection if lost.swap(false, Ordering::Relaxed) => {
+                    router.invalidate_tracked(None);
+                }
                 PushKind::Message | PushKind::PMessage => {
                     if let Some(delivery) = Delivery::from_push(push) {
                         router.deliver(delivery);
                     }
                 }
+                PushKind::Invalidate => match push.data.into_iter().next() {
+                    Some(Value::Array(keys)) => {
+                        for key in keys {
+                            match key {
+                                Value::BulkString(key) => {
+                                    router.invalidate_tracked(Some(&Bytes::from(key)));
+                                }
+                                Value::SimpleString(key) => {
+                                    router.invalidate_tracked(Some(&Bytes::from(key)));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => router.invalidate_tracked(None),
+                },
                 _ => {}
             }
             Ok::<(), Infallible>(())
@@ -256,6 +329,9 @@ impl NodeSubscriptions {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         change(&mut connection, &self.wanted, true).await?;
+        if !self.tracking.is_empty() {
+            track(&mut connection, &self.tracking).await?;
+        }
         Ok(Node {
             connection,
             alive,
@@ -263,6 +339,42 @@ impl NodeSubscriptions {
             missing: None,
         })
     }
+}
+
+/// Turns client tracking on for `prefixes` on one node (after turning it off, which drops
+/// any earlier prefixes), or only off when there are none.
+async fn track(
+    connection: &mut MultiplexedConnection,
+    prefixes: &BTreeSet<Bytes>,
+) -> redis::RedisResult<()> {
+    redis::cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("OFF")
+        .exec_async(connection)
+        .await?;
+    if prefixes.is_empty() {
+        return Ok(());
+    }
+    let mut on = redis::cmd("CLIENT");
+    on.arg("TRACKING").arg("ON").arg("BCAST");
+    for prefix in prefixes {
+        on.arg("PREFIX").arg(prefix.as_ref());
+    }
+    on.arg("NOLOOP").exec_async(connection).await
+}
+
+/// `prefixes` without those another one starts: Redis refuses a `BCAST` prefix that
+/// overlaps another, and the shorter one already covers the keys of the longer.
+fn outermost(prefixes: &BTreeSet<Bytes>) -> BTreeSet<Bytes> {
+    prefixes
+        .iter()
+        .filter(|prefix| {
+            !prefixes
+                .iter()
+                .any(|other| other != *prefix && prefix.starts_with(other))
+        })
+        .cloned()
+        .collect()
 }
 
 /// (Un)subscribes the channels and patterns of `set` on one node.
@@ -295,6 +407,22 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+
+    #[test]
+    fn prefixes_another_covers_are_left_out() {
+        let set = |names: &[&'static str]| -> BTreeSet<Bytes> {
+            names
+                .iter()
+                .map(|n| Bytes::from_static(n.as_bytes()))
+                .collect()
+        };
+        assert_eq!(
+            outermost(&set(&["cache:", "cache:user:", "session:"])),
+            set(&["cache:", "session:"])
+        );
+        assert_eq!(outermost(&set(&["", "cache:"])), set(&[""]));
+        assert_eq!(outermost(&set(&["a", "b"])), set(&["a", "b"]));
+    }
 
     #[test]
     fn keyspace_and_keyevent_subscriptions_are_node_local_and_others_are_not() {
