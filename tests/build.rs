@@ -7,6 +7,7 @@ use switchyard_plugin_build::{Embed, build, write_constants};
 const PLUGINS: &[&str] = &[
     "forward",
     "forward-0-4",
+    "forward-0-5",
     "notify-router",
     "chat-moderator",
     "cache-invalidator",

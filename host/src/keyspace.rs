@@ -6,8 +6,9 @@
 //! the key in the channel name. The plugin gets a message whose channel is the key (the
 //! `__keyspace@DB__:` prefix removed) and whose payload is the event name; events it did not
 //! list are dropped by the host, without calling it. In the Switchyard world the message's
-//! `subscription` is `pattern("__keyspace@DB__:user:*")`, the pattern on the wire: the
-//! contract has no variant for key subscriptions yet (a later version will add one).
+//! `subscription` is `keys(...)` (WIT 0.6.0; a plugin built for an earlier version gets
+//! `pattern("__keyspace@DB__:user:*")`, the pattern on the wire). A plugin of 0.6.0 may also
+//! ask for keys in `describe`.
 //!
 //! Redis publishes these notifications only for the classes of events turned on in its
 //! `notify-keyspace-events` setting, which is empty (everything off) by default. [`Flags`]

@@ -1,9 +1,12 @@
 //! The words every stage shares: what the host subscribes to, how a message arrived, and the
 //! message itself as a source hands it on. The ground floor: it imports no stage.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
+
+use crate::keyspace::KeySubscription;
 
 /// Channels starting with this prefix belong to the host: they are never routed to plugins
 /// and plugins may not publish on them.
@@ -57,6 +60,56 @@ impl std::fmt::Display for Subscription {
             self.kind(),
             String::from_utf8_lossy(self.name())
         )
+    }
+}
+
+/// What brought a message to a plugin, as the plugin is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// One of its subscriptions.
+    Subscribed(Subscription),
+    /// One of its key subscriptions (on the wire, the pattern `__keyspace@DB__:KEYS`).
+    Keys(Arc<KeySubscription>),
+    /// One of its tracked key prefixes.
+    Tracking(Bytes),
+}
+
+impl Heard {
+    /// The subscription's name: a channel, pattern or stream key, a key pattern, a prefix.
+    pub fn name(&self) -> &Bytes {
+        match self {
+            Heard::Subscribed(subscription) => subscription.name(),
+            Heard::Keys(keys) => &keys.keys,
+            Heard::Tracking(prefix) => prefix,
+        }
+    }
+
+    /// The pattern Redis matched, if one did: a pattern subscription's, or a key
+    /// subscription's keyspace pattern.
+    pub fn wire_pattern(&self) -> Option<Bytes> {
+        match self {
+            Heard::Subscribed(Subscription::Pattern(pattern)) => Some(pattern.clone()),
+            Heard::Keys(keys) => Some(keys.pattern()),
+            _ => None,
+        }
+    }
+}
+
+impl From<Subscription> for Heard {
+    fn from(subscription: Subscription) -> Self {
+        Heard::Subscribed(subscription)
+    }
+}
+
+impl std::fmt::Display for Heard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Heard::Subscribed(subscription) => subscription.fmt(f),
+            Heard::Keys(keys) => write!(f, "keys {}", String::from_utf8_lossy(&keys.keys)),
+            Heard::Tracking(prefix) => {
+                write!(f, "tracking {}", String::from_utf8_lossy(prefix))
+            }
+        }
     }
 }
 

@@ -311,11 +311,11 @@ async fn check_describes_a_plugin_and_what_it_would_be_granted() -> anyhow::Resu
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}");
     assert!(
-        stdout.contains("a Switchyard plugin for switchyard:plugin/plugin@0.5.0"),
+        stdout.contains("a Switchyard plugin for switchyard:plugin/plugin@0.6.0"),
         "{stdout}"
     );
     assert!(stdout.contains("subscriptions: pattern fwd:*"), "{stdout}");
-    assert!(stdout.contains("switchyard:plugin/host@0.5.0"), "{stdout}");
+    assert!(stdout.contains("switchyard:plugin/host@0.6.0"), "{stdout}");
     assert!(
         stdout.contains("policy deny): publish [fwded:*]"),
         "{stdout}"

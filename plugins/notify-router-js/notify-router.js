@@ -10,7 +10,7 @@
 // - the exported `handle` returns `result<_, error>`: returning normally is `ok`, throwing
 //   anything with an own `payload` property is `err(payload)`. Any other exception traps.
 
-import { publish, callOutput, log } from 'switchyard:plugin/host@0.5.0';
+import { publish, callOutput, log } from 'switchyard:plugin/host@0.6.0';
 
 const PREFIX = 'notifications:';
 const DEAD_LETTERS = 'notifications:dead';

@@ -1,6 +1,6 @@
-//! The plugin contract across versions: a 0.5.0 plugin reads the trace context of its own
+//! The plugin contract across versions: a current plugin reads the trace context of its own
 //! call (the consumer span a real OTLP receiver gets), and a plugin built for 0.4.0 loads,
-//! runs, is checked and swaps beside 0.5.0 plugins unchanged, while a version the host does
+//! runs, is checked and swaps beside current plugins unchanged, while a version the host does
 //! not run is refused with the ones it does.
 
 use serde_json::Value;
@@ -17,8 +17,9 @@ const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 
 /// What `/plugins` and `switchyard check` call the two versions.
-const CURRENT: &str = "switchyard:plugin@0.5.0";
+const CURRENT: &str = "switchyard:plugin@0.6.0";
 const PREVIOUS: &str = "switchyard:plugin@0.4.0";
+const BEFORE: &str = "switchyard:plugin@0.5.0";
 
 fn tracing_config(receiver: &OtlpReceiver) -> String {
     format!(
@@ -126,7 +127,7 @@ async fn a_plugin_reads_the_context_of_the_span_the_host_traces_its_call_with() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plugin_built_for_0_4_0_runs_beside_0_5_0_plugins_under_the_same_grants_and_spans()
+async fn a_plugin_built_for_0_4_0_runs_beside_current_plugins_under_the_same_grants_and_spans()
 -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let receiver = OtlpReceiver::start().await?;
@@ -201,7 +202,7 @@ async fn a_plugin_built_for_0_4_0_runs_beside_0_5_0_plugins_under_the_same_grant
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_0_4_0_plugin_and_its_0_5_0_rebuild_swap_under_traffic_without_a_loss()
+async fn a_0_4_0_plugin_and_its_current_rebuild_swap_under_traffic_without_a_loss()
 -> anyhow::Result<()> {
     const MESSAGES: usize = 2000;
     let redis = RedisServer::start().await?;
@@ -280,7 +281,7 @@ async fn check_names_the_version_a_plugin_was_built_for() -> anyhow::Result<()> 
     assert!(ok, "{stderr}");
     let report: Value = serde_json::from_str(&stdout)?;
     assert_eq!(
-        report["world"], "switchyard:plugin/plugin@0.5.0",
+        report["world"], "switchyard:plugin/plugin@0.6.0",
         "{report}"
     );
     Ok(())
@@ -307,19 +308,19 @@ fn renamed(wasm: &[u8], from: &str, to: &str) -> Vec<u8> {
 async fn a_version_the_host_does_not_run_is_refused_naming_those_it_does() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let dir = tempfile::tempdir()?;
-    // The 0.4.0 fixture as if built for a later contract: its interfaces renamed 0.6.0.
+    // The 0.4.0 fixture as if built for a later contract: its interfaces renamed 0.7.0.
     let future = renamed(
         &read_plugin(plugins::FORWARD_0_4),
         "switchyard:plugin/handler@0.4.0",
-        "switchyard:plugin/handler@0.6.0",
+        "switchyard:plugin/handler@0.7.0",
     );
     let wasm = dir.path().join("future.wasm");
     std::fs::write(&wasm, &future)?;
     let (ok, _, stderr) = check(&[], &wasm).await?;
     assert!(!ok, "{stderr}");
     assert!(
-        stderr.contains("built for switchyard:plugin@0.6.0")
-            && stderr.contains(&format!("it runs {CURRENT} and {PREVIOUS}")),
+        stderr.contains("built for switchyard:plugin@0.7.0")
+            && stderr.contains(&format!("it runs {CURRENT}, {BEFORE} and {PREVIOUS}")),
         "{stderr}"
     );
 
@@ -332,7 +333,7 @@ async fn a_version_the_host_does_not_run_is_refused_naming_those_it_does() -> an
         .await?;
     let message = entry["load_error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("built for switchyard:plugin@0.6.0")
+        message.contains("built for switchyard:plugin@0.7.0")
             && message.contains(CURRENT)
             && message.contains(PREVIOUS),
         "{entry}"

@@ -49,7 +49,7 @@ fn events(received: &[switchyard_tests::Received]) -> Vec<(String, String)> {
         .iter()
         .map(|r| {
             let report: Value = serde_json::from_slice(&r.payload).expect("echo reports are JSON");
-            assert_eq!(report["subscription"], "pattern:__keyspace@0__:user:*");
+            assert_eq!(report["subscription"], "keys:user:*");
             (
                 report["channel"].as_str().unwrap_or_default().to_owned(),
                 report["payload"].as_str().unwrap_or_default().to_owned(),
@@ -394,7 +394,7 @@ async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_los
         (channel.as_str(), payload.as_str()),
         ("cache:user:1", "invalidate")
     );
-    assert_eq!(subscription, "pattern:cache:*");
+    assert_eq!(subscription, "tracking:cache:");
 
     // Redis flushing its keys is a null invalidation: one flush message.
     redis::cmd("FLUSHALL").exec_async(&mut writer).await?;
@@ -435,6 +435,116 @@ async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_los
     assert!(
         seen.next(Duration::from_millis(300)).await.is_err(),
         "one message per invalidation"
+    );
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_tracked_prefixes_asked_for_in_describe_reach_the_plugin() -> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    // No [subscriptions]: the echo fixture asks in describe, from its settings.
+    let manifest = "[grants]\npublish = [\"seen\"]\n[config]\nreply = \"seen\"\n\
+                    keys = [\"user:*\"]\nevents = [\"set\"]\ntracking = [\"cache:\"]\n";
+    let host = TestHost::launch(&redis.url(), "", |dir| {
+        switchyard_tests::copy_plugin(
+            dir,
+            "echo",
+            std::path::Path::new(plugins::ECHO),
+            Some(manifest),
+        )
+    })
+    .await?;
+    host.wait_ready().await?;
+    let entry = host.plugin("echo").await?.expect("echo is listed");
+    assert_eq!(
+        entry["version"]["world"], "switchyard:plugin@0.6.0",
+        "{entry}"
+    );
+    assert_eq!(
+        entry["version"]["tracking"],
+        serde_json::json!(["cache:"]),
+        "{entry}"
+    );
+    let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
+    let mut writer = redis.connection().await?;
+
+    // hset is not among the events asked for: only the set arrives.
+    redis::cmd("HSET")
+        .arg("user:2")
+        .arg("f")
+        .arg("v")
+        .exec_async(&mut writer)
+        .await?;
+    redis::cmd("SET")
+        .arg("user:1")
+        .arg("a")
+        .exec_async(&mut writer)
+        .await?;
+    let (channel, payload, subscription) = next_report(&mut seen).await?;
+    assert_eq!((channel.as_str(), payload.as_str()), ("user:1", "set"));
+    assert_eq!(subscription, "keys:user:*");
+
+    redis::cmd("SET")
+        .arg("cache:1")
+        .arg("a")
+        .exec_async(&mut writer)
+        .await?;
+    let (channel, payload, subscription) = next_report(&mut seen).await?;
+    assert_eq!(
+        (channel.as_str(), payload.as_str()),
+        ("cache:1", "invalidate")
+    );
+    assert_eq!(subscription, "tracking:cache:");
+    assert!(seen.next(Duration::from_millis(300)).await.is_err());
+    host.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_0_5_0_plugin_gets_its_manifest_key_subscription_as_the_pattern_redis_matched()
+-> anyhow::Result<()> {
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
+    let manifest = "[subscriptions]\npatterns = [\"fwd:*\"]\nkeys = [\"user:*\"]\n\
+                    tracking = [\"cache:\"]\n[grants]\npublish = [\"fwded:*\", \"seen\"]\n";
+    let host = TestHost::launch(&redis.url(), "", |dir| {
+        switchyard_tests::copy_plugin(
+            dir,
+            "old",
+            std::path::Path::new(plugins::FORWARD_0_5),
+            Some(manifest),
+        )
+    })
+    .await?;
+    host.wait_ready().await?;
+    let entry = host.plugin("old").await?.expect("old is listed");
+    assert_eq!(
+        entry["version"]["world"], "switchyard:plugin@0.5.0",
+        "{entry}"
+    );
+    let mut seen = Subscriber::new(&redis, &["seen"], &["fwded:*"]).await?;
+    redis.publish("fwd:a", "plain").await?;
+    let forwarded = seen.take(1, PATIENCE).await?;
+    assert_eq!(forwarded[0].channel_str(), "fwded:a");
+
+    let mut writer = redis.connection().await?;
+    redis::cmd("SET")
+        .arg("user:1")
+        .arg("a")
+        .exec_async(&mut writer)
+        .await?;
+    let report = seen.take(1, PATIENCE).await?;
+    assert_eq!(
+        String::from_utf8_lossy(&report[0].payload),
+        "pattern:__keyspace@0__:user:* user:1 set"
+    );
+    redis::cmd("SET")
+        .arg("cache:1")
+        .arg("a")
+        .exec_async(&mut writer)
+        .await?;
+    let report = seen.take(1, PATIENCE).await?;
+    assert_eq!(
+        String::from_utf8_lossy(&report[0].payload),
+        "pattern:cache:* cache:1 invalidate"
     );
     host.stop().await
 }

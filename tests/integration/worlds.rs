@@ -292,7 +292,7 @@ async fn forward_and_other_hosts_handlers_swap_under_traffic_without_a_loss() ->
         })
         .collect();
     swaps.push((
-        "switchyard:plugin@0.5.0",
+        "switchyard:plugin@0.6.0",
         read_plugin(plugins::FORWARD),
         FORWARD_MANIFEST.to_owned(),
     ));

@@ -39,7 +39,7 @@ impl Bench {
         use switchyard_tests::plugins;
         let contenders = [
             Contender {
-                world: "switchyard:plugin@0.5.0",
+                world: "switchyard:plugin@0.6.0",
                 wasm: self.forward.to_vec(),
                 config: String::new(),
             },

@@ -759,8 +759,8 @@ fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
 
 impl Description {
     /// Checks and converts `describe`'s answer; the manifest's subscriptions, if any, replace
-    /// the plugin's own. Key subscriptions come from the manifest alone, in `database` unless
-    /// it names one.
+    /// the plugin's own, key and tracking subscriptions included. Key subscriptions are in
+    /// `database` unless they name one.
     fn from_wit(
         info: types::PluginInfo,
         overridden: Option<&super::manifest::SubscriptionsOverride>,
@@ -768,7 +768,7 @@ impl Description {
     ) -> Result<Self, LoadError> {
         let mut problems = Vec::new();
         // Checked with the rest of the manifest before compiling: an error here is unlikely.
-        let keys = match overridden.map(|o| o.key_subscriptions(database)) {
+        let mut keys = match overridden.map(|o| o.key_subscriptions(database)) {
             None => Vec::new(),
             Some(Ok(keys)) => keys,
             Some(Err(wrong)) => {
@@ -776,7 +776,7 @@ impl Description {
                 Vec::new()
             }
         };
-        let tracking: Vec<Bytes> = overridden
+        let mut tracking: Vec<Bytes> = overridden
             .map(|o| o.tracking.iter().map(|p| Bytes::from(p.clone())).collect())
             .unwrap_or_default();
         if info.name.trim().is_empty() {
@@ -800,11 +800,22 @@ impl Description {
             None => info
                 .subscriptions
                 .into_iter()
-                .map(|s| match s {
-                    types::Subscription::Channel(c) => Subscription::Channel(c.into()),
-                    types::Subscription::Pattern(p) => Subscription::Pattern(p.into()),
-                    types::Subscription::Sharded(c) => Subscription::Sharded(c.into()),
-                    types::Subscription::Stream(k) => Subscription::Stream(k.into()),
+                .filter_map(|s| match s {
+                    types::Subscription::Channel(c) => Some(Subscription::Channel(c.into())),
+                    types::Subscription::Pattern(p) => Some(Subscription::Pattern(p.into())),
+                    types::Subscription::Sharded(c) => Some(Subscription::Sharded(c.into())),
+                    types::Subscription::Stream(k) => Some(Subscription::Stream(k.into())),
+                    types::Subscription::Keys(wanted) => {
+                        match described_keys(wanted, database) {
+                            Ok(subscription) => keys.push(subscription),
+                            Err(problem) => problems.push(problem),
+                        }
+                        None
+                    }
+                    types::Subscription::Tracking(prefix) => {
+                        tracking.push(prefix.into());
+                        None
+                    }
                 })
                 .collect(),
         };
@@ -836,6 +847,29 @@ impl Description {
             Err(LoadError::Invalid(problems.join("; ")))
         }
     }
+}
+
+/// A key subscription `describe` listed, checked: a pattern, known events (none: every
+/// event), in `database` unless it names one.
+fn described_keys(
+    wanted: types::KeySubscription,
+    database: u32,
+) -> Result<crate::keyspace::KeySubscription, String> {
+    use crate::keyspace::{Events, KeySubscription};
+    if wanted.keys.is_empty() {
+        return Err("keys subscription: an empty pattern matches no key".to_owned());
+    }
+    let events = if wanted.events.is_empty() {
+        Events::all()
+    } else {
+        Events::only(&wanted.events)
+            .map_err(|problem| format!("keys subscription {:?}: events: {problem}", wanted.keys))?
+    };
+    Ok(KeySubscription {
+        database: wanted.database.unwrap_or(database),
+        keys: wanted.keys.into(),
+        events,
+    })
 }
 
 #[cfg(test)]

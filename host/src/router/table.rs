@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crate::config::StreamSettings;
 use crate::glob::Glob;
 use crate::keyspace::{Events, Flags, KeySubscription};
-use crate::message::{Delivery, Subscription, Via};
+use crate::message::{Delivery, Heard, Subscription, Via};
 use crate::worker::{Envelope, Inbox};
 
 /// A plugin's stream, as the routing table lists it.
@@ -38,6 +38,8 @@ struct KeyRoute {
     prefix_len: usize,
     /// The events that reach the plugin.
     events: Events,
+    /// The subscription, as the plugin's messages name it.
+    heard: Heard,
 }
 
 /// One plugin's entry: its queue and its subscriptions, in the order it listed them.
@@ -49,9 +51,9 @@ pub struct Route {
     /// For each subscription that is a key subscription's pattern, how to deliver it; same
     /// order, `None` for the others.
     keyed: Vec<Option<KeyRoute>>,
-    /// The key prefixes whose client-side caching invalidations it hears of, each with the
-    /// subscription its messages name (`pattern("PREFIX*")`).
-    tracking: Vec<(Bytes, Subscription)>,
+    /// The key prefixes whose client-side caching invalidations it hears of, each as its
+    /// messages name it.
+    tracking: Vec<(Bytes, Heard)>,
     /// How its streams are read, if it has any.
     stream_settings: Arc<StreamSettings>,
 }
@@ -97,6 +99,7 @@ impl Route {
             self.keyed.push(Some(KeyRoute {
                 prefix_len: key.prefix_len(),
                 events: key.events.clone(),
+                heard: Heard::Keys(Arc::new(key.clone())),
             }));
         }
         self
@@ -119,10 +122,8 @@ impl Route {
             if self.tracking.iter().any(|(p, _)| p == prefix) {
                 continue;
             }
-            let mut pattern = prefix.to_vec();
-            pattern.push(b'*');
             self.tracking
-                .push((prefix.clone(), Subscription::Pattern(pattern.into())));
+                .push((prefix.clone(), Heard::Tracking(prefix.clone())));
         }
         self
     }
@@ -225,7 +226,7 @@ impl RoutingTable {
                 Some(key) => route.tracking.iter().find(|(p, _)| key.starts_with(p)),
                 None => route.tracking.first(),
             };
-            let Some((_, subscription)) = tracked else {
+            let Some((_, heard)) = tracked else {
                 continue;
             };
             let (channel, payload) = match key {
@@ -234,7 +235,7 @@ impl RoutingTable {
             };
             route.inbox.offer(Envelope {
                 channel,
-                subscription: subscription.clone(),
+                subscription: heard.clone(),
                 payload,
                 received_at,
                 entry: None,
@@ -330,16 +331,19 @@ impl RoutingTable {
         let route = &self.routes[r];
         // A key subscription's plugin gets the key: the channel without `__keyspace@DB__:`,
         // sharing its buffer.
-        let channel = if !self.keyspace_flags.is_empty()
+        let (channel, heard) = if !self.keyspace_flags.is_empty()
             && let Some(Some(key)) = route.keyed.get(s)
         {
-            channel.slice(key.prefix_len.min(channel.len())..)
+            (
+                channel.slice(key.prefix_len.min(channel.len())..),
+                key.heard.clone(),
+            )
         } else {
-            channel
+            (channel, Heard::Subscribed(route.subscriptions[s].clone()))
         };
         route.inbox.offer(Envelope {
             channel,
-            subscription: route.subscriptions[s].clone(),
+            subscription: heard,
             payload,
             received_at,
             entry: None,
@@ -415,7 +419,7 @@ mod tests {
         let table = RoutingTable::new(vec![Route::new(inbox, &subs)]);
         publish(&table, "fwd:a");
         let got = rx.try_take().unwrap();
-        assert_eq!(got.subscription, pattern("fwd:*"));
+        assert_eq!(got.subscription, pattern("fwd:*").into());
         assert!(rx.try_take().is_none(), "delivered twice");
     }
 
@@ -431,11 +435,11 @@ mod tests {
         ]);
         assert_eq!(table.subscriptions().len(), 2);
         publish(&table, "m:1");
-        assert_eq!(rx_a.try_take().unwrap().subscription, pattern("m:*"));
-        assert_eq!(rx_b.try_take().unwrap().subscription, channel("m:1"));
+        assert_eq!(rx_a.try_take().unwrap().subscription, pattern("m:*").into());
+        assert_eq!(rx_b.try_take().unwrap().subscription, channel("m:1").into());
         assert!(rx_a.try_take().is_none() && rx_b.try_take().is_none());
         publish(&table, "m:2");
-        assert_eq!(rx_b.try_take().unwrap().subscription, pattern("m:*"));
+        assert_eq!(rx_b.try_take().unwrap().subscription, pattern("m:*").into());
     }
 
     #[test]
@@ -473,7 +477,11 @@ mod tests {
         let got = rx_keys.try_take().unwrap();
         assert_eq!(got.channel.as_ref(), b"user:1");
         assert_eq!(got.payload.as_ref(), b"del");
-        assert_eq!(got.subscription, pattern("__keyspace@0__:user:*"));
+        assert!(
+            matches!(&got.subscription, Heard::Keys(keys) if keys.keys.as_ref() == b"user:*"),
+            "{:?}",
+            got.subscription
+        );
         assert_eq!(rx_raw.try_take().unwrap().payload.as_ref(), b"del");
     }
 
@@ -481,6 +489,55 @@ mod tests {
     fn a_table_without_key_subscriptions_needs_no_flags() {
         let table = RoutingTable::new(vec![Route::new(test_inbox("p"), &[pattern("a*")])]);
         assert!(table.keyspace_flags().is_empty());
+    }
+
+    #[test]
+    fn an_invalidation_reaches_each_tracking_plugin_once_and_a_flush_every_one() {
+        let prefixes = |names: &[&str]| -> Vec<Bytes> {
+            names
+                .iter()
+                .map(|n| Bytes::copy_from_slice(n.as_bytes()))
+                .collect()
+        };
+        let (cache, sessions, other) = (test_inbox("c"), test_inbox("s"), test_inbox("o"));
+        let (rx_cache, rx_sessions, rx_other) = (cache.clone(), sessions.clone(), other.clone());
+        let table = RoutingTable::new(vec![
+            Route::new(cache, &[]).with_tracking(&prefixes(&["cache:", "cache:user:"])),
+            Route::new(sessions, &[]).with_tracking(&prefixes(&["session:"])),
+            Route::new(other, &[pattern("cache:*")]),
+        ]);
+        assert_eq!(
+            table.tracking_prefixes(),
+            prefixes(&["cache:", "cache:user:", "session:"])
+                .into_iter()
+                .collect()
+        );
+        let key = Bytes::from_static(b"cache:user:1");
+        assert_eq!(table.dispatch_invalidation(Some(&key)), 1);
+        let got = rx_cache.try_take().unwrap();
+        assert_eq!(
+            (got.channel.as_ref(), got.payload.as_ref()),
+            (&key[..], INVALIDATE)
+        );
+        assert_eq!(
+            got.subscription,
+            Heard::Tracking(Bytes::from_static(b"cache:"))
+        );
+        assert!(
+            rx_cache.try_take().is_none(),
+            "once, under its first prefix"
+        );
+        assert!(rx_sessions.try_take().is_none() && rx_other.try_take().is_none());
+
+        assert_eq!(table.dispatch_invalidation(None), 2);
+        for rx in [&rx_cache, &rx_sessions] {
+            let got = rx.try_take().unwrap();
+            assert_eq!(
+                (got.channel.as_ref(), got.payload.as_ref()),
+                (&b""[..], FLUSH)
+            );
+        }
+        assert!(rx_other.try_take().is_none(), "it tracks nothing");
     }
 
     #[test]

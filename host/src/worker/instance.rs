@@ -19,8 +19,8 @@ use super::version::LoadedPlugin;
 use super::wasi::DeadlineReached;
 use super::worlds::wasi_messaging::{self, MessageData};
 use super::worlds::wasmcloud::BrokerMessage;
-use super::worlds::{Bindings, spin_redis3, switchyard04};
-use crate::message::Subscription;
+use super::worlds::{Bindings, spin_redis3, switchyard04, switchyard05};
+use crate::message::{Heard, Subscription};
 use crate::stats::PluginStats;
 use crate::stats::outcome::{Failure, FailureReason};
 
@@ -69,6 +69,7 @@ impl Instance {
             Bindings::Switchyard(bindings) => bindings
                 .switchyard_plugin_handler()
                 .call_describe(&mut self.store),
+            Bindings::Switchyard05(bindings) => switchyard05::describe(bindings, &mut self.store),
             Bindings::Switchyard04(bindings) => switchyard04::describe(bindings, &mut self.store),
             _ => return Ok(None),
         };
@@ -96,6 +97,14 @@ impl Instance {
                     .switchyard_plugin_handler()
                     .call_handle(&mut self.store, &message)
                     .map(|answer| answer.map_err(|error| render_error(&error)))
+            }
+            Bindings::Switchyard05(bindings) => {
+                let trace = self.store.data().trace.as_ref().and_then(trace_context);
+                switchyard05::handle(
+                    bindings,
+                    &mut self.store,
+                    switchyard_message(envelope, trace),
+                )
             }
             Bindings::Switchyard04(bindings) => switchyard04::handle(
                 bindings,
@@ -166,10 +175,16 @@ fn switchyard_message(envelope: Envelope, trace: Option<types::TraceContext>) ->
         subscription: {
             let name = String::from_utf8_lossy(envelope.subscription.name()).into_owned();
             match &envelope.subscription {
-                Subscription::Channel(_) => types::Subscription::Channel(name),
-                Subscription::Pattern(_) => types::Subscription::Pattern(name),
-                Subscription::Sharded(_) => types::Subscription::Sharded(name),
-                Subscription::Stream(_) => types::Subscription::Stream(name),
+                Heard::Subscribed(Subscription::Channel(_)) => types::Subscription::Channel(name),
+                Heard::Subscribed(Subscription::Pattern(_)) => types::Subscription::Pattern(name),
+                Heard::Subscribed(Subscription::Sharded(_)) => types::Subscription::Sharded(name),
+                Heard::Subscribed(Subscription::Stream(_)) => types::Subscription::Stream(name),
+                Heard::Keys(keys) => types::Subscription::Keys(types::KeySubscription {
+                    keys: name,
+                    events: keys.events.names().unwrap_or_default(),
+                    database: Some(keys.database),
+                }),
+                Heard::Tracking(_) => types::Subscription::Tracking(name),
             }
         },
         // Without a copy when this plugin holds the only reference to Redis's buffer (the
@@ -216,10 +231,10 @@ fn trace_context(cx: &opentelemetry::Context) -> Option<types::TraceContext> {
 /// [`wasi_messaging`]).
 fn messaging_message(envelope: Envelope) -> MessageData {
     let mut metadata = Vec::new();
-    if let Subscription::Pattern(pattern) = &envelope.subscription {
+    if let Some(pattern) = envelope.subscription.wire_pattern() {
         metadata.push((
             wasi_messaging::PATTERN_KEY.to_owned(),
-            String::from_utf8_lossy(pattern).into_owned(),
+            String::from_utf8_lossy(&pattern).into_owned(),
         ));
     }
     if let Some(entry) = envelope.entry {

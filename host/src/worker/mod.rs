@@ -50,7 +50,7 @@ use opentelemetry::KeyValue;
 
 use crate::PluginName;
 use crate::config::BreakerPolicy;
-use crate::message::Subscription;
+use crate::message::Heard;
 use crate::stats::PluginStats;
 use crate::stats::millis_now;
 use crate::stats::outcome::{Failure, FailureReason, ShedReason};
@@ -67,7 +67,7 @@ pub struct Envelope {
     /// The channel it was published on.
     pub channel: Bytes,
     /// The plugin's subscription that matched.
-    pub subscription: Subscription,
+    pub subscription: Heard,
     /// The payload as published.
     pub payload: Bytes,
     /// When the source read it.

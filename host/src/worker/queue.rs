@@ -550,7 +550,7 @@ mod tests {
     fn sized(n: u8, len: usize) -> Envelope {
         Envelope {
             channel: Bytes::from_static(b"c"),
-            subscription: Subscription::Channel(Bytes::from_static(b"c")),
+            subscription: Subscription::Channel(Bytes::from_static(b"c")).into(),
             entry: None,
             payload: Bytes::from(vec![n; len]),
             received_at: SystemTime::now(),
@@ -738,7 +738,7 @@ mod tests {
         // `fwd:*` costs under 250 bytes, so 64 MiB hold more than 270,000 of them.
         let message = Envelope {
             channel: Bytes::from_static(b"fwd:x"),
-            subscription: Subscription::Pattern(Bytes::from_static(b"fwd:*")),
+            subscription: Subscription::Pattern(Bytes::from_static(b"fwd:*")).into(),
             entry: None,
             payload: Bytes::from(vec![0; 64]),
             received_at: SystemTime::now(),

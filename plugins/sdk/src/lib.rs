@@ -32,12 +32,13 @@
 //!
 //! # Key changes
 //!
-//! A plugin whose manifest lists `[subscriptions] keys = ["user:*"]` hears of writes to those
-//! keys (Redis keyspace notifications): each [`Message`] has the key as its `channel`
-//! (`user:42`) and the event as its `payload` (`set`, `hset`, `del`, `expired`, ...), and its
-//! `subscription` is [`Subscription::Pattern`] of the channels the host subscribed,
-//! `__keyspace@0__:user:*`. A later version of the contract will give key subscriptions a
-//! variant of their own; until then, a pattern starting with `__keyspace@` tells them apart.
+//! A plugin that asks for keys ([`PluginInfo::keys`], or `[subscriptions] keys = ["user:*"]`
+//! in its manifest) hears of writes to those keys (Redis keyspace notifications): each
+//! [`Message`] has the key as its `channel` (`user:42`) and the event as its `payload`
+//! (`set`, `hset`, `del`, `expired`, ...), and its `subscription` is [`Subscription::Keys`].
+//! One that tracks a prefix ([`PluginInfo::tracking`]) gets client-side caching
+//! invalidations: the key and `invalidate`, or an empty channel and `flush`, under
+//! [`Subscription::Tracking`].
 //!
 //! The raw WIT bindings are in [`bindings`]; plugins should not need them.
 
@@ -57,7 +58,8 @@ pub mod bindings {
 
 use bindings::switchyard::plugin::host;
 pub use bindings::switchyard::plugin::types::{
-    Capabilities, Error, Level, Message, OutputReply, PluginInfo, Subscription, TraceContext,
+    Capabilities, Error, KeySubscription, Level, Message, OutputReply, PluginInfo, Subscription,
+    TraceContext,
 };
 
 /// A Switchyard plugin.
@@ -198,6 +200,28 @@ impl PluginInfo {
         self
     }
 
+    /// Hears of the changes of keys matching a Redis glob pattern, in the host's database:
+    /// each message's channel is the key and its payload the event (`set`, `del`,
+    /// `expired`, ...). `events` lists the events wanted; empty for every event. Redis must
+    /// publish keyspace notifications for them (`notify-keyspace-events`).
+    pub fn keys(mut self, keys: impl Into<String>, events: &[&str]) -> Self {
+        self.subscriptions.push(Subscription::Keys(KeySubscription {
+            keys: keys.into(),
+            events: events.iter().map(|event| (*event).to_owned()).collect(),
+            database: None,
+        }));
+        self
+    }
+
+    /// Hears of the client-side caching invalidations of keys starting with `prefix`: a
+    /// message per invalidated key (the key as the channel, `invalidate` as the payload), and
+    /// a `flush` (empty channel) whenever every tracked key may have changed.
+    pub fn tracking(mut self, prefix: impl Into<String>) -> Self {
+        self.subscriptions
+            .push(Subscription::Tracking(prefix.into()));
+        self
+    }
+
     /// Asks for permission to publish on channels matching a Redis glob pattern.
     pub fn publishes(mut self, pattern: impl Into<String>) -> Self {
         self.capabilities.publish.push(pattern.into());
@@ -218,13 +242,28 @@ impl PluginInfo {
 }
 
 impl Subscription {
-    /// The channel name, pattern or stream key, as subscribed.
+    /// The channel name, pattern or stream key, the key pattern or the tracked prefix, as
+    /// subscribed.
     pub fn name(&self) -> &str {
         match self {
             Subscription::Channel(name)
             | Subscription::Pattern(name)
             | Subscription::Sharded(name)
-            | Subscription::Stream(name) => name,
+            | Subscription::Stream(name)
+            | Subscription::Tracking(name) => name,
+            Subscription::Keys(keys) => &keys.keys,
+        }
+    }
+
+    /// `channel`, `pattern`, `sharded`, `stream`, `keys` or `tracking`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Subscription::Channel(_) => "channel",
+            Subscription::Pattern(_) => "pattern",
+            Subscription::Sharded(_) => "sharded",
+            Subscription::Stream(_) => "stream",
+            Subscription::Keys(_) => "keys",
+            Subscription::Tracking(_) => "tracking",
         }
     }
 }

@@ -79,7 +79,7 @@ impl Reader {
             // A closed queue drops the envelope, and its ticket reports it skipped.
             self.target.inbox.offer_entry(Envelope {
                 channel: self.target.key.clone(),
-                subscription: Subscription::Stream(self.target.key.clone()),
+                subscription: Subscription::Stream(self.target.key.clone()).into(),
                 payload,
                 received_at,
                 entry: Some(Box::new(StreamEntry {

@@ -4,9 +4,11 @@
 //! and keeps a pre-instantiated component of the right kind; the worker calls each world's
 //! handler through [`Bindings`].
 
+mod earlier;
 pub mod spin_redis;
 pub mod spin_redis3;
 pub mod switchyard04;
+pub mod switchyard05;
 pub mod wasi_messaging;
 pub mod wasmcloud;
 
@@ -22,10 +24,13 @@ const SWITCHYARD_HANDLER: &str = "switchyard:plugin/handler@";
 /// A world Switchyard runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum World {
-    /// `switchyard:plugin@0.5.0`, the current contract: `describe` and `handle`, with the
+    /// `switchyard:plugin@0.6.0`, the current contract: `describe` and `handle`, with the
     /// host's calls.
     Switchyard,
-    /// `switchyard:plugin@0.4.0`: the current contract without the message's trace context.
+    /// `switchyard:plugin@0.5.0`: the current contract without key and tracking
+    /// subscriptions.
+    Switchyard05,
+    /// `switchyard:plugin@0.4.0`: 0.5.0 without the message's trace context.
     Switchyard04,
     /// `wasi:messaging@0.2.0-draft`, world `messaging-core`.
     WasiMessaging,
@@ -39,8 +44,9 @@ pub enum World {
 
 impl World {
     /// Every world, in the order a component's exports are tried.
-    pub const ALL: [World; 6] = [
+    pub const ALL: [World; 7] = [
         World::Switchyard,
+        World::Switchyard05,
         World::Switchyard04,
         World::WasiMessaging,
         World::Wasmcloud,
@@ -53,7 +59,8 @@ impl World {
     /// other worlds, where any version it leaves open is recognised.
     fn export(self) -> &'static str {
         match self {
-            World::Switchyard => "switchyard:plugin/handler@0.5.0",
+            World::Switchyard => "switchyard:plugin/handler@0.6.0",
+            World::Switchyard05 => "switchyard:plugin/handler@0.5.0",
             World::Switchyard04 => "switchyard:plugin/handler@0.4.0",
             World::WasiMessaging => "wasi:messaging/incoming-handler@0.2.0-draft",
             World::Wasmcloud => "wasmcloud:messaging/handler@0.2.0",
@@ -65,7 +72,8 @@ impl World {
     /// The world's name in `/plugins`, `switchyard check` and errors.
     pub fn label(self) -> &'static str {
         match self {
-            World::Switchyard => "switchyard:plugin@0.5.0",
+            World::Switchyard => "switchyard:plugin@0.6.0",
+            World::Switchyard05 => "switchyard:plugin@0.5.0",
             World::Switchyard04 => "switchyard:plugin@0.4.0",
             World::WasiMessaging => "wasi-messaging@0.2.0-draft",
             World::Wasmcloud => "wasmcloud-messaging@0.2.0",
@@ -78,7 +86,8 @@ impl World {
     /// (`switchyard:plugin/plugin@VERSION`); `None` for other hosts' worlds.
     pub fn contract(self) -> Option<&'static str> {
         match self {
-            World::Switchyard => Some("switchyard:plugin/plugin@0.5.0"),
+            World::Switchyard => Some("switchyard:plugin/plugin@0.6.0"),
+            World::Switchyard05 => Some("switchyard:plugin/plugin@0.5.0"),
             World::Switchyard04 => Some("switchyard:plugin/plugin@0.4.0"),
             _ => None,
         }
@@ -129,7 +138,11 @@ impl World {
                  run; it runs {}: rebuild it against one of them (the WIT in this release is \
                  the newest)",
                 crate::text::loggable(version, crate::text::MAX_QUOTED_NAME),
-                runs.join(" and ")
+                match runs.split_last() {
+                    Some((last, [])) => (*last).to_owned(),
+                    Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+                    None => String::new(),
+                }
             ));
         }
         Err({
@@ -158,6 +171,8 @@ impl World {
 pub enum HandlerPre {
     /// Switchyard's own world.
     Switchyard(PluginPre<HostState>),
+    /// Switchyard's own world as of 0.5.0.
+    Switchyard05(switchyard05::PluginPre<HostState>),
     /// Switchyard's own world as of 0.4.0.
     Switchyard04(switchyard04::PluginPre<HostState>),
     /// The WASI messaging draft.
@@ -181,6 +196,7 @@ impl HandlerPre {
         let pre = linker.instantiate_pre(component)?;
         Ok(match world {
             World::Switchyard => HandlerPre::Switchyard(PluginPre::new(pre)?),
+            World::Switchyard05 => HandlerPre::Switchyard05(switchyard05::PluginPre::new(pre)?),
             World::Switchyard04 => HandlerPre::Switchyard04(switchyard04::PluginPre::new(pre)?),
             World::WasiMessaging => {
                 HandlerPre::WasiMessaging(wasi_messaging::MessagingCorePre::new(pre)?)
@@ -195,6 +211,7 @@ impl HandlerPre {
     pub fn world(&self) -> World {
         match self {
             HandlerPre::Switchyard(_) => World::Switchyard,
+            HandlerPre::Switchyard05(_) => World::Switchyard05,
             HandlerPre::Switchyard04(_) => World::Switchyard04,
             HandlerPre::WasiMessaging(_) => World::WasiMessaging,
             HandlerPre::Wasmcloud(_) => World::Wasmcloud,
@@ -207,6 +224,7 @@ impl HandlerPre {
     pub fn engine(&self) -> &wasmtime::Engine {
         match self {
             HandlerPre::Switchyard(pre) => pre.engine(),
+            HandlerPre::Switchyard05(pre) => pre.engine(),
             HandlerPre::Switchyard04(pre) => pre.engine(),
             HandlerPre::WasiMessaging(pre) => pre.engine(),
             HandlerPre::Wasmcloud(pre) => pre.engine(),
@@ -219,6 +237,7 @@ impl HandlerPre {
     pub fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bindings> {
         Ok(match self {
             HandlerPre::Switchyard(pre) => Bindings::Switchyard(pre.instantiate(store)?),
+            HandlerPre::Switchyard05(pre) => Bindings::Switchyard05(pre.instantiate(store)?),
             HandlerPre::Switchyard04(pre) => Bindings::Switchyard04(pre.instantiate(store)?),
             HandlerPre::WasiMessaging(pre) => Bindings::WasiMessaging(pre.instantiate(store)?),
             HandlerPre::Wasmcloud(pre) => Bindings::Wasmcloud(pre.instantiate(store)?),
@@ -236,6 +255,8 @@ impl HandlerPre {
 pub enum Bindings {
     /// Switchyard's own world.
     Switchyard(Plugin),
+    /// Switchyard's own world as of 0.5.0.
+    Switchyard05(switchyard05::Plugin),
     /// Switchyard's own world as of 0.4.0.
     Switchyard04(switchyard04::Plugin),
     /// The WASI messaging draft.
@@ -252,6 +273,7 @@ pub enum Bindings {
 /// `linker`.
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     use wasmtime::component::HasSelf;
+    switchyard05::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     switchyard04::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     wasi_messaging::MessagingCore::add_to_linker::<HostState, HasSelf<HostState>>(
         linker,
@@ -277,14 +299,18 @@ mod tests {
     #[test]
     fn each_version_of_the_contract_is_told_by_its_exact_export() {
         let of = |name: &str| World::of_exports(&exports(&["wasi:cli/run@0.2.0", name]));
-        assert_eq!(of("switchyard:plugin/handler@0.5.0"), Ok(World::Switchyard));
+        assert_eq!(of("switchyard:plugin/handler@0.6.0"), Ok(World::Switchyard));
+        assert_eq!(
+            of("switchyard:plugin/handler@0.5.0"),
+            Ok(World::Switchyard05)
+        );
         assert_eq!(
             of("switchyard:plugin/handler@0.4.0"),
             Ok(World::Switchyard04)
         );
         // A longer version is another version, not a prefix match.
         assert!(of("switchyard:plugin/handler@0.4.0-rc1").is_err());
-        assert_eq!(World::Switchyard.label(), "switchyard:plugin@0.5.0");
+        assert_eq!(World::Switchyard.label(), "switchyard:plugin@0.6.0");
         assert_eq!(World::Switchyard04.label(), "switchyard:plugin@0.4.0");
         assert!(World::Switchyard04.describes_itself());
     }
@@ -296,14 +322,16 @@ mod tests {
             Some(crate::plugins::loader::WORLD)
         );
         let wit = include_str!("../../../../wit/plugin.wit");
-        assert!(wit.contains("package switchyard:plugin@0.5.0;"));
+        assert!(wit.contains("package switchyard:plugin@0.6.0;"));
+        let frozen = include_str!("../../../../wit/hosts/switchyard-0.5.0/plugin.wit");
+        assert!(frozen.contains("package switchyard:plugin@0.5.0;"));
         let frozen = include_str!("../../../../wit/hosts/switchyard-0.4.0/plugin.wit");
         assert!(frozen.contains("package switchyard:plugin@0.4.0;"));
     }
 
     #[test]
     fn a_version_this_host_does_not_run_is_refused_naming_those_it_runs() {
-        for version in ["0.3.0", "0.6.0"] {
+        for version in ["0.3.0", "0.7.0"] {
             let refused =
                 World::of_exports(&exports(&[&format!("switchyard:plugin/handler@{version}")]))
                     .expect_err(version);
@@ -312,7 +340,10 @@ mod tests {
                 "{refused}"
             );
             assert!(
-                refused.contains("it runs switchyard:plugin@0.5.0 and switchyard:plugin@0.4.0"),
+                refused.contains(
+                    "it runs switchyard:plugin@0.6.0, switchyard:plugin@0.5.0 and \
+                     switchyard:plugin@0.4.0"
+                ),
                 "{refused}"
             );
         }
@@ -324,7 +355,7 @@ mod tests {
         assert_eq!(world, Ok(World::SpinRedis3));
         let refused = World::of_exports(&exports(&["wasi:cli/run@0.2.0"])).expect_err("none");
         assert!(
-            refused.contains("accepted: switchyard:plugin@0.5.0"),
+            refused.contains("accepted: switchyard:plugin@0.6.0"),
             "{refused}"
         );
     }
