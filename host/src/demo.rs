@@ -1,9 +1,11 @@
 //! `switchyard demo`: the example plugins, embedded in the binary, on the embedded broker.
 //!
 //! It runs the real host (loader, registry, router, workers, grants) against an in-process
-//! broker, feeds each scenario's sample messages one at a time, and prints what every plugin
-//! did in return: what it published, which outputs it called, which keys it invalidated.
-//! Outputs are captured instead of sent anywhere.
+//! broker, feeds each scenario's sample messages (and key writes) one at a time, and prints
+//! what every plugin did in return: what it published, which outputs it called, which keys it
+//! invalidated. Outputs are captured instead of sent anywhere. The broker's keyspace
+//! notifications are on, so that a write to a key reaches key subscriptions as on a Redis
+//! with `notify-keyspace-events` set.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,6 +20,7 @@ use crate::app::{Broker, Host};
 use crate::config::{Config, GatewayToken};
 use crate::effects::outputs::{Captured, Outputs};
 use crate::examples;
+use crate::keyspace::CHANNEL_PREFIX;
 use crate::source::embedded::{EmbeddedBroker, Published};
 
 /// The manifest each example ships with (its grants and settings).
@@ -34,9 +37,10 @@ const MANIFESTS: &[(&str, &str)] = &[
         "chat-moderator",
         include_str!("../../plugins/chat-moderator/chat-moderator.toml"),
     ),
+    // The manifest that turns its keyspace mode on, beside the events mode.
     (
         "cache-invalidator",
-        include_str!("../../plugins/cache-invalidator/cache-invalidator.toml"),
+        include_str!("../../plugins/cache-invalidator/keyspace/cache-invalidator.toml"),
     ),
     (
         "metrics-rollup",
@@ -47,22 +51,46 @@ const MANIFESTS: &[(&str, &str)] = &[
 /// The outputs `notify-router` calls; the demo captures them.
 const OUTPUTS: &[&str] = &["email", "sms", "push"];
 
+/// Keyspace channels' common start, as bytes.
+const KEYSPACE_PREFIX: &[u8] = CHANNEL_PREFIX.as_bytes();
+
 /// How long the demo waits for plugins to finish a message before moving on.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One message fed to the broker, with what the reader should notice about it.
+/// What the demo does to the broker in one step.
+enum Action {
+    /// Publishes `payload` on `channel`, as an application would.
+    Publish {
+        channel: &'static str,
+        payload: String,
+    },
+    /// Writes a key (`SET KEY VALUE`): the broker publishes `set` on its keyspace channel.
+    Set {
+        key: &'static str,
+        value: &'static str,
+    },
+    /// Deletes a key (`DEL KEY`): the broker publishes `del` on its keyspace channel.
+    Del { key: &'static str },
+}
+
+/// One step of a scenario, with what the reader should notice about it.
 struct Input {
-    channel: &'static str,
-    payload: String,
+    action: Action,
     note: &'static str,
 }
 
 fn input(channel: &'static str, payload: impl Into<String>, note: &'static str) -> Input {
     Input {
-        channel,
-        payload: payload.into(),
+        action: Action::Publish {
+            channel,
+            payload: payload.into(),
+        },
         note,
     }
+}
+
+fn write(action: Action, note: &'static str) -> Input {
+    Input { action, note }
 }
 
 /// One story the demo tells.
@@ -146,8 +174,13 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             title: "cache invalidation",
-            about: "cache-invalidator turns events:* into deleted cache keys and a broadcast on cache:invalidate",
-            keys: &["cache:user:42", "cache:user:42:avatar", "cache:order:A-17"],
+            about: "cache-invalidator turns events:* and writes to db:user:* into deleted cache keys and a broadcast on cache:invalidate",
+            keys: &[
+                "cache:user:42",
+                "cache:user:42:avatar",
+                "cache:order:A-17",
+                "cache:user:7",
+            ],
             inputs: vec![
                 input(
                     "events:user.updated",
@@ -155,6 +188,17 @@ fn scenarios() -> Vec<Scenario> {
                     "",
                 ),
                 input("events:order.paid", r#"{"entity":"order","id":"A-17"}"#, ""),
+                write(
+                    Action::Set {
+                        key: "db:user:7",
+                        value: r#"{"name":"Bo"}"#,
+                    },
+                    "nobody publishes: the keyspace notification `set` of db:user:7 invalidates cache:user:7",
+                ),
+                write(
+                    Action::Del { key: "db:user:7" },
+                    "`del`: cache:user:7 is gone already, and the notice goes out all the same",
+                ),
             ],
         },
         Scenario {
@@ -220,6 +264,7 @@ pub async fn run(out: &mut impl Write, gateway: Option<SocketAddr>) -> anyhow::R
     });
 
     let broker = EmbeddedBroker::new();
+    broker.set_keyspace_events(true);
     let mut tap = broker.tap();
     let (outputs, mut captured) = Outputs::capture(OUTPUTS);
     let host = Host::start(
@@ -243,7 +288,12 @@ pub async fn run(out: &mut impl Write, gateway: Option<SocketAddr>) -> anyhow::R
                 plugin.name,
                 v.version,
                 v.size / 1024,
-                v.subscriptions.join(", "),
+                v.subscriptions
+                    .iter()
+                    .chain(&v.keys)
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             )?,
             None => writeln!(
                 out,
@@ -260,10 +310,22 @@ pub async fn run(out: &mut impl Write, gateway: Option<SocketAddr>) -> anyhow::R
             broker.set(*key, "cached");
         }
         for input in &scenario.inputs {
-            broker.publish(
-                Bytes::from_static(input.channel.as_bytes()),
-                Bytes::from(input.payload.clone()),
-            );
+            match &input.action {
+                Action::Publish { channel, payload } => {
+                    broker.publish(
+                        Bytes::from_static(channel.as_bytes()),
+                        Bytes::from(payload.clone()),
+                    );
+                }
+                Action::Set { key, value } => {
+                    writeln!(out, "  -> SET {key} {value}\n     ({})", input.note)?;
+                    broker.set(*key, Bytes::from_static(value.as_bytes()));
+                }
+                Action::Del { key } => {
+                    writeln!(out, "  -> DEL {key}\n     ({})", input.note)?;
+                    broker.unlink(&[(*key).to_owned()]);
+                }
+            }
             wait_until_idle(&host).await;
             print_effects(out, &mut tap, &mut captured, input.note)?;
         }
@@ -328,7 +390,9 @@ async fn feed_metrics(broker: &EmbeddedBroker) {
     }
 }
 
-/// Prints what happened since the last input: the input itself, then the effects.
+/// Prints what happened since the last input: the input itself, then the effects. Keyspace
+/// notifications are left out: a write is shown as its command, and the notifications of the
+/// scenario's seeding and of invalidations' deletions would only repeat the story.
 fn print_effects(
     out: &mut impl Write,
     tap: &mut mpsc::UnboundedReceiver<Published>,
@@ -336,6 +400,9 @@ fn print_effects(
     note: &str,
 ) -> std::io::Result<()> {
     while let Ok(published) = tap.try_recv() {
+        if published.from.is_none() && published.channel.starts_with(KEYSPACE_PREFIX) {
+            continue;
+        }
         let channel = String::from_utf8_lossy(&published.channel);
         let payload = clip(&published.payload);
         match &published.from {

@@ -246,6 +246,20 @@ async fn demo_runs_the_examples_without_redis() -> anyhow::Result<()> {
         "{stdout}"
     );
     assert!(stdout.contains("keys still cached: []"), "{stdout}");
+    // The keyspace mode: a write to db:user:7, and no publish, invalidates cache:user:7;
+    // so does its deletion.
+    let keyspace = stdout
+        .split("  -> SET db:user:7")
+        .nth(1)
+        .unwrap_or_default();
+    assert_eq!(
+        keyspace
+            .matches(r#"cache-invalidator published cache:invalidate {"keys":["cache:user:7"],"source":"cache-invalidator"}"#)
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(keyspace.contains("  -> DEL db:user:7"), "{stdout}");
     assert!(
         stdout.contains("\"message\":\"this is not a ****, promise\""),
         "{stdout}"

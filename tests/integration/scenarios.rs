@@ -14,6 +14,9 @@ use switchyard_tests::{
 
 const CHAT_MANIFEST: &str = include_str!("../../plugins/chat-moderator/chat-moderator.toml");
 const CACHE_MANIFEST: &str = include_str!("../../plugins/cache-invalidator/cache-invalidator.toml");
+/// The manifest that turns cache-invalidator's keyspace mode on, for `db:user:*`.
+const CACHE_KEYSPACE_MANIFEST: &str =
+    include_str!("../../plugins/cache-invalidator/keyspace/cache-invalidator.toml");
 
 fn json_of(received: &switchyard_tests::Received) -> Value {
     serde_json::from_slice(&received.payload).unwrap_or(Value::Null)
@@ -262,6 +265,93 @@ async fn cache_invalidator_deletes_keys_and_broadcasts_the_invalidation() -> any
             .await
             .is_empty()
     );
+    host.stop().await
+}
+
+/// Runs one command on `redis`.
+async fn command(redis: &RedisServer, args: &[&str]) -> anyhow::Result<()> {
+    let mut connection = redis.connection().await?;
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command.exec_async(&mut connection).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_invalidator_invalidates_on_writes_to_source_keys_without_a_publish()
+-> anyhow::Result<()> {
+    // The flags the manifest's events need, and no more: the host is ready only if they do.
+    let redis = RedisServer::start_with(&["--notify-keyspace-events", "Kg$hxe"]).await?;
+    // Source keys written before the host listens: only later writes count.
+    command(&redis, &["HSET", "db:user:44", "name", "Cy"]).await?;
+    command(&redis, &["SET", "db:user:45", r#"{"name":"Di"}"#]).await?;
+    let host = TestHost::start(
+        &redis,
+        &[(
+            "cache-invalidator",
+            plugins::CACHE_INVALIDATOR,
+            Some(CACHE_KEYSPACE_MANIFEST),
+        )],
+    )
+    .await?;
+    for n in 42..=45 {
+        set(&redis, &format!("cache:user:{n}")).await?;
+    }
+    set(&redis, "cache:order:1").await?;
+    let mut notices = Subscriber::new(&redis, &["cache:invalidate"], &[]).await?;
+
+    // Each write to a db:user: key, with no publish, deletes its cache key and is announced,
+    // one at a time: the cache keys of later writes are still there.
+    let writes: [(&[&str], u32); 4] = [
+        (&["HSET", "db:user:42", "name", "Ana"], 42),
+        (&["SET", "db:user:43", r#"{"name":"Bo"}"#], 43),
+        (&["DEL", "db:user:44"], 44),
+        // `expire` is not among the manifest's events: only `expired`, once the key is gone.
+        (&["PEXPIRE", "db:user:45", "50"], 45),
+    ];
+    for (write, n) in writes {
+        command(&redis, write).await?;
+        let notice = json_of(&notices.take(1, PATIENCE).await?[0]);
+        let key = format!("cache:user:{n}");
+        assert_eq!(
+            notice,
+            json!({"keys": [key], "source": "cache-invalidator"}),
+            "after {write:?}"
+        );
+        assert!(!exists(&redis, &key).await?, "{key} after {write:?}");
+        for later in n + 1..=45 {
+            assert!(exists(&redis, &format!("cache:user:{later}")).await?);
+        }
+    }
+    // The source keys are the application's: the grant covers cache:* only.
+    assert!(exists(&redis, "db:user:42").await?);
+    assert!(exists(&redis, "db:user:43").await?);
+
+    // A key outside db:user:* is not listened to; the events:* mode works beside.
+    command(&redis, &["SET", "db:order:1", "x"]).await?;
+    redis
+        .publish("events:order.paid", r#"{"entity":"order","id":1}"#)
+        .await?;
+    let notice = json_of(&notices.take(1, PATIENCE).await?[0]);
+    assert_eq!(
+        notice,
+        json!({"keys": ["cache:order:1"], "source": "cache-invalidator"})
+    );
+    assert!(
+        notices
+            .drain_for(Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "an event was handled twice, or one the manifest does not list was"
+    );
+    let entry = host
+        .wait_plugin("cache-invalidator", "five handled messages", |p| {
+            p["stats"]["handled"] == 5
+        })
+        .await?;
+    assert_eq!(entry["stats"]["failed"], 0, "{entry}");
     host.stop().await
 }
 

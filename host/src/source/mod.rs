@@ -12,7 +12,7 @@
 //! - [`streams`]: consumer-group readers of Redis streams, one per plugin and stream, beside
 //!   either of the above.
 //! - [`embedded`]: an in-process broker with Redis's pub/sub semantics, for the demo and for
-//!   running plugins offline.
+//!   running plugins offline; it can publish keyspace notifications of its own writes.
 
 pub mod cluster;
 pub mod embedded;
@@ -160,10 +160,10 @@ impl Source {
                          invalidations"
                     );
                 }
-                if !table.keyspace_flags().is_empty() {
+                if !table.keyspace_flags().is_empty() && !broker.keyspace_events() {
                     tracing::warn!(
-                        "key subscriptions need a Redis server: the in-process broker has no \
-                         keys, and publishes no keyspace notifications"
+                        "key subscriptions receive nothing here: the in-process broker's \
+                         keyspace notifications are off (only `switchyard demo` turns them on)"
                     );
                 }
                 for target in table.streams() {

@@ -1,13 +1,23 @@
-//! `cache-invalidator`: turns domain events into cache invalidations.
+//! `cache-invalidator`: turns domain events, or writes to keys, into cache invalidations.
 //!
-//! Subscribes to `events:*`. Every event names the entity that changed; the plugin derives its
-//! cache key and asks the host to invalidate it (plus any extra keys the event lists) in one
-//! `invalidate` call. The host deletes the keys and, when it has an invalidation broadcast
-//! channel, tells every application instance to drop its local copy.
+//! Two modes, told apart by the message's subscription:
+//!
+//! - **Events** (`events:*`): every event names the entity that changed; the plugin derives
+//!   its cache key and asks the host to invalidate it (plus any extra keys the event lists) in
+//!   one `invalidate` call.
+//! - **Keyspace** (a manifest's `[subscriptions] keys`, such as `db:user:*`): Redis itself
+//!   says a key changed (`hset`, `set`, `del`, `expired`, ...); the message's channel is the
+//!   key, and the setting `key_map` maps it to the cache key to invalidate (`db:user:42` to
+//!   `cache:user:42`). No application publishes anything.
+//!
+//! Either way the host deletes the keys and, when it has an invalidation broadcast channel,
+//! tells every application instance to drop its local copy.
 //!
 //! Settings:
 //! - `prefix` (default `cache`; an empty value means the default): the first segment of every
-//!   derived key. `describe` asks for the grant `<prefix>:*`.
+//!   key derived from an event. `describe` asks for the grant `<prefix>:*`.
+//! - `key_map` (keyspace mode only), a table from source key prefixes to cache key prefixes:
+//!   `{ "db:" = "cache:" }`. `describe` also asks for `<cache prefix>*` for each.
 //!
 //! Event payload, a JSON object (other fields are ignored):
 //!
@@ -20,12 +30,17 @@
 //! - `keys` (optional, `null` counts as absent): an array of non-empty strings, used verbatim.
 //!
 //! Keys invalidated: `<prefix>:<entity>:<id>` first, then `keys` in order, duplicates dropped.
-//! A malformed event fails with `invalid` naming the field; nothing is invalidated then.
+//! A malformed event fails with `invalid` naming the field; nothing is invalidated then. A key
+//! event for a key no `key_map` prefix starts fails with `invalid` naming the setting.
 
 use std::collections::HashSet;
 
 use serde_json::Value;
-use switchyard_plugin::{Error, Level, Message, Plugin, PluginInfo};
+use switchyard_plugin::{Error, Level, Message, Plugin, PluginInfo, Subscription};
+
+mod key_map;
+
+use key_map::KeyMap;
 
 const DEFAULT_PREFIX: &str = "cache";
 
@@ -36,6 +51,35 @@ fn prefix() -> String {
     switchyard_plugin::config("prefix")
         .filter(|prefix| !prefix.is_empty())
         .unwrap_or_else(|| DEFAULT_PREFIX.to_owned())
+}
+
+/// The setting `key_map`, read and checked.
+fn key_map() -> Result<KeyMap, String> {
+    match switchyard_plugin::config(key_map::SETTING) {
+        Some(setting) => KeyMap::parse(&setting),
+        None => Err(format!(
+            "key events need the setting `{}` (such as {{ \"db:\" = \"cache:\" }} under \
+             [config] in the manifest)",
+            key_map::SETTING
+        )),
+    }
+}
+
+/// Whether a message is a key event: delivered through a key subscription, rather than
+/// published by an application.
+fn is_key_event(message: &Message) -> bool {
+    matches!(&message.subscription, Subscription::Keys(_))
+}
+
+/// The cache key a key event invalidates: `key` mapped by `map`; the error names the setting.
+fn key_event_target(map: &KeyMap, key: &str) -> Result<String, String> {
+    map.map(key).ok_or_else(|| {
+        format!(
+            "key {key:?} starts with no source prefix of setting `{}` ({})",
+            key_map::SETTING,
+            map.sources()
+        )
+    })
 }
 
 /// What one event asks to invalidate.
@@ -148,14 +192,9 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-impl Plugin for CacheInvalidator {
-    fn describe(&self) -> PluginInfo {
-        PluginInfo::new("cache-invalidator", env!("CARGO_PKG_VERSION"))
-            .pattern("events:*")
-            .invalidates(format!("{}:*", glob_escape(&prefix())))
-    }
-
-    fn handle(&mut self, message: Message) -> Result<(), Error> {
+impl CacheInvalidator {
+    /// Events mode: a domain event names what changed.
+    fn handle_event(&mut self, message: &Message) -> Result<(), Error> {
         let invalidation = parse_event(&message.payload, &prefix()).map_err(Error::Invalid)?;
         let existed = switchyard_plugin::invalidate(&invalidation.keys)?;
         switchyard_plugin::log(
@@ -168,6 +207,50 @@ impl Plugin for CacheInvalidator {
             ),
         );
         Ok(())
+    }
+
+    /// Keyspace mode: the channel is the key that changed, the payload the event.
+    fn handle_key_event(&mut self, message: &Message) -> Result<(), Error> {
+        let map = key_map().map_err(Error::Invalid)?;
+        let key = key_event_target(&map, &message.channel).map_err(Error::Invalid)?;
+        let existed = switchyard_plugin::invalidate(std::slice::from_ref(&key))?;
+        switchyard_plugin::log(
+            Level::Debug,
+            &format!(
+                "invalidated {existed} of 1 keys for {} of {}",
+                String::from_utf8_lossy(&message.payload),
+                message.channel
+            ),
+        );
+        Ok(())
+    }
+}
+
+impl Plugin for CacheInvalidator {
+    fn describe(&self) -> PluginInfo {
+        let mut info = PluginInfo::new("cache-invalidator", env!("CARGO_PKG_VERSION"))
+            .pattern("events:*")
+            .invalidates(format!("{}:*", glob_escape(&prefix())));
+        // Key subscriptions come from the manifest alone; what they invalidate is asked for
+        // here, so that a host trusting `describe` grants it. A malformed `key_map` asks for
+        // nothing: the first key event says what is wrong with it.
+        if let Ok(map) = key_map() {
+            for cache in map.cache_prefixes() {
+                let grant = format!("{}*", glob_escape(cache));
+                if !info.capabilities.invalidate.contains(&grant) {
+                    info = info.invalidates(grant);
+                }
+            }
+        }
+        info
+    }
+
+    fn handle(&mut self, message: Message) -> Result<(), Error> {
+        if is_key_event(&message) {
+            self.handle_key_event(&message)
+        } else {
+            self.handle_event(&message)
+        }
     }
 }
 
@@ -254,6 +337,60 @@ mod tests {
         assert_eq!(
             error(r#"{"entity":"user","id":1,"keys":[""]}"#),
             "field `keys`: element 0 is an empty string"
+        );
+    }
+
+    fn message(channel: &str, subscription: Subscription, payload: &str) -> Message {
+        Message {
+            channel: channel.to_owned(),
+            subscription,
+            payload: payload.as_bytes().to_vec(),
+            received_at: 0,
+            entry_id: None,
+            fields: Vec::new(),
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn key_events_are_told_apart_by_their_subscription() {
+        let keys = Subscription::Keys(switchyard_plugin::KeySubscription {
+            keys: "db:user:*".to_owned(),
+            events: Vec::new(),
+            database: Some(0),
+        });
+        assert!(is_key_event(&message("db:user:42", keys, "hset")));
+        // A pattern on the keyspace channels is an ordinary subscription.
+        let raw = Subscription::Pattern("__keyspace@0__:db:user:*".to_owned());
+        assert!(!is_key_event(&message(
+            "__keyspace@0__:db:user:42",
+            raw,
+            "hset"
+        )));
+        let events = Subscription::Pattern("events:*".to_owned());
+        assert!(!is_key_event(&message("events:user.updated", events, "{}")));
+        // A channel that looks like a key is not enough: only the subscription counts.
+        let channel = Subscription::Channel("__keyspace@0__:db:user:42".to_owned());
+        assert!(!is_key_event(&message(
+            "__keyspace@0__:db:user:42",
+            channel,
+            "set"
+        )));
+    }
+
+    #[test]
+    fn a_key_event_invalidates_the_mapped_key_or_names_the_setting() {
+        let map = KeyMap::parse(r#"{"db:":"cache:"}"#).unwrap();
+        assert_eq!(
+            key_event_target(&map, "db:user:42").as_deref(),
+            Ok("cache:user:42")
+        );
+        assert_eq!(
+            key_event_target(&map, "session:9"),
+            Err(
+                r#"key "session:9" starts with no source prefix of setting `key_map` ("db:")"#
+                    .to_owned()
+            )
         );
     }
 
