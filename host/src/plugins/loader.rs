@@ -54,9 +54,9 @@ use crate::{ContentHash, PluginName};
 
 /// The world of the current contract, which new plugins target (the host also runs plugins
 /// built for earlier versions: see [`World`]).
-pub const WORLD: &str = "switchyard:plugin/plugin@0.5.0";
+pub const WORLD: &str = "switchyard:plugin/plugin@0.6.0";
 
-/// The contract's package version (`0.5.0`): what guests put in their imports' names.
+/// The contract's package version (`0.6.0`): what guests put in their imports' names.
 pub fn world_version() -> &'static str {
     WORLD.rsplit_once('@').map_or("", |(_, version)| version)
 }

@@ -76,8 +76,8 @@ pub struct VersionReport {
     /// The version `describe` gave (empty for other hosts' worlds, which have no
     /// `describe`).
     pub version: String,
-    /// The world the component is written for: `switchyard:plugin@0.5.0` (or `@0.4.0`, the
-    /// previous contract), or another host's.
+    /// The world the component is written for: `switchyard:plugin@0.6.0` (or `@0.5.0` and
+    /// `@0.4.0`, earlier contracts), or another host's.
     pub world: &'static str,
     /// Content hash of the `.wasm`.
     pub hash: ContentHash,
