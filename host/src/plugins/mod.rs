@@ -34,6 +34,7 @@
 
 pub mod admission;
 pub mod compile_cache;
+mod description;
 pub mod files;
 pub mod loader;
 pub mod manifest;
