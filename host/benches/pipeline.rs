@@ -9,7 +9,8 @@
 //!    clients on one channel, against a bare WebSocket fan-out relay), 11. a burst from
 //!    `redis-benchmark` against Switchyard as shipped, 12. the cost of a message in each world
 //!    Switchyard runs (its own and other hosts'), next to `forward`, 13. what tracing costs
-//!    (off, on at ratio 0.01 and 1.0) against the relay.
+//!    (off, on at ratio 0.01 and 1.0) against the relay, 14. keyspace notifications through
+//!    a key subscription against the relay listening to the same notifications.
 //!
 //! ```sh
 //! cargo bench -p switchyard --bench pipeline                      # everything, ~9 min on 2 cores
@@ -27,7 +28,7 @@
 //!
 //! - one module per section, named as in [`SECTIONS`]: `throughput`, `latency`, `fanout`,
 //!   `patterns`, `payload`, `hotswap`, `startup`, `memory`, `streams`, `gateway`, `burst`,
-//!   `worlds`, `tracing`;
+//!   `worlds`, `tracing`, `keyspace`;
 //! - `bench`: what every section shares ([`Bench`]) and the runs most are made of;
 //! - `table`: the printed table and the numbers in its cells;
 //! - `harness`: the processes under test, the publisher and the receiver;
@@ -47,6 +48,8 @@ mod gateway;
 mod harness;
 #[path = "pipeline/hotswap.rs"]
 mod hotswap;
+#[path = "pipeline/keyspace.rs"]
+mod keyspace;
 #[path = "pipeline/latency.rs"]
 mod latency;
 #[path = "pipeline/memory.rs"]
@@ -98,6 +101,7 @@ const SECTIONS: &[(u8, &str)] = &[
     (11, "burst"),
     (12, "worlds"),
     (13, "tracing"),
+    (14, "keyspace"),
 ];
 
 /// Benchmarks Switchyard's whole pipeline against a bare relay.
@@ -108,7 +112,8 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Sections to run, by number or name (throughput, latency, fanout, patterns, payload,
-    /// hotswap, startup, memory, streams, gateway, burst, worlds, tracing), comma-separated.
+    /// hotswap, startup, memory, streams, gateway, burst, worlds, tracing, keyspace),
+    /// comma-separated.
     /// Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -121,6 +126,9 @@ struct Args {
     /// Internal: run as the bare relay against this Redis URL.
     #[arg(long, hide = true)]
     relay: Option<String>,
+    /// Internal: the relay listens to keyspace notifications of `fwd:*` keys instead.
+    #[arg(long, hide = true, requires = "relay")]
+    relay_keys: bool,
     /// Internal: run as the bare stream consumer against this Redis URL.
     #[arg(long, hide = true, requires = "stream_group")]
     stream_consumer: Option<String>,
@@ -225,7 +233,7 @@ impl Scale {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(url) = &args.relay {
-        return relay::main(url);
+        return relay::main(url, args.relay_keys);
     }
     if let (Some(url), Some(group)) = (&args.stream_consumer, &args.stream_group) {
         return relay::consume(url, STREAM_KEY, group, args.stream_publish);
@@ -324,6 +332,7 @@ impl Bench {
                 11 => self.bursts().await,
                 12 => self.worlds().await,
                 13 => self.tracing().await,
+                14 => self.keyspace().await,
                 _ => Ok(()),
             }
             .with_context(|| format!("section {section}"))?;

@@ -6,10 +6,13 @@
 //! - `baselines`: the bare relay, the bare WebSocket fan-out relay, the bare stream consumer;
 //! - `switchyard`: the real `switchyard run`, and what its admin endpoint reports;
 //! - `plugins`: `forward` copies, manifests, installing and replacing them;
-//! - `traffic`: the publisher, the receiver, and a windowed run of both.
+//! - `traffic`: the publisher, the receiver, and a windowed run of both;
+//! - `keys`: the keyspace section's writer of keys and its receiver counting per key.
 
 #[path = "harness/baselines.rs"]
 mod baselines;
+#[path = "harness/keys.rs"]
+mod keys;
 #[path = "harness/plugins.rs"]
 mod plugins;
 #[path = "harness/switchyard.rs"]
@@ -24,6 +27,7 @@ use anyhow::Context as _;
 use tokio::process::{Child, Command};
 
 pub use baselines::{FanoutRelay, Relay, StreamConsumer};
+pub use keys::{KEY_EVENTS, KEY_PREFIX, KEYSPACE_PATTERN, KEYSPACE_PREFIX, key_transfer};
 pub use plugins::{forward_manifest, install_plugin, replace_wasm, stream_manifest};
 pub use switchyard::{HostLosses, HostSetup, Switchyard, plugin_entry, queue_bytes_limit};
 pub use traffic::{

@@ -11,6 +11,13 @@
 //! crate keeps what Redis delivers in its own unbounded buffer, so the relay never makes Redis
 //! hold messages for it, and its memory has no bound.
 //!
+//! In keys mode (`pipeline --relay URL --relay-keys`, the baseline of the keyspace section)
+//! the same relay listens to keyspace notifications instead: `PSUBSCRIBE
+//! __keyspace@0__:fwd:*`, and for each `set` event on key `fwd:REST` it queues a PUBLISH of the
+//! event name on `fwded:REST`, which is what `forward` does with a key subscription's message
+//! (channel: the key, payload: the event name). Events other than `set` are dropped, as the
+//! host drops events a key subscription did not ask for.
+//!
 //! The stream consumer (`pipeline --stream-consumer URL --stream-group NAME`) is the baseline
 //! of the streams section, the shortest strong consumer we know how to write with the crate:
 //! one multiplexed connection; after the first
@@ -57,9 +64,33 @@ fn exit_with_stdin() {
     });
 }
 
-/// Runs the relay until the bench closes our standard input. Exits with status 1 if Redis
-/// closes the subscriber connection (as it does to a client past its output-buffer limit).
-pub fn main(url: &str) -> anyhow::Result<()> {
+/// What a relay listens to: the pattern it subscribes, what it cuts from each channel to
+/// leave `REST` (it republishes on `fwded:REST`), and the one payload it relays, if only one.
+struct Source {
+    pattern: &'static str,
+    prefix: &'static str,
+    only: Option<&'static [u8]>,
+}
+
+/// The relay of `fwd:*` messages.
+const MESSAGES: Source = Source {
+    pattern: "fwd:*",
+    prefix: "fwd:",
+    only: None,
+};
+
+/// The relay of `set` notifications on `fwd:*` keys in database 0.
+const KEYS: Source = Source {
+    pattern: "__keyspace@0__:fwd:*",
+    prefix: "__keyspace@0__:fwd:",
+    only: Some(b"set"),
+};
+
+/// Runs the relay until the bench closes our standard input, on keyspace notifications if
+/// `keys`. Exits with status 1 if Redis closes the subscriber connection (as it does to a
+/// client past its output-buffer limit).
+pub fn main(url: &str, keys: bool) -> anyhow::Result<()> {
+    let source = if keys { KEYS } else { MESSAGES };
     exit_with_stdin();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -69,15 +100,20 @@ pub fn main(url: &str) -> anyhow::Result<()> {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let mut subscriber = client.get_async_pubsub().await?;
-        subscriber.psubscribe("fwd:*").await?;
+        subscriber.psubscribe(source.pattern).await?;
         let (queue, outgoing) = tokio::sync::mpsc::channel(QUEUE);
         let writer = tokio::spawn(write(publisher, outgoing));
         println!("ready");
         std::io::stdout().flush()?;
         let mut messages = subscriber.into_on_message();
         while let Some(message) = messages.next().await {
+            if let Some(only) = source.only
+                && message.get_payload_bytes() != only
+            {
+                continue;
+            }
             let channel = message.get_channel_name();
-            let rest = channel.strip_prefix("fwd:").unwrap_or(channel);
+            let rest = channel.strip_prefix(source.prefix).unwrap_or(channel);
             let publish = (
                 format!("fwded:{rest}"),
                 message.get_payload_bytes().to_vec(),

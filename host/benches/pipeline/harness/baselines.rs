@@ -49,6 +49,13 @@ impl Relay {
         Ok(Self { proc })
     }
 
+    /// Starts it in keys mode (relaying `set` notifications of `fwd:*` keys) and waits for
+    /// its "ready" line (printed once PSUBSCRIBE is confirmed).
+    pub async fn start_keys(url: &str) -> anyhow::Result<Self> {
+        let proc = start_baseline(&["--relay", url, "--relay-keys"], "the key relay").await?;
+        Ok(Self { proc })
+    }
+
     /// Whether it has exited (it does when Redis closes its subscriber connection).
     pub fn has_exited(&mut self) -> bool {
         matches!(self.proc.child.try_wait(), Ok(Some(_)))
