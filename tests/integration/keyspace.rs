@@ -42,6 +42,32 @@ async fn launch_with(
     .await
 }
 
+/// Runs one command, given as its words, on `connection`.
+async fn command(
+    connection: &mut redis::aio::MultiplexedConnection,
+    words: &[&str],
+) -> anyhow::Result<()> {
+    let (name, args) = words.split_first().expect("a command has a name");
+    redis::cmd(name).arg(args).exec_async(connection).await?;
+    Ok(())
+}
+
+/// Starts a host with one plugin, `name`, of the component `wasm` with `manifest`, and waits
+/// until it is ready.
+async fn start_plugin(
+    redis: &RedisServer,
+    name: &str,
+    wasm: &str,
+    manifest: &str,
+) -> anyhow::Result<TestHost> {
+    let host = TestHost::launch(&redis.url(), "", |dir| {
+        switchyard_tests::copy_plugin(dir, name, std::path::Path::new(wasm), Some(manifest))
+    })
+    .await?;
+    host.wait_ready().await?;
+    Ok(host)
+}
+
 /// The (key, event) pairs of echo reports, after checking each came through the keyspace
 /// pattern.
 fn events(received: &[switchyard_tests::Received]) -> Vec<(String, String)> {
@@ -69,33 +95,11 @@ fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
 /// (awaited), and a write to a key no subscription matches.
 async fn write_keys(redis: &RedisServer) -> anyhow::Result<()> {
     let mut connection = redis.connection().await?;
-    redis::cmd("SET")
-        .arg("user:1")
-        .arg("a")
-        .exec_async(&mut connection)
-        .await?;
-    redis::cmd("HSET")
-        .arg("user:2")
-        .arg("f")
-        .arg("v")
-        .exec_async(&mut connection)
-        .await?;
-    redis::cmd("DEL")
-        .arg("user:1")
-        .exec_async(&mut connection)
-        .await?;
-    redis::cmd("SET")
-        .arg("other:1")
-        .arg("x")
-        .exec_async(&mut connection)
-        .await?;
-    redis::cmd("SET")
-        .arg("user:3")
-        .arg("v")
-        .arg("PX")
-        .arg(50)
-        .exec_async(&mut connection)
-        .await?;
+    command(&mut connection, &["SET", "user:1", "a"]).await?;
+    command(&mut connection, &["HSET", "user:2", "f", "v"]).await?;
+    command(&mut connection, &["DEL", "user:1"]).await?;
+    command(&mut connection, &["SET", "other:1", "x"]).await?;
+    command(&mut connection, &["SET", "user:3", "v", "PX", "50"]).await?;
     // Gone, by Redis's active expiry or by this very read (which expires it lazily): either
     // way Redis has published `expired`.
     eventually(PATIENCE, || {
@@ -200,20 +204,15 @@ async fn without_notifications_readiness_names_the_missing_flags() -> anyhow::Re
 
     // The operator fixes Redis: the host sees it without a restart, and events flow.
     let mut connection = redis.connection().await?;
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("K$hx")
-        .exec_async(&mut connection)
-        .await?;
+    command(
+        &mut connection,
+        &["CONFIG", "SET", "notify-keyspace-events", "K$hx"],
+    )
+    .await?;
     let body = host.wait_readiness(200).await?;
     assert!(body["source"]["keyspace_events"].is_null(), "{body}");
     let mut seen = Subscriber::new(&redis, &["seen"], &[]).await?;
-    redis::cmd("SET")
-        .arg("user:7")
-        .arg("v")
-        .exec_async(&mut connection)
-        .await?;
+    command(&mut connection, &["SET", "user:7", "v"]).await?;
     assert_eq!(
         events(&seen.take(1, PATIENCE).await?),
         pairs(&[("user:7", "set")])
@@ -226,12 +225,11 @@ async fn the_host_turns_notifications_on_when_allowed() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     // Flags already set are kept.
     let mut connection = redis.connection().await?;
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("El")
-        .exec_async(&mut connection)
-        .await?;
+    command(
+        &mut connection,
+        &["CONFIG", "SET", "notify-keyspace-events", "El"],
+    )
+    .await?;
     let host = launch(
         &redis,
         "[redis]\nset_keyspace_events = true\n",
@@ -276,11 +274,7 @@ async fn after_a_restart_that_lost_the_setting_the_host_sets_it_again() -> anyho
     // hears of every write.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        redis::cmd("SET")
-            .arg("user:9")
-            .arg("v")
-            .exec_async(&mut connection)
-            .await?;
+        command(&mut connection, &["SET", "user:9", "v"]).await?;
         match seen.next(Duration::from_millis(200)).await {
             Ok(got) => {
                 assert_eq!(events(&[got]), pairs(&[("user:9", "set")]));
@@ -303,10 +297,7 @@ async fn after_a_restart_that_lost_the_setting_the_host_sets_it_again() -> anyho
             .await?
             .contains('K')
     );
-    redis::cmd("DEL")
-        .arg("user:9")
-        .exec_async(&mut connection)
-        .await?;
+    command(&mut connection, &["DEL", "user:9"]).await?;
     assert_eq!(
         events(&seen.take(1, PATIENCE).await?),
         pairs(&[("user:9", "del")])
@@ -379,16 +370,8 @@ async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_los
 
     // A write by another client to a tracked key: one invalidation, under the first prefix
     // that matches. A key outside the prefixes: none.
-    redis::cmd("SET")
-        .arg("other:1")
-        .arg("x")
-        .exec_async(&mut writer)
-        .await?;
-    redis::cmd("SET")
-        .arg("cache:user:1")
-        .arg("x")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["SET", "other:1", "x"]).await?;
+    command(&mut writer, &["SET", "cache:user:1", "x"]).await?;
     let (channel, payload, subscription) = next_report(&mut seen).await?;
     assert_eq!(
         (channel.as_str(), payload.as_str()),
@@ -397,7 +380,7 @@ async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_los
     assert_eq!(subscription, "tracking:cache:");
 
     // Redis flushing its keys is a null invalidation: one flush message.
-    redis::cmd("FLUSHALL").exec_async(&mut writer).await?;
+    command(&mut writer, &["FLUSHALL"]).await?;
     let (channel, payload, _) = next_report(&mut seen).await?;
     assert_eq!((channel.as_str(), payload.as_str()), ("", "flush"));
 
@@ -418,15 +401,8 @@ async fn tracked_prefixes_get_each_invalidation_and_a_flush_when_tracking_is_los
     })
     .await?;
     assert_ne!(resumed, killed);
-    redis::cmd("DEL")
-        .arg("cache:2")
-        .exec_async(&mut writer)
-        .await?;
-    redis::cmd("SET")
-        .arg("cache:2")
-        .arg("y")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["DEL", "cache:2"]).await?;
+    command(&mut writer, &["SET", "cache:2", "y"]).await?;
     let (channel, payload, _) = next_report(&mut seen).await?;
     assert_eq!(
         (channel.as_str(), payload.as_str()),
@@ -445,16 +421,7 @@ async fn keys_and_tracked_prefixes_asked_for_in_describe_reach_the_plugin() -> a
     // No [subscriptions]: the echo fixture asks in describe, from its settings.
     let manifest = "[grants]\npublish = [\"seen\"]\n[config]\nreply = \"seen\"\n\
                     keys = [\"user:*\"]\nevents = [\"set\"]\ntracking = [\"cache:\"]\n";
-    let host = TestHost::launch(&redis.url(), "", |dir| {
-        switchyard_tests::copy_plugin(
-            dir,
-            "echo",
-            std::path::Path::new(plugins::ECHO),
-            Some(manifest),
-        )
-    })
-    .await?;
-    host.wait_ready().await?;
+    let host = start_plugin(&redis, "echo", plugins::ECHO, manifest).await?;
     let entry = host.plugin("echo").await?.expect("echo is listed");
     assert_eq!(
         entry["version"]["world"], "switchyard:plugin@0.6.0",
@@ -469,26 +436,13 @@ async fn keys_and_tracked_prefixes_asked_for_in_describe_reach_the_plugin() -> a
     let mut writer = redis.connection().await?;
 
     // hset is not among the events asked for: only the set arrives.
-    redis::cmd("HSET")
-        .arg("user:2")
-        .arg("f")
-        .arg("v")
-        .exec_async(&mut writer)
-        .await?;
-    redis::cmd("SET")
-        .arg("user:1")
-        .arg("a")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["HSET", "user:2", "f", "v"]).await?;
+    command(&mut writer, &["SET", "user:1", "a"]).await?;
     let (channel, payload, subscription) = next_report(&mut seen).await?;
     assert_eq!((channel.as_str(), payload.as_str()), ("user:1", "set"));
     assert_eq!(subscription, "keys:user:*");
 
-    redis::cmd("SET")
-        .arg("cache:1")
-        .arg("a")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["SET", "cache:1", "a"]).await?;
     let (channel, payload, subscription) = next_report(&mut seen).await?;
     assert_eq!(
         (channel.as_str(), payload.as_str()),
@@ -505,16 +459,7 @@ async fn a_0_5_0_plugin_gets_its_manifest_key_subscription_as_the_pattern_redis_
     let redis = RedisServer::start_with(&["--notify-keyspace-events", "KEA"]).await?;
     let manifest = "[subscriptions]\npatterns = [\"fwd:*\"]\nkeys = [\"user:*\"]\n\
                     tracking = [\"cache:\"]\n[grants]\npublish = [\"fwded:*\", \"seen\"]\n";
-    let host = TestHost::launch(&redis.url(), "", |dir| {
-        switchyard_tests::copy_plugin(
-            dir,
-            "old",
-            std::path::Path::new(plugins::FORWARD_0_5),
-            Some(manifest),
-        )
-    })
-    .await?;
-    host.wait_ready().await?;
+    let host = start_plugin(&redis, "old", plugins::FORWARD_0_5, manifest).await?;
     let entry = host.plugin("old").await?.expect("old is listed");
     assert_eq!(
         entry["version"]["world"], "switchyard:plugin@0.5.0",
@@ -526,21 +471,13 @@ async fn a_0_5_0_plugin_gets_its_manifest_key_subscription_as_the_pattern_redis_
     assert_eq!(forwarded[0].channel_str(), "fwded:a");
 
     let mut writer = redis.connection().await?;
-    redis::cmd("SET")
-        .arg("user:1")
-        .arg("a")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["SET", "user:1", "a"]).await?;
     let report = seen.take(1, PATIENCE).await?;
     assert_eq!(
         String::from_utf8_lossy(&report[0].payload),
         "pattern:__keyspace@0__:user:* user:1 set"
     );
-    redis::cmd("SET")
-        .arg("cache:1")
-        .arg("a")
-        .exec_async(&mut writer)
-        .await?;
+    command(&mut writer, &["SET", "cache:1", "a"]).await?;
     let report = seen.take(1, PATIENCE).await?;
     assert_eq!(
         String::from_utf8_lossy(&report[0].payload),

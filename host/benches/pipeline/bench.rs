@@ -160,6 +160,61 @@ pub(super) struct HostRun {
     pub(super) mean_handle: Option<Duration>,
 }
 
+/// The mean handle time of each of `runs` that has one, in microseconds.
+pub(super) fn handle_micros(runs: &[HostRun]) -> Vec<f64> {
+    runs.iter()
+        .filter_map(|r| r.mean_handle)
+        .map(|d| d.as_secs_f64() * 1e6)
+        .collect()
+}
+
+/// What `runs` lost by the host's own counters, summed.
+pub(super) fn total_losses(runs: &[HostRun]) -> harness::HostLosses {
+    let mut losses = harness::HostLosses::default();
+    runs.iter().for_each(|r| losses.add(&r.losses));
+    losses
+}
+
+/// The cells a row comparing the relay (`relay`, a) with the host (`host`, b) ends with:
+/// the ceiling's rate, each side's median rate, b/a, each side's range, lost copies (with
+/// the relay's runs cut by Redis), duplicated copies, the host's own losses, its handle
+/// time and each side's CPU per message.
+pub(super) fn compared(ceiling: &Transfer, relay: &[Transfer], host: &[HostRun]) -> Vec<String> {
+    use super::table::{median, range, rate};
+    let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
+    let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
+    let sum = |values: &mut dyn Iterator<Item = u64>| values.sum::<u64>();
+    vec![
+        rate(ceiling.output_rate),
+        rate(median(&a)),
+        rate(median(&b)),
+        format!("{:.2}", median(&b) / median(&a)),
+        range(&a),
+        range(&b),
+        format!(
+            "{}{}/{}",
+            sum(&mut relay.iter().map(|t| t.lost)),
+            match relay.iter().filter(|t| t.cut).count() {
+                0 => String::new(),
+                cuts => format!(" ({cuts} cut)"),
+            },
+            sum(&mut host.iter().map(|r| r.transfer.lost))
+        ),
+        format!(
+            "{}/{}",
+            sum(&mut relay.iter().map(|t| t.duplicated)),
+            sum(&mut host.iter().map(|r| r.transfer.duplicated))
+        ),
+        total_losses(host).describe(),
+        format!("{:.1}", median(&handle_micros(host))),
+        format!(
+            "{:.1}/{:.1}",
+            median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
+            median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
+        ),
+    ]
+}
+
 /// Microseconds of `cpu` per message.
 pub(super) fn per_message(cpu: Duration, messages: u64) -> f64 {
     cpu.as_secs_f64() * 1e6 / messages.max(1) as f64

@@ -8,12 +8,12 @@
 
 use switchyard_tests::RedisServer;
 
-use super::bench::{Bench, HostRun, per_message};
+use super::bench::{Bench, HostRun, compared, per_message};
 use super::harness::{
     self, KEY_EVENTS, KEY_PREFIX, KEYSPACE_PATTERN, KEYSPACE_PREFIX, OUTPUT_PATTERN, Relay,
     Switchyard, Transfer, WARM_UP, key_transfer,
 };
-use super::table::{Table, bytes, median, range, rate};
+use super::table::{Table, bytes};
 
 /// Bytes of each value the writer SETs.
 const VALUE: usize = 64;
@@ -114,47 +114,9 @@ impl Bench {
                     relay.push(key_relay_run(url, count, window).await?);
                 }
             }
-            let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
-            let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
-            let handles: Vec<f64> = host
-                .iter()
-                .filter_map(|r| r.mean_handle)
-                .map(|d| d.as_secs_f64() * 1e6)
-                .collect();
-            let mut losses = harness::HostLosses::default();
-            host.iter().for_each(|r| losses.add(&r.losses));
-            let cuts = relay.iter().filter(|t| t.cut).count();
-            table.row(vec![
-                writer.to_owned(),
-                rate(ceiling.output_rate),
-                rate(median(&a)),
-                rate(median(&b)),
-                format!("{:.2}", median(&b) / median(&a)),
-                range(&a),
-                range(&b),
-                format!(
-                    "{}{}/{}",
-                    relay.iter().map(|t| t.lost).sum::<u64>(),
-                    if cuts == 0 {
-                        String::new()
-                    } else {
-                        format!(" ({cuts} cut)")
-                    },
-                    host.iter().map(|r| r.transfer.lost).sum::<u64>()
-                ),
-                format!(
-                    "{}/{}",
-                    relay.iter().map(|t| t.duplicated).sum::<u64>(),
-                    host.iter().map(|r| r.transfer.duplicated).sum::<u64>()
-                ),
-                losses.describe(),
-                format!("{:.1}", median(&handles)),
-                format!(
-                    "{:.1}/{:.1}",
-                    median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
-                    median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
-                ),
-            ]);
+            let mut row = vec![writer.to_owned()];
+            row.extend(compared(&ceiling, &relay, &host));
+            table.row(row);
         }
         Ok(table)
     }

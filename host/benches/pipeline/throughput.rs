@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::bench::Bench;
+use super::bench::{Bench, compared};
 use super::harness::{self, INPUT_CHANNEL, OUTPUT_PATTERN};
-use super::table::{Table, bytes, median, range, rate};
+use super::table::{Table, bytes};
 
 impl Bench {
     /// Section 1.
@@ -75,47 +75,9 @@ impl Bench {
                         relay.push(self.relay_run(url, count, size, window).await?);
                     }
                 }
-                let a: Vec<f64> = relay.iter().map(|t| t.output_rate).collect();
-                let b: Vec<f64> = host.iter().map(|r| r.transfer.output_rate).collect();
-                let handles: Vec<f64> = host
-                    .iter()
-                    .filter_map(|r| r.mean_handle)
-                    .map(|d| d.as_secs_f64() * 1e6)
-                    .collect();
-                let mut losses = harness::HostLosses::default();
-                host.iter().for_each(|r| losses.add(&r.losses));
-                let sum = |values: &mut dyn Iterator<Item = u64>| values.sum::<u64>();
-                table.row(vec![
-                    bytes(size),
-                    publisher.to_owned(),
-                    rate(ceiling.output_rate),
-                    rate(median(&a)),
-                    rate(median(&b)),
-                    format!("{:.2}", median(&b) / median(&a)),
-                    range(&a),
-                    range(&b),
-                    format!(
-                        "{}{}/{}",
-                        sum(&mut relay.iter().map(|t| t.lost)),
-                        match relay.iter().filter(|t| t.cut).count() {
-                            0 => String::new(),
-                            cuts => format!(" ({cuts} cut)"),
-                        },
-                        sum(&mut host.iter().map(|r| r.transfer.lost))
-                    ),
-                    format!(
-                        "{}/{}",
-                        sum(&mut relay.iter().map(|t| t.duplicated)),
-                        sum(&mut host.iter().map(|r| r.transfer.duplicated))
-                    ),
-                    losses.describe(),
-                    format!("{:.1}", median(&handles)),
-                    format!(
-                        "{:.1}/{:.1}",
-                        median(&relay.iter().map(|t| t.cpu_us).collect::<Vec<_>>()),
-                        median(&host.iter().map(|r| r.transfer.cpu_us).collect::<Vec<_>>())
-                    ),
-                ]);
+                let mut row = vec![bytes(size), publisher.to_owned()];
+                row.extend(compared(&ceiling, &relay, &host));
+                table.row(row);
             }
         }
         table.print();

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::bench::{Bench, HostRun};
+use super::bench::{Bench, HostRun, handle_micros, total_losses};
 use super::harness::{self, INPUT_CHANNEL, OUTPUT_PATTERN};
 use super::table::{Table, median, range, rate};
 
@@ -96,19 +96,10 @@ impl Bench {
         let rates = |runs: &[HostRun]| -> Vec<f64> {
             runs.iter().map(|r| r.transfer.output_rate).collect()
         };
-        let handle = |runs: &[HostRun]| -> f64 {
-            median(
-                &runs
-                    .iter()
-                    .filter_map(|r| r.mean_handle)
-                    .map(|d| d.as_secs_f64() * 1e6)
-                    .collect::<Vec<_>>(),
-            )
-        };
+        let handle = |runs: &[HostRun]| -> f64 { median(&handle_micros(runs)) };
         let (forward_rate, forward_handle) = (median(&rates(&runs[0])), handle(&runs[0]));
         for (contender, runs) in contenders.iter().zip(&runs) {
-            let mut losses = harness::HostLosses::default();
-            runs.iter().for_each(|r| losses.add(&r.losses));
+            let losses = total_losses(runs);
             table.row(vec![
                 contender.world.to_owned(),
                 rate(median(&rates(runs))),
